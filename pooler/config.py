@@ -1,0 +1,433 @@
+"""PgBouncer-style ini (+ auth_file) -> typed, validated configuration.
+
+An existing pgbouncer.ini works unchanged: ``[pgbouncer]`` is accepted as the settings section
+and PgBouncer's key names are used. Unknown keys are warnings that name file, line and key; bad
+values are ``ConfigError`` naming file, line and key. Nothing here touches the network.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+
+POOL_MODES = ("session", "transaction", "statement")
+AUTH_TYPES = ("trust", "md5", "scram-sha-256", "plain", "any")
+
+
+class ConfigError(Exception):
+    pass
+
+
+@dataclass(slots=True)
+class DatabaseConfig:
+    name: str
+    host: str = "127.0.0.1"
+    port: int = 5432
+    dbname: str | None = None  # None: same as the client's database name
+    user: str | None = None  # None: the client's user name
+    password: str | None = None
+    pool_size: int | None = None
+    min_pool_size: int | None = None
+    pool_mode: str | None = None
+    max_db_connections: int | None = None
+    connect_query: str | None = None
+    client_encoding: str | None = None
+    datestyle: str | None = None
+    timezone: str | None = None
+    application_name: str | None = None
+    auth_type: str | None = None
+
+
+@dataclass(slots=True)
+class UserConfig:
+    name: str
+    pool_mode: str | None = None
+    max_user_connections: int | None = None
+    groups: tuple[str, ...] = ()
+
+
+@dataclass(slots=True)
+class Config:
+    path: Path
+    listen_addr: str = "127.0.0.1"
+    listen_port: int = 6432
+    unix_socket_dir: str = ""
+    unix_socket_mode: int = 0o777
+    auth_type: str = "md5"
+    auth_file: str | None = None
+    pool_mode: str = "session"
+    default_pool_size: int = 20
+    min_pool_size: int = 0
+    max_client_conn: int = 100
+    max_db_connections: int = 0
+    max_user_connections: int = 0
+    server_reset_query: str = "DISCARD ALL"
+    server_reset_query_always: bool = False
+    server_lifetime: float = 3600.0
+    server_idle_timeout: float = 600.0
+    server_connect_timeout: float = 15.0
+    server_login_retry: float = 15.0
+    query_wait_timeout: float = 120.0
+    query_timeout: float = 0.0
+    client_idle_timeout: float = 0.0
+    client_login_timeout: float = 60.0
+    idle_transaction_timeout: float = 0.0
+    max_prepared_statements: int = 200
+    max_packet_size: int = 64 * 1024 * 1024
+    ignore_startup_parameters: tuple[str, ...] = ("extra_float_digits",)
+    logfile: str | None = None
+    pidfile: str | None = None
+    log_connections: bool = True
+    log_disconnections: bool = True
+    log_pooler_errors: bool = True
+    verbose: int = 0
+    application_name_add_host: bool = False
+    databases: dict[str, DatabaseConfig] = field(default_factory=dict)
+    users: dict[str, UserConfig] = field(default_factory=dict)
+    auth_users: dict[str, str] = field(default_factory=dict)  # user -> secret from auth_file
+    warnings: list[str] = field(default_factory=list)
+
+    def pool_mode_for(self, db: DatabaseConfig, user: str) -> str:
+        u = self.users.get(user)
+        if u and u.pool_mode:
+            return u.pool_mode
+        return db.pool_mode or self.pool_mode
+
+    def database(self, name: str) -> DatabaseConfig | None:
+        db = self.databases.get(name)
+        if db is None:
+            fallback = self.databases.get("*")
+            if fallback is not None:
+                # PgBouncer's "*" entry: connect to the database of the same name.
+                db = DatabaseConfig(**{f: getattr(fallback, f) for f in fallback.__slots__})
+                db.name = name
+                if db.dbname is None or db.dbname == "*":
+                    db.dbname = name
+        return db
+
+    def resolve(self, rel: str) -> Path:
+        p = Path(rel)
+        return p if p.is_absolute() else (self.path.parent / p)
+
+
+# Settings: key -> (attribute, parser). Parsers raise ValueError with a readable message.
+
+
+def _int(v: str) -> int:
+    try:
+        return int(v, 0)
+    except ValueError:
+        raise ValueError(f"expected an integer, got {v!r}") from None
+
+
+def _nonneg_int(v: str) -> int:
+    n = _int(v)
+    if n < 0:
+        raise ValueError(f"must not be negative, got {n}")
+    return n
+
+
+def _port(v: str) -> int:
+    n = _int(v)
+    if not 0 <= n <= 65535:
+        raise ValueError(f"not a TCP port: {n}")
+    return n
+
+
+def _seconds(v: str) -> float:
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?)\s*(ms|s|min|h)?\s*", v)
+    if not m:
+        raise ValueError(f"expected a number of seconds, got {v!r}")
+    n = float(m.group(1))
+    unit = m.group(2) or "s"
+    return n * {"ms": 0.001, "s": 1, "min": 60, "h": 3600}[unit]
+
+
+def _bool(v: str) -> bool:
+    s = v.strip().lower()
+    if s in ("1", "yes", "true", "on"):
+        return True
+    if s in ("0", "no", "false", "off"):
+        return False
+    raise ValueError(f"expected 0 or 1, got {v!r}")
+
+
+def _choice(*choices: str):
+    def parse(v: str) -> str:
+        s = v.strip().lower()
+        if s not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}; got {v!r}")
+        return s
+
+    return parse
+
+
+def _str(v: str) -> str:
+    return v
+
+
+def _opt_str(v: str) -> str | None:
+    return v or None
+
+
+def _list(v: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in v.split(",") if x.strip())
+
+
+def _octal(v: str) -> int:
+    try:
+        return int(v, 8)
+    except ValueError:
+        raise ValueError(f"expected an octal mode such as 0777, got {v!r}") from None
+
+
+def _size(v: str) -> int:
+    m = re.fullmatch(r"\s*([0-9]+)\s*(B|kB|KB|MB|GB)?\s*", v)
+    if not m:
+        raise ValueError(f"expected a size in bytes (e.g. 65536 or 64MB), got {v!r}")
+    mult = {None: 1, "B": 1, "kB": 1024, "KB": 1024, "MB": 1024**2, "GB": 1024**3}[m.group(2)]
+    n = int(m.group(1)) * mult
+    if n < 1024:
+        raise ValueError(f"must be at least 1024 bytes, got {n}")
+    return n
+
+
+SETTINGS = {
+    "listen_addr": ("listen_addr", _str),
+    "listen_port": ("listen_port", _port),
+    "unix_socket_dir": ("unix_socket_dir", _str),
+    "unix_socket_mode": ("unix_socket_mode", _octal),
+    "auth_type": ("auth_type", _choice(*AUTH_TYPES)),
+    "auth_file": ("auth_file", _opt_str),
+    "pool_mode": ("pool_mode", _choice(*POOL_MODES)),
+    "default_pool_size": ("default_pool_size", _nonneg_int),
+    "min_pool_size": ("min_pool_size", _nonneg_int),
+    "max_client_conn": ("max_client_conn", _nonneg_int),
+    "max_db_connections": ("max_db_connections", _nonneg_int),
+    "max_user_connections": ("max_user_connections", _nonneg_int),
+    "server_reset_query": ("server_reset_query", _str),
+    "server_reset_query_always": ("server_reset_query_always", _bool),
+    "server_lifetime": ("server_lifetime", _seconds),
+    "server_idle_timeout": ("server_idle_timeout", _seconds),
+    "server_connect_timeout": ("server_connect_timeout", _seconds),
+    "server_login_retry": ("server_login_retry", _seconds),
+    "query_wait_timeout": ("query_wait_timeout", _seconds),
+    "query_timeout": ("query_timeout", _seconds),
+    "client_idle_timeout": ("client_idle_timeout", _seconds),
+    "client_login_timeout": ("client_login_timeout", _seconds),
+    "idle_transaction_timeout": ("idle_transaction_timeout", _seconds),
+    "max_prepared_statements": ("max_prepared_statements", _nonneg_int),
+    "max_packet_size": ("max_packet_size", _size),
+    "ignore_startup_parameters": ("ignore_startup_parameters", _list),
+    "logfile": ("logfile", _opt_str),
+    "pidfile": ("pidfile", _opt_str),
+    "log_connections": ("log_connections", _bool),
+    "log_disconnections": ("log_disconnections", _bool),
+    "log_pooler_errors": ("log_pooler_errors", _bool),
+    "verbose": ("verbose", _nonneg_int),
+    "application_name_add_host": ("application_name_add_host", _bool),
+}
+
+# PgBouncer settings this gateway accepts but does not act on (yet); a warning says so.
+PGBOUNCER_IGNORED = {
+    "admin_users", "stats_users", "auth_hba_file", "auth_query", "auth_user", "auth_dbname",
+    "reserve_pool_size", "reserve_pool_timeout", "server_check_query", "server_check_delay",
+    "server_fast_close", "server_round_robin", "disable_pqexec", "dns_max_ttl", "dns_nxdomain_ttl",
+    "dns_zone_check_period", "pkt_buf", "sbuf_loopcnt", "tcp_defer_accept", "tcp_socket_buffer",
+    "tcp_keepalive", "tcp_keepcnt", "tcp_keepidle", "tcp_keepintvl", "tcp_user_timeout",
+    "so_reuseport", "stats_period", "syslog", "syslog_ident", "syslog_facility", "user", "listen_backlog",
+    "suspend_timeout", "track_extra_parameters", "peer_id", "max_db_client_connections",
+    "client_tls_sslmode", "client_tls_key_file", "client_tls_cert_file", "client_tls_ca_file",
+    "client_tls_protocols", "client_tls_ciphers", "client_tls_ecdhcurve", "client_tls_dheparams",
+    "server_tls_sslmode", "server_tls_key_file", "server_tls_cert_file", "server_tls_ca_file",
+    "server_tls_protocols", "server_tls_ciphers", "log_stats", "log_failed_connections",
+    "cancel_wait_timeout", "query_wait_notify", "service_name", "job_name", "conffile",
+    "autodb_idle_timeout", "server_reset_query_always_is_deprecated", "unix_socket_group",
+    "idle_transaction_timeout_is_set", "scram_iterations", "resolv_conf", "auth_ident_file",
+}
+
+DB_KEYS = {
+    "host": _str, "port": _port, "dbname": _str, "user": _str, "password": _str,
+    "pool_size": _nonneg_int, "min_pool_size": _nonneg_int, "pool_mode": _choice(*POOL_MODES),
+    "max_db_connections": _nonneg_int, "connect_query": _str, "client_encoding": _str,
+    "datestyle": _str, "timezone": _str, "application_name": _str,
+    "auth_type": _choice(*AUTH_TYPES),
+}
+DB_IGNORED = {"auth_user", "auth_query", "auth_dbname", "reserve_pool", "reserve_pool_size",
+              "server_lifetime", "max_db_client_connections"}
+USER_KEYS = {"pool_mode": _choice(*POOL_MODES), "max_user_connections": _nonneg_int,
+             "groups": _list}
+
+
+def parse_connstr(s: str) -> list[tuple[str, str]]:
+    """libpq-style ``key=value key='quoted value'`` pairs."""
+    out: list[tuple[str, str]] = []
+    i, n = 0, len(s)
+    while i < n:
+        while i < n and s[i].isspace():
+            i += 1
+        if i >= n:
+            break
+        m = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)\s*=\s*").match(s, i)
+        if not m:
+            raise ValueError(f"expected key=value at {s[i:i + 20]!r}")
+        key = m.group(1).lower()
+        i = m.end()
+        if i < n and s[i] == "'":
+            i += 1
+            val = []
+            while True:
+                if i >= n:
+                    raise ValueError(f"unterminated quoted value for {key}")
+                c = s[i]
+                if c == "\\" and i + 1 < n:
+                    val.append(s[i + 1])
+                    i += 2
+                elif c == "'":
+                    if i + 1 < n and s[i + 1] == "'":
+                        val.append("'")
+                        i += 2
+                    else:
+                        i += 1
+                        break
+                else:
+                    val.append(c)
+                    i += 1
+            out.append((key, "".join(val)))
+        else:
+            j = i
+            while j < n and not s[j].isspace():
+                j += 1
+            out.append((key, s[i:j]))
+            i = j
+    return out
+
+
+def _read_ini(path: Path) -> list[tuple[str, int, str | None, str]]:
+    """-> [(section, line, key, value)]; a section header yields key None."""
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config: {e.strerror}") from None
+    out = []
+    section = None
+    for lineno, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line[0] in ";#":
+            continue
+        if line.startswith("%include"):
+            inc = Path(line[len("%include"):].strip())
+            if not inc.is_absolute():
+                inc = path.parent / inc
+            out.extend(_read_ini(inc))
+            continue
+        if line.startswith("["):
+            if not line.endswith("]"):
+                raise ConfigError(f"{path}:{lineno}: malformed section header {line!r}")
+            section = line[1:-1].strip().lower()
+            out.append((section, lineno, None, ""))
+            continue
+        if "=" not in line:
+            raise ConfigError(f"{path}:{lineno}: expected 'key = value', got {line!r}")
+        if section is None:
+            raise ConfigError(f"{path}:{lineno}: setting outside of any [section]")
+        key, _, value = line.partition("=")
+        key = key.strip()
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] == '"' and section not in ("databases", "users"):
+            value = value[1:-1]
+        out.append((section, lineno, key, value))
+    return out
+
+
+def parse_auth_file(path: Path) -> dict[str, str]:
+    """userlist.txt: ``"user" "secret"`` per line; secret is plain, md5..., or SCRAM-SHA-256$..."""
+    users: dict[str, str] = {}
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read auth_file: {e.strerror}") from None
+    for lineno, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line[0] in ";#":
+            continue
+        try:
+            parts = shlex.split(line, posix=True)
+        except ValueError as e:
+            raise ConfigError(f"{path}:{lineno}: {e}") from None
+        if len(parts) < 2:
+            raise ConfigError(f"{path}:{lineno}: expected '\"user\" \"password\"'")
+        users[parts[0]] = parts[1]
+    return users
+
+
+def load(path: str | os.PathLike) -> Config:
+    path = Path(path).resolve()
+    cfg = Config(path=path)
+    settings_seen = False
+    for section, lineno, key, value in _read_ini(path):
+        where = f"{path}:{lineno}"
+        if key is None:
+            if section in ("gateway", "pgbouncer"):
+                settings_seen = True
+            elif section not in ("databases", "users", "peers"):
+                cfg.warnings.append(f"{where}: unknown section [{section}] ignored")
+            continue
+        if section in ("gateway", "pgbouncer"):
+            k = key.lower()
+            if k in SETTINGS:
+                attr, parser = SETTINGS[k]
+                try:
+                    setattr(cfg, attr, parser(value))
+                except ValueError as e:
+                    raise ConfigError(f"{where}: invalid value for {key}: {e}") from None
+            elif k in PGBOUNCER_IGNORED:
+                cfg.warnings.append(f"{where}: setting {key} is not supported by pooler; ignored")
+            else:
+                cfg.warnings.append(f"{where}: unknown setting {key} ignored")
+        elif section == "databases":
+            try:
+                pairs = parse_connstr(value)
+            except ValueError as e:
+                raise ConfigError(f"{where}: database {key}: {e}") from None
+            db = DatabaseConfig(name=key)
+            for k, v in pairs:
+                if k in DB_KEYS:
+                    try:
+                        setattr(db, k, DB_KEYS[k](v))
+                    except ValueError as e:
+                        raise ConfigError(f"{where}: database {key}: invalid {k}: {e}") from None
+                elif k in DB_IGNORED:
+                    cfg.warnings.append(f"{where}: database {key}: {k} is not supported; ignored")
+                else:
+                    cfg.warnings.append(f"{where}: database {key}: unknown parameter {k} ignored")
+            cfg.databases[key] = db
+        elif section == "users":
+            try:
+                pairs = parse_connstr(value)
+            except ValueError as e:
+                raise ConfigError(f"{where}: user {key}: {e}") from None
+            u = UserConfig(name=key)
+            for k, v in pairs:
+                if k in USER_KEYS:
+                    try:
+                        setattr(u, k, USER_KEYS[k](v))
+                    except ValueError as e:
+                        raise ConfigError(f"{where}: user {key}: invalid {k}: {e}") from None
+                else:
+                    cfg.warnings.append(f"{where}: user {key}: unknown parameter {k} ignored")
+            cfg.users[key] = u
+    if not settings_seen:
+        raise ConfigError(f"{path}: no [gateway] (or [pgbouncer]) section")
+    if cfg.auth_file:
+        cfg.auth_users = parse_auth_file(cfg.resolve(cfg.auth_file))
+    elif cfg.auth_type in ("md5", "scram-sha-256", "plain"):
+        raise ConfigError(f"{path}: auth_type = {cfg.auth_type} needs auth_file")
+    if not cfg.databases:
+        cfg.warnings.append(f"{path}: no [databases] entries; every login will be refused")
+    if not cfg.listen_addr and not cfg.unix_socket_dir:
+        raise ConfigError(f"{path}: neither listen_addr nor unix_socket_dir is set")
+    return cfg

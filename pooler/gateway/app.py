@@ -1,0 +1,339 @@
+"""The gateway process: listeners, pools, cancel routing, timers, signals and reload."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import signal
+import socket
+import time
+
+from .. import config as config_mod
+from ..auth.passwords import ScramSecret, is_scram
+from ..config import Config, DatabaseConfig
+from ..protocol import messages as m
+from .client import ClientConn
+from .pool import Pool
+from .server import ServerConn
+
+log = logging.getLogger("pooler")
+
+
+class Gateway:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.pools: dict[tuple, Pool] = {}
+        self.clients: set[ClientConn] = set()
+        self.cancel_keys: dict[tuple[int, int], ClientConn] = {}
+        self.listeners: list[asyncio.base_events.Server] = []
+        self._scram_cache: dict[tuple[str, str], ScramSecret] = {}
+        self._janitor: asyncio.Task | None = None
+        self.stopping: str | None = None
+        self.stopped = asyncio.Event()
+        self._signals_seen = 0
+        self.unix_path: str | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        cfg = self.config
+        if cfg.listen_addr:
+            for addr in [a.strip() for a in cfg.listen_addr.split(",") if a.strip()]:
+                host = None if addr == "*" else addr
+                srv = await loop.create_server(lambda: ClientConn(self), host, cfg.listen_port,
+                                               reuse_address=True, backlog=512)
+                self.listeners.append(srv)
+        if cfg.unix_socket_dir:
+            path = os.path.join(cfg.unix_socket_dir, f".s.PGSQL.{cfg.listen_port}")
+            if os.path.exists(path):
+                os.unlink(path)
+            srv = await loop.create_unix_server(lambda: ClientConn(self, unix=True), path, backlog=512)
+            os.chmod(path, cfg.unix_socket_mode)
+            self.unix_path = path
+            self.listeners.append(srv)
+        for s in self.listeners:
+            for sock in s.sockets or ():
+                if sock.family in (socket.AF_INET, socket.AF_INET6):
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if cfg.pidfile:
+            with open(cfg.pidfile, "w") as f:
+                f.write(f"{os.getpid()}\n")
+        self._janitor = loop.create_task(self._janitor_loop())
+        where = [f"{cfg.listen_addr}:{cfg.listen_port}"] if cfg.listen_addr else []
+        if self.unix_path:
+            where.append(self.unix_path)
+        log.info("listening on %s (pool_mode=%s, auth_type=%s)", ", ".join(where), cfg.pool_mode,
+                 cfg.auth_type)
+
+    def install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        loop.add_signal_handler(signal.SIGINT, lambda: self.shutdown("SIGINT"))
+        loop.add_signal_handler(signal.SIGTERM, lambda: self.shutdown("SIGTERM"))
+        loop.add_signal_handler(signal.SIGUSR1, lambda: log.info("state:\n%s", dump_state(self)))
+
+    def shutdown(self, how: str) -> None:
+        """SIGINT: stop after servers finish their transactions. SIGTERM: stop after clients
+        leave. A second signal stops at once."""
+        self._signals_seen += 1
+        if self.stopping is not None or self._signals_seen > 1:
+            log.info("%s again: shutting down immediately", how)
+            self._finish()
+            return
+        self.stopping = how
+        log.info("%s received: %s", how,
+                 "waiting for servers to finish their transactions" if how == "SIGINT"
+                 else "waiting for clients to disconnect")
+        for s in self.listeners:
+            s.close()
+        self._check_stopped()
+
+    def _check_stopped(self) -> None:
+        if self.stopping is None:
+            return
+        if self.stopping == "SIGINT":
+            busy = any(p.active for p in self.pools.values())
+        else:
+            busy = bool(self.clients)
+        if not busy:
+            self._finish()
+
+    def _finish(self) -> None:
+        for c in list(self.clients):
+            if not c.closed:
+                c.fatal("57P01", "the gateway is shutting down")
+        for p in self.pools.values():
+            p.close_all("shutdown")
+            for srv in list(p.active):
+                srv.close("shutdown")
+        for s in self.listeners:
+            s.close()
+        if self.unix_path and os.path.exists(self.unix_path):
+            try:
+                os.unlink(self.unix_path)
+            except OSError:
+                pass
+        if self.config.pidfile:
+            try:
+                os.unlink(self.config.pidfile)
+            except OSError:
+                pass
+        if self._janitor:
+            self._janitor.cancel()
+        self.stopped.set()
+
+    def reload(self) -> None:
+        """SIGHUP: load the config again; pools adjust, sessions survive. A broken file is
+        refused with a log line and the running config keeps serving."""
+        try:
+            new = config_mod.load(self.config.path)
+        except config_mod.ConfigError as e:
+            log.error("reload failed, keeping the running configuration: %s", e)
+            return
+        for w in new.warnings:
+            log.warning("%s", w)
+        old = self.config
+        for key, pool in list(self.pools.items()):
+            db = new.database(pool.db.name)
+            user = key[1]
+            if db is None or _conn_changed(pool.db, db) or self._server_password(new, db, user) != pool.server_password:
+                pool.obsolete = True
+                del self.pools[key]
+                pool.close_all("configuration changed")
+            else:
+                pool.db = db
+        if (new.listen_addr, new.listen_port, new.unix_socket_dir) != (old.listen_addr, old.listen_port, old.unix_socket_dir):
+            log.warning("listen_addr/listen_port/unix_socket_dir changes need a restart")
+            new.listen_addr, new.listen_port, new.unix_socket_dir = old.listen_addr, old.listen_port, old.unix_socket_dir
+        self._scram_cache.clear()
+        self.config = new
+        log.info("configuration reloaded from %s", new.path)
+
+    # ------------------------------------------------------------------ clients
+
+    def client_arrived(self, c: ClientConn) -> bool:
+        if self.stopping is not None:
+            return False
+        if self.config.max_client_conn and len(self.clients) >= self.config.max_client_conn:
+            log.warning("max_client_conn (%d) reached, refusing %s", self.config.max_client_conn, c.addr)
+            return False
+        self.clients.add(c)
+        return True
+
+    def client_left(self, c: ClientConn, logged_in: bool) -> None:
+        self.clients.discard(c)
+        if c.pid:
+            self.cancel_keys.pop((c.pid, c.key), None)
+        if logged_in and self.config.log_disconnections:
+            log.info("disconnect: %s db=%s user=%s age=%.1fs", c.addr, c.database, c.user,
+                     time.monotonic() - c.connected_at)
+        if self.stopping:
+            self._check_stopped()
+
+    def register_cancel_key(self, c: ClientConn) -> tuple[int, int]:
+        while True:
+            pid = secrets.randbelow(2**31 - 2) + 1
+            key = secrets.randbits(32) - 2**31
+            if (pid, key) not in self.cancel_keys:
+                self.cancel_keys[(pid, key)] = c
+                return pid, key
+
+    def auth_failed(self, c: ClientConn, reason: str) -> None:
+        log.warning("authentication failed: %s user=%s db=%s (%s)", c.addr, c.user, c.database, reason)
+
+    def scram_secret(self, user: str, secret: str) -> ScramSecret:
+        k = (user, secret)
+        s = self._scram_cache.get(k)
+        if s is None:
+            s = ScramSecret.parse(secret) if is_scram(secret) else ScramSecret.from_password(secret)
+            self._scram_cache[k] = s
+        return s
+
+    # ------------------------------------------------------------------ pools
+
+    @staticmethod
+    def _server_password(cfg: Config, db: DatabaseConfig, user: str) -> str | None:
+        if db.password is not None:
+            return db.password
+        secret = cfg.auth_users.get(user)
+        if secret is not None and not is_scram(secret):
+            return secret
+        return None
+
+    def get_pool(self, db: DatabaseConfig, client_user: str) -> Pool:
+        server_user = db.user or client_user
+        key = (db.name, server_user)
+        pool = self.pools.get(key)
+        if pool is None:
+            pool = Pool(self, db, server_user, self._server_password(self.config, db, server_user))
+            pool.obsolete = False
+            self.pools[key] = pool
+        return pool
+
+    def _db_servers(self, dbname: str) -> int:
+        return sum(p.total() for p in self.pools.values() if p.db.name == dbname)
+
+    def may_open_server(self, pool: Pool) -> bool:
+        cfg = self.config
+        limit = pool.db.max_db_connections if pool.db.max_db_connections is not None else cfg.max_db_connections
+        if limit and self._db_servers(pool.db.name) >= limit:
+            return self._free_idle_slot(lambda p: p.db.name == pool.db.name and p is not pool)
+        ulimit = cfg.users.get(pool.server_user)
+        ulimit = ulimit.max_user_connections if ulimit and ulimit.max_user_connections else cfg.max_user_connections
+        if ulimit and sum(p.total() for p in self.pools.values() if p.server_user == pool.server_user) >= ulimit:
+            return self._free_idle_slot(lambda p: p.server_user == pool.server_user and p is not pool)
+        return True
+
+    def _free_idle_slot(self, match) -> bool:
+        """At a database/user limit: close an idle server of a sibling pool to make room."""
+        for p in self.pools.values():
+            if match(p) and p.idle:
+                srv = p.idle.popleft()
+                srv.close("making room for another pool")
+                return True
+        return False
+
+    def server_closed(self, pool: Pool) -> None:
+        for p in self.pools.values():
+            if p is not pool and p.waiters and p.db.name == pool.db.name:
+                p._grow()
+        if self.stopping:
+            self._check_stopped()
+
+    def pool_has_idle(self, pool: Pool) -> None:
+        if self.stopping == "SIGINT":
+            self._check_stopped()
+            return
+        # a sibling blocked on max_db_connections can use this slot
+        for p in self.pools.values():
+            if p is not pool and p.waiters and p.db.name == pool.db.name and not p.connecting:
+                if not self.may_open_server(p):
+                    continue
+                p._grow()
+                break
+
+    def closing_servers(self, pool: Pool, srv: ServerConn) -> bool:
+        return getattr(pool, "obsolete", False) or self.stopping == "SIGINT"
+
+    # ------------------------------------------------------------------ cancel requests
+
+    def cancel_request(self, pid: int, key: int) -> None:
+        c = self.cancel_keys.get((pid, key))
+        if c is None:
+            log.info("cancel request with an unknown key ignored")
+            return
+        srv = c.server
+        if srv is None or not srv.queue:
+            return  # nothing of this client is running: nothing to cancel
+        self.send_cancel(srv)
+
+    def send_cancel(self, srv: ServerConn) -> None:
+        srv.cancels_in_flight += 1
+        asyncio.get_running_loop().create_task(self._send_cancel(srv))
+
+    async def _send_cancel(self, srv: ServerConn) -> None:
+        db = srv.pool.db
+        try:
+            async with asyncio.timeout(self.config.server_connect_timeout or 15):
+                if db.host.startswith("/"):
+                    r, w = await asyncio.open_unix_connection(f"{db.host}/.s.PGSQL.{db.port}")
+                else:
+                    r, w = await asyncio.open_connection(db.host, db.port)
+                w.write(m.cancel_request(srv.pid, srv.key))
+                await w.drain()
+                await r.read()  # the server closes the connection once it has signalled
+                w.close()
+        except (OSError, TimeoutError) as e:
+            log.warning("cancel request to %s failed: %s", srv.describe(), e)
+        finally:
+            srv.cancels_in_flight -= 1
+            if srv.cancels_in_flight == 0 and srv.parked:
+                srv.pool.release(srv)
+
+    # ------------------------------------------------------------------ timers
+
+    async def _janitor_loop(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                self._janitor_tick(time.monotonic())
+            except Exception:
+                log.exception("janitor failed")
+
+    def _janitor_tick(self, now: float) -> None:
+        cfg = self.config
+        for p in list(self.pools.values()):
+            p.janitor(now)
+        if cfg.client_idle_timeout or cfg.idle_transaction_timeout or cfg.query_timeout:
+            for c in list(self.clients):
+                if c.closed or c.state != 1:
+                    continue
+                srv = c.server
+                if cfg.query_timeout and srv is not None and srv.queue and now - srv.query_start > cfg.query_timeout:
+                    self.send_cancel(srv)
+                    c.fatal("57014", "query_timeout: query ran too long")
+                elif cfg.idle_transaction_timeout and srv is not None and not srv.queue \
+                        and srv.tx_status != m.TX_IDLE and now - c.last_active > cfg.idle_transaction_timeout:
+                    c.fatal("25P03", "idle_transaction_timeout: transaction idle too long")
+                elif cfg.client_idle_timeout and (srv is None or not srv.queue) \
+                        and now - c.last_active > cfg.client_idle_timeout:
+                    c.fatal("57P05", "client_idle_timeout: connection idle too long")
+
+
+def _conn_changed(a: DatabaseConfig, b: DatabaseConfig) -> bool:
+    return (a.host, a.port, a.dbname, a.user, a.password) != (b.host, b.port, b.dbname, b.user, b.password)
+
+
+def dump_state(gw: "Gateway") -> str:
+    """A human-readable snapshot of pools and sessions (SIGUSR1 writes it to the log)."""
+    lines = []
+    for key, p in gw.pools.items():
+        lines.append(f"pool {p.name}: idle={len(p.idle)} active={len(p.active)} connecting={p.connecting} waiters={len(p.waiters)}")
+        for s in p.active:
+            lines.append(f"  server pid={s.pid} state={s.state} tx={chr(s.tx_status)} queue={list(s.queue)[:8]} client={s.client.describe() if s.client else None} skip={s.skip} rbuf={len(s.rbuf)}")
+    for c in gw.clients:
+        lines.append(f"client {c.describe()} waiting={c.waiting} server={c.server.pid if c.server else None} rbuf={len(c.rbuf)} skip_sync={c.skip_until_sync}")
+    return "\n".join(lines)

@@ -1,0 +1,865 @@
+"""One client session: startup, authentication, then the client -> server loop.
+
+Rules this module keeps:
+- Login is a coroutine (not hot); after it, everything runs in ``data_received`` callbacks.
+- A server is taken from the pool when the first message that needs one arrives, and is given
+  back (transaction/statement mode) by ``server_ready`` when ReadyForQuery 'I' arrives with
+  nothing outstanding.
+- In transaction and statement mode named prepared statements are the client's view: the
+  gateway keeps the client's names, prepares each statement on whichever server the client is
+  given under a content-derived name, and rewrites Parse/Bind/Describe/Close accordingly.
+- Errors the gateway makes up reach the client in protocol order, as PostgreSQL would send them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import re
+import secrets
+import struct
+import time
+from typing import TYPE_CHECKING
+
+from ..auth.passwords import ScramError, ScramSecret, ScramServer, is_md5, is_scram, verify_md5
+from ..protocol import messages as m
+from .pool import TRACKED_LOWER, Pool
+from .server import (
+    R_BIND, R_CLOSE, R_CLOSE_SKIP, R_DESCRIBE, R_EXECUTE, R_FAKE_CLOSE, R_FAKE_PARSE, R_PARSE,
+    R_PARSE_SKIP, R_QUERY, R_QUERY_SKIP, R_SYNC, R_BIND_SKIP, R_EXECUTE_REFUSAL, R_FAKE_DONE,
+    FAKE_FIRST, FAKE_LAST, ServerConn, ServerLoginError, S_CLOSED,
+)
+
+if TYPE_CHECKING:
+    from .app import Gateway
+
+log = logging.getLogger("pooler.client")
+
+_unpack_len = struct.Struct("!i").unpack_from
+
+MAX_STARTUP_PACKET = 10000
+
+T_QUERY = ord("Q")
+T_PARSE = ord("P")
+T_BIND = ord("B")
+T_DESCRIBE = ord("D")
+T_EXECUTE = ord("E")
+T_SYNC = ord("S")
+T_FLUSH = ord("H")
+T_CLOSE = ord("C")
+T_TERMINATE = ord("X")
+T_COPY_DATA = ord("d")
+T_COPY_DONE = ord("c")
+T_COPY_FAIL = ord("f")
+T_FUNCTION = ord("F")
+T_PASSWORD = ord("p")
+
+_DEALLOCATE_RE = re.compile(
+    r'\s*deallocate\s+(?:prepare\s+)?(?:"((?:[^"]|"")+)"|([A-Za-z_\x80-\uffff][\w$\x80-\uffff]*))\s*;?\s*\Z',
+    re.IGNORECASE,
+)
+
+# states
+C_LOGIN, C_READY, C_CLOSED = range(3)
+
+
+class ClientError(Exception):
+    def __init__(self, sqlstate: str, message: str) -> None:
+        super().__init__(message)
+        self.sqlstate = sqlstate
+
+
+def statement_server_name(query_and_types: bytes) -> bytes:
+    """Name of a prepared statement on the servers: derived from its text and parameter types,
+    so every client preparing the same statement shares one server-side copy."""
+    return b"pooler_" + hashlib.blake2b(query_and_types, digest_size=10).hexdigest().encode()
+
+
+class ClientConn(asyncio.Protocol):
+    def __init__(self, gw: "Gateway", unix: bool = False) -> None:
+        self.gw = gw
+        self.unix = unix
+        self.transport: asyncio.Transport | None = None
+        self.state = C_LOGIN
+        self.closed = False
+        self.addr = ""
+        # login
+        self.lbuf = bytearray()
+        self.lwaiter: asyncio.Future | None = None
+        self.login_task: asyncio.Task | None = None
+        self.eof = False
+        # session
+        self.user = ""
+        self.database = ""
+        self.pool: Pool | None = None
+        self.mode = "session"
+        self.rewrite = False
+        self.server: ServerConn | None = None
+        self.pid = 0
+        self.key = 0
+        self.params: dict[str, str] = {}
+        self.param_key: tuple = ()
+        self.pending_param_sync = False
+        self.startup_params: dict[str, str] = {}
+        self.app_name = ""
+        self.connected_at = time.monotonic()
+        self.last_active = self.connected_at
+        # client -> server stream
+        self.rbuf = b""
+        self.cskip = 0  # bytes of a streaming CopyData still to pass through
+        self.waiting = False
+        self.wait_started = 0.0
+        self.skip_until_sync = False
+        self.reading_paused = False
+        self.writing_paused = False
+        self.stmts: dict[bytes, tuple[bytes, bytes]] = {}  # client name -> (server name, body)
+        self.max_packet = gw.config.max_packet_size
+        self.tx_status = m.TX_IDLE
+
+    # ------------------------------------------------------------------ transport callbacks
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        if self.unix or not peer:
+            self.addr = "unix"
+        else:
+            self.addr = f"{peer[0]}:{peer[1]}"
+        if not self.gw.client_arrived(self):
+            transport.write(m.error_response("53300", "no more connections allowed (max_client_conn)", "FATAL"))
+            transport.close()
+            self.closed = True
+            self.state = C_CLOSED
+            return
+        self.login_task = asyncio.get_running_loop().create_task(self._login())
+
+    def data_received(self, data: bytes) -> None:
+        if self.state == C_READY:
+            self._client_data(data)
+        elif self.state == C_LOGIN:
+            self.lbuf += data
+            if len(self.lbuf) > 1 << 20:
+                self._close_now()
+                return
+            w = self.lwaiter
+            if w is not None and not w.done():
+                w.set_result(None)
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        w = self.lwaiter
+        if w is not None and not w.done():
+            w.set_result(None)
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        was_ready = self.state == C_READY
+        self.state = C_CLOSED
+        self.closed = True
+        w = self.lwaiter
+        if w is not None and not w.done():
+            w.set_result(None)
+        if self.login_task is not None and not self.login_task.done():
+            self.login_task.cancel()
+        if self.waiting and self.pool is not None:
+            self.pool.cancel_wait(self)
+            self.waiting = False
+        srv = self.server
+        self.server = None
+        if srv is not None:
+            self._detach_server(srv)
+        self.gw.client_left(self, was_ready)
+
+    def pause_writing(self) -> None:
+        # the client reads slowly: stop reading from its server until it catches up
+        self.writing_paused = True
+        srv = self.server
+        if srv is not None:
+            srv.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.writing_paused = False
+        srv = self.server
+        if srv is not None:
+            srv.resume_reading()
+
+    def pause_reading(self) -> None:
+        if not self.reading_paused and self.transport is not None and not self.closed:
+            self.reading_paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.reading_paused and self.transport is not None and not self.closed:
+            self.reading_paused = False
+            self.transport.resume_reading()
+
+    def write(self, data: bytes) -> None:
+        if not self.closed:
+            self.transport.write(data)
+
+    def describe(self) -> str:
+        return f"{self.user or '?'}@{self.database or '?'} {self.addr}"
+
+    # ------------------------------------------------------------------ closing
+
+    def fatal(self, sqlstate: str, message: str) -> None:
+        """Send a FATAL error and close the session."""
+        if self.closed:
+            return
+        if self.gw.config.log_pooler_errors:
+            log.info("closing client %s: %s", self.describe(), message)
+        try:
+            self.transport.write(m.error_response(sqlstate, message, "FATAL"))
+        except Exception:  # pragma: no cover
+            pass
+        self._close_now()
+
+    def _close_now(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self.waiting and self.pool is not None:
+            self.pool.cancel_wait(self)
+            self.waiting = False
+        srv = self.server
+        self.server = None
+        if srv is not None:
+            self._detach_server(srv)
+        t = self.transport
+        if t is not None:
+            t.close()
+
+    def _detach_server(self, srv: ServerConn) -> None:
+        """The client is gone: give the server back only if nothing of the client is left on it."""
+        srv.client = None
+        if srv.state == S_CLOSED:
+            return
+        if srv.queue or srv.tx_status != m.TX_IDLE or srv.in_copy or srv.skip or srv.rbuf:
+            if srv.queue:
+                self.gw.send_cancel(srv)  # stop the running query so its locks go at once
+            srv.close("client disconnected mid-transaction" if srv.tx_status != m.TX_IDLE else "client disconnected while a query was running")
+            self.pool.active.discard(srv)
+            return
+        srv.resume_reading()
+        cfg = self.gw.config
+        if (self.mode == "session" or cfg.server_reset_query_always) and cfg.server_reset_query:
+            srv.resetting = True
+            srv.queue.clear()
+            srv.send(m.query(cfg.server_reset_query))
+        else:
+            self.pool.release(srv)
+
+    # ------------------------------------------------------------------ login
+
+    async def _read(self, n: int) -> bytes:
+        while len(self.lbuf) < n:
+            if self.eof or self.closed:
+                raise ConnectionResetError
+            self.lwaiter = asyncio.get_running_loop().create_future()
+            await self.lwaiter
+            self.lwaiter = None
+        data = bytes(self.lbuf[:n])
+        del self.lbuf[:n]
+        return data
+
+    async def _read_startup(self) -> bytes:
+        (length,) = struct.unpack("!i", await self._read(4))
+        if length < 8 or length > MAX_STARTUP_PACKET:
+            raise m.ProtocolError("invalid length of startup packet")
+        return await self._read(length - 4)
+
+    async def _read_message(self, expect: int) -> bytes:
+        hdr = await self._read(5)
+        t = hdr[0]
+        (length,) = struct.unpack_from("!i", hdr, 1)
+        if t != expect:
+            raise m.ProtocolError(f"expected message type {chr(expect)!r}, got {chr(t)!r}")
+        if length < 4 or length > MAX_STARTUP_PACKET:
+            raise m.ProtocolError("invalid message length")
+        return await self._read(length - 4)
+
+    async def _login(self) -> None:
+        cfg = self.gw.config
+        try:
+            async with asyncio.timeout(cfg.client_login_timeout or None):
+                await self._login_steps()
+        except asyncio.CancelledError:
+            self._close_now()
+            return
+        except TimeoutError:
+            self.fatal("08P01", "client_login_timeout: login took too long")
+            return
+        except m.ProtocolError as e:
+            log.info("client %s: bad startup: %s", self.addr, e)
+            self.fatal(e.sqlstate, str(e))
+            return
+        except ClientError as e:
+            self.fatal(e.sqlstate, str(e))
+            return
+        except ServerLoginError as e:
+            self.fatal(e.sqlstate if e.sqlstate.startswith(("08", "3D", "57", "53")) else "08006",
+                       f"could not log in to the server: {e}")
+            return
+        except (ConnectionResetError, OSError):
+            self._close_now()
+            return
+        except Exception:
+            log.exception("client %s: login failed unexpectedly", self.addr)
+            self.fatal("XX000", "internal error during login")
+            return
+        # logged in: anything the client already sent is processed now
+        self.state = C_READY
+        if self.lbuf:
+            data = bytes(self.lbuf)
+            self.lbuf.clear()
+            self._client_data(data)
+        elif self.eof:
+            self._close_now()
+
+    async def _login_steps(self) -> None:
+        cfg = self.gw.config
+        while True:
+            body = await self._read_startup()
+            pkt = m.parse_startup_packet(body)
+            if pkt.kind in ("ssl", "gssenc"):
+                if self.lbuf:
+                    # bytes sent before our answer cannot be trusted (CVE-2021-23222 class)
+                    raise m.ProtocolError("unexpected data after encryption request")
+                self.transport.write(m.SSL_REFUSED)
+                continue
+            if pkt.kind == "cancel":
+                self.gw.cancel_request(pkt.pid, pkt.key)
+                self._close_now()
+                raise asyncio.CancelledError
+            break
+        params = pkt.params
+        unrecognized = [k for k in params if k.startswith("_pq_.")]
+        minor = pkt.version & 0xFFFF
+        if minor > 0 or unrecognized:
+            self.transport.write(m.negotiate_protocol_version(0, unrecognized))
+        user = params.get("user")
+        if not user:
+            raise ClientError("28000", "no PostgreSQL user name specified in startup packet")
+        self.user = user
+        self.database = params.get("database") or user
+        self.app_name = params.get("application_name", "")
+        tracked = {}
+        for k, v in params.items():
+            if k in ("user", "database") or k.startswith("_pq_."):
+                continue
+            canon = TRACKED_LOWER.get(k.lower())
+            if canon is not None:
+                tracked[canon] = v
+            elif k == "replication":
+                raise ClientError("08P01", "replication connections are not supported")
+            elif k in cfg.ignore_startup_parameters or k.lower() in cfg.ignore_startup_parameters:
+                continue
+            else:
+                raise ClientError("08P01", f"unsupported startup parameter: {k}")
+        db = cfg.database(self.database)
+        if db is None:
+            raise ClientError("3D000", f'no such database: {self.database}')
+        await self._authenticate(db.auth_type or cfg.auth_type)
+        self.mode = cfg.pool_mode_for(db, user)
+        self.rewrite = self.mode != "session" and cfg.max_prepared_statements > 0
+        self.pool = self.gw.get_pool(db, user)
+        welcome = await self.pool.get_welcome()
+        if self.closed:
+            raise asyncio.CancelledError
+        # the client's view of the session parameters
+        view = dict(welcome)
+        for canon, v in (("client_encoding", db.client_encoding), ("DateStyle", db.datestyle),
+                         ("TimeZone", db.timezone)):
+            if v:
+                view[canon] = v
+        view.update(tracked)
+        if cfg.application_name_add_host:
+            view["application_name"] = f"{view.get('application_name', '')} - {self.addr}"
+        self.params = {p: view.get(p, "") for p in Pool.tracked_params}
+        self.param_key = Pool.param_key_of(self.params)
+        self.pid, self.key = self.gw.register_cancel_key(self)
+        out = [m.authentication_ok()]
+        for k, v in view.items():
+            out.append(m.parameter_status(k, v))
+        out.append(m.backend_key_data(self.pid, self.key))
+        out.append(m.ready_for_query(m.TX_IDLE))
+        self.transport.write(b"".join(out))
+        if cfg.log_connections:
+            log.info("login: %s db=%s user=%s app=%s mode=%s", self.addr, self.database, user,
+                     self.app_name or "-", self.mode)
+
+    async def _authenticate(self, auth_type: str) -> None:
+        cfg = self.gw.config
+        user = self.user
+        if auth_type in ("trust", "any"):
+            return
+        secret = cfg.auth_users.get(user)
+        failed = ClientError("28P01", f'password authentication failed for user "{user}"')
+        if auth_type == "plain":
+            self.transport.write(m.authentication_cleartext())
+            pw = (await self._read_message(T_PASSWORD)).rstrip(b"\x00").decode("utf-8", "replace")
+            if secret is None or not self._check_plain(user, secret, pw):
+                self.gw.auth_failed(self, "wrong password" if secret else "unknown user")
+                raise failed
+            return
+        use_scram = auth_type == "scram-sha-256" or (secret is not None and is_scram(secret))
+        if not use_scram:
+            salt = os.urandom(4)
+            self.transport.write(m.authentication_md5(salt))
+            resp = (await self._read_message(T_PASSWORD)).rstrip(b"\x00")
+            if secret is None or not verify_md5(user, secret, salt, resp):
+                self.gw.auth_failed(self, "wrong password" if secret else "unknown user")
+                raise failed
+            return
+        # SCRAM-SHA-256
+        if secret is None or is_md5(secret):
+            # unknown user, or a secret SCRAM cannot use: run a mock exchange that always fails
+            scram_secret = ScramSecret.from_password(secrets.token_hex(16), salt=hashlib.sha256(user.encode()).digest()[:16])
+            reason = "unknown user" if secret is None else "md5 secret cannot be used for SCRAM"
+            mock = True
+        else:
+            scram_secret = self.gw.scram_secret(user, secret)
+            mock = False
+            reason = "wrong password"
+        self.transport.write(m.authentication_sasl(["SCRAM-SHA-256"]))
+        mech, first = m.parse_sasl_initial_response(await self._read_message(T_PASSWORD))
+        if mech != "SCRAM-SHA-256":
+            raise ClientError("28000", "client selected an invalid SASL authentication mechanism")
+        server = ScramServer(scram_secret)
+        try:
+            self.transport.write(m.authentication_sasl_continue(server.client_first(first)))
+            final = await self._read_message(T_PASSWORD)
+            verifier = server.client_final(final)
+        except ScramError as e:
+            self.gw.auth_failed(self, reason if mock else str(e))
+            raise failed from None
+        if mock:
+            self.gw.auth_failed(self, reason)
+            raise failed
+        self.transport.write(m.authentication_sasl_final(verifier))
+
+    def _check_plain(self, user: str, secret: str, pw: str) -> bool:
+        import hmac as _hmac
+        from ..auth.passwords import md5_secret
+
+        if is_md5(secret):
+            return _hmac.compare_digest(md5_secret(user, pw), secret)
+        if is_scram(secret):
+            s = ScramSecret.parse(secret)
+            cand = ScramSecret.from_password(pw, s.iterations, s.salt)
+            return _hmac.compare_digest(cand.stored_key, s.stored_key)
+        return _hmac.compare_digest(secret.encode(), pw.encode())
+
+    # ------------------------------------------------------------------ the client -> server loop
+
+    def _client_data(self, data: bytes) -> None:
+        self.last_active = time.monotonic()
+        skip = self.cskip
+        if skip:
+            srv = self.server
+            n = len(data)
+            chunk = data if skip >= n else data[:skip]
+            if srv is not None:
+                srv.send(chunk)
+            if skip >= n:
+                self.cskip = skip - n
+                return
+            self.cskip = 0
+            data = data[skip:]
+        if self.rbuf:
+            data = self.rbuf + data
+        self.rbuf = data
+        if not self.waiting:
+            self._pump()
+
+    def _pump(self) -> None:
+        data = self.rbuf
+        n = len(data)
+        pos = 0
+        out: list[bytes] = []
+        srv = self.server
+        try:
+            while n - pos >= 5:
+                t = data[pos]
+                (length,) = _unpack_len(data, pos + 1)
+                end = pos + 1 + length
+                if length < 4 or length > self.max_packet:
+                    raise m.ProtocolError(
+                        f"invalid message length {length} (max_packet_size is {self.max_packet})"
+                        if length >= 4 else "invalid message length")
+                if end > n:
+                    if t == T_COPY_DATA and srv is not None and not self.skip_until_sync:
+                        out.append(data[pos:])  # stream large COPY data through
+                        self.cskip = end - n
+                        pos = n
+                    break
+                if self.skip_until_sync:
+                    # after an error the gateway made up, PostgreSQL ignores all up to Sync
+                    if t == T_SYNC:
+                        self.skip_until_sync = False
+                        if srv is None:
+                            self.write(m.ready_for_query(m.TX_IDLE))
+                            pos = end
+                            continue
+                    elif t == T_TERMINATE:
+                        pass
+                    else:
+                        pos = end
+                        continue
+                if srv is None:
+                    if t == T_TERMINATE:
+                        self._close_now()
+                        return
+                    local = self._answer_without_server(t, data, pos, end)
+                    if local is not None:
+                        if local:
+                            self.write(local)
+                        pos = end
+                        continue
+                    srv = self.pool.acquire(self)
+                    if srv is None:
+                        self.waiting = True
+                        if n - pos > 65536:
+                            self.pause_reading()
+                        break
+                    self._link(srv, out)
+                if t == T_QUERY or t == T_FUNCTION:
+                    if self.rewrite and t == T_QUERY and data[pos + 5] in b"dD \t\r\n":
+                        if self._sql_deallocate(srv, data[pos + 5 : end - 1], out):
+                            pos = end
+                            continue
+                    out.append(data[pos:end])
+                    srv.queue.append((R_QUERY, None))
+                elif t == T_BIND:
+                    if self.rewrite and (data[pos + 5] != 0 or data[pos + 6] != 0):
+                        self._bind(srv, data[pos + 5 : end], out)
+                    else:
+                        out.append(data[pos:end])
+                        srv.queue.append((R_BIND, None))
+                elif t == T_EXECUTE:
+                    out.append(data[pos:end])
+                    srv.queue.append((R_EXECUTE, None))
+                elif t == T_SYNC:
+                    out.append(data[pos:end])
+                    srv.queue.append((R_SYNC, None))
+                elif t == T_PARSE:
+                    if self.rewrite and data[pos + 5] != 0:
+                        self._parse(srv, data[pos + 5 : end], out)
+                    else:
+                        out.append(data[pos:end])
+                        srv.queue.append((R_PARSE, None))
+                elif t == T_DESCRIBE:
+                    if self.rewrite and data[pos + 5] == 83 and data[pos + 6] != 0:  # 'S' + name
+                        self._describe_statement(srv, data[pos + 6 : end - 1], out)
+                    else:
+                        out.append(data[pos:end])
+                        srv.queue.append((R_DESCRIBE, None))
+                elif t == T_CLOSE:
+                    if self.rewrite and data[pos + 5] == 83 and data[pos + 6] != 0:
+                        self.stmts.pop(data[pos + 6 : end - 1], None)
+                        srv.queue.append((R_FAKE_CLOSE, None))
+                    else:
+                        out.append(data[pos:end])
+                        srv.queue.append((R_CLOSE, None))
+                elif t == T_FLUSH or t == T_COPY_DATA or t == T_COPY_DONE or t == T_COPY_FAIL:
+                    out.append(data[pos:end])
+                elif t == T_TERMINATE:
+                    if out:
+                        srv.send(b"".join(out))
+                        out = []
+                    self._close_now()
+                    return
+                else:
+                    raise m.ProtocolError(f"invalid frontend message type {t}")
+                pos = end
+        except m.ProtocolError as e:
+            if out and srv is not None and srv is self.server:
+                srv.send(b"".join(out))
+            self.fatal(e.sqlstate, str(e))
+            return
+        except ClientError as e:  # pragma: no cover - defensive
+            self.fatal(e.sqlstate, str(e))
+            return
+        self.rbuf = data[pos:] if pos < n else b""
+        if out and srv is not None and not srv.state == S_CLOSED:
+            srv.query_start = self.last_active
+            srv.send(b"".join(out) if len(out) > 1 else out[0])
+        if srv is not None and srv.queue:
+            q0 = srv.queue[0][0]
+            if FAKE_FIRST <= q0 <= FAKE_LAST:
+                pieces: list[bytes] = []
+                srv._emit_fakes(pieces)
+                self.write(b"".join(pieces))
+                if not srv.queue and srv.client is self and srv.tx_status == m.TX_IDLE:
+                    # everything was answered locally: the server is free again
+                    self.server_ready(srv, srv.tx_status)
+
+    def _answer_without_server(self, t: int, data: bytes, pos: int, end: int) -> bytes | None:
+        """Requests the gateway answers itself while no server is linked (nothing outstanding).
+        Returns the reply bytes (b"" for none), or None when a server is needed."""
+        if t == T_SYNC:
+            return m.ready_for_query(m.TX_IDLE)
+        if t == T_FLUSH:
+            return b""
+        if t == T_CLOSE and self.rewrite and data[pos + 5] == 83 and data[pos + 6] != 0:
+            self.stmts.pop(data[pos + 6 : end - 1], None)
+            return m.CLOSE_COMPLETE
+        if t == T_QUERY and self.rewrite and data[pos + 5] in b"dD \t\r\n":
+            name = self._deallocate_target(data[pos + 5 : end - 1])
+            if name is not None:
+                del self.stmts[name]
+                return m.command_complete("DEALLOCATE") + m.ready_for_query(m.TX_IDLE)
+            return None
+        if t in (T_COPY_DATA, T_COPY_DONE, T_COPY_FAIL):
+            return b""  # COPY data with no COPY in progress is ignored, as PostgreSQL does
+        if self.rewrite and t in (T_BIND, T_DESCRIBE, T_PARSE):
+            err = self._statement_name_error(t, data, pos, end)
+            if err is not None:
+                self.skip_until_sync = True
+                return err
+        return None
+
+    def _statement_name_error(self, t: int, data: bytes, pos: int, end: int) -> bytes | None:
+        body = data[pos + 5 : end]
+        if t == T_PARSE:
+            name, _ = m.read_cstr(body, 0)
+            if name and name in self.stmts:
+                return m.error_response("42P05", f'prepared statement "{name.decode("utf-8", "replace")}" already exists')
+        elif t == T_BIND:
+            _, stmt, _, _ = m.parse_bind_statement(body)
+            if stmt and stmt not in self.stmts:
+                return m.error_response("26000", f'prepared statement "{stmt.decode("utf-8", "replace")}" does not exist')
+        elif t == T_DESCRIBE and body[:1] == b"S":
+            name, _ = m.read_cstr(body, 1)
+            if name and name not in self.stmts:
+                return m.error_response("26000", f'prepared statement "{name.decode("utf-8", "replace")}" does not exist')
+        return None
+
+    # -- named prepared statements (transaction and statement mode)
+
+    def _ensure_prepared(self, srv: ServerConn, sname: bytes, body: bytes, out: list) -> None:
+        prepared = srv.prepared
+        if sname in prepared:
+            prepared.move_to_end(sname)
+            return
+        self._make_room(srv, out)
+        out.append(m.parse(sname, body))
+        prepared[sname] = None
+        srv.queue.append((R_PARSE_SKIP, sname))
+
+    def _make_room(self, srv: ServerConn, out: list) -> None:
+        prepared = srv.prepared
+        limit = self.gw.config.max_prepared_statements
+        while len(prepared) >= limit:
+            old, _ = prepared.popitem(last=False)
+            out.append(m.close_statement(old))
+            srv.queue.append((R_CLOSE_SKIP, None))
+
+    def _parse(self, srv: ServerConn, body: bytes, out: list) -> None:
+        name, p = m.read_cstr(body, 0)
+        if name in self.stmts:
+            self._refuse_in_order(srv, "42P05", f'prepared statement "{name.decode("utf-8", "replace")}" already exists', out)
+            return
+        rest = body[p:]
+        sname = statement_server_name(rest)
+        self.stmts[name] = (sname, rest)
+        if sname in srv.prepared:
+            srv.prepared.move_to_end(sname)
+            srv.queue.append((R_FAKE_PARSE, (sname, name)))
+            return
+        self._make_room(srv, out)
+        out.append(m.parse(sname, rest))
+        srv.prepared[sname] = None
+        srv.queue.append((R_PARSE, (sname, name)))
+
+    def _bind(self, srv: ServerConn, body: bytes, out: list) -> None:
+        portal, stmt, start, after = m.parse_bind_statement(body)
+        if not stmt:
+            out.append(m.message(b"B", body))
+            srv.queue.append((R_BIND, None))
+            return
+        entry = self.stmts.get(stmt)
+        if entry is None:
+            self._refuse_in_order(srv, "26000", f'prepared statement "{stmt.decode("utf-8", "replace")}" does not exist', out)
+            return
+        sname, pbody = entry
+        self._ensure_prepared(srv, sname, pbody, out)
+        out.append(m.message(b"B", body[:start] + sname + body[after - 1 :]))
+        srv.queue.append((R_BIND, None))
+
+    def _describe_statement(self, srv: ServerConn, name: bytes, out: list) -> None:
+        entry = self.stmts.get(name)
+        if entry is None:
+            self._refuse_in_order(srv, "26000", f'prepared statement "{name.decode("utf-8", "replace")}" does not exist', out)
+            return
+        sname, pbody = entry
+        self._ensure_prepared(srv, sname, pbody, out)
+        out.append(m.describe_statement(sname))
+        srv.queue.append((R_DESCRIBE, None))
+
+    def _deallocate_target(self, sql: bytes) -> bytes | None:
+        """The client's protocol-level statement that ``DEALLOCATE name`` names, if any.
+        PostgreSQL keeps SQL-level and protocol-level statements in one namespace."""
+        try:
+            text = sql.decode()
+        except UnicodeDecodeError:
+            return None
+        mt = _DEALLOCATE_RE.match(text)
+        if not mt:
+            return None
+        if mt.group(1) is not None:
+            name = mt.group(1).replace('""', '"').encode()
+        else:
+            name = mt.group(2).lower().encode()
+            if name == b"all":
+                return None  # forwarded; its CommandComplete clears our state
+        return name if name in self.stmts else None
+
+    def _sql_deallocate(self, srv: ServerConn, sql: bytes, out: list) -> bool:
+        name = self._deallocate_target(sql)
+        if name is None:
+            return False
+        sname = self.stmts.pop(name)[0]
+        if sname in srv.prepared:
+            del srv.prepared[sname]
+            out.append(m.query(f'DEALLOCATE "{sname.decode()}"'))
+            srv.queue.append((R_QUERY, None))
+        else:
+            srv.queue.append((R_FAKE_DONE, "DEALLOCATE"))
+        return True
+
+    def _refuse_in_order(self, srv: ServerConn, sqlstate: str, message: str, out: list) -> None:
+        """An error the gateway makes up while a server is linked: the server raises it for us,
+        so it arrives in protocol order and fails an open transaction exactly as PostgreSQL
+        would. Everything the client sends up to Sync is then ignored."""
+        body = b"\x00" + refusal_sql(sqlstate, message).encode() + b"\x00\x00\x00"
+        out.append(m.message(b"P", body))
+        out.append(m.message(b"B", b"\x00\x00\x00\x00\x00\x00\x00\x00"))
+        out.append(m.message(b"E", b"\x00\x00\x00\x00\x00"))
+        srv.queue.append((R_PARSE_SKIP, None))
+        srv.queue.append((R_BIND_SKIP, None))
+        srv.queue.append((R_EXECUTE_REFUSAL, None))
+        self.skip_until_sync = True
+
+    def undo_statement(self, cname: bytes, sname: bytes) -> None:
+        entry = self.stmts.get(cname)
+        if entry is not None and entry[0] == sname:
+            del self.stmts[cname]
+
+    def forget_all_statements(self) -> None:
+        self.stmts.clear()
+
+    # ------------------------------------------------------------------ linking to servers
+
+    def _link(self, srv: ServerConn, out: list) -> None:
+        self.server = srv
+        srv.client = self
+        if self.writing_paused:
+            srv.pause_reading()
+        if srv.param_key != self.param_key:
+            sets = []
+            for k in Pool.tracked_params:
+                v = self.params.get(k)
+                if v is not None and srv.params.get(k) != v:
+                    sets.append(f"SET {k} = {quote_literal(v)}")
+            if sets:
+                self.pending_param_sync = True
+                out.append(m.query(";".join(sets)))
+                srv.queue.append((R_QUERY_SKIP, None))
+
+    def param_sync_done(self, srv: ServerConn) -> None:
+        self.pending_param_sync = False
+        for k in Pool.tracked_params:
+            if k in srv.params:
+                self.params[k] = srv.params[k]
+        self.param_key = srv.param_key = Pool.param_key_of(srv.params)
+
+    def param_changed(self, name: str, value: str) -> None:
+        self.params[name] = value
+        self.param_key = Pool.param_key_of(self.params)
+
+    def server_assigned(self, srv: ServerConn) -> None:
+        """Called by the pool when a waiting client gets a server."""
+        self.waiting = False
+        if self.closed:
+            self.pool.release(srv)
+            return
+        out: list[bytes] = []
+        self._link(srv, out)
+        if out:
+            srv.send(b"".join(out))
+        self.resume_reading()
+        self._pump()
+
+    def server_ready(self, srv: ServerConn, status: int) -> None:
+        """ReadyForQuery arrived and nothing is outstanding."""
+        self.tx_status = status
+        if self.mode == "session" or srv.client is not self:
+            return
+        if status == m.TX_IDLE:
+            self.server = None
+            srv.client = None
+            if self.writing_paused:
+                srv.resume_reading()
+            self.pool.release(srv)
+            if self.rbuf and not self.waiting:
+                self._pump()
+        elif self.mode == "statement":
+            self.server = None
+            srv.client = None
+            srv.close("transaction in statement pooling mode")
+            self.fatal("25000", "transaction blocks not allowed in statement pooling mode")
+
+    def server_unavailable(self, sqlstate: str, message: str) -> None:
+        """The pool could not get a server for this waiting client: fail the request, keep the
+        session (the next request tries again)."""
+        self.waiting = False
+        if self.closed:
+            return
+        data = self.rbuf
+        if len(data) >= 5 and data[0] == T_QUERY:
+            (length,) = _unpack_len(data, 1)
+            self.rbuf = data[1 + length :]
+            self.write(m.error_response(sqlstate, message) + m.ready_for_query(m.TX_IDLE))
+        else:
+            self.write(m.error_response(sqlstate, message))
+            self.skip_until_sync = True
+        self.resume_reading()
+        self._pump()
+
+    def server_lost(self, srv: ServerConn, reason: str) -> None:
+        """The linked server connection died."""
+        if self.server is not srv:
+            return
+        self.server = None
+        if self.closed:
+            return
+        if self.mode == "session" or srv.tx_status != m.TX_IDLE:
+            self.fatal("08006", f"server connection lost: {reason}")
+            return
+        # transaction/statement mode outside a transaction block: fail what is outstanding and
+        # keep the session, as after any error
+        out = [m.error_response("08006", f"server connection lost: {reason}")]
+        syncs = sum(1 for kind, _ in srv.queue if kind in (R_SYNC, R_QUERY))
+        last_is_sync = bool(srv.queue) and srv.queue[-1][0] in (R_SYNC, R_QUERY)
+        out.extend(m.ready_for_query(m.TX_IDLE) for _ in range(syncs))
+        srv.queue.clear()
+        if not last_is_sync:
+            self.skip_until_sync = True
+        self.write(b"".join(out))
+        if self.rbuf:
+            self._pump()
+
+
+def quote_literal(v: str) -> str:
+    return "'" + v.replace("'", "''") + "'" if "\\" not in v else "E'" + v.replace("\\", "\\\\").replace("'", "''") + "'"
+
+
+def refusal_sql(sqlstate: str, message: str) -> str:
+    """A statement that makes the server raise exactly this error."""
+    tag = "pooler_refusal"
+    msg = message.replace(f"${tag}$", "")
+    return (f"DO ${tag}$ BEGIN RAISE EXCEPTION USING ERRCODE = '{sqlstate}', "
+            f"MESSAGE = {quote_literal(msg)}; END ${tag}$")

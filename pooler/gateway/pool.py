@@ -1,0 +1,275 @@
+"""Pools of server connections, one per (database, upstream user).
+
+A server is handed out by ``acquire`` (synchronously when one is idle, otherwise the client
+waits in FIFO order) and comes back through ``release``, which passes it straight to the next
+waiting client. Only clean servers are reused (ReadyForQuery 'I', nothing outstanding, not in
+COPY); anything else is closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from ..config import DatabaseConfig
+from .server import S_CLOSED, S_ACTIVE, S_IDLE, ServerConn, ServerLoginError
+
+if TYPE_CHECKING:
+    from .app import Gateway
+    from .client import ClientConn
+
+log = logging.getLogger("pooler.pool")
+
+TRACKED_PARAMS = (
+    "client_encoding",
+    "DateStyle",
+    "TimeZone",
+    "IntervalStyle",
+    "standard_conforming_strings",
+    "application_name",
+)
+TRACKED_LOWER = {p.lower(): p for p in TRACKED_PARAMS}
+
+
+class Pool:
+    tracked_params = frozenset(TRACKED_PARAMS)
+
+    def __init__(self, gw: "Gateway", db: DatabaseConfig, server_user: str, password: str | None):
+        self.gw = gw
+        self.db = db
+        self.name = f"{db.name}/{server_user}"
+        self.server_user = server_user
+        self.server_password = password
+        self.server_dbname = db.dbname or db.name
+        self.idle: collections.deque[ServerConn] = collections.deque()
+        self.active: set[ServerConn] = set()
+        self.connecting = 0
+        self.waiters: collections.deque["ClientConn"] = collections.deque()
+        self.welcome: dict[str, str] | None = None
+        self.welcome_waiters: list[asyncio.Future] = []
+        self.last_connect_error: tuple[float, str, str] | None = None
+        self.clients = 0
+        self.obsolete = False  # replaced by a reload: servers close when they come back
+
+    # -- settings that follow reloads
+    @property
+    def size(self) -> int:
+        cfg = self.gw.config
+        return self.db.pool_size if self.db.pool_size is not None else cfg.default_pool_size
+
+    @property
+    def min_size(self) -> int:
+        cfg = self.gw.config
+        return self.db.min_pool_size if self.db.min_pool_size is not None else cfg.min_pool_size
+
+    @staticmethod
+    def param_key_of(params: dict[str, str]) -> tuple:
+        return tuple(params.get(p) for p in TRACKED_PARAMS)
+
+    def total(self) -> int:
+        return len(self.idle) + len(self.active) + self.connecting
+
+    # ------------------------------------------------------------------ handing out
+
+    def acquire(self, client: "ClientConn") -> ServerConn | None:
+        idle = self.idle
+        while idle:
+            srv = idle.pop()  # LIFO: the warmest connection
+            if srv.state == S_IDLE:
+                srv.state = S_ACTIVE
+                self.active.add(srv)
+                return srv
+        client.wait_started = time.monotonic()
+        self.waiters.append(client)
+        self._grow()
+        return None
+
+    def cancel_wait(self, client: "ClientConn") -> None:
+        try:
+            self.waiters.remove(client)
+        except ValueError:
+            pass
+
+    def release(self, srv: ServerConn) -> None:
+        if srv.cancels_in_flight:
+            srv.parked = True  # never reuse a server a cancel may still hit
+            return
+        srv.parked = False
+        srv.client = None
+        if srv.state == S_CLOSED:
+            self.active.discard(srv)
+            return
+        if not srv.clean():
+            self.active.discard(srv)
+            srv.close("not clean at release")
+            return
+        now = time.monotonic()
+        lifetime = self.gw.config.server_lifetime
+        if (lifetime and now - srv.created_at > lifetime) or self.gw.closing_servers(self, srv):
+            self.active.discard(srv)
+            srv.close("server_lifetime" if lifetime and now - srv.created_at > lifetime else "closing")
+            self._grow()
+            return
+        srv.resume_reading()
+        while self.waiters:
+            client = self.waiters.popleft()
+            if client.closed:
+                continue
+            srv.state = S_ACTIVE
+            self.active.add(srv)
+            client.server_assigned(srv)
+            return
+        srv.state = S_IDLE
+        self.active.discard(srv)
+        srv.last_used = now
+        self.idle.append(srv)
+        self.gw.pool_has_idle(self)
+
+    def server_gone(self, srv: ServerConn) -> None:
+        self.active.discard(srv)
+        try:
+            self.idle.remove(srv)
+        except ValueError:
+            pass
+        self.gw.server_closed(self)
+        if self.waiters:
+            self._grow()
+
+    # ------------------------------------------------------------------ connecting
+
+    def _grow(self) -> None:
+        """Open connections for waiting clients, within the pool and database limits."""
+        want = len(self.waiters) - self.connecting
+        while want > 0 and self.total() < self.size:
+            if not self.gw.may_open_server(self):
+                break
+            self.connecting += 1
+            want -= 1
+            asyncio.get_running_loop().create_task(self._connect())
+
+    def ensure_min(self) -> None:
+        while self.total() < self.min_size and self.gw.may_open_server(self):
+            self.connecting += 1
+            asyncio.get_running_loop().create_task(self._connect())
+
+    async def _connect(self) -> None:
+        loop = asyncio.get_running_loop()
+        srv: ServerConn | None = None
+        cfg = self.gw.config
+        try:
+            try:
+                host = self.db.host
+                if host.startswith("/"):
+                    path = f"{host}/.s.PGSQL.{self.db.port}"
+                    coro = loop.create_unix_connection(lambda: ServerConn(self), path)
+                else:
+                    coro = loop.create_connection(lambda: ServerConn(self), host, self.db.port)
+                timeout = cfg.server_connect_timeout or None
+                async with asyncio.timeout(timeout):
+                    _, srv = await coro
+                    srv.peer = f"{host}:{self.db.port}"
+                    await srv.login()
+                if self.db.connect_query:
+                    await self._run_connect_query(srv)
+            except (OSError, TimeoutError, ServerLoginError) as e:
+                if srv is not None:
+                    srv.close(str(e))
+                if isinstance(e, ServerLoginError):
+                    msg, state = str(e), e.sqlstate
+                elif isinstance(e, TimeoutError):
+                    msg, state = "server_connect_timeout: could not connect to server in time", "08001"
+                else:
+                    msg, state = f"could not connect to server: {e.strerror or e}", "08001"
+                raise ServerLoginError(msg, state) from None
+        except ServerLoginError as e:
+            self.connecting -= 1
+            self.gw.server_closed(self)
+            self.last_connect_error = (time.monotonic(), str(e), e.sqlstate)
+            log.warning("pool %s: %s", self.name, e)
+            self._connect_failed(str(e), e.sqlstate)
+            return
+        except BaseException:
+            self.connecting -= 1
+            self.gw.server_closed(self)
+            if srv is not None:
+                srv.close("connect cancelled")
+            raise
+        self.connecting -= 1
+        self.last_connect_error = None
+        if self.gw.config.verbose:
+            log.info("pool %s: new server connection pid=%s", self.name, srv.pid)
+        if self.welcome is None:
+            self.welcome = dict(srv.params)
+            for f in self.welcome_waiters:
+                if not f.done():
+                    f.set_result(None)
+            self.welcome_waiters.clear()
+        srv.state = S_ACTIVE
+        self.active.add(srv)
+        self.release(srv)
+
+    async def _run_connect_query(self, srv: ServerConn) -> None:
+        from ..protocol import messages as m
+
+        fut = asyncio.get_running_loop().create_future()
+        srv.resetting = True
+        srv.reset_waiter = fut
+        srv.send(m.query(self.db.connect_query))
+        await fut
+        if srv.dirty:
+            raise ServerLoginError("connect_query failed")
+
+    def _connect_failed(self, msg: str, sqlstate: str) -> None:
+        """Nothing can serve the waiting clients now: tell them instead of leaving them hanging."""
+        for f in self.welcome_waiters:
+            if not f.done():
+                f.set_exception(ServerLoginError(msg, sqlstate))
+        self.welcome_waiters.clear()
+        if self.idle or self.active or self.connecting:
+            return
+        waiters = list(self.waiters)
+        self.waiters.clear()
+        for client in waiters:
+            client.server_unavailable(sqlstate, msg)
+
+    async def get_welcome(self) -> dict[str, str]:
+        """Server parameters to greet a new client with (a server must have logged in once)."""
+        if self.welcome is not None:
+            return self.welcome
+        fut = asyncio.get_running_loop().create_future()
+        self.welcome_waiters.append(fut)
+        if self.total() == 0 or (not self.connecting and not self.idle):
+            if self.gw.may_open_server(self) and self.total() < max(self.size, 1):
+                self.connecting += 1
+                asyncio.get_running_loop().create_task(self._connect())
+        await fut
+        return self.welcome  # type: ignore[return-value]
+
+    # ------------------------------------------------------------------ maintenance
+
+    def janitor(self, now: float) -> None:
+        cfg = self.gw.config
+        # query_wait_timeout
+        if cfg.query_wait_timeout and self.waiters:
+            while self.waiters and now - self.waiters[0].wait_started > cfg.query_wait_timeout:
+                c = self.waiters.popleft()
+                c.fatal("08P01", "query_wait_timeout: no server connection became free in time")
+        # idle servers
+        keep = self.min_size
+        for srv in list(self.idle):
+            too_old = cfg.server_lifetime and now - srv.created_at > cfg.server_lifetime
+            too_idle = cfg.server_idle_timeout and now - srv.last_used > cfg.server_idle_timeout
+            if (too_old or too_idle) and self.total() > keep:
+                self.idle.remove(srv)
+                srv.close("server_lifetime" if too_old else "server_idle_timeout")
+        self.ensure_min()
+        if self.waiters:
+            self._grow()
+
+    def close_all(self, reason: str) -> None:
+        for srv in list(self.idle):
+            srv.close(reason)
+        self.idle.clear()

@@ -1,0 +1,590 @@
+"""One connection to PostgreSQL: login, then the server -> client forwarding loop.
+
+Rules this module keeps:
+- Server bytes are *scanned*, not split: message headers are read in place and whole chunks
+  are forwarded in one write. Only the few messages the gateway must act on are looked at.
+- Every request forwarded to the server has an entry in ``self.queue`` describing the reply it
+  expects (PgBouncer's outstanding-request queue). The server goes back to its pool only at
+  ReadyForQuery 'I' with the queue empty.
+- Fake replies (for requests answered by the gateway itself, such as a Parse of a statement this
+  server already has) sit in the same queue so they reach the client in protocol order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import struct
+import time
+from typing import TYPE_CHECKING
+
+import scramp
+
+from ..protocol import messages as m
+
+if TYPE_CHECKING:
+    from .client import ClientConn
+    from .pool import Pool
+
+log = logging.getLogger("pooler.server")
+
+_unpack_len = struct.Struct("!i").unpack_from
+
+# Reply kinds in the outstanding-request queue.
+R_PARSE = 1          # '1' forwarded; info = (server_name, client_name) to undo on error
+R_PARSE_SKIP = 2     # '1' swallowed (injected Parse); info = server_name
+R_BIND = 3
+R_DESCRIBE = 4       # 't' then 'T' | 'n'
+R_EXECUTE = 5        # ends at 'C' | 'I' | 's' (or 'E')
+R_CLOSE = 6
+R_CLOSE_SKIP = 7     # '3' swallowed (eviction of a prepared statement)
+R_SYNC = 8           # ends at 'Z'
+R_QUERY = 9          # simple Query or FunctionCall: ends at 'Z'
+R_QUERY_SKIP = 10    # internal query (parameter sync, reset): swallowed up to and incl. 'Z'
+R_FAKE_PARSE = 11    # gateway emits ParseComplete; info = (server_name, client_name) to undo
+R_FAKE_CLOSE = 12    # gateway emits CloseComplete
+R_FAKE_DONE = 13     # gateway emits CommandComplete(info) + ReadyForQuery (a local SQL reply)
+R_BIND_SKIP = 14     # '2' swallowed (injected refusal)
+R_EXECUTE_REFUSAL = 15  # injected refusal: its ErrorResponse is forwarded without CONTEXT
+R_QUERY_REFUSAL = 16    # simple-Query refusal: ErrorResponse forwarded without CONTEXT, ends at 'Z'
+
+FAKE_FIRST, FAKE_LAST = R_FAKE_PARSE, R_FAKE_DONE
+
+T_DATAROW = ord("D")
+T_COPYDATA = ord("d")
+T_READY = ord("Z")
+T_COMPLETE = ord("C")
+T_ERROR = ord("E")
+T_PARAM = ord("S")
+T_NOTICE = ord("N")
+T_NOTIFY = ord("A")
+T_PARSE_COMPLETE = ord("1")
+T_BIND_COMPLETE = ord("2")
+T_CLOSE_COMPLETE = ord("3")
+T_ROWDESC = ord("T")
+T_NODATA = ord("n")
+T_EMPTY = ord("I")
+T_SUSPENDED = ord("s")
+T_COPY_IN = ord("G")
+T_COPY_OUT = ord("H")
+T_COPY_BOTH = ord("W")
+
+# State
+S_CONNECTING, S_LOGIN, S_IDLE, S_ACTIVE, S_CLOSED = range(5)
+
+
+class ServerLoginError(Exception):
+    def __init__(self, message: str, sqlstate: str = "08006") -> None:
+        super().__init__(message)
+        self.sqlstate = sqlstate
+
+
+class ServerConn(asyncio.Protocol):
+    def __init__(self, pool: "Pool") -> None:
+        self.pool = pool
+        self.transport: asyncio.Transport | None = None
+        self.state = S_CONNECTING
+        self.rbuf = b""
+        self.skip = 0  # bytes of a passed-through message still to come
+        self.client: ClientConn | None = None
+        self.queue: collections.deque = collections.deque()
+        self.params: dict[str, str] = {}
+        self.param_key: tuple = ()
+        self.pid = 0
+        self.key = 0
+        self.tx_status = m.TX_IDLE
+        self.prepared: collections.OrderedDict[bytes, None] = collections.OrderedDict()
+        self.created_at = time.monotonic()
+        self.last_used = self.created_at
+        self.login_waiter: asyncio.Future | None = None
+        self.scram: scramp.ScramClient | None = None
+        self.cancels_in_flight = 0
+        self.close_reason = ""
+        self.reading_paused = False
+        self.writing_paused = False
+        self.in_copy = False
+        self.dirty = False  # must not be reused (reset failed, protocol confusion)
+        self.resetting = False  # server_reset_query in flight, nobody linked
+        self.reset_waiter: asyncio.Future | None = None  # connect_query in flight
+        self.parked = False  # released while a cancel request was in flight
+        self.query_start = 0.0
+        self.peer = ""
+
+    # ------------------------------------------------------------------ transport callbacks
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.state = S_LOGIN
+        params = {"user": self.pool.server_user, "database": self.pool.server_dbname}
+        app = self.pool.db.application_name
+        if app:
+            params["application_name"] = app
+        transport.write(m.startup_message(params))  # type: ignore[attr-defined]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        prev = self.state
+        self.state = S_CLOSED
+        if self.login_waiter is not None and not self.login_waiter.done():
+            self.login_waiter.set_exception(
+                ServerLoginError(self.close_reason or "server closed the connection during login")
+            )
+        client = self.client
+        self.client = None
+        self.pool.server_gone(self)
+        if client is not None:
+            client.server_lost(self, self.close_reason or "server closed the connection unexpectedly")
+        elif prev in (S_IDLE, S_ACTIVE) and not self.close_reason:
+            log.info("server connection %s closed by server", self.describe())
+
+    def pause_writing(self) -> None:
+        self.writing_paused = True
+        c = self.client
+        if c is not None:
+            c.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.writing_paused = False
+        c = self.client
+        if c is not None:
+            c.resume_reading()
+
+    def pause_reading(self) -> None:
+        if not self.reading_paused and self.transport is not None:
+            self.reading_paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.reading_paused and self.transport is not None:
+            self.reading_paused = False
+            self.transport.resume_reading()
+
+    def describe(self) -> str:
+        return f"{self.pool.name} pid={self.pid}"
+
+    def close(self, reason: str = "", terminate: bool = True) -> None:
+        if self.state == S_CLOSED:
+            return
+        self.close_reason = reason or self.close_reason or "closed by gateway"
+        t = self.transport
+        if t is not None and not t.is_closing():
+            if terminate:
+                try:
+                    t.write(m.TERMINATE)
+                except Exception:  # pragma: no cover - transport already broken
+                    pass
+            t.close()
+        elif t is None:
+            self.state = S_CLOSED
+
+    # ------------------------------------------------------------------ login
+
+    async def login(self) -> None:
+        self.login_waiter = asyncio.get_running_loop().create_future()
+        await self.login_waiter
+
+    def _login_data(self, data: bytes) -> None:
+        buf = self.rbuf + data if self.rbuf else data
+        pos = 0
+        n = len(buf)
+        while n - pos >= 5:
+            t = buf[pos]
+            (length,) = _unpack_len(buf, pos + 1)
+            if length < 4 or length > 1 << 24:
+                self._login_failed("invalid message from server during login", "08P01")
+                return
+            end = pos + 1 + length
+            if end > n:
+                break
+            body = buf[pos + 5 : end]
+            pos = end
+            try:
+                if not self._login_message(t, body):
+                    return
+            except ServerLoginError as e:
+                self._login_failed(str(e), e.sqlstate)
+                return
+            except Exception as e:  # malformed auth exchange
+                self._login_failed(f"server login failed: {e}", "08P01")
+                return
+            if self.state != S_LOGIN:
+                rest = buf[pos:]
+                self.rbuf = b""
+                if rest:
+                    self._login_failed("unexpected data from server after login", "08P01")
+                return
+        self.rbuf = buf[pos:]
+
+    def _login_message(self, t: int, body: bytes) -> bool:
+        if t == ord("R"):
+            code, data = m.parse_authentication(body)
+            pw = self.pool.server_password
+            if code == 0:
+                return True
+            if code == 3:
+                if pw is None:
+                    raise ServerLoginError(f"server asked for a password for user {self.pool.server_user!r} but none is configured", "28P01")
+                self.transport.write(m.password_message(pw.encode() + b"\x00"))
+            elif code == 5:
+                if pw is None:
+                    raise ServerLoginError(f"server asked for a password for user {self.pool.server_user!r} but none is configured", "28P01")
+                from ..auth.passwords import is_md5, md5_response, md5_secret
+                secret = pw if is_md5(pw) else md5_secret(self.pool.server_user, pw)
+                self.transport.write(m.password_message(md5_response(secret, data).encode() + b"\x00"))
+            elif code == 10:
+                if pw is None:
+                    raise ServerLoginError(f"server asked for a password for user {self.pool.server_user!r} but none is configured", "28P01")
+                mechs = m.parse_sasl_mechanisms(data)
+                if "SCRAM-SHA-256" not in mechs:
+                    raise ServerLoginError(f"server offers no supported SASL mechanism ({mechs})")
+                self.scram = scramp.ScramClient(["SCRAM-SHA-256"], self.pool.server_user, pw)
+                first = self.scram.get_client_first().encode()
+                body = m.cstr("SCRAM-SHA-256") + struct.pack("!i", len(first)) + first
+                self.transport.write(m.message(b"p", body))
+            elif code == 11:
+                self.scram.set_server_first(data.decode())
+                self.transport.write(m.message(b"p", self.scram.get_client_final().encode()))
+            elif code == 12:
+                self.scram.set_server_final(data.decode())
+            else:
+                raise ServerLoginError(f"unsupported authentication method {code} requested by server")
+        elif t == T_PARAM:
+            k, v = m.parse_parameter_status(body)
+            self.params[k] = v
+        elif t == ord("K"):
+            if len(body) >= 8:
+                self.pid, self.key = struct.unpack_from("!ii", body, 0)
+        elif t == T_READY:
+            self.state = S_IDLE
+            self.tx_status = body[0] if body else m.TX_IDLE
+            self.param_key = self.pool.param_key_of(self.params)
+            w = self.login_waiter
+            if w is not None and not w.done():
+                w.set_result(None)
+        elif t == T_ERROR:
+            f = m.parse_error_fields(body)
+            raise ServerLoginError(f.get("M", "server login failed"), f.get("C", "08006"))
+        elif t == T_NOTICE or t == ord("v"):
+            pass
+        else:
+            raise ServerLoginError(f"unexpected message {chr(t)!r} from server during login", "08P01")
+        return True
+
+    def _login_failed(self, msg: str, sqlstate: str) -> None:
+        self.close_reason = msg
+        w = self.login_waiter
+        if w is not None and not w.done():
+            w.set_exception(ServerLoginError(msg, sqlstate))
+        self.close(msg)
+
+    # ------------------------------------------------------------------ forwarding
+
+    def data_received(self, data: bytes) -> None:
+        if self.state == S_LOGIN:
+            self._login_data(data)
+            return
+        client = self.client
+        if client is None:
+            self._idle_data(data)
+            return
+        skip = self.skip
+        if skip:
+            n = len(data)
+            if skip >= n:
+                self.skip = skip - n
+                client.write(data)
+                return
+            client.write(data[:skip])
+            data = data[skip:]
+            self.skip = 0
+        if self.rbuf:
+            data = self.rbuf + data
+            self.rbuf = b""
+        n = len(data)
+        pos = 0
+        fwd = 0  # start of the bytes not yet forwarded
+        out = None  # pieces when a message is swallowed or replaced
+        queue = self.queue
+        while True:
+            if n - pos < 5:
+                break
+            t = data[pos]
+            (length,) = _unpack_len(data, pos + 1)
+            end = pos + 1 + length
+            if t == T_DATAROW or t == T_COPYDATA:
+                if end > n:
+                    if length < 4:
+                        self._protocol_violation("invalid message length from server")
+                        return
+                    # stream the partial row through; the rest follows in later chunks
+                    self.skip = end - n
+                    pos = n
+                    break
+                pos = end
+                continue
+            if length < 4:
+                self._protocol_violation("invalid message length from server")
+                return
+            if end > n:
+                break
+            # -- emit fake replies that are due before this reply
+            if queue and FAKE_FIRST <= queue[0][0] <= FAKE_LAST and t not in (T_NOTICE, T_PARAM, T_NOTIFY):
+                if out is None:
+                    out = []
+                out.append(data[fwd:pos])
+                fwd = pos
+                self._emit_fakes(out)
+            head = queue[0][0] if queue else 0
+            if t == T_READY:
+                status = data[pos + 5]
+                self.tx_status = status
+                if head == R_QUERY_SKIP:
+                    queue.popleft()
+                    if out is None:
+                        out = []
+                    out.append(data[fwd:pos])
+                    fwd = end
+                    pos = end
+                    if client.pending_param_sync:
+                        client.param_sync_done(self)
+                    continue
+                if head == R_SYNC or head == R_QUERY or head == R_QUERY_REFUSAL:
+                    queue.popleft()
+                pos = end
+                self.in_copy = False
+                if not queue:
+                    # the client has nothing outstanding: maybe release the server
+                    if out is None:
+                        piece = data[fwd:end]
+                    else:
+                        out.append(data[fwd:end])
+                        piece = b"".join(out)
+                    client.write(piece)
+                    if end < n:
+                        # more data (asynchronous messages) behind ReadyForQuery
+                        self.rbuf = data[end:]
+                    self._after_ready(client, status)
+                    if self.rbuf and self.client is client:
+                        rest = self.rbuf
+                        self.rbuf = b""
+                        self.data_received(rest)
+                    elif self.rbuf and self.client is None:
+                        rest = self.rbuf
+                        self.rbuf = b""
+                        self._idle_data(rest)
+                    return
+                continue
+            if t == T_COMPLETE:
+                if data[pos + 5] == 68:  # 'D': DEALLOCATE ALL / DISCARD ALL forget everything
+                    tag = data[pos + 5 : end - 1]
+                    if tag == b"DEALLOCATE ALL" or tag == b"DISCARD ALL":
+                        self.prepared.clear()
+                        client.forget_all_statements()
+                if head == R_EXECUTE:
+                    queue.popleft()
+                elif head == R_QUERY_SKIP:
+                    pos, fwd, out = self._swallow(data, pos, end, fwd, out)
+                    continue
+                pos = end
+                continue
+            if head == R_QUERY_SKIP:
+                if t == T_ERROR:
+                    f = m.parse_error_fields(data[pos + 5 : end])
+                    log.warning("internal query on %s failed: %s", self.describe(), f.get("M"))
+                    self.dirty = True
+                    if client.pending_param_sync:
+                        # the client's own parameters could not be applied: report and close it
+                        client.fatal(f.get("C", "08P01"), f.get("M", "could not apply session parameters"))
+                        return
+                elif t == T_PARAM:
+                    self._param(data[pos + 5 : end], client, forward=False)
+                elif t == T_COPY_IN or t == T_COPY_OUT or t == T_COPY_BOTH:
+                    self._protocol_violation("internal query entered COPY")
+                    return
+                pos, fwd, out = self._swallow(data, pos, end, fwd, out)
+                continue
+            if t == T_PARAM:
+                self._param(data[pos + 5 : end], client, forward=True)
+                pos = end
+                continue
+            if t == T_NOTICE or t == T_NOTIFY:
+                pos = end
+                continue
+            if t == T_ERROR:
+                if head == R_EXECUTE_REFUSAL or head == R_QUERY_REFUSAL:
+                    if out is None:
+                        out = []
+                    out.append(data[fwd:pos])
+                    fields = m.parse_error_fields(data[pos + 5 : end])
+                    fields.pop("W", None)
+                    fields.pop("P", None)
+                    out.append(m.build_error_from_fields(fields))
+                    fwd = end
+                if head and head != R_QUERY and head != R_SYNC and head != R_QUERY_REFUSAL:
+                    self._error_skips_to_sync(out if out is not None else None)
+                pos = end
+                continue
+            if head == R_PARSE_SKIP or head == R_CLOSE_SKIP or head == R_BIND_SKIP:
+                queue.popleft()
+                pos, fwd, out = self._swallow(data, pos, end, fwd, out)
+                continue
+            if t == T_PARSE_COMPLETE or t == T_BIND_COMPLETE or t == T_CLOSE_COMPLETE:
+                if head == R_PARSE or head == R_BIND or head == R_CLOSE:
+                    queue.popleft()
+                pos = end
+                continue
+            if t == T_ROWDESC or t == T_NODATA:
+                if head == R_DESCRIBE:
+                    queue.popleft()
+                pos = end
+                continue
+            if t == T_EMPTY or t == T_SUSPENDED:
+                if head == R_EXECUTE:
+                    queue.popleft()
+                pos = end
+                continue
+            if t == T_COPY_IN or t == T_COPY_OUT or t == T_COPY_BOTH:
+                self.in_copy = True
+                pos = end
+                continue
+            # 't' ParameterDescription, 'c' CopyDone, 'V' FunctionCallResponse, ...
+            pos = end
+        # forward everything scanned so far; keep an incomplete message for later
+        if out is None:
+            if fwd == 0 and pos == n:
+                client.write(data)
+            elif pos > fwd:
+                client.write(data[fwd:pos])
+        else:
+            out.append(data[fwd:pos])
+            client.write(b"".join(out))
+        if pos < n:
+            self.rbuf = data[pos:]
+        if queue and FAKE_FIRST <= queue[0][0] <= FAKE_LAST:
+            pieces: list = []
+            self._emit_fakes(pieces)
+            client.write(b"".join(pieces))
+
+    @staticmethod
+    def _swallow(data, pos, end, fwd, out):
+        if out is None:
+            out = []
+        out.append(data[fwd:pos])
+        return end, end, out
+
+    def _emit_fakes(self, out: list) -> None:
+        q = self.queue
+        while q and FAKE_FIRST <= q[0][0] <= FAKE_LAST:
+            kind, info = q.popleft()
+            if kind == R_FAKE_PARSE:
+                out.append(m.PARSE_COMPLETE)
+            elif kind == R_FAKE_CLOSE:
+                out.append(m.CLOSE_COMPLETE)
+            else:
+                out.append(m.command_complete(info))
+                out.append(m.ready_for_query(self.tx_status))
+
+    def _error_skips_to_sync(self, out) -> None:
+        """After an ErrorResponse in the extended protocol the server skips every request up to
+        the next Sync: drop their queue entries and undo what they would have created."""
+        q = self.queue
+        client = self.client
+        while q:
+            kind, info = q[0]
+            if kind == R_SYNC:
+                break
+            q.popleft()
+            if kind == R_PARSE and info is not None:
+                sname, cname = info
+                self.prepared.pop(sname, None)
+                if client is not None and cname is not None:
+                    client.undo_statement(cname, sname)
+            elif kind == R_PARSE_SKIP:
+                self.prepared.pop(info, None)
+            elif kind == R_FAKE_PARSE and client is not None and info is not None:
+                client.undo_statement(info[1], info[0])
+
+    def _param(self, body: bytes, client: "ClientConn", forward: bool) -> None:
+        k, v = m.parse_parameter_status(body)
+        self.params[k] = v
+        if k in self.pool.tracked_params:
+            self.param_key = self.pool.param_key_of(self.params)
+            if forward:
+                client.param_changed(k, v)
+
+    def _after_ready(self, client: "ClientConn", status: int) -> None:
+        self.last_used = time.monotonic()
+        client.server_ready(self, status)
+
+    def _idle_data(self, data: bytes) -> None:
+        """Data from a server nobody is linked to: only asynchronous messages are legal, and
+        the replies to a session reset (server_reset_query) in progress."""
+        buf = self.rbuf + data if self.rbuf else data
+        pos, n = 0, len(buf)
+        resetting = self.resetting
+        while n - pos >= 5:
+            t = buf[pos]
+            (length,) = _unpack_len(buf, pos + 1)
+            end = pos + 1 + length
+            if length < 4:
+                self._protocol_violation("invalid message length from idle server")
+                return
+            if end > n:
+                break
+            body = buf[pos + 5 : end]
+            if t == T_PARAM:
+                k, v = m.parse_parameter_status(body)
+                self.params[k] = v
+                self.param_key = self.pool.param_key_of(self.params)
+            elif resetting and t == T_READY:
+                self.resetting = False
+                self.tx_status = body[0]
+                self.queue.clear()
+                self.rbuf = buf[end:]
+                w = self.reset_waiter
+                if w is not None:
+                    self.reset_waiter = None
+                    if not w.done():
+                        w.set_result(None)
+                else:
+                    self.pool.release(self)
+                return
+            elif resetting and t == T_COMPLETE:
+                tag = bytes(body[:-1])
+                if tag == b"DISCARD ALL" or tag == b"DEALLOCATE ALL":
+                    self.prepared.clear()
+            elif resetting and t == T_ERROR:
+                f = m.parse_error_fields(body)
+                log.warning("server_reset_query failed on %s: %s", self.describe(), f.get("M"))
+                self.dirty = True
+            elif t == T_ERROR:
+                f = m.parse_error_fields(body)
+                self.close_reason = f"server error while idle: {f.get('M')}"
+                log.info("server %s: %s", self.describe(), self.close_reason)
+                self.close(self.close_reason, terminate=False)
+                return
+            elif t not in (T_NOTICE, T_NOTIFY) and not resetting:
+                self._protocol_violation(f"unexpected message {chr(t)!r} from idle server")
+                return
+            pos = end
+        self.rbuf = buf[pos:]
+
+    def _protocol_violation(self, msg: str) -> None:
+        log.warning("server %s: %s; closing it", self.describe(), msg)
+        self.close(msg)
+
+    # ------------------------------------------------------------------ requests
+
+    def send(self, data: bytes) -> None:
+        self.transport.write(data)
+
+    def clean(self) -> bool:
+        return (
+            self.state != S_CLOSED
+            and not self.queue
+            and self.tx_status == m.TX_IDLE
+            and not self.in_copy
+            and not self.dirty
+            and not self.skip
+            and not self.rbuf
+        )
