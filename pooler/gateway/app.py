@@ -34,6 +34,7 @@ class Gateway:
         self.stopped = asyncio.Event()
         self._signals_seen = 0
         self.unix_path: str | None = None
+        self.limits_in_use = self._limits_in_use(config)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -150,6 +151,7 @@ class Gateway:
             new.listen_addr, new.listen_port, new.unix_socket_dir = old.listen_addr, old.listen_port, old.unix_socket_dir
         self._scram_cache.clear()
         self.config = new
+        self.limits_in_use = self._limits_in_use(new)
         log.info("configuration reloaded from %s", new.path)
 
     # ------------------------------------------------------------------ clients
@@ -209,7 +211,6 @@ class Gateway:
         pool = self.pools.get(key)
         if pool is None:
             pool = Pool(self, db, server_user, self._server_password(self.config, db, server_user))
-            pool.obsolete = False
             self.pools[key] = pool
         return pool
 
@@ -243,10 +244,13 @@ class Gateway:
         if self.stopping:
             self._check_stopped()
 
+    @staticmethod
+    def _limits_in_use(cfg: Config) -> bool:
+        return bool(cfg.max_db_connections or cfg.max_user_connections
+                    or any(d.max_db_connections for d in cfg.databases.values())
+                    or any(u.max_user_connections for u in cfg.users.values()))
+
     def pool_has_idle(self, pool: Pool) -> None:
-        if self.stopping == "SIGINT":
-            self._check_stopped()
-            return
         # a sibling blocked on max_db_connections can use this slot
         for p in self.pools.values():
             if p is not pool and p.waiters and p.db.name == pool.db.name and not p.connecting:
@@ -254,9 +258,6 @@ class Gateway:
                     continue
                 p._grow()
                 break
-
-    def closing_servers(self, pool: Pool, srv: ServerConn) -> bool:
-        return getattr(pool, "obsolete", False) or self.stopping == "SIGINT"
 
     # ------------------------------------------------------------------ cancel requests
 

@@ -64,6 +64,9 @@ _DEALLOCATE_RE = re.compile(
 # states
 C_LOGIN, C_READY, C_CLOSED = range(3)
 
+# message types the gateway may answer itself while no server is linked
+_LOCAL_CANDIDATES = frozenset(b"SHCdcfQ")
+
 
 class ClientError(Exception):
     def __init__(self, sqlstate: str, message: str) -> None:
@@ -512,12 +515,13 @@ class ClientConn(asyncio.Protocol):
                     if t == T_TERMINATE:
                         self._close_now()
                         return
-                    local = self._answer_without_server(t, data, pos, end)
-                    if local is not None:
-                        if local:
-                            self.write(local)
-                        pos = end
-                        continue
+                    if t in _LOCAL_CANDIDATES:
+                        local = self._answer_without_server(t, data, pos, end)
+                        if local is not None:
+                            if local:
+                                self.write(local)
+                            pos = end
+                            continue
                     srv = self.pool.acquire(self)
                     if srv is None:
                         self.waiting = True
@@ -614,27 +618,6 @@ class ClientConn(asyncio.Protocol):
             return None
         if t in (T_COPY_DATA, T_COPY_DONE, T_COPY_FAIL):
             return b""  # COPY data with no COPY in progress is ignored, as PostgreSQL does
-        if self.rewrite and t in (T_BIND, T_DESCRIBE, T_PARSE):
-            err = self._statement_name_error(t, data, pos, end)
-            if err is not None:
-                self.skip_until_sync = True
-                return err
-        return None
-
-    def _statement_name_error(self, t: int, data: bytes, pos: int, end: int) -> bytes | None:
-        body = data[pos + 5 : end]
-        if t == T_PARSE:
-            name, _ = m.read_cstr(body, 0)
-            if name and name in self.stmts:
-                return m.error_response("42P05", f'prepared statement "{name.decode("utf-8", "replace")}" already exists')
-        elif t == T_BIND:
-            _, stmt, _, _ = m.parse_bind_statement(body)
-            if stmt and stmt not in self.stmts:
-                return m.error_response("26000", f'prepared statement "{stmt.decode("utf-8", "replace")}" does not exist')
-        elif t == T_DESCRIBE and body[:1] == b"S":
-            name, _ = m.read_cstr(body, 1)
-            if name and name not in self.stmts:
-                return m.error_response("26000", f'prepared statement "{name.decode("utf-8", "replace")}" does not exist')
         return None
 
     # -- named prepared statements (transaction and statement mode)

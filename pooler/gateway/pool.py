@@ -94,39 +94,40 @@ class Pool:
             pass
 
     def release(self, srv: ServerConn) -> None:
+        srv.client = None
         if srv.cancels_in_flight:
             srv.parked = True  # never reuse a server a cancel may still hit
             return
         srv.parked = False
-        srv.client = None
         if srv.state == S_CLOSED:
             self.active.discard(srv)
             return
-        if not srv.clean():
+        if srv.queue or srv.tx_status != 73 or srv.in_copy or srv.dirty or srv.skip or srv.rbuf:
             self.active.discard(srv)
             srv.close("not clean at release")
             return
         now = time.monotonic()
         lifetime = self.gw.config.server_lifetime
-        if (lifetime and now - srv.created_at > lifetime) or self.gw.closing_servers(self, srv):
+        if self.obsolete or self.gw.stopping == "SIGINT" or (lifetime and now - srv.created_at > lifetime):
             self.active.discard(srv)
-            srv.close("server_lifetime" if lifetime and now - srv.created_at > lifetime else "closing")
+            srv.close("closing" if self.obsolete or self.gw.stopping else "server_lifetime")
             self._grow()
             return
-        srv.resume_reading()
-        while self.waiters:
-            client = self.waiters.popleft()
+        if srv.reading_paused:
+            srv.resume_reading()
+        waiters = self.waiters
+        while waiters:
+            client = waiters.popleft()
             if client.closed:
                 continue
-            srv.state = S_ACTIVE
-            self.active.add(srv)
             client.server_assigned(srv)
             return
         srv.state = S_IDLE
         self.active.discard(srv)
         srv.last_used = now
         self.idle.append(srv)
-        self.gw.pool_has_idle(self)
+        if self.gw.limits_in_use:
+            self.gw.pool_has_idle(self)
 
     def server_gone(self, srv: ServerConn) -> None:
         self.active.discard(srv)
@@ -142,6 +143,8 @@ class Pool:
 
     def _grow(self) -> None:
         """Open connections for waiting clients, within the pool and database limits."""
+        if self.gw.stopping == "SIGINT":
+            return  # paused: no new servers while waiting for transactions to finish
         want = len(self.waiters) - self.connecting
         while want > 0 and self.total() < self.size:
             if not self.gw.may_open_server(self):

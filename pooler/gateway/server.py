@@ -280,12 +280,12 @@ class ServerConn(asyncio.Protocol):
     # ------------------------------------------------------------------ forwarding
 
     def data_received(self, data: bytes) -> None:
-        if self.state == S_LOGIN:
-            self._login_data(data)
-            return
         client = self.client
-        if client is None:
-            self._idle_data(data)
+        if client is None or self.state != S_ACTIVE:
+            if self.state == S_LOGIN:
+                self._login_data(data)
+            elif self.state != S_CLOSED:
+                self._idle_data(data)
             return
         skip = self.skip
         if skip:
@@ -303,11 +303,9 @@ class ServerConn(asyncio.Protocol):
         n = len(data)
         pos = 0
         fwd = 0  # start of the bytes not yet forwarded
-        out = None  # pieces when a message is swallowed or replaced
+        out = None  # pieces, once a message is swallowed, replaced or a fake reply inserted
         queue = self.queue
-        while True:
-            if n - pos < 5:
-                break
+        while n - pos >= 5:
             t = data[pos]
             (length,) = _unpack_len(data, pos + 1)
             end = pos + 1 + length
@@ -316,76 +314,59 @@ class ServerConn(asyncio.Protocol):
                     if length < 4:
                         self._protocol_violation("invalid message length from server")
                         return
-                    # stream the partial row through; the rest follows in later chunks
-                    self.skip = end - n
+                    self.skip = end - n  # stream the partial row; the rest follows
                     pos = n
                     break
                 pos = end
                 continue
-            if length < 4:
-                self._protocol_violation("invalid message length from server")
-                return
-            if end > n:
+            if end > n or length < 4:
+                if length < 4:
+                    self._protocol_violation("invalid message length from server")
+                    return
                 break
-            # -- emit fake replies that are due before this reply
-            if queue and FAKE_FIRST <= queue[0][0] <= FAKE_LAST and t not in (T_NOTICE, T_PARAM, T_NOTIFY):
-                if out is None:
-                    out = []
-                out.append(data[fwd:pos])
-                fwd = pos
-                self._emit_fakes(out)
-            head = queue[0][0] if queue else 0
+            if not queue:
+                head = 0
+            else:
+                head = queue[0][0]
+                if FAKE_FIRST <= head <= FAKE_LAST and t != T_NOTICE and t != T_PARAM and t != T_NOTIFY:
+                    # replies the gateway answered itself go first, in request order
+                    if out is None:
+                        out = []
+                    out.append(data[fwd:pos])
+                    fwd = pos
+                    self._emit_fakes(out)
+                    head = queue[0][0] if queue else 0
             if t == T_READY:
-                status = data[pos + 5]
-                self.tx_status = status
+                self.tx_status = data[pos + 5]
                 if head == R_QUERY_SKIP:
                     queue.popleft()
                     if out is None:
                         out = []
                     out.append(data[fwd:pos])
-                    fwd = end
-                    pos = end
+                    pos = fwd = end
                     if client.pending_param_sync:
                         client.param_sync_done(self)
                     continue
                 if head == R_SYNC or head == R_QUERY or head == R_QUERY_REFUSAL:
                     queue.popleft()
-                pos = end
                 self.in_copy = False
+                pos = end
                 if not queue:
-                    # the client has nothing outstanding: maybe release the server
+                    # nothing outstanding: forward, then the server may go back to its pool
                     if out is None:
-                        piece = data[fwd:end]
+                        client.write(data[fwd:end] if fwd or end < n else data)
                     else:
                         out.append(data[fwd:end])
-                        piece = b"".join(out)
-                    client.write(piece)
+                        client.write(b"".join(out))
                     if end < n:
-                        # more data (asynchronous messages) behind ReadyForQuery
-                        self.rbuf = data[end:]
-                    self._after_ready(client, status)
-                    if self.rbuf and self.client is client:
+                        self.rbuf = data[end:]  # asynchronous messages behind ReadyForQuery
+                    self.last_used = time.monotonic()
+                    client.server_ready(self, self.tx_status)
+                    if self.rbuf:
                         rest = self.rbuf
                         self.rbuf = b""
                         self.data_received(rest)
-                    elif self.rbuf and self.client is None:
-                        rest = self.rbuf
-                        self.rbuf = b""
-                        self._idle_data(rest)
                     return
-                continue
-            if t == T_COMPLETE:
-                if data[pos + 5] == 68:  # 'D': DEALLOCATE ALL / DISCARD ALL forget everything
-                    tag = data[pos + 5 : end - 1]
-                    if tag == b"DEALLOCATE ALL" or tag == b"DISCARD ALL":
-                        self.prepared.clear()
-                        client.forget_all_statements()
-                if head == R_EXECUTE:
-                    queue.popleft()
-                elif head == R_QUERY_SKIP:
-                    pos, fwd, out = self._swallow(data, pos, end, fwd, out)
-                    continue
-                pos = end
                 continue
             if head == R_QUERY_SKIP:
                 if t == T_ERROR:
@@ -398,20 +379,38 @@ class ServerConn(asyncio.Protocol):
                         return
                 elif t == T_PARAM:
                     self._param(data[pos + 5 : end], client, forward=False)
+                elif t == T_COMPLETE:
+                    self._check_tag(data, pos, end, client)
                 elif t == T_COPY_IN or t == T_COPY_OUT or t == T_COPY_BOTH:
                     self._protocol_violation("internal query entered COPY")
                     return
-                pos, fwd, out = self._swallow(data, pos, end, fwd, out)
+                if out is None:
+                    out = []
+                out.append(data[fwd:pos])
+                pos = fwd = end
                 continue
-            if t == T_PARAM:
+            if t == T_COMPLETE:
+                if data[pos + 5] == 68:  # 'D': DEALLOCATE ALL / DISCARD ALL forget statements
+                    self._check_tag(data, pos, end, client)
+                if head == R_EXECUTE:
+                    queue.popleft()
+            elif t == T_ROWDESC or t == T_NODATA:
+                if head == R_DESCRIBE:
+                    queue.popleft()
+            elif t == T_PARSE_COMPLETE or t == T_BIND_COMPLETE or t == T_CLOSE_COMPLETE:
+                if head == R_PARSE or head == R_BIND or head == R_CLOSE:
+                    queue.popleft()
+                elif head == R_PARSE_SKIP or head == R_CLOSE_SKIP or head == R_BIND_SKIP:
+                    queue.popleft()
+                    if out is None:
+                        out = []
+                    out.append(data[fwd:pos])
+                    fwd = end
+            elif t == T_PARAM:
                 self._param(data[pos + 5 : end], client, forward=True)
-                pos = end
-                continue
-            if t == T_NOTICE or t == T_NOTIFY:
-                pos = end
-                continue
-            if t == T_ERROR:
-                if head == R_EXECUTE_REFUSAL or head == R_QUERY_REFUSAL:
+            elif t == T_ERROR:
+                if head == R_EXECUTE_REFUSAL or head == R_QUERY_REFUSAL or head == R_PARSE_SKIP:
+                    # an error the gateway asked for: drop PL/pgSQL's CONTEXT and position
                     if out is None:
                         out = []
                     out.append(data[fwd:pos])
@@ -421,37 +420,17 @@ class ServerConn(asyncio.Protocol):
                     out.append(m.build_error_from_fields(fields))
                     fwd = end
                 if head and head != R_QUERY and head != R_SYNC and head != R_QUERY_REFUSAL:
-                    self._error_skips_to_sync(out if out is not None else None)
-                pos = end
-                continue
-            if head == R_PARSE_SKIP or head == R_CLOSE_SKIP or head == R_BIND_SKIP:
-                queue.popleft()
-                pos, fwd, out = self._swallow(data, pos, end, fwd, out)
-                continue
-            if t == T_PARSE_COMPLETE or t == T_BIND_COMPLETE or t == T_CLOSE_COMPLETE:
-                if head == R_PARSE or head == R_BIND or head == R_CLOSE:
-                    queue.popleft()
-                pos = end
-                continue
-            if t == T_ROWDESC or t == T_NODATA:
-                if head == R_DESCRIBE:
-                    queue.popleft()
-                pos = end
-                continue
-            if t == T_EMPTY or t == T_SUSPENDED:
+                    self._error_skips_to_sync()
+            elif t == T_EMPTY or t == T_SUSPENDED:
                 if head == R_EXECUTE:
                     queue.popleft()
-                pos = end
-                continue
-            if t == T_COPY_IN or t == T_COPY_OUT or t == T_COPY_BOTH:
+            elif t == T_COPY_IN or t == T_COPY_OUT or t == T_COPY_BOTH:
                 self.in_copy = True
-                pos = end
-                continue
-            # 't' ParameterDescription, 'c' CopyDone, 'V' FunctionCallResponse, ...
+            # 't' ParameterDescription, 'c' CopyDone, 'V' FunctionCallResponse, 'N', 'A': as is
             pos = end
         # forward everything scanned so far; keep an incomplete message for later
         if out is None:
-            if fwd == 0 and pos == n:
+            if pos == n and fwd == 0:
                 client.write(data)
             elif pos > fwd:
                 client.write(data[fwd:pos])
@@ -465,12 +444,11 @@ class ServerConn(asyncio.Protocol):
             self._emit_fakes(pieces)
             client.write(b"".join(pieces))
 
-    @staticmethod
-    def _swallow(data, pos, end, fwd, out):
-        if out is None:
-            out = []
-        out.append(data[fwd:pos])
-        return end, end, out
+    def _check_tag(self, data: bytes, pos: int, end: int, client: "ClientConn") -> None:
+        tag = data[pos + 5 : end - 1]
+        if tag == b"DEALLOCATE ALL" or tag == b"DISCARD ALL":
+            self.prepared.clear()
+            client.forget_all_statements()
 
     def _emit_fakes(self, out: list) -> None:
         q = self.queue
@@ -484,7 +462,7 @@ class ServerConn(asyncio.Protocol):
                 out.append(m.command_complete(info))
                 out.append(m.ready_for_query(self.tx_status))
 
-    def _error_skips_to_sync(self, out) -> None:
+    def _error_skips_to_sync(self) -> None:
         """After an ErrorResponse in the extended protocol the server skips every request up to
         the next Sync: drop their queue entries and undo what they would have created."""
         q = self.queue
@@ -511,10 +489,6 @@ class ServerConn(asyncio.Protocol):
             self.param_key = self.pool.param_key_of(self.params)
             if forward:
                 client.param_changed(k, v)
-
-    def _after_ready(self, client: "ClientConn", status: int) -> None:
-        self.last_used = time.monotonic()
-        client.server_ready(self, status)
 
     def _idle_data(self, data: bytes) -> None:
         """Data from a server nobody is linked to: only asynchronous messages are legal, and

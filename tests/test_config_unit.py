@@ -1,0 +1,116 @@
+"""Config loading: PgBouncer's ini format, errors that name file, line and key."""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from pooler import config
+
+
+def write(tmp_path, text, name="gateway.ini"):
+    p = tmp_path / name
+    p.write_text(textwrap.dedent(text))
+    return p
+
+
+def test_pgbouncer_ini_works_unchanged(tmp_path):
+    write(tmp_path, '"alice" "md5f7e3b1e8f8d2b0b1e0c0a9d8e7f6a5b4"\n"bob" "SCRAM-SHA-256$4096:c2FsdA==$c3RvcmVk:c2VydmVy"\n', "userlist.txt")
+    p = write(tmp_path, """\
+        ;; a stock pgbouncer.ini
+        [databases]
+        shop = host=127.0.0.1 port=5433 dbname=shopdb user=app password='it''s secret' pool_size=7 pool_mode=session
+        * = host=/var/run/postgresql
+
+        [pgbouncer]
+        listen_addr = 127.0.0.1
+        listen_port = 6433
+        auth_type = md5
+        auth_file = userlist.txt
+        pool_mode = transaction
+        default_pool_size = 12
+        max_client_conn = 500
+        server_reset_query = DISCARD ALL
+        query_wait_timeout = 30
+        admin_users = postgres
+        stats_users = stats
+
+        [users]
+        alice = pool_mode=statement max_user_connections=3 groups=agents,readers
+        """)
+    cfg = config.load(p)
+    assert cfg.listen_port == 6433 and cfg.pool_mode == "transaction"
+    assert cfg.default_pool_size == 12 and cfg.max_client_conn == 500 and cfg.query_wait_timeout == 30
+    shop = cfg.databases["shop"]
+    assert (shop.host, shop.port, shop.dbname, shop.user, shop.password) == ("127.0.0.1", 5433, "shopdb", "app", "it's secret")
+    assert shop.pool_size == 7 and shop.pool_mode == "session"
+    assert cfg.auth_users["alice"].startswith("md5") and cfg.auth_users["bob"].startswith("SCRAM-SHA-256$")
+    assert cfg.users["alice"].groups == ("agents", "readers")
+    assert cfg.pool_mode_for(shop, "alice") == "statement"
+    assert cfg.pool_mode_for(shop, "bob") == "session"
+    other = cfg.database("anything")  # the "*" fallback connects to the same-named database
+    assert other.dbname == "anything" and other.host == "/var/run/postgresql"
+    # PgBouncer settings we do not implement are accepted with a warning naming the line
+    assert any("admin_users" in w and ":16:" in w for w in cfg.warnings)
+
+
+def test_unknown_key_is_a_warning_with_file_line_and_key(tmp_path):
+    p = write(tmp_path, """\
+        [gateway]
+        auth_type = trust
+        frobnicate = 1
+        """)
+    cfg = config.load(p)
+    assert f"{p}:3: unknown setting frobnicate ignored" in cfg.warnings
+
+
+@pytest.mark.parametrize("line,needle", [
+    ("listen_port = sixty", "listen_port"),
+    ("pool_mode = party", "pool_mode"),
+    ("default_pool_size = -1", "default_pool_size"),
+    ("query_wait_timeout = soon", "query_wait_timeout"),
+    ("log_connections = maybe", "log_connections"),
+])
+def test_bad_value_is_an_error_naming_file_line_and_key(tmp_path, line, needle):
+    p = write(tmp_path, f"[gateway]\nauth_type = trust\n{line}\n")
+    with pytest.raises(config.ConfigError) as e:
+        config.load(p)
+    assert f"{p}:3:" in str(e.value) and needle in str(e.value)
+
+
+def test_bad_database_entry_names_the_line(tmp_path):
+    p = write(tmp_path, "[gateway]\nauth_type = trust\n[databases]\nshop = host=x port=notaport\n")
+    with pytest.raises(config.ConfigError) as e:
+        config.load(p)
+    assert f"{p}:4:" in str(e.value) and "port" in str(e.value)
+
+
+def test_missing_settings_section_and_missing_auth_file(tmp_path):
+    with pytest.raises(config.ConfigError, match="no \\[gateway\\]"):
+        config.load(write(tmp_path, "[databases]\nx = host=y\n"))
+    with pytest.raises(config.ConfigError, match="needs auth_file"):
+        config.load(write(tmp_path, "[gateway]\nauth_type = md5\n"))
+    with pytest.raises(config.ConfigError, match="cannot read auth_file"):
+        config.load(write(tmp_path, "[gateway]\nauth_type = md5\nauth_file = nope.txt\n"))
+
+
+def test_garbage_line_is_an_error(tmp_path):
+    p = write(tmp_path, "[gateway]\nthis is not a setting\n")
+    with pytest.raises(config.ConfigError) as e:
+        config.load(p)
+    assert f"{p}:2:" in str(e.value)
+
+
+def test_cli_exits_nonzero_with_the_line_on_a_broken_config(tmp_path):
+    p = write(tmp_path, "[gateway]\nauth_type = trust\nlisten_port = 99999\n")
+    r = subprocess.run([sys.executable, "-m", "pooler", "run", str(p)], capture_output=True, text=True, timeout=30)
+    assert r.returncode != 0
+    assert f"{p}:3:" in r.stderr and "listen_port" in r.stderr
+
+
+def test_connstr_quoting():
+    assert config.parse_connstr("a=1 b='x y' c='it''s' d='back\\\\slash'") == [
+        ("a", "1"), ("b", "x y"), ("c", "it's"), ("d", "back\\slash")]
+    with pytest.raises(ValueError):
+        config.parse_connstr("a='unterminated")
