@@ -1,0 +1,43 @@
+"""`pooler demo`: throwaway PostgreSQL + sample data + gateway, cleaned up on Ctrl-C."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import psycopg
+
+from tests.gwproc import REPO, free_port, wait_port
+
+
+def test_demo_starts_serves_sample_data_and_cleans_up(tmp_path):
+    pg_port, gw_port = free_port(), free_port()
+    conf = (REPO / "conf" / "gateway.ini").read_text()
+    conf = conf.replace("port=55433", f"port={pg_port}").replace("listen_port = 6432", f"listen_port = {gw_port}")
+    ini = tmp_path / "gateway.ini"
+    ini.write_text(conf)
+    (tmp_path / "userlist.txt").write_text((REPO / "conf" / "userlist.txt").read_text())
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen([sys.executable, "-m", "pooler", "demo", "--config", str(ini)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        wait_port("127.0.0.1", gw_port, proc, timeout=120)
+        dsn = f"host=127.0.0.1 port={gw_port} dbname=shop user=agent password=agent-password sslmode=disable"
+        with psycopg.connect(dsn) as conn:
+            assert conn.execute("SELECT count(*) FROM customers").fetchone() == (200,)
+            # the agent is logged in upstream as the configured service role, not as itself
+            assert conn.execute("SELECT current_user").fetchone() == ("shop_gateway",)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    assert re.search(r"psql 'host=127\.0\.0\.1 port=\d+ dbname=shop user=agent'", out)
+    assert "demo-upstream-secret" not in out  # the upstream secret is never printed
+    m = re.search(r"removing the throwaway PostgreSQL", out)
+    assert m, out
+    # the cluster is gone: nothing listens on its port any more
+    import socket
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", pg_port)) != 0
