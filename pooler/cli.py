@@ -52,9 +52,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     for w in cfg.warnings:
         log.warning("%s", w)
     from .gateway.app import Gateway
+    from .policy.rules import RuleLoadError
 
     async def main() -> None:
-        gw = Gateway(cfg)
+        try:
+            gw = Gateway(cfg)
+        except RuleLoadError as e:
+            log.error("rules failed to load: %s", e)
+            raise SystemExit(1)
+        if gw.policy is not None:
+            log.info("rules loaded from %s: %d file(s), version %s, default_action=%s",
+                     cfg.rules_path(), len(gw.policy.rules.files), gw.policy.rules.version, cfg.default_action)
         await gw.start()
         gw.install_signal_handlers()
         await gw.stopped.wait()
@@ -75,6 +83,49 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args)
 
 
+def cmd_rules(args: argparse.Namespace) -> int:
+    """``pooler rules check DIR`` compiles and lints; ``pooler rules test DIR`` runs the tests."""
+    from pathlib import Path
+
+    import starlark as sl
+
+    from .policy.engine import run_rule_tests
+    from .policy.rules import RuleLoadError, load_rules
+
+    directory = Path(args.dir)
+    if not directory.is_dir():
+        print(f"pooler rules: {directory} is not a directory", file=sys.stderr)
+        return 2
+    try:
+        rs = load_rules(directory, args.default_action, run_tests=False)
+    except RuleLoadError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    problems = 0
+    if args.action == "check":
+        for rf in rs.files:
+            src = rf.path.read_text()
+            for lint in sl.parse(rf.name, src).lint():
+                if str(lint.severity).endswith("Disabled"):
+                    continue
+                print(f"{lint.resolved_location}: {lint.short_name}: {lint.problem}")
+                problems += 1
+            if rf.frozen is None:
+                print(f"{rf.name}: note: defines no on_statement(stmt, session); it has no effect")
+        print(f"{len(rs.files)} rule file(s) compiled, {len(rs.tests)} test case(s) found, {problems} lint warning(s)")
+        return 0
+    results = run_rule_tests(rs)
+    failed = [r for r in results if not r.ok]
+    for r in results:
+        mark = "PASS" if r.ok else "FAIL"
+        line = f"{mark} {r.case['_file']} #{r.case['_index']} {r.case.get('name') or r.case['sql'][:60]}"
+        if not r.ok:
+            line += f"\n     {r.message}"
+        print(line)
+    print(f"{len(results) - len(failed)} passed, {len(failed)} failed")
+    return 1 if failed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="pooler", description="PostgreSQL gateway for AI agents")
     p.add_argument("--version", action="version", version=f"pooler {__version__}")
@@ -86,5 +137,10 @@ def main(argv: list[str] | None = None) -> int:
     d = sub.add_parser("demo", help="start a throwaway PostgreSQL with sample data and the gateway on it")
     d.add_argument("--config", default=None, help="gateway ini (default: conf/gateway.ini)")
     d.set_defaults(func=cmd_demo)
+    ru = sub.add_parser("rules", help="rule authoring tools")
+    ru.add_argument("action", choices=["check", "test"], help="check: compile and lint; test: run the *.test.toml cases")
+    ru.add_argument("dir", help="rules directory")
+    ru.add_argument("--default-action", default="allow", choices=["allow", "deny"])
+    ru.set_defaults(func=cmd_rules)
     args = p.parse_args(argv)
     return args.func(args)

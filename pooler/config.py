@@ -85,6 +85,9 @@ class Config:
     log_pooler_errors: bool = True
     verbose: int = 0
     application_name_add_host: bool = False
+    rules_dir: str | None = None  # None: "rules/" beside the config file, when it exists
+    default_action: str = "allow"
+    rule_timeout: float = 0.05
     databases: dict[str, DatabaseConfig] = field(default_factory=dict)
     users: dict[str, UserConfig] = field(default_factory=dict)
     auth_users: dict[str, str] = field(default_factory=dict)  # user -> secret from auth_file
@@ -107,6 +110,12 @@ class Config:
                 if db.dbname is None or db.dbname == "*":
                     db.dbname = name
         return db
+
+    def rules_path(self) -> Path | None:
+        if self.rules_dir:
+            return self.resolve(self.rules_dir)
+        default = self.path.parent / "rules"
+        return default if default.is_dir() else None
 
     def resolve(self, rel: str) -> Path:
         p = Path(rel)
@@ -229,6 +238,9 @@ SETTINGS = {
     "log_pooler_errors": ("log_pooler_errors", _bool),
     "verbose": ("verbose", _nonneg_int),
     "application_name_add_host": ("application_name_add_host", _bool),
+    "rules_dir": ("rules_dir", _opt_str),
+    "default_action": ("default_action", _choice("allow", "deny")),
+    "rule_timeout": ("rule_timeout", _seconds),
 }
 
 # PgBouncer settings this gateway accepts but does not act on (yet); a warning says so.
@@ -428,6 +440,10 @@ def load(path: str | os.PathLike) -> Config:
         raise ConfigError(f"{path}: auth_type = {cfg.auth_type} needs auth_file")
     if not cfg.databases:
         cfg.warnings.append(f"{path}: no [databases] entries; every login will be refused")
+    if cfg.rules_dir and not cfg.resolve(cfg.rules_dir).is_dir():
+        raise ConfigError(f"{path}: rules_dir {cfg.rules_dir} is not a directory")
+    if not 0 < cfg.rule_timeout <= 10:
+        raise ConfigError(f"{path}: rule_timeout must be between 0 and 10 seconds")
     if not cfg.listen_addr and not cfg.unix_socket_dir:
         raise ConfigError(f"{path}: neither listen_addr nor unix_socket_dir is set")
     return cfg

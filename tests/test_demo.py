@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import psycopg
+import pytest
 
 from tests.gwproc import REPO, free_port, wait_port
 
@@ -16,6 +17,7 @@ def test_demo_starts_serves_sample_data_and_cleans_up(tmp_path):
     pg_port, gw_port = free_port(), free_port()
     conf = (REPO / "conf" / "gateway.ini").read_text()
     conf = conf.replace("port=55433", f"port={pg_port}").replace("listen_port = 6432", f"listen_port = {gw_port}")
+    conf = conf.replace("rules_dir = ../rules", f"rules_dir = {REPO / 'rules'}")
     ini = tmp_path / "gateway.ini"
     ini.write_text(conf)
     (tmp_path / "userlist.txt").write_text((REPO / "conf" / "userlist.txt").read_text())
@@ -29,6 +31,9 @@ def test_demo_starts_serves_sample_data_and_cleans_up(tmp_path):
             assert conn.execute("SELECT count(*) FROM customers").fetchone() == (200,)
             # the agent is logged in upstream as the configured service role, not as itself
             assert conn.execute("SELECT current_user").fetchone() == ("shop_gateway",)
+            # the shipped rules govern the agent: it may read, never write
+            with pytest.raises(psycopg.errors.InsufficientPrivilege, match="agents may only read"):
+                conn.execute("DELETE FROM orders WHERE id = 1")
     finally:
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=60)

@@ -13,6 +13,8 @@ import time
 from .. import config as config_mod
 from ..auth.passwords import ScramSecret, is_scram
 from ..config import Config, DatabaseConfig
+from ..policy.engine import Policy
+from ..policy.rules import RuleLoadError, load_rules
 from ..protocol import messages as m
 from .client import ClientConn
 from .pool import Pool
@@ -35,6 +37,7 @@ class Gateway:
         self._signals_seen = 0
         self.unix_path: str | None = None
         self.limits_in_use = self._limits_in_use(config)
+        self.policy: Policy | None = load_policy(config)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -137,6 +140,15 @@ class Gateway:
         for w in new.warnings:
             log.warning("%s", w)
         old = self.config
+        try:
+            policy = load_policy(new)
+        except RuleLoadError as e:
+            log.error("rules not reloaded, the running rule set keeps serving: %s", e)
+            policy = self.policy
+        else:
+            if policy is not None:
+                log.info("rules loaded: %d file(s), version %s", len(policy.rules.files), policy.rules.version)
+        self.policy = policy
         for key, pool in list(self.pools.items()):
             db = new.database(pool.db.name)
             user = key[1]
@@ -322,6 +334,12 @@ class Gateway:
                 elif cfg.client_idle_timeout and (srv is None or not srv.queue) \
                         and now - c.last_active > cfg.client_idle_timeout:
                     c.fatal("57P05", "client_idle_timeout: connection idle too long")
+
+
+def load_policy(cfg: Config) -> Policy | None:
+    """The rule set of ``cfg`` (None when there is nothing to enforce). Raises RuleLoadError."""
+    rs = load_rules(cfg.rules_path(), cfg.default_action, cfg.rule_timeout)
+    return Policy(rs) if rs.active else None
 
 
 def _conn_changed(a: DatabaseConfig, b: DatabaseConfig) -> bool:

@@ -24,11 +24,13 @@ import time
 from typing import TYPE_CHECKING
 
 from ..auth.passwords import ScramError, ScramSecret, ScramServer, is_md5, is_scram, verify_md5
+from ..policy.engine import SessionInfo
 from ..protocol import messages as m
 from .pool import TRACKED_LOWER, Pool
 from .server import (
     R_BIND, R_CLOSE, R_CLOSE_SKIP, R_DESCRIBE, R_EXECUTE, R_FAKE_CLOSE, R_FAKE_PARSE, R_PARSE,
     R_PARSE_SKIP, R_QUERY, R_QUERY_SKIP, R_SYNC, R_BIND_SKIP, R_EXECUTE_REFUSAL, R_FAKE_DONE,
+    R_QUERY_REFUSAL,
     FAKE_FIRST, FAKE_LAST, ServerConn, ServerLoginError, S_CLOSED,
 )
 
@@ -66,6 +68,10 @@ C_LOGIN, C_READY, C_CLOSED = range(3)
 
 # message types the gateway may answer itself while no server is linked
 _LOCAL_CANDIDATES = frozenset(b"SHCdcfQ")
+# message types that carry SQL (or refer to it) and pass the policy gate
+_GOVERNED = frozenset(b"QPFBD")
+
+_SEARCH_PATH_ITEM = re.compile(r'\s*(?:"((?:[^"]|"")*)"|([^,\s]+))\s*(?:,|$)')
 
 
 class ClientError(Exception):
@@ -120,6 +126,13 @@ class ClientConn(asyncio.Protocol):
         self.stmts: dict[bytes, tuple[bytes, bytes]] = {}  # client name -> (server name, body)
         self.max_packet = gw.config.max_packet_size
         self.tx_status = m.TX_IDLE
+        # policy
+        self.groups: tuple[str, ...] = ()
+        self.search_path: tuple[str, ...] = ("public",)
+        self.sql_prepared: dict[str, str] = {}  # SQL-level PREPARE name -> statement text
+        self.unnamed_ok = False  # this client parsed the unnamed statement on its server
+        self._sinfo: list = [None, None]
+        self._skey: list = [None, None]
 
     # ------------------------------------------------------------------ transport callbacks
 
@@ -365,6 +378,8 @@ class ClientConn(asyncio.Protocol):
         if db is None:
             raise ClientError("3D000", f'no such database: {self.database}')
         await self._authenticate(db.auth_type or cfg.auth_type)
+        ucfg = cfg.users.get(user)
+        self.groups = tuple(ucfg.groups) if ucfg else ()
         self.mode = cfg.pool_mode_for(db, user)
         self.rewrite = self.mode != "session" and cfg.max_prepared_statements > 0
         self.pool = self.gw.get_pool(db, user)
@@ -511,6 +526,12 @@ class ClientConn(asyncio.Protocol):
                     else:
                         pos = end
                         continue
+                if t in _GOVERNED:
+                    refusal = self._govern(t, data, pos, end)
+                    if refusal is not None:
+                        self._refuse(srv, t, refusal, out)
+                        pos = end
+                        continue
                 if srv is None:
                     if t == T_TERMINATE:
                         self._close_now()
@@ -599,6 +620,141 @@ class ClientConn(asyncio.Protocol):
                 if not srv.queue and srv.client is self and srv.tx_status == m.TX_IDLE:
                     # everything was answered locally: the server is free again
                     self.server_ready(srv, srv.tx_status)
+
+    # -- the policy gate
+
+    def session_info(self) -> SessionInfo:
+        in_tx = self.tx_status != m.TX_IDLE
+        si = self._sinfo[in_tx]
+        if si is None:
+            si = SessionInfo(self.user, self.database, self.groups, self.params.get("application_name", ""),
+                             self.addr.rsplit(":", 1)[0], in_tx, self.search_path)
+            self._sinfo[in_tx] = si
+            self._skey[in_tx] = si.key()
+        return si
+
+    def _session_changed(self) -> None:
+        self._sinfo = [None, None]
+        self._skey = [None, None]
+
+    def _govern(self, t: int, data: bytes, pos: int, end: int) -> tuple[str, str] | None:
+        """None if the message may pass; else (sqlstate, message) of the refusal."""
+        policy = self.gw.policy
+        if t == T_BIND or t == T_DESCRIBE:
+            # the unnamed statement must be one this client parsed on this server
+            if t == T_BIND:
+                if data[pos + 5] == 0 and data[pos + 6] == 0 and not self.unnamed_ok:
+                    return ("26000", "unnamed prepared statement does not exist")
+            elif data[pos + 5] == 83 and data[pos + 6] == 0 and not self.unnamed_ok:
+                return ("26000", "unnamed prepared statement does not exist")
+            return None
+        if t == T_FUNCTION:
+            if policy is None:
+                return None
+            return ("42501", "refused by the gateway: the FunctionCall protocol message is not allowed; use a SQL statement")
+        if t == T_QUERY:
+            self.unnamed_ok = False  # a simple Query destroys the unnamed statement
+            if policy is None:
+                return None
+            raw = data[pos + 5 : end - 1]
+        else:  # Parse
+            body = data[pos + 5 : end]
+            name_end = body.find(b"\x00")
+            q_end = body.find(b"\x00", name_end + 1)
+            if name_end < 0 or q_end < 0:
+                raise m.ProtocolError("invalid Parse message")
+            if name_end == 0:
+                self.unnamed_ok = False
+            if policy is None:
+                if name_end == 0:
+                    self.unnamed_ok = True
+                return None
+            raw = body[name_end + 1 : q_end]
+        try:
+            sql = raw.decode()
+        except UnicodeDecodeError:
+            return ("42501", "refused by the gateway: statement text is not valid UTF-8")
+        si = self.session_info()
+        verdict = policy.decide(sql, si, self._skey[si.in_transaction])
+        d = verdict.decision
+        if not d.refused and verdict.session_work and t == T_QUERY:
+            d = self._session_work(policy, verdict, si)
+            if isinstance(d, tuple):
+                return d
+        if d.refused:
+            return self._refusal_text(d, sql)
+        if t == T_PARSE and data[pos + 5] == 0:
+            self.unnamed_ok = True
+        return None
+
+    def _session_work(self, policy, verdict, si):
+        """SQL-level PREPARE/EXECUTE/DEALLOCATE and search_path: EXECUTE is judged as the
+        statement it runs. Returns a Decision, or (sqlstate, message) for an unknown name."""
+        d = verdict.decision
+        for f in verdict.facts:
+            cmd = f.command
+            if cmd == "EXECUTE":
+                inner_sql = self.sql_prepared.get(f.prepared_name or "")
+                if inner_sql is None:
+                    return ("26000", f'prepared statement "{f.prepared_name}" does not exist')
+                inner = policy.decide(inner_sql, si).decision
+                if inner.refused:
+                    return inner
+            elif cmd == "PREPARE" and f.prepared_name and f.inner is not None:
+                self.sql_prepared[f.prepared_name] = f.inner.sql
+            elif cmd == "DEALLOCATE":
+                if f.prepared_name:
+                    self.sql_prepared.pop(f.prepared_name, None)
+                else:
+                    self.sql_prepared.clear()
+            elif cmd in ("DEALLOCATE ALL", "DISCARD ALL"):
+                self.sql_prepared.clear()
+                if cmd == "DISCARD ALL":
+                    self.search_path = ("public",)
+                    self._session_changed()
+            elif cmd in ("SET", "RESET") and f.set_name in ("search_path", "all"):
+                if cmd == "RESET" or f.set_value is None:
+                    path = ("public",)
+                else:
+                    path = tuple(a or b for a, b in _SEARCH_PATH_ITEM.findall(f.set_value) if (a or b)) or ("public",)
+                    path = tuple(p for p in path if p != "$user") or ("public",)
+                if path != self.search_path:
+                    self.search_path = path
+                    self._session_changed()
+        return d
+
+    def _refusal_text(self, d, sql: str) -> tuple[str, str]:
+        where = d.rule or "default_action"
+        if d.action == "deny":
+            msg = f"refused by {where}: {d.reason}"
+        elif d.action == "require_approval":
+            msg = (f"approval required by {where}: {d.reason} "
+                   "(this gateway cannot hold statements for approval yet, so it is refused)")
+        else:
+            cols = ", ".join(f"{c} ({meth})" for c, meth in d.masks)
+            msg = (f"masking required by {where} for {cols}"
+                   + (f": {d.reason}" if d.reason else "")
+                   + " (this gateway cannot mask results yet, so the statement is refused)")
+        log.info("refused: %s db=%s user=%s: %s", self.addr, self.database, self.user, msg)
+        return ("42501", msg)
+
+    def _refuse(self, srv: ServerConn | None, t: int, refusal: tuple[str, str], out: list) -> None:
+        """Answer a refused message as PostgreSQL would answer a failing one. With a server
+        linked the server raises the error, so it arrives in order and fails an open
+        transaction; otherwise the gateway answers by itself."""
+        sqlstate, message = refusal
+        if srv is None:
+            if t == T_QUERY or t == T_FUNCTION:
+                self.write(m.error_response(sqlstate, message) + m.ready_for_query(m.TX_IDLE))
+            else:
+                self.write(m.error_response(sqlstate, message))
+                self.skip_until_sync = True
+            return
+        if t == T_QUERY or t == T_FUNCTION:
+            out.append(m.query(refusal_sql(sqlstate, message)))
+            srv.queue.append((R_QUERY_REFUSAL, None))
+        else:
+            self._refuse_in_order(srv, sqlstate, message, out)
 
     def _answer_without_server(self, t: int, data: bytes, pos: int, end: int) -> bytes | None:
         """Requests the gateway answers itself while no server is linked (nothing outstanding).
@@ -762,6 +918,8 @@ class ClientConn(asyncio.Protocol):
     def param_changed(self, name: str, value: str) -> None:
         self.params[name] = value
         self.param_key = Pool.param_key_of(self.params)
+        if name == "application_name":
+            self._session_changed()
 
     def server_assigned(self, srv: ServerConn) -> None:
         """Called by the pool when a waiting client gets a server."""
@@ -784,6 +942,7 @@ class ClientConn(asyncio.Protocol):
         if status == m.TX_IDLE:
             self.server = None
             srv.client = None
+            self.unnamed_ok = False
             if self.writing_paused:
                 srv.resume_reading()
             self.pool.release(srv)

@@ -1,0 +1,1 @@
+"""The policy engine: SQL analysis (analyzer), Starlark rules (rules) and decisions (engine)."""

@@ -1,0 +1,175 @@
+"""Decisions for whole client messages, with caching. Pure: a decision is a function of
+(rules version, SQL text, the session attributes rules may read).
+
+Two caches:
+- exact: (SQL text, session key) -> Verdict, for every rule set;
+- shape: (normalized SQL, session key) -> Verdict, only when the rule set never reads
+  literal-carrying fields (``sql``, ``params``, ``set_value``) and the statement's facts do not
+  depend on its literals. pgbench-style traffic (same statement, different constants) then costs
+  one pglast normalize per message instead of an analysis and a Starlark call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pglast.parser import ParseError, normalize
+
+from .analyzer import AnalysisError, StatementFacts, analyze
+from .rules import Decision, RuleSet, combine, evaluate
+
+CACHE_MAX = 50_000
+
+
+@dataclass(frozen=True, slots=True)
+class SessionInfo:
+    user: str
+    database: str
+    groups: tuple[str, ...]
+    application_name: str
+    client_addr: str
+    in_transaction: bool
+    search_path: tuple[str, ...] = ("public",)
+
+    def key(self) -> tuple:
+        return (self.user, self.database, self.groups, self.application_name, self.client_addr,
+                self.in_transaction, self.search_path)
+
+    def to_dict(self) -> dict:
+        return {"user": self.user, "database": self.database, "groups": list(self.groups),
+                "application_name": self.application_name, "client_addr": self.client_addr,
+                "in_transaction": self.in_transaction, "search_path": list(self.search_path)}
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    decision: Decision
+    facts: tuple[StatementFacts, ...]
+    session_work: bool  # PREPARE/EXECUTE/DEALLOCATE/DISCARD/SET search_path: the client tracks these
+    sqlstate: str = "42501"
+
+
+# commands whose effect on the session the client must track
+_SESSION_COMMANDS = frozenset({"PREPARE", "EXECUTE", "DEALLOCATE", "DEALLOCATE ALL", "DISCARD ALL",
+                               "DISCARD", "SET", "RESET"})
+
+
+def _literal_dependent(facts: StatementFacts) -> bool:
+    f: StatementFacts | None = facts
+    while f is not None:
+        if f.set_value is not None or f.command in ("SET", "RESET"):
+            return True
+        f = f.inner
+    return False
+
+
+class Policy:
+    def __init__(self, rules: RuleSet) -> None:
+        self.rules = rules
+        self.exact: dict[tuple, Verdict] = {}
+        self.shape: dict[tuple, Verdict] = {}
+        self.evaluations = 0  # full analyze+evaluate runs (for tests and metrics)
+
+    @property
+    def active(self) -> bool:
+        return self.rules.active
+
+    def decide(self, sql: str, session: SessionInfo, skey: tuple | None = None) -> Verdict:
+        if skey is None:
+            skey = session.key()
+        key = (sql, skey)
+        v = self.exact.get(key)
+        if v is not None:
+            return v
+        if self.rules.literal_blind:
+            try:
+                norm = normalize(sql)
+            except ParseError:
+                norm = None
+            if norm is not None:
+                nkey = (norm, skey)
+                v = self.shape.get(nkey)
+                if v is not None:
+                    return v
+                if norm != sql:
+                    v = self._evaluate(norm, session)
+                    if v.decision.rule != "analysis" and not any(_literal_dependent(f) for f in v.facts):
+                        if len(self.shape) >= CACHE_MAX:
+                            self.shape.clear()
+                        self.shape[nkey] = v
+                        return v
+        v = self._evaluate(sql, session)
+        if len(self.exact) >= CACHE_MAX:
+            self.exact.clear()
+        self.exact[key] = v
+        return v
+
+    def _evaluate(self, sql: str, session: SessionInfo) -> Verdict:
+        self.evaluations += 1
+        try:
+            facts = tuple(analyze(sql, session.search_path))
+        except AnalysisError as e:
+            pos = f" at position {e.position}" if e.position else ""
+            return Verdict(Decision("deny", f"statement could not be analyzed: {e.message}{pos}", "analysis"), (), False)
+        except Exception as e:  # noqa: BLE001 - an analyzer bug must refuse, never allow
+            return Verdict(Decision("deny", f"statement could not be analyzed ({type(e).__name__})", "analysis"), (), False)
+        sess = session.to_dict()
+        decisions = []
+        for f in facts:
+            d = evaluate(self.rules, f.to_dict(), sess)
+            if d.action == "deny":
+                return Verdict(d, facts, _session_work(facts))
+            decisions.append(d)
+        if not facts:
+            decisions.append(Decision("allow"))  # empty query: nothing to govern
+        return Verdict(combine(decisions, "allow") if decisions else Decision("allow"), facts, _session_work(facts))
+
+
+def _session_work(facts: tuple[StatementFacts, ...]) -> bool:
+    for f in facts:
+        if f.command in _SESSION_COMMANDS:
+            return True
+    return False
+
+
+# --------------------------------------------------------------------------- rule tests
+
+
+@dataclass(slots=True)
+class TestResult:
+    case: dict
+    ok: bool
+    got: Decision | None
+    message: str
+
+    def describe(self) -> str:
+        name = self.case.get("name") or self.case["sql"][:60]
+        return f"{self.case['_file']} test #{self.case['_index']} ({name}): {self.message}"
+
+
+def run_rule_tests(rules: RuleSet) -> list[TestResult]:
+    policy = Policy(rules)
+    results = []
+    for case in rules.tests:
+        s = case.get("session", {}) or {}
+        session = SessionInfo(
+            user=str(s.get("user", "agent")), database=str(s.get("database", "postgres")),
+            groups=tuple(s.get("groups", ())), application_name=str(s.get("application_name", "")),
+            client_addr=str(s.get("client_addr", "127.0.0.1")), in_transaction=bool(s.get("in_transaction", False)),
+            search_path=tuple(s.get("search_path", ("public",))))
+        v = policy._evaluate(case["sql"], session)
+        d = v.decision
+        problems = []
+        if d.action != case["expect"]:
+            problems.append(f"expected {case['expect']}, got {d.action}" + (f" ({d.rule}: {d.reason})" if d.reason else ""))
+        want_reason = case.get("reason")
+        if want_reason and want_reason not in d.reason:
+            problems.append(f"reason {d.reason!r} does not contain {want_reason!r}")
+        want_masks = case.get("masks")
+        if want_masks:
+            got = dict(d.masks)
+            for col, method in want_masks.items():
+                if got.get(col) != method:
+                    problems.append(f"expected mask {col} = {method}, got {got.get(col)}")
+        results.append(TestResult(case, not problems, d, "; ".join(problems) or "ok"))
+    return results

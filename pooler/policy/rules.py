@@ -1,0 +1,262 @@
+"""Starlark rule files: loading, compiling, evaluating, combining decisions. No I/O at
+evaluation time (rules cannot ``load()`` or open anything); loading reads the files once.
+
+Rules this module keeps:
+- One frozen Starlark module per rule file per rules version; one call per file per statement.
+- Everything that can go wrong in a rule (an exception, garbage returned, recursion, running past
+  ``rule_timeout``, a Rust panic) becomes a *deny* naming the file and line: fail closed.
+- Across files: any deny wins, then require_approval, then masks (their union), then allow; with
+  no opinion at all, ``default_action`` applies.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import orjson
+import starlark as sl
+
+ACTIONS = ("allow", "deny", "require_approval", "mask")
+MASK_METHODS = ("redact", "null", "partial", "email", "hash", "detect")
+
+_PRELUDE = '''
+def allow():
+    return {"pooler_action": "allow"}
+
+def deny(reason):
+    if type(reason) != "string" or not reason:
+        fail("deny() needs a non-empty reason string")
+    return {"pooler_action": "deny", "reason": reason}
+
+def require_approval(reason):
+    if type(reason) != "string" or not reason:
+        fail("require_approval() needs a non-empty reason string")
+    return {"pooler_action": "require_approval", "reason": reason}
+
+def mask(columns, reason = ""):
+    if type(columns) != "dict" or not columns:
+        fail("mask() needs a dict like {\\"public.customers.email\\": \\"email\\"}")
+    for k, v in columns.items():
+        if type(k) != "string" or type(v) != "string":
+            fail("mask() keys and methods must be strings")
+    return {"pooler_action": "mask", "columns": columns, "reason": reason}
+'''
+
+_POSTLUDE = '''
+def __pooler_struct(x):
+    if type(x) == "dict":
+        return struct(**{k: __pooler_struct(v) for k, v in x.items()})
+    if type(x) == "list":
+        return [__pooler_struct(v) for v in x]
+    return x
+
+def pooler_entry(stmt_json, session_json):
+    return on_statement(__pooler_struct(json.decode(stmt_json)), __pooler_struct(json.decode(session_json)))
+'''
+
+_GLOBALS = sl.Globals.extended_by([
+    sl.LibraryExtension.StructType, sl.LibraryExtension.Json, sl.LibraryExtension.Map,
+    sl.LibraryExtension.Filter, sl.LibraryExtension.Typing,
+])
+_PRELUDE_AST = sl.parse("<pooler builtins>", _PRELUDE)
+_POSTLUDE_AST = sl.parse("<pooler>", _POSTLUDE)
+
+# Fields whose values depend on SQL literals. A rule set that never names them (or getattr/dir)
+# decides the same for every statement of one shape, so decisions may be cached per shape.
+_LITERAL_FIELDS = re.compile(r"\b(sql|params|set_value|getattr|dir)\b")
+
+
+class RuleLoadError(Exception):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    action: str  # allow | deny | require_approval | mask
+    reason: str = ""
+    rule: str = ""  # the file that decided ("" for default_action)
+    masks: tuple[tuple[str, str], ...] = ()  # (column pattern, method)
+
+    @property
+    def refused(self) -> bool:
+        return self.action != "allow"
+
+
+@dataclass(slots=True)
+class RuleFile:
+    path: Path
+    name: str  # path relative to the rules dir's parent, for messages ("rules/agents.star")
+    frozen: object | None
+    def_line: int
+
+
+@dataclass(slots=True)
+class RuleSet:
+    directory: Path | None
+    files: list[RuleFile]
+    default_action: str
+    timeout: float
+    version: str
+    literal_blind: bool
+    tests: list[dict] = field(default_factory=list)
+
+    @property
+    def active(self) -> bool:
+        return bool(self.files) or self.default_action != "allow"
+
+
+def _display_name(path: Path, directory: Path) -> str:
+    return f"{directory.name}/{path.relative_to(directory)}"
+
+
+def _line_of_def(src: str) -> int:
+    for i, line in enumerate(src.splitlines(), 1):
+        if line.startswith("def on_statement"):
+            return i
+    return 1
+
+
+def _deadline_options(seconds: float) -> sl.EvalOptions:
+    deadline = time.monotonic() + seconds
+    return sl.EvalOptions(check_cancelled=lambda: time.monotonic() > deadline, max_callstack_size=64)
+
+
+def compile_file(path: Path, directory: Path, timeout: float = 1.0) -> RuleFile:
+    name = _display_name(path, directory)
+    try:
+        src = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise RuleLoadError(f"{name}: cannot read: {e}") from None
+    try:
+        ast = sl.parse(name, src)
+        mod = sl.Module()
+        sl.eval(mod, _PRELUDE_AST, _GLOBALS)
+        sl.eval_with(_deadline_options(timeout), mod, ast, _GLOBALS)
+        has_entry = re.search(r"^def on_statement\s*\(", src, re.M) is not None
+        if has_entry:
+            sl.eval(mod, _POSTLUDE_AST, _GLOBALS)
+        frozen = mod.freeze()
+    except sl.StarlarkError as e:
+        raise RuleLoadError(f"{name}: {e}") from None
+    except BaseException as e:  # PanicException derives from BaseException
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise
+        raise RuleLoadError(f"{name}: {type(e).__name__}: {e}") from None
+    return RuleFile(path, name, frozen if has_entry else None, _line_of_def(src))
+
+
+def load_rules(directory: Path | None, default_action: str = "allow", timeout: float = 0.05,
+               run_tests: bool = True) -> RuleSet:
+    """Compile every ``*.star`` file of ``directory`` (sorted by name) and run the rule tests
+    beside them (``*.test.toml``). Raises RuleLoadError naming the file on any problem."""
+    files: list[RuleFile] = []
+    digest = hashlib.sha256(default_action.encode())
+    literal_blind = True
+    tests: list[dict] = []
+    if directory is not None:
+        if not directory.is_dir():
+            raise RuleLoadError(f"rules_dir {directory} is not a directory")
+        for path in sorted(directory.rglob("*.star")):
+            src = path.read_bytes()
+            digest.update(str(path.relative_to(directory)).encode() + b"\0" + src)
+            if _LITERAL_FIELDS.search(src.decode("utf-8", "replace")):
+                literal_blind = False
+            files.append(compile_file(path, directory))
+        for path in sorted(directory.rglob("*.test.toml")):
+            name = _display_name(path, directory)
+            try:
+                data = tomllib.loads(path.read_text())
+            except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+                raise RuleLoadError(f"{name}: {e}") from None
+            for i, case in enumerate(data.get("test", []), 1):
+                if not isinstance(case, dict) or "sql" not in case or "expect" not in case:
+                    raise RuleLoadError(f"{name}: test #{i} needs at least sql and expect")
+                if case["expect"] not in ACTIONS:
+                    raise RuleLoadError(f"{name}: test #{i}: expect must be one of {', '.join(ACTIONS)}")
+                tests.append(dict(case, _file=name, _index=i))
+    rs = RuleSet(directory, files, default_action, timeout, digest.hexdigest()[:16], literal_blind, tests)
+    if run_tests and tests:
+        from .engine import run_rule_tests
+
+        failures = [r for r in run_rule_tests(rs) if not r.ok]
+        if failures:
+            f = failures[0]
+            raise RuleLoadError(f"{len(failures)} rule test(s) failed; first: {f.describe()}")
+    return rs
+
+
+def _parse_result(rf: RuleFile, result) -> Decision | None:
+    where = f"{rf.name}:{rf.def_line}"
+    if result is None:
+        return None
+    if not isinstance(result, dict) or "pooler_action" not in result:
+        return Decision("deny", f"rule error: on_statement returned {str(result)[:80]!r}; expected None, "
+                        "allow(), deny(reason), require_approval(reason) or mask({...})", where)
+    action = result["pooler_action"]
+    reason = result.get("reason") or ""
+    if action == "mask":
+        cols = result.get("columns") or {}
+        bad = [m for m in cols.values() if m.split(":")[0] not in MASK_METHODS]
+        if bad:
+            return Decision("deny", f"rule error: unknown masking method {bad[0]!r}", where)
+        return Decision("mask", reason, rf.name, tuple(sorted(cols.items())))
+    return Decision(action, reason, rf.name)
+
+
+def evaluate(rs: RuleSet, stmt: dict, session: dict) -> Decision:
+    """Run every rule file on one statement and combine their opinions."""
+    stmt_json = orjson.dumps(stmt).decode()
+    session_json = orjson.dumps(session).decode()
+    opts = _deadline_options(rs.timeout)
+    decisions: list[Decision] = []
+    for rf in rs.files:
+        if rf.frozen is None:
+            continue
+        try:
+            result = rf.frozen.call_with(opts, "pooler_entry", stmt_json, session_json).value
+        except sl.StarlarkError as e:
+            msg = str(e)
+            loc = re.search(r"--> (\S+:\d+):\d+", msg)
+            where = loc.group(1) if loc else f"{rf.name}:{rf.def_line}"
+            if "cancel" in msg.lower():
+                return Decision("deny", f"rule error: exceeded rule_timeout ({rs.timeout * 1000:.0f} ms)", where)
+            first = next((ln.strip() for ln in msg.splitlines() if ln.startswith("error:")), msg.splitlines()[-1] if msg else "error")
+            return Decision("deny", f"rule error: {first.removeprefix('error: ')}", where)
+        except BaseException as e:  # noqa: BLE001 - a panic in the interpreter is a refusal too
+            if isinstance(e, (KeyboardInterrupt, SystemExit)):
+                raise
+            return Decision("deny", f"rule error: {type(e).__name__}", f"{rf.name}:{rf.def_line}")
+        d = _parse_result(rf, result)
+        if d is not None:
+            if d.action == "deny":
+                return d
+            decisions.append(d)
+    return combine(decisions, rs.default_action)
+
+
+def combine(decisions: list[Decision], default_action: str) -> Decision:
+    for d in decisions:
+        if d.action == "deny":
+            return d
+    for d in decisions:
+        if d.action == "require_approval":
+            return d
+    masks = [d for d in decisions if d.action == "mask"]
+    if masks:
+        merged: dict[str, str] = {}
+        for d in masks:
+            for col, method in d.masks:
+                merged.setdefault(col, method)
+        rules = ", ".join(sorted({d.rule for d in masks}))
+        return Decision("mask", "; ".join(d.reason for d in masks if d.reason), rules, tuple(sorted(merged.items())))
+    for d in decisions:
+        if d.action == "allow":
+            return d
+    if default_action == "deny":
+        return Decision("deny", "no rule allowed this statement (default_action = deny)", "")
+    return Decision("allow", "", "")
