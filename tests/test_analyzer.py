@@ -131,8 +131,14 @@ def test_tables_are_schema_qualified_and_ctes_excluded():
 
 
 def test_search_path_resolves_unqualified_tables():
-    assert one("SELECT * FROM orders", ("sales", "public")).tables == ("sales.orders",)
-    assert one("SELECT * FROM pg_class").tables == ("pg_catalog.pg_class",)
+    assert one("SELECT * FROM orders", ("sales",)).tables == ("sales.orders",)
+    # without the catalog the gateway cannot know which schema of the path holds the table:
+    # every candidate is listed (and its columns), so masks and denials cannot be dodged
+    f = one("SELECT email FROM customers", ("sales", "public"))
+    assert f.tables == ("sales.customers", "public.customers")
+    assert "public.customers.email" in f.columns
+    assert one("UPDATE orders SET a = 1", ("sales", "public")).tables_written == ("sales.orders", "public.orders")
+    assert one("SELECT * FROM pg_class").tables[0] == "pg_catalog.pg_class"
     assert one("SELECT * FROM information_schema.tables").tables == ("information_schema.tables",)
 
 

@@ -217,7 +217,24 @@ class _State:
         self.guc_writes: dict[str, None] = {}
         self.select_into = False
 
+    def qualify_all(self, rv: dict) -> list[str]:
+        """Every table an unqualified name may resolve to along search_path (without the catalog
+        the gateway cannot tell which schema holds it: all candidates, fail closed)."""
+        rel = rv.get("relname", "")
+        schema = rv.get("schemaname")
+        if schema:
+            return [f"{schema}.{rel}"]
+        if rv.get("relpersistence") == "t":
+            return [f"pg_temp.{rel}"]
+        out = [f"pg_catalog.{rel}"] if rel.startswith("pg_") else []
+        for sp in self.search_path or ("public",):
+            q = f"{sp}.{rel}"
+            if q not in out:
+                out.append(q)
+        return out
+
     def qualify(self, rv: dict) -> str:
+        """Where a new relation of that name is created."""
         rel = rv.get("relname", "")
         schema = rv.get("schemaname")
         if not schema:
@@ -261,13 +278,15 @@ def _range_var(rv: dict, st: _State, scope: _Scope | None, ctes: frozenset) -> N
         if scope is not None:
             scope.names[alias or rel] = []
         return
-    q = st.qualify(rv)
-    st.tables[q] = None
+    qs = st.qualify_all(rv)
+    for q in qs:
+        st.tables[q] = None
     if scope is not None:
-        scope.names[alias or rel] = [q]
+        scope.names[alias or rel] = qs
         if not alias:
-            scope.names.setdefault(q, [q])
-        scope.real.append(q)
+            for q in qs:
+                scope.names.setdefault(q, [q])
+        scope.real.extend(qs)
 
 
 def _with(wc, st: _State, scopes: list[_Scope], ctes: frozenset) -> frozenset:
@@ -425,24 +444,26 @@ def _h_select(s, st, scopes, ctes):
         st.written[q] = None
 
 
-def _target_scope(rv: dict, st: _State, ctes: frozenset) -> tuple[_Scope, str]:
+def _target_scope(rv: dict, st: _State, ctes: frozenset) -> tuple[_Scope, list[str]]:
     scope = _Scope()
-    q = st.qualify(rv)
-    st.tables[q] = None
-    st.written[q] = None
+    qs = st.qualify_all(rv)
+    for q in qs:
+        st.tables[q] = None
+        st.written[q] = None
+        scope.names.setdefault(q, [q])
     alias = (rv.get("alias") or {}).get("aliasname")
-    scope.names[alias or rv.get("relname", "")] = [q]
-    scope.names.setdefault(q, [q])
-    scope.real.append(q)
+    scope.names[alias or rv.get("relname", "")] = qs
+    scope.real.extend(qs)
     st.read_only = False
-    return scope, q
+    return scope, qs
 
 
-def _set_targets(targets, st, q, inner, ctes):
+def _set_targets(targets, st, qs, inner, ctes):
     for t in targets or ():
         rt = t.get("ResTarget", t) if isinstance(t, dict) else {}
         if rt.get("name"):
-            st.columns[f"{q}.{rt['name']}"] = None
+            for q in qs:
+                st.columns[f"{q}.{rt['name']}"] = None
         for key in ("val", "indirection"):
             if rt.get(key) is not None:
                 _walk(rt[key], st, inner, ctes)
@@ -453,10 +474,11 @@ def _h_insert(s, st, scopes, ctes):
     scope, q = _target_scope(_unwrap(s.get("relation")), st, ctes)
     _set_targets(s.get("cols"), st, q, scopes, ctes)
     if not s.get("cols"):
-        st.columns[f"{q}.*"] = None
+        for t in q:
+            st.columns[f"{t}.*"] = None
     if s.get("selectStmt") is not None:
         _walk(s["selectStmt"], st, scopes, ctes)
-    scope.names["excluded"] = [q]
+    scope.names["excluded"] = list(q)
     inner = [scope, *scopes]
     oc = s.get("onConflictClause")
     if oc:
@@ -693,13 +715,13 @@ def _facts(kind: str, body: dict, sql: str, search_path: tuple[str, ...]) -> Sta
                     "stdio": filename is None, "filename": filename, "query": body.get("query") is not None}
             if body.get("relation"):
                 rv = _unwrap(body["relation"])
-                q_name = st.qualify(rv)
-                st.tables[q_name] = None
                 cols = _strings(body.get("attlist"))
-                for c in cols or ["*"]:
-                    st.columns[f"{q_name}.{c}"] = None
-                if is_from:
-                    st.written[q_name] = None
+                for q_name in st.qualify_all(rv):
+                    st.tables[q_name] = None
+                    for c in cols or ["*"]:
+                        st.columns[f"{q_name}.{c}"] = None
+                    if is_from:
+                        st.written[q_name] = None
             if body.get("query") is not None:
                 _walk(body["query"], st, [], frozenset())
             _walk(body.get("whereClause"), st, [], frozenset())
@@ -720,9 +742,9 @@ def _facts(kind: str, body: dict, sql: str, search_path: tuple[str, ...]) -> Sta
                     names = _strings(o.get("List", {}).get("items")) if isinstance(o, dict) else []
                     if names:
                         rv = {"relname": names[-1], "schemaname": names[-2] if len(names) > 1 else None}
-                        q_name = st.qualify(rv)
-                        st.tables[q_name] = None
-                        st.written[q_name] = None
+                        for q_name in st.qualify_all(rv):
+                            st.tables[q_name] = None
+                            st.written[q_name] = None
         else:
             # DDL and the rest: every relation the statement names directly is its target
             for key in ("relation", "relations", "sequence"):
@@ -734,7 +756,8 @@ def _facts(kind: str, body: dict, sql: str, search_path: tuple[str, ...]) -> Sta
                     if "relname" in rv and kind not in ("LockStmt", "IndexStmt", "VacuumStmt", "ClusterStmt",
                                                         "ReindexStmt", "CreateTrigStmt", "RuleStmt",
                                                         "CreatePolicyStmt", "CreateStatsStmt"):
-                        st.written[st.qualify(rv)] = None
+                        for q_name in st.qualify_all(rv):
+                            st.written[q_name] = None
         if kind not in ("CopyStmt", "ExecuteStmt", "CallStmt", "VariableSetStmt", "DropStmt"):
             _walk(body, st, [], frozenset())
         st.read_only = read_only and st.read_only

@@ -55,9 +55,12 @@ _SESSION_COMMANDS = frozenset({"PREPARE", "EXECUTE", "DEALLOCATE", "DEALLOCATE A
 
 
 def _literal_dependent(facts: StatementFacts) -> bool:
+    """Facts that read constants (SET values, set_config names, COPY files, EXECUTE arguments,
+    EXPLAIN options) differ between a statement and its normalized shape: never shape-cache them."""
     f: StatementFacts | None = facts
     while f is not None:
-        if f.set_value is not None or f.command in ("SET", "RESET"):
+        if (f.set_value is not None or f.guc_writes or f.copy is not None or f.params or f.prepared_name
+                or f.command in ("SET", "RESET", "EXPLAIN", "EXECUTE")):
             return True
         f = f.inner
     return False
