@@ -250,24 +250,33 @@ class _State:
 # --------------------------------------------------------------------------- tree walking
 
 
+# nodes with nothing inside that the analysis looks for
+_LEAVES = frozenset({"A_Const", "String", "ParamRef", "A_Star", "Integer", "Float", "Boolean", "BitString",
+                     "TypeName", "SQLValueFunction", "Alias", "RoleSpec", "SetToDefault"})
+
+
 def _walk(x, st: _State, scopes: list[_Scope], ctes: frozenset) -> None:
-    if isinstance(x, list):
+    if type(x) is list:
         for i in x:
-            if isinstance(i, (dict, list)):
+            t = type(i)
+            if t is dict or t is list:
                 _walk(i, st, scopes, ctes)
         return
-    if not isinstance(x, dict):
+    if type(x) is not dict:
         return
     if len(x) == 1:
-        k, v = next(iter(x.items()))
-        h = _HANDLERS.get(k)
-        if h is not None:
-            h(v, st, scopes, ctes)
-            return
-    if "relname" in x:  # an (unwrapped) RangeVar outside a FROM list
+        for k, v in x.items():
+            if k in _LEAVES:
+                return
+            h = _HANDLERS.get(k)
+            if h is not None:
+                h(v, st, scopes, ctes)
+                return
+    elif "relname" in x:  # an (unwrapped) RangeVar outside a FROM list
         _range_var(x, st, None, ctes)
     for v in x.values():
-        if isinstance(v, (dict, list)):
+        t = type(v)
+        if t is dict or t is list:
             _walk(v, st, scopes, ctes)
 
 

@@ -92,15 +92,20 @@ class Policy:
             if norm is not None:
                 nkey = (norm, skey)
                 v = self.shape.get(nkey)
-                if v is not None:
-                    return v
-                if norm != sql:
+                if v is None and norm != sql:
                     v = self._evaluate(norm, session)
-                    if v.decision.rule != "analysis" and not any(_literal_dependent(f) for f in v.facts):
+                    if v.decision.rule == "analysis" or any(_literal_dependent(f) for f in v.facts):
+                        v = None
+                    else:
                         if len(self.shape) >= CACHE_MAX:
                             self.shape.clear()
                         self.shape[nkey] = v
-                        return v
+                if v is not None:
+                    # the exact text too: a repeated statement then skips normalize
+                    if len(self.exact) >= CACHE_MAX:
+                        self.exact.clear()
+                    self.exact[key] = v
+                    return v
         v = self._evaluate(sql, session)
         if len(self.exact) >= CACHE_MAX:
             self.exact.clear()

@@ -2,7 +2,9 @@
 evaluation time (rules cannot ``load()`` or open anything); loading reads the files once.
 
 Rules this module keeps:
-- One frozen Starlark module per rule file per rules version; one call per file per statement.
+- One frozen Starlark module per rule file per rules version, and one frozen entry module that
+  ``load()``s every file's ``on_statement``: one Python->Starlark call (and one JSON decode) per
+  statement for the whole rule set.
 - Everything that can go wrong in a rule (an exception, garbage returned, recursion, running past
   ``rule_timeout``, a Rust panic) becomes a *deny* naming the file and line: fail closed.
 - Across files: any deny wins, then require_approval, then masks (their union), then allow; with
@@ -47,16 +49,17 @@ def mask(columns, reason = ""):
     return {"pooler_action": "mask", "columns": columns, "reason": reason}
 '''
 
-_POSTLUDE = '''
+# the entry module: {loads} and {calls} are filled in per rule set
+_ENTRY = '''{loads}
+
 def __pooler_struct(x):
-    if type(x) == "dict":
-        return struct(**{k: __pooler_struct(v) for k, v in x.items()})
-    if type(x) == "list":
-        return [__pooler_struct(v) for v in x]
-    return x
+    # facts hold dicts (stmt, copy, inner) and lists of scalars only
+    return struct(**{{k: (__pooler_struct(v) if type(v) == "dict" else v) for k, v in x.items()}})
 
 def pooler_entry(stmt_json, session_json):
-    return on_statement(__pooler_struct(json.decode(stmt_json)), __pooler_struct(json.decode(session_json)))
+    stmt = __pooler_struct(json.decode(stmt_json))
+    session = __pooler_struct(json.decode(session_json))
+    return [{calls}]
 '''
 
 _GLOBALS = sl.Globals.extended_by([
@@ -64,7 +67,6 @@ _GLOBALS = sl.Globals.extended_by([
     sl.LibraryExtension.Filter, sl.LibraryExtension.Typing,
 ])
 _PRELUDE_AST = sl.parse("<pooler builtins>", _PRELUDE)
-_POSTLUDE_AST = sl.parse("<pooler>", _POSTLUDE)
 
 # Fields whose values depend on SQL literals. A rule set that never names them (or getattr/dir)
 # decides the same for every statement of one shape, so decisions may be cached per shape.
@@ -104,6 +106,8 @@ class RuleSet:
     version: str
     literal_blind: bool
     tests: list[dict] = field(default_factory=list)
+    entry: object | None = None  # frozen module calling every file's on_statement
+    entry_files: list[RuleFile] = field(default_factory=list)
 
     @property
     def active(self) -> bool:
@@ -138,8 +142,6 @@ def compile_file(path: Path, directory: Path, timeout: float = 1.0) -> RuleFile:
         sl.eval(mod, _PRELUDE_AST, _GLOBALS)
         sl.eval_with(_deadline_options(timeout), mod, ast, _GLOBALS)
         has_entry = re.search(r"^def on_statement\s*\(", src, re.M) is not None
-        if has_entry:
-            sl.eval(mod, _POSTLUDE_AST, _GLOBALS)
         frozen = mod.freeze()
     except sl.StarlarkError as e:
         raise RuleLoadError(f"{name}: {e}") from None
@@ -180,6 +182,9 @@ def load_rules(directory: Path | None, default_action: str = "allow", timeout: f
                     raise RuleLoadError(f"{name}: test #{i}: expect must be one of {', '.join(ACTIONS)}")
                 tests.append(dict(case, _file=name, _index=i))
     rs = RuleSet(directory, files, default_action, timeout, digest.hexdigest()[:16], literal_blind, tests)
+    rs.entry_files = [rf for rf in files if rf.frozen is not None]
+    if rs.entry_files:
+        rs.entry = _build_entry(rs.entry_files)
     if run_tests and tests:
         from .engine import run_rule_tests
 
@@ -188,6 +193,20 @@ def load_rules(directory: Path | None, default_action: str = "allow", timeout: f
             f = failures[0]
             raise RuleLoadError(f"{len(failures)} rule test(s) failed; first: {f.describe()}")
     return rs
+
+
+def _build_entry(files: list[RuleFile]):
+    by_name = {rf.name: rf.frozen for rf in files}
+    loads = "\n".join(f'load({orjson.dumps(rf.name).decode()}, __pooler_rule_{i}="on_statement")'
+                      for i, rf in enumerate(files))
+    calls = ", ".join(f"__pooler_rule_{i}(stmt, session)" for i in range(len(files)))
+    mod = sl.Module()
+    try:
+        sl.eval(mod, sl.parse("<pooler>", _ENTRY.format(loads=loads, calls=calls)), _GLOBALS,
+                sl.FileLoader(lambda name: by_name[name]))
+    except sl.StarlarkError as e:
+        raise RuleLoadError(f"cannot link the rule files: {e}") from None
+    return mod.freeze()
 
 
 def _parse_result(rf: RuleFile, result) -> Decision | None:
@@ -214,29 +233,43 @@ def evaluate(rs: RuleSet, stmt: dict, session: dict) -> Decision:
     session_json = orjson.dumps(session).decode()
     opts = _deadline_options(rs.timeout)
     decisions: list[Decision] = []
-    for rf in rs.files:
-        if rf.frozen is None:
-            continue
-        try:
-            result = rf.frozen.call_with(opts, "pooler_entry", stmt_json, session_json).value
-        except sl.StarlarkError as e:
-            msg = str(e)
-            loc = re.search(r"--> (\S+:\d+):\d+", msg)
-            where = loc.group(1) if loc else f"{rf.name}:{rf.def_line}"
-            if "cancel" in msg.lower():
-                return Decision("deny", f"rule error: exceeded rule_timeout ({rs.timeout * 1000:.0f} ms)", where)
-            first = next((ln.strip() for ln in msg.splitlines() if ln.startswith("error:")), msg.splitlines()[-1] if msg else "error")
-            return Decision("deny", f"rule error: {first.removeprefix('error: ')}", where)
-        except BaseException as e:  # noqa: BLE001 - a panic in the interpreter is a refusal too
-            if isinstance(e, (KeyboardInterrupt, SystemExit)):
-                raise
-            return Decision("deny", f"rule error: {type(e).__name__}", f"{rf.name}:{rf.def_line}")
+    if rs.entry is None:
+        return combine(decisions, rs.default_action)
+    first = rs.entry_files[0]
+    try:
+        results = rs.entry.call_with(opts, "pooler_entry", stmt_json, session_json).value
+    except sl.StarlarkError as e:
+        msg = str(e)
+        names = {rf.name for rf in rs.entry_files}
+        loc = re.search(r"--> (\S+):(\d+):\d+", msg)
+        if loc and loc.group(1) in names:
+            where = f"{loc.group(1)}:{loc.group(2)}"
+        else:
+            where = _frame_of(msg, rs.entry_files) or f"{first.name}:{first.def_line}"
+        if "cancel" in msg.lower():
+            return Decision("deny", f"rule error: exceeded rule_timeout ({rs.timeout * 1000:.0f} ms)", where)
+        err = next((ln.strip() for ln in msg.splitlines() if ln.startswith("error:")), msg.splitlines()[-1] if msg else "error")
+        return Decision("deny", f"rule error: {err.removeprefix('error: ')}", where)
+    except BaseException as e:  # noqa: BLE001 - a panic in the interpreter is a refusal too
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise
+        return Decision("deny", f"rule error: {type(e).__name__}", f"{first.name}:{first.def_line}")
+    for rf, result in zip(rs.entry_files, results):
         d = _parse_result(rf, result)
         if d is not None:
             if d.action == "deny":
                 return d
             decisions.append(d)
     return combine(decisions, rs.default_action)
+
+
+def _frame_of(msg: str, files: list[RuleFile]) -> str | None:
+    """The innermost rule-file frame of a Starlark traceback ("* rules/x.star:7, in f")."""
+    found = None
+    for m in re.finditer(r"\* (\S+?):(\d+), in ", msg):
+        if any(m.group(1) == rf.name for rf in files):
+            found = f"{m.group(1)}:{m.group(2)}"
+    return found
 
 
 def combine(decisions: list[Decision], default_action: str) -> Decision:
