@@ -499,24 +499,14 @@ def _h_insert(s, st, scopes, ctes):
         _walk(s["returningClause"], st, inner, ctes)
 
 
-def _h_update(s, st, scopes, ctes):
+def _h_update_or_delete(s, st, scopes, ctes):
+    """UPDATE ... FROM and DELETE ... USING: the target plus the extra FROM items in scope."""
     ctes = _with(s.get("withClause"), st, scopes, ctes)
     scope, q = _target_scope(_unwrap(s.get("relation")), st, ctes)
-    for item in s.get("fromClause") or ():
+    for item in s.get("fromClause") or s.get("usingClause") or ():
         _from_item(item, st, scope, scopes, ctes)
     inner = [scope, *scopes]
     _set_targets(s.get("targetList"), st, q, inner, ctes)
-    for key in ("whereClause", "returningClause"):
-        if s.get(key) is not None:
-            _walk(s[key], st, inner, ctes)
-
-
-def _h_delete(s, st, scopes, ctes):
-    ctes = _with(s.get("withClause"), st, scopes, ctes)
-    scope, q = _target_scope(_unwrap(s.get("relation")), st, ctes)
-    for item in s.get("usingClause") or ():
-        _from_item(item, st, scope, scopes, ctes)
-    inner = [scope, *scopes]
     for key in ("whereClause", "returningClause"):
         if s.get(key) is not None:
             _walk(s[key], st, inner, ctes)
@@ -551,8 +541,8 @@ _HANDLERS = {
     "FuncCall": _h_func_call,
     "SelectStmt": _h_select,
     "InsertStmt": _h_insert,
-    "UpdateStmt": _h_update,
-    "DeleteStmt": _h_delete,
+    "UpdateStmt": _h_update_or_delete,
+    "DeleteStmt": _h_update_or_delete,
     "MergeStmt": _h_merge,
     "RangeVar": lambda v, st, scopes, ctes: _range_var(v, st, None, ctes),
 }
