@@ -402,3 +402,37 @@ def _wait_refused(conn, sql: str, needle: str) -> None:
             return
         assert time.monotonic() < deadline
         time.sleep(0.02)
+
+
+def test_session_tracking_fails_closed(pg, pgw):
+    with psycopg.connect(pgw.dsn(user="agent", dbname="shop"), autocommit=True) as conn:
+        # a SET rolled back (or a server handed to another transaction) cannot hide public.customers
+        conn.execute("BEGIN")
+        conn.execute("SET search_path = sales")
+        conn.execute("ROLLBACK")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="masking required"):
+            conn.execute("SELECT email FROM customers")
+    with psycopg.connect(pgw.dsn(user="ann", dbname="shop"), autocommit=True) as conn:
+        # search_path changed behind the rules' back is refused
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="use SET search_path"):
+            conn.execute("SELECT set_config('search_path', 'sales', false)")
+        conn.execute("PREPARE bump2 AS UPDATE products SET price = price + 1")
+        # re-preparing the name must not make the rules judge EXECUTE as other text
+        with pytest.raises(psycopg.errors.DuplicatePreparedStatement):
+            conn.execute("PREPARE bump2 AS SELECT 1")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="approval required"):
+            conn.execute("EXECUTE bump2")
+
+    async def over_parse():  # EXECUTE sent as an extended-protocol Parse is judged too
+        c = await asyncpg.connect(host=pgw.host, port=pgw.port, user="ann", database="shop", ssl=False)
+        try:
+            async with c.transaction():
+                await c.execute("PREPARE bump3 AS UPDATE products SET price = price + 1")
+                with pytest.raises(asyncpg.InsufficientPrivilegeError, match="approval required"):
+                    await c.fetch("EXECUTE bump3")
+        except asyncpg.InFailedSQLTransactionError:
+            pass
+        finally:
+            await c.close()
+    asyncio.run(over_parse())
+    assert count(pg, "SELECT count(*) FROM products WHERE price = 0") == 0

@@ -677,7 +677,7 @@ class ClientConn(asyncio.Protocol):
         si = self.session_info()
         verdict = policy.decide(sql, si, self._skey[si.in_transaction])
         d = verdict.decision
-        if not d.refused and verdict.session_work and t == T_QUERY:
+        if not d.refused and verdict.session_work:  # Query and Parse alike: EXECUTE can come either way
             d = self._session_work(policy, verdict, si)
             if isinstance(d, tuple):
                 return d
@@ -689,7 +689,12 @@ class ClientConn(asyncio.Protocol):
 
     def _session_work(self, policy, verdict, si):
         """SQL-level PREPARE/EXECUTE/DEALLOCATE and search_path: EXECUTE is judged as the
-        statement it runs. Returns a Decision, or (sqlstate, message) for an unknown name."""
+        statement it runs. Returns a Decision, or (sqlstate, message) of a refusal.
+
+        Fail closed: a name already prepared is refused as PostgreSQL refuses it (otherwise a
+        failing re-PREPARE would let EXECUTE be judged as text the server does not run), and the
+        search_path the rules see only grows: a SET that is rolled back, a SET LOCAL, or a
+        server given to another transaction can then never hide a schema from the rules."""
         d = verdict.decision
         for f in verdict.facts:
             cmd = f.command
@@ -701,26 +706,22 @@ class ClientConn(asyncio.Protocol):
                 if inner.refused:
                     return inner
             elif cmd == "PREPARE" and f.prepared_name and f.inner is not None:
+                if f.prepared_name in self.sql_prepared:
+                    return ("42P05", f'prepared statement "{f.prepared_name}" already exists')
                 self.sql_prepared[f.prepared_name] = f.inner.sql
             elif cmd == "DEALLOCATE":
-                if f.prepared_name:
-                    self.sql_prepared.pop(f.prepared_name, None)
-                else:
-                    self.sql_prepared.clear()
+                self.sql_prepared.pop(f.prepared_name or "", None)
             elif cmd in ("DEALLOCATE ALL", "DISCARD ALL"):
                 self.sql_prepared.clear()
-                if cmd == "DISCARD ALL":
-                    self.search_path = ("public",)
-                    self._session_changed()
-            elif cmd in ("SET", "RESET") and f.set_name in ("search_path", "all"):
-                if cmd == "RESET" or f.set_value is None:
-                    path = ("public",)
-                else:
-                    path = tuple(a or b for a, b in _SEARCH_PATH_ITEM.findall(f.set_value) if (a or b)) or ("public",)
-                    path = tuple(p for p in path if p != "$user") or ("public",)
+            elif cmd == "SET" and f.set_name == "search_path" and f.set_value is not None:
+                path = tuple(a or b for a, b in _SEARCH_PATH_ITEM.findall(f.set_value) if (a or b))
+                path = tuple(dict.fromkeys(p for p in path + self.search_path if p != "$user"))
                 if path != self.search_path:
                     self.search_path = path
                     self._session_changed()
+            elif cmd not in ("SET", "RESET") and ("search_path" in f.guc_writes or "?" in f.guc_writes):
+                return ("42501", "refused by the gateway: set_config() of search_path (or of a computed "
+                                 "setting name) cannot be followed by the rules; use SET search_path")
         return d
 
     def _refusal_text(self, d, sql: str) -> tuple[str, str]:

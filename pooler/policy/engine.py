@@ -45,7 +45,7 @@ class SessionInfo:
 class Verdict:
     decision: Decision
     facts: tuple[StatementFacts, ...]
-    session_work: bool  # PREPARE/EXECUTE/DEALLOCATE/DISCARD/SET search_path: the client tracks these
+    session_work: bool  # PREPARE/EXECUTE/DEALLOCATE/DISCARD/search_path writes: the client tracks these
     sqlstate: str = "42501"
 
 
@@ -135,7 +135,7 @@ class Policy:
 
 def _session_work(facts: tuple[StatementFacts, ...]) -> bool:
     for f in facts:
-        if f.command in _SESSION_COMMANDS:
+        if f.command in _SESSION_COMMANDS or "search_path" in f.guc_writes or "?" in f.guc_writes:
             return True
     return False
 
