@@ -60,6 +60,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         except RuleLoadError as e:
             log.error("rules failed to load: %s", e)
             raise SystemExit(1)
+        except config_mod.ConfigError as e:
+            log.error("configuration error: %s", e)
+            raise SystemExit(1)
         if gw.policy is not None:
             log.info("rules loaded from %s: %d file(s), version %s, default_action=%s",
                      cfg.rules_path(), len(gw.policy.rules.files), gw.policy.rules.version, cfg.default_action)
@@ -81,6 +84,26 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     return run_demo(args)
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    """``pooler token SUBJECT --groups a,b``: a token signed with the demo's own key (demo only)."""
+    from pathlib import Path
+
+    from .demo import REPO_CONF, ensure_demo_material, mint_demo_token
+
+    path = Path(args.config) if args.config else REPO_CONF
+    if not path.exists():
+        print(f"pooler token: {path} not found (pass --config)", file=sys.stderr)
+        return 1
+    ensure_demo_material(path.resolve().parent)
+    cfg = load_config_or_exit(str(path))
+    if not config_mod.jwt_in_use(cfg):
+        print(f"pooler token: {path} does not use auth_type = jwt anywhere", file=sys.stderr)
+        return 1
+    groups = [g.strip() for g in args.groups.split(",") if g.strip()]
+    print(mint_demo_token(cfg, args.subject, groups, args.ttl))
+    return 0
 
 
 def cmd_rules(args: argparse.Namespace) -> int:
@@ -137,6 +160,12 @@ def main(argv: list[str] | None = None) -> int:
     d = sub.add_parser("demo", help="start a throwaway PostgreSQL with sample data and the gateway on it")
     d.add_argument("--config", default=None, help="gateway ini (default: conf/gateway.ini)")
     d.set_defaults(func=cmd_demo)
+    t = sub.add_parser("token", help="mint a login token with the demo's own key (for the demo only)")
+    t.add_argument("subject", help="the agent's user name (the token's user claim)")
+    t.add_argument("--groups", default="agents", help="comma-separated groups claim (default: agents)")
+    t.add_argument("--ttl", type=float, default=3600, help="seconds until the token expires (default: 3600)")
+    t.add_argument("--config", default=None, help="gateway ini (default: conf/gateway.ini)")
+    t.set_defaults(func=cmd_token)
     ru = sub.add_parser("rules", help="rule authoring tools")
     ru.add_argument("action", choices=["check", "test"], help="check: compile and lint; test: run the *.test.toml cases")
     ru.add_argument("dir", help="rules directory")

@@ -14,7 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 POOL_MODES = ("session", "transaction", "statement")
-AUTH_TYPES = ("trust", "md5", "scram-sha-256", "plain", "any")
+AUTH_TYPES = ("trust", "md5", "scram-sha-256", "plain", "any", "jwt")
+SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+JWT_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512",
+                  "EdDSA", "HS256", "HS384", "HS512")
 
 
 class ConfigError(Exception):
@@ -29,6 +32,8 @@ class DatabaseConfig:
     dbname: str | None = None  # None: same as the client's database name
     user: str | None = None  # None: the client's user name
     password: str | None = None
+    password_file: str | None = None  # the upstream secret is read from this file (each reload)
+    password_env: str | None = None  # ... or from this environment variable
     pool_size: int | None = None
     min_pool_size: int | None = None
     pool_mode: str | None = None
@@ -47,6 +52,8 @@ class UserConfig:
     pool_mode: str | None = None
     max_user_connections: int | None = None
     groups: tuple[str, ...] = ()
+    auth_type: str | None = None
+    alias: tuple[str, ...] = ()  # token logins: other startup user names this identity may use
 
 
 @dataclass(slots=True)
@@ -88,6 +95,36 @@ class Config:
     rules_dir: str | None = None  # None: "rules/" beside the config file, when it exists
     default_action: str = "allow"
     rule_timeout: float = 0.05
+    client_tls_sslmode: str = "disable"
+    client_tls_key_file: str | None = None
+    client_tls_cert_file: str | None = None
+    client_tls_ca_file: str | None = None
+    client_tls_protocols: str = "secure"
+    client_tls_ciphers: str | None = None
+    server_tls_sslmode: str = "disable"
+    server_tls_key_file: str | None = None
+    server_tls_cert_file: str | None = None
+    server_tls_ca_file: str | None = None
+    server_tls_protocols: str = "secure"
+    server_tls_ciphers: str | None = None
+    jwt_jwks: str | None = None
+    jwt_jwks_ca_file: str | None = None
+    jwt_jwks_refresh: float = 300.0
+    jwt_jwks_min_refresh: float = 10.0
+    jwt_algorithms: tuple[str, ...] = ("RS256", "ES256")
+    jwt_issuer: str | None = None
+    jwt_audience: tuple[str, ...] = ()
+    jwt_leeway: float = 30.0
+    jwt_user_claim: str = "sub"
+    jwt_groups_claim: str = "groups"
+    jwt_required_claims: tuple[str, ...] = ("exp",)
+    jwt_max_token_size: int = 16384
+    jwt_allow_plaintext: bool = False
+    jwt_expiry_action: str = "close"
+    auth_fail_delay_after: int = 3
+    auth_fail_max_delay: float = 5.0
+    client_ssl: object = None  # ssl.SSLContext built from client_tls_* (None: TLS off)
+    server_ssl: object = None  # ssl.SSLContext built from server_tls_* (None: never asked)
     databases: dict[str, DatabaseConfig] = field(default_factory=dict)
     users: dict[str, UserConfig] = field(default_factory=dict)
     auth_users: dict[str, str] = field(default_factory=dict)  # user -> secret from auth_file
@@ -204,6 +241,35 @@ def _size(v: str) -> int:
     return n
 
 
+def _tls_protocols(v: str) -> str:
+    from .tls import parse_protocols
+
+    parse_protocols(v)
+    return v
+
+
+def _jwt_algorithms(v: str) -> tuple[str, ...]:
+    algs = _list(v)
+    if not algs:
+        raise ValueError("name at least one algorithm, e.g. RS256,ES256")
+    by_lower = {a.lower(): a for a in JWT_ALGORITHMS}
+    out = []
+    for a in algs:
+        if a.lower() == "none":
+            raise ValueError("'none' is never accepted: tokens must be signed")
+        if a.lower() not in by_lower:
+            raise ValueError(f"unknown algorithm {a!r} (expected some of {', '.join(JWT_ALGORITHMS)})")
+        out.append(by_lower[a.lower()])
+    return tuple(out)
+
+
+def _claim(v: str) -> str:
+    v = v.strip()
+    if not v:
+        raise ValueError("expected a claim name or a dotted path such as realm_access.roles")
+    return v
+
+
 SETTINGS = {
     "listen_addr": ("listen_addr", _str),
     "listen_port": ("listen_port", _port),
@@ -241,6 +307,34 @@ SETTINGS = {
     "rules_dir": ("rules_dir", _opt_str),
     "default_action": ("default_action", _choice("allow", "deny")),
     "rule_timeout": ("rule_timeout", _seconds),
+    "client_tls_sslmode": ("client_tls_sslmode", _choice(*SSLMODES)),
+    "client_tls_key_file": ("client_tls_key_file", _opt_str),
+    "client_tls_cert_file": ("client_tls_cert_file", _opt_str),
+    "client_tls_ca_file": ("client_tls_ca_file", _opt_str),
+    "client_tls_protocols": ("client_tls_protocols", _tls_protocols),
+    "client_tls_ciphers": ("client_tls_ciphers", _opt_str),
+    "server_tls_sslmode": ("server_tls_sslmode", _choice(*SSLMODES)),
+    "server_tls_key_file": ("server_tls_key_file", _opt_str),
+    "server_tls_cert_file": ("server_tls_cert_file", _opt_str),
+    "server_tls_ca_file": ("server_tls_ca_file", _opt_str),
+    "server_tls_protocols": ("server_tls_protocols", _tls_protocols),
+    "server_tls_ciphers": ("server_tls_ciphers", _opt_str),
+    "jwt_jwks": ("jwt_jwks", _opt_str),
+    "jwt_jwks_ca_file": ("jwt_jwks_ca_file", _opt_str),
+    "jwt_jwks_refresh": ("jwt_jwks_refresh", _seconds),
+    "jwt_jwks_min_refresh": ("jwt_jwks_min_refresh", _seconds),
+    "jwt_algorithms": ("jwt_algorithms", _jwt_algorithms),
+    "jwt_issuer": ("jwt_issuer", _opt_str),
+    "jwt_audience": ("jwt_audience", _list),
+    "jwt_leeway": ("jwt_leeway", _seconds),
+    "jwt_user_claim": ("jwt_user_claim", _claim),
+    "jwt_groups_claim": ("jwt_groups_claim", _claim),
+    "jwt_required_claims": ("jwt_required_claims", _list),
+    "jwt_max_token_size": ("jwt_max_token_size", _nonneg_int),
+    "jwt_allow_plaintext": ("jwt_allow_plaintext", _bool),
+    "jwt_expiry_action": ("jwt_expiry_action", _choice("close", "keep")),
+    "auth_fail_delay_after": ("auth_fail_delay_after", _nonneg_int),
+    "auth_fail_max_delay": ("auth_fail_max_delay", _seconds),
 }
 
 # PgBouncer settings this gateway accepts but does not act on (yet); a warning says so.
@@ -252,10 +346,7 @@ PGBOUNCER_IGNORED = {
     "tcp_keepalive", "tcp_keepcnt", "tcp_keepidle", "tcp_keepintvl", "tcp_user_timeout",
     "so_reuseport", "stats_period", "syslog", "syslog_ident", "syslog_facility", "user", "listen_backlog",
     "suspend_timeout", "track_extra_parameters", "peer_id", "max_db_client_connections",
-    "client_tls_sslmode", "client_tls_key_file", "client_tls_cert_file", "client_tls_ca_file",
-    "client_tls_protocols", "client_tls_ciphers", "client_tls_ecdhcurve", "client_tls_dheparams",
-    "server_tls_sslmode", "server_tls_key_file", "server_tls_cert_file", "server_tls_ca_file",
-    "server_tls_protocols", "server_tls_ciphers", "log_stats", "log_failed_connections",
+    "client_tls_ecdhcurve", "client_tls_dheparams", "log_stats", "log_failed_connections",
     "cancel_wait_timeout", "query_wait_notify", "service_name", "job_name", "conffile",
     "autodb_idle_timeout", "server_reset_query_always_is_deprecated", "unix_socket_group",
     "idle_transaction_timeout_is_set", "scram_iterations", "resolv_conf", "auth_ident_file",
@@ -266,12 +357,12 @@ DB_KEYS = {
     "pool_size": _nonneg_int, "min_pool_size": _nonneg_int, "pool_mode": _choice(*POOL_MODES),
     "max_db_connections": _nonneg_int, "connect_query": _str, "client_encoding": _str,
     "datestyle": _str, "timezone": _str, "application_name": _str,
-    "auth_type": _choice(*AUTH_TYPES),
+    "auth_type": _choice(*AUTH_TYPES), "password_file": _str, "password_env": _str,
 }
 DB_IGNORED = {"auth_user", "auth_query", "auth_dbname", "reserve_pool", "reserve_pool_size",
               "server_lifetime", "max_db_client_connections"}
 USER_KEYS = {"pool_mode": _choice(*POOL_MODES), "max_user_connections": _nonneg_int,
-             "groups": _list}
+             "groups": _list, "auth_type": _choice(*AUTH_TYPES), "alias": _list}
 
 
 def parse_connstr(s: str) -> list[tuple[str, str]]:
@@ -376,6 +467,90 @@ def parse_auth_file(path: Path) -> dict[str, str]:
     return users
 
 
+def _resolve_db_secret(cfg: Config, db: DatabaseConfig, where: str) -> None:
+    """password_file / password_env -> db.password (read at every load, so a reload rotates it).
+    Errors name the file or variable, never a secret."""
+    given = [k for k in ("password", "password_file", "password_env") if getattr(db, k) is not None]
+    if len(given) > 1:
+        raise ConfigError(f"{where}: database {db.name}: give only one of {', '.join(given)}")
+    if db.password_file is not None:
+        f = cfg.resolve(db.password_file)
+        try:
+            text = f.read_text()
+        except OSError as e:
+            raise ConfigError(f"{where}: database {db.name}: cannot read password_file {f}: {e.strerror}") from None
+        secret = text.rstrip("\r\n")
+        if not secret or "\n" in secret:
+            raise ConfigError(f"{where}: database {db.name}: password_file {f} must hold one line")
+        db.password = secret
+    elif db.password_env is not None:
+        secret = os.environ.get(db.password_env)
+        if not secret:
+            raise ConfigError(f"{where}: database {db.name}: environment variable {db.password_env} (password_env) is not set")
+        db.password = secret
+
+
+def _check_tls(cfg: Config) -> None:
+    import ssl
+
+    from . import tls
+
+    for side, build in (("client", tls.client_side_context), ("server", tls.server_side_context)):
+        mode = getattr(cfg, f"{side}_tls_sslmode")
+        files = {k: getattr(cfg, f"{side}_tls_{k}_file") for k in ("cert", "key", "ca")}
+        files = {k: str(cfg.resolve(v)) if v else None for k, v in files.items()}
+        if mode != "disable":
+            for k, f in files.items():
+                if f and not os.path.isfile(f):
+                    hint = " (run `pooler demo` once to make the demo's certificate)" if "/.demo/" in f else ""
+                    raise ConfigError(f"{cfg.path}: {side}_tls_{k}_file {f}: no such file{hint}")
+        try:
+            ctx = build(mode, files["cert"], files["key"], files["ca"],
+                        getattr(cfg, f"{side}_tls_protocols"), getattr(cfg, f"{side}_tls_ciphers"))
+        except (ValueError, OSError, ssl.SSLError) as e:
+            raise ConfigError(f"{cfg.path}: {side}_tls_sslmode = {mode}: {e}") from None
+        setattr(cfg, f"{side}_ssl", ctx)
+
+
+def jwt_in_use(cfg: Config) -> bool:
+    return (cfg.auth_type == "jwt" or any(d.auth_type == "jwt" for d in cfg.databases.values())
+            or any(u.auth_type == "jwt" for u in cfg.users.values()))
+
+
+def _check_jwt(cfg: Config) -> None:
+    if not jwt_in_use(cfg):
+        return
+    if not cfg.jwt_jwks:
+        raise ConfigError(f"{cfg.path}: auth_type = jwt needs jwt_jwks (a JWKS file or an https:// URL)")
+    if cfg.jwt_jwks.startswith("http://"):
+        raise ConfigError(f"{cfg.path}: jwt_jwks must be an https:// URL or a file, not http://")
+    if not cfg.jwt_issuer:
+        raise ConfigError(f"{cfg.path}: auth_type = jwt needs jwt_issuer (the issuer tokens must name)")
+    if not cfg.jwt_audience:
+        cfg.warnings.append(f"{cfg.path}: jwt_audience is not set: tokens for any audience are accepted")
+    if cfg.jwt_allow_plaintext:
+        cfg.warnings.append(f"{cfg.path}: jwt_allow_plaintext = 1: tokens are accepted over unencrypted "
+                            "TCP connections (for tests only)")
+    elif cfg.client_ssl is None and cfg.listen_addr:
+        cfg.warnings.append(f"{cfg.path}: auth_type = jwt without client TLS: token logins are only "
+                            "accepted over the Unix socket (set client_tls_sslmode and its files)")
+    for d in cfg.databases.values():
+        if d.name != "*" and not d.user and (d.auth_type == "jwt" or (d.auth_type is None and cfg.auth_type == "jwt")):
+            cfg.warnings.append(f"{cfg.path}: database {d.name} takes token logins but names no upstream "
+                                "user: such logins will be refused (set user= and a password)")
+
+
+def jwt_settings(cfg: Config):
+    from .auth.jwt import JwtSettings
+
+    return JwtSettings(
+        jwks=cfg.jwt_jwks or "", jwks_ca_file=str(cfg.resolve(cfg.jwt_jwks_ca_file)) if cfg.jwt_jwks_ca_file else None,
+        jwks_refresh=cfg.jwt_jwks_refresh, jwks_min_refresh=cfg.jwt_jwks_min_refresh,
+        algorithms=cfg.jwt_algorithms, issuer=cfg.jwt_issuer, audience=cfg.jwt_audience,
+        leeway=cfg.jwt_leeway, user_claim=cfg.jwt_user_claim, groups_claim=cfg.jwt_groups_claim,
+        required_claims=cfg.jwt_required_claims, max_token_size=cfg.jwt_max_token_size or 16384)
+
+
 def load(path: str | os.PathLike) -> Config:
     path = Path(path).resolve()
     cfg = Config(path=path)
@@ -416,6 +591,7 @@ def load(path: str | os.PathLike) -> Config:
                     cfg.warnings.append(f"{where}: database {key}: {k} is not supported; ignored")
                 else:
                     cfg.warnings.append(f"{where}: database {key}: unknown parameter {k} ignored")
+            _resolve_db_secret(cfg, db, where)
             cfg.databases[key] = db
         elif section == "users":
             try:
@@ -438,6 +614,8 @@ def load(path: str | os.PathLike) -> Config:
         cfg.auth_users = parse_auth_file(cfg.resolve(cfg.auth_file))
     elif cfg.auth_type in ("md5", "scram-sha-256", "plain"):
         raise ConfigError(f"{path}: auth_type = {cfg.auth_type} needs auth_file")
+    _check_tls(cfg)
+    _check_jwt(cfg)
     if not cfg.databases:
         cfg.warnings.append(f"{path}: no [databases] entries; every login will be refused")
     if cfg.rules_dir and not cfg.resolve(cfg.rules_dir).is_dir():

@@ -27,11 +27,74 @@ def _quote_lit(s: str) -> str:
     return "'" + s.replace("'", "''") + "'"
 
 
+DEMO_DIR = ".demo"  # beside the config file: the demo's TLS certificate and token signing key
+
+
+def ensure_demo_material(conf_dir: Path) -> Path:
+    """The demo's own keys, made once and kept (so minted tokens stay valid across runs):
+    ``.demo/tls.crt`` + ``tls.key`` (self-signed, for sslmode=require) and
+    ``.demo/jwt-signing.pem`` + ``jwks.json`` (an EC P-256 key that ``pooler token`` signs with)."""
+    import json
+    import os
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from jwt.algorithms import ECAlgorithm
+
+    from .tls import make_self_signed
+
+    d = conf_dir / DEMO_DIR
+    d.mkdir(mode=0o700, exist_ok=True)
+    if not (d / "tls.crt").exists() or not (d / "tls.key").exists():
+        make_self_signed(d / "tls.crt", d / "tls.key", ("localhost", "127.0.0.1", "::1"))
+    if not (d / "jwt-signing.pem").exists() or not (d / "jwks.json").exists():
+        key = ec.generate_private_key(ec.SECP256R1())
+        fd = os.open(d / "jwt-signing.pem", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                      serialization.NoEncryption()))
+        jwk = ECAlgorithm.to_jwk(key.public_key(), as_dict=True)
+        jwk.update({"kid": "demo-" + os.urandom(4).hex(), "use": "sig", "alg": "ES256"})
+        (d / "jwks.json").write_text(json.dumps({"keys": [jwk]}, indent=2) + "\n")
+    return d
+
+
+def mint_demo_token(cfg, subject: str, groups: list[str], ttl: float) -> str:
+    """A token for ``subject`` signed with the demo's key, with the claims ``cfg`` checks."""
+    import json
+    import time
+
+    import jwt
+
+    demo = (cfg.path.parent / DEMO_DIR).resolve()
+    if not cfg.jwt_jwks or cfg.resolve(cfg.jwt_jwks).resolve() != demo / "jwks.json":
+        raise SystemExit("pooler token: mints tokens for the demo only, and this config's jwt_jwks is not "
+                         f"the demo's key set ({DEMO_DIR}/jwks.json beside the config); use your identity provider")
+    key = (demo / "jwt-signing.pem").read_bytes()
+    kid = json.loads((demo / "jwks.json").read_text())["keys"][0]["kid"]
+    now = int(time.time())
+    claims: dict = {"iss": cfg.jwt_issuer, "iat": now, "nbf": now, "exp": now + int(ttl)}
+    if cfg.jwt_audience:
+        claims["aud"] = cfg.jwt_audience[0]
+
+    def put(path: str, value) -> None:
+        cur = claims
+        parts = path.split(".")
+        for part in parts[:-1]:
+            cur = cur.setdefault(part, {})
+        cur[parts[-1]] = value
+
+    put(cfg.jwt_user_claim, subject)
+    put(cfg.jwt_groups_claim, groups)
+    return jwt.encode(claims, key, algorithm="ES256", headers={"kid": kid})
+
+
 def run_demo(args: argparse.Namespace) -> int:
     path = Path(args.config) if args.config else REPO_CONF
     if not path.exists():
         print(f"pooler demo: {path} not found (pass --config)", file=sys.stderr)
         return 1
+    ensure_demo_material(path.resolve().parent)
     cfg = load_config_or_exit(str(path))
     setup_logging(cfg.verbose, cfg.logfile)
     log = logging.getLogger("pooler.demo")
@@ -69,10 +132,24 @@ def run_demo(args: argparse.Namespace) -> int:
         example = users[0] if users else "postgres"
         pw = cfg.auth_users.get(example, "")
         hint = f"PGPASSWORD={pw} " if pw and not pw.startswith(("md5", "SCRAM-SHA-256$")) else ""
+        host = cfg.listen_addr.split(',')[0]
+        token_hint = ""
+        if config_mod.jwt_in_use(cfg):
+            import shlex
+
+            cmd = " ".join(shlex.quote(a) for a in (sys.executable, "-m", "pooler", "token"))
+            if str(path.resolve()) != str(REPO_CONF):
+                cmd += f" --config {shlex.quote(str(path))}"
+            token_hint = (
+                "  Or log in as an AI agent with a token (OIDC/JWT over TLS; the groups claim is what "
+                "the rules see):\n\n"
+                f"    PGPASSWORD=$({cmd} agent-42 --groups agents) psql "
+                f"'host={host} port={cfg.listen_port} dbname={db.name} user=agent-42 sslmode=require'\n\n")
         print(
             "\n  The gateway is ready. Connect with:\n\n"
-            f"    {hint}psql 'host={cfg.listen_addr.split(',')[0]} port={cfg.listen_port} "
+            f"    {hint}psql 'host={host} port={cfg.listen_port} "
             f"dbname={db.name} user={example}'\n\n"
+            + token_hint +
             f"  Client logins are in {cfg.resolve(cfg.auth_file) if cfg.auth_file else '(trust)'}; "
             "press Ctrl-C to stop and remove everything.\n",
             file=sys.stderr, flush=True)

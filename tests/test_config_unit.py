@@ -114,3 +114,68 @@ def test_connstr_quoting():
         ("a", "1"), ("b", "x y"), ("c", "it's"), ("d", "back\\slash")]
     with pytest.raises(ValueError):
         config.parse_connstr("a='unterminated")
+
+
+# ------------------------------------------------------------------ TLS, tokens, upstream secrets
+
+
+@pytest.mark.parametrize("line,needle", [
+    ("jwt_algorithms = RS256,none", "'none' is never accepted"),
+    ("jwt_algorithms = RS257", "unknown algorithm"),
+    ("client_tls_sslmode = sometimes", "client_tls_sslmode"),
+    ("client_tls_protocols = sslv3", "unknown TLS protocol"),
+    ("jwt_expiry_action = shrug", "jwt_expiry_action"),
+])
+def test_bad_tls_and_token_values_name_the_line(tmp_path, line, needle):
+    p = write(tmp_path, f"[gateway]\nauth_type = trust\n{line}\n")
+    with pytest.raises(config.ConfigError) as e:
+        config.load(p)
+    assert f"{p}:3:" in str(e.value) and needle in str(e.value)
+
+
+def test_jwt_needs_a_jwks_and_an_issuer_and_https(tmp_path):
+    with pytest.raises(config.ConfigError, match="needs jwt_jwks"):
+        config.load(write(tmp_path, "[gateway]\nauth_type = jwt\n"))
+    with pytest.raises(config.ConfigError, match="not http://"):
+        config.load(write(tmp_path, "[gateway]\nauth_type = jwt\njwt_jwks = http://idp/jwks\njwt_issuer = x\n"))
+    with pytest.raises(config.ConfigError, match="needs jwt_issuer"):
+        config.load(write(tmp_path, "[gateway]\nauth_type = trust\njwt_jwks = https://idp/jwks\n"
+                                    "[databases]\nagents = host=h user=svc password=p auth_type=jwt\n"))
+    cfg = config.load(write(tmp_path, "[gateway]\nauth_type = trust\njwt_jwks = https://idp/jwks\njwt_issuer = x\n"
+                                      "[users]\nbot = auth_type=jwt alias=reporter,etl\n"))
+    assert cfg.users["bot"].auth_type == "jwt" and cfg.users["bot"].alias == ("reporter", "etl")
+    assert any("jwt_audience is not set" in w for w in cfg.warnings)
+    assert any("only accepted over the Unix socket" in w for w in cfg.warnings)
+
+
+def test_client_tls_needs_its_files_and_loads_them(tmp_path):
+    from pooler.tls import make_self_signed
+
+    with pytest.raises(config.ConfigError, match="needs client_tls_cert_file"):
+        config.load(write(tmp_path, "[gateway]\nauth_type = trust\nclient_tls_sslmode = require\n"))
+    with pytest.raises(config.ConfigError, match="client_tls_cert_file .*nope.crt: no such file"):
+        config.load(write(tmp_path, "[gateway]\nauth_type = trust\nclient_tls_sslmode = require\n"
+                                    "client_tls_cert_file = nope.crt\nclient_tls_key_file = nope.key\n"))
+    make_self_signed(tmp_path / "gw.crt", tmp_path / "gw.key")
+    cfg = config.load(write(tmp_path, "[gateway]\nauth_type = trust\nclient_tls_sslmode = require\n"
+                                      "client_tls_cert_file = gw.crt\nclient_tls_key_file = gw.key\n"))
+    assert cfg.client_ssl is not None and cfg.server_ssl is None
+
+
+def test_upstream_secret_from_file_or_env_never_in_errors(tmp_path, monkeypatch):
+    (tmp_path / "svc.secret").write_text("s3cret-from-file\n")
+    monkeypatch.setenv("SVC_SECRET", "s3cret-from-env")
+    cfg = config.load(write(tmp_path, "[gateway]\nauth_type = trust\n[databases]\n"
+                                      "a = host=h user=svc password_file=svc.secret\n"
+                                      "b = host=h user=svc password_env=SVC_SECRET\n"))
+    assert cfg.databases["a"].password == "s3cret-from-file"
+    assert cfg.databases["b"].password == "s3cret-from-env"
+    with pytest.raises(config.ConfigError) as e:
+        config.load(write(tmp_path, "[gateway]\nauth_type = trust\n[databases]\n"
+                                    "a = host=h user=svc password=inline password_file=svc.secret\n"))
+    assert ":4:" in str(e.value) and "only one of" in str(e.value)
+    with pytest.raises(config.ConfigError, match="SVC_MISSING .* is not set"):
+        config.load(write(tmp_path, "[gateway]\nauth_type = trust\n[databases]\na = host=h password_env=SVC_MISSING\n"))
+    with pytest.raises(config.ConfigError) as e:
+        config.load(write(tmp_path, "[gateway]\nauth_type = trust\n[databases]\na = host=h password_file=missing\n"))
+    assert "cannot read password_file" in str(e.value) and "s3cret" not in str(e.value)

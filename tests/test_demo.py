@@ -24,6 +24,7 @@ def test_demo_starts_serves_sample_data_and_cleans_up(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO))
     proc = subprocess.Popen([sys.executable, "-m", "pooler", "demo", "--config", str(ini)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    tok = "no token yet"
     try:
         wait_port("127.0.0.1", gw_port, proc, timeout=120)
         dsn = f"host=127.0.0.1 port={gw_port} dbname=shop user=agent password=agent-password sslmode=disable"
@@ -34,11 +35,31 @@ def test_demo_starts_serves_sample_data_and_cleans_up(tmp_path):
             # the shipped rules govern the agent: it may read, never write
             with pytest.raises(psycopg.errors.InsufficientPrivilege, match="agents may only read"):
                 conn.execute("DELETE FROM orders WHERE id = 1")
+        # an AI agent logs in with a token minted by `pooler token`, over TLS, with psql
+        token = subprocess.run([sys.executable, "-m", "pooler", "token", "--config", str(ini), "agent-42",
+                                "--groups", "agents"], capture_output=True, text=True, env=env, timeout=60)
+        assert token.returncode == 0, token.stderr
+        tok = token.stdout.strip()
+        r = subprocess.run(["psql", "-X", "-At", f"host=127.0.0.1 port={gw_port} dbname=shop user=agent-42 sslmode=require",
+                            "-c", "SELECT count(*) FROM orders", "-c", "DELETE FROM orders WHERE id = 1"],
+                           capture_output=True, text=True, env=dict(env, PGPASSWORD=tok), timeout=60)
+        assert r.stdout.strip().isdigit(), r.stderr
+        assert "agents may only read" in r.stderr
+        # a token for a group the rules do not restrict: the same DELETE is not refused by them
+        other = subprocess.run([sys.executable, "-m", "pooler", "token", "--config", str(ini), "ops-bot",
+                                "--groups", "operators"], capture_output=True, text=True, env=env, timeout=60)
+        with psycopg.connect(f"host=127.0.0.1 port={gw_port} dbname=shop user=ops-bot sslmode=require "
+                             f"password={other.stdout.strip()}") as conn:
+            assert conn.pgconn.ssl_in_use
+            conn.execute("DELETE FROM payments WHERE id = -1")
     finally:
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, out
     assert re.search(r"psql 'host=127\.0\.0\.1 port=\d+ dbname=shop user=agent'", out)
+    assert re.search(r"PGPASSWORD=\$\(.* -m pooler token --config \S+ agent-42 --groups agents\) psql "
+                     r"'host=127\.0\.0\.1 port=\d+ dbname=shop user=agent-42 sslmode=require'", out)
+    assert tok not in out  # tokens are never logged
     assert "demo-upstream-secret" not in out  # the upstream secret is never printed
     m = re.search(r"removing the throwaway PostgreSQL", out)
     assert m, out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import os
 import secrets
@@ -11,6 +12,7 @@ import socket
 import time
 
 from .. import config as config_mod
+from ..auth.jwt import JwtAuthenticator
 from ..auth.passwords import ScramSecret, is_scram
 from ..config import Config, DatabaseConfig
 from ..policy.engine import Policy
@@ -38,6 +40,8 @@ class Gateway:
         self.unix_path: str | None = None
         self.limits_in_use = self._limits_in_use(config)
         self.policy: Policy | None = load_policy(config)
+        self.jwt: JwtAuthenticator | None = make_jwt(config)
+        self.auth_failures: collections.OrderedDict[str, tuple[int, float]] = collections.OrderedDict()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -149,15 +153,31 @@ class Gateway:
             if policy is not None:
                 log.info("rules loaded: %d file(s), version %s", len(policy.rules.files), policy.rules.version)
         self.policy = policy
+        if config_mod.jwt_in_use(new):
+            if self.jwt is None or self.jwt.settings != config_mod.jwt_settings(new):
+                try:
+                    self.jwt = make_jwt(new)
+                except config_mod.ConfigError as e:
+                    log.error("token settings not reloaded, the running ones keep serving: %s", e)
+            else:
+                # same settings: read the key set again anyway (a key may have been withdrawn)
+                asyncio.get_running_loop().create_task(self.jwt.source.refresh())
+        else:
+            self.jwt = None
         for key, pool in list(self.pools.items()):
             db = new.database(pool.db.name)
             user = key[1]
-            if db is None or _conn_changed(pool.db, db) or self._server_password(new, db, user) != pool.server_password:
+            if db is None or _conn_changed(pool.db, db):
                 pool.obsolete = True
                 del self.pools[key]
                 pool.close_all("configuration changed")
             else:
                 pool.db = db
+                pw = self._server_password(new, db, user)
+                if pw != pool.server_password:
+                    # a rotated upstream secret: new connections use it; open sessions stay
+                    pool.server_password = pw
+                    log.info("pool %s: upstream credentials changed; new server connections use them", pool.name)
         if (new.listen_addr, new.listen_port, new.unix_socket_dir) != (old.listen_addr, old.listen_port, old.unix_socket_dir):
             log.warning("listen_addr/listen_port/unix_socket_dir changes need a restart")
             new.listen_addr, new.listen_port, new.unix_socket_dir = old.listen_addr, old.listen_port, old.unix_socket_dir
@@ -195,8 +215,26 @@ class Gateway:
                 self.cancel_keys[(pid, key)] = c
                 return pid, key
 
-    def auth_failed(self, c: ClientConn, reason: str) -> None:
-        log.warning("authentication failed: %s user=%s db=%s (%s)", c.addr, c.user, c.database, reason)
+    def auth_failed(self, c: ClientConn, reason: str) -> float:
+        """Log a failed login; -> seconds to wait before refusing it. After
+        ``auth_fail_delay_after`` failures from one address within a minute, each further one waits
+        twice as long as the last (up to ``auth_fail_max_delay``)."""
+        cfg = self.config
+        host = c.addr.rsplit(":", 1)[0] if c.addr != "unix" else "unix"
+        now = time.monotonic()
+        count, last = self.auth_failures.pop(host, (0, now))
+        if now - last > 60:
+            count = 0
+        count += 1
+        self.auth_failures[host] = (count, now)
+        while len(self.auth_failures) > 10000:
+            self.auth_failures.popitem(last=False)
+        delay = 0.0
+        if cfg.auth_fail_delay_after and count > cfg.auth_fail_delay_after:
+            delay = min(cfg.auth_fail_max_delay, 0.1 * 2 ** (count - cfg.auth_fail_delay_after - 1))
+        log.warning("authentication failed: %s user=%s db=%s (%s)%s", c.addr, c.login_name or c.user, c.database,
+                    reason, f"; failure {count} from {host} in a row, answering in {delay:.2f}s" if delay else "")
+        return delay
 
     def scram_secret(self, user: str, secret: str) -> ScramSecret:
         k = (user, secret)
@@ -342,8 +380,24 @@ def load_policy(cfg: Config) -> Policy | None:
     return Policy(rs) if rs.active else None
 
 
+def make_jwt(cfg: Config) -> JwtAuthenticator | None:
+    """The token authenticator of ``cfg`` (None when no login uses auth_type = jwt). A JWKS file
+    is read now, so a broken one stops startup (and is refused by a reload) with a clear error;
+    an https JWKS is fetched at the first token login (and refreshed as its settings say)."""
+    if not config_mod.jwt_in_use(cfg):
+        return None
+    a = JwtAuthenticator(config_mod.jwt_settings(cfg), str(cfg.path.parent))
+    if a.source.path is not None:
+        try:
+            a.source.load_now()
+        except (OSError, ValueError) as e:
+            hint = " (run `pooler demo` once to make the demo's key set)" if "/.demo/" in a.source.path else ""
+            raise config_mod.ConfigError(f"{cfg.path}: jwt_jwks {a.source.path}: {getattr(e, 'strerror', None) or e}{hint}") from None
+    return a
+
+
 def _conn_changed(a: DatabaseConfig, b: DatabaseConfig) -> bool:
-    return (a.host, a.port, a.dbname, a.user, a.password) != (b.host, b.port, b.dbname, b.user, b.password)
+    return (a.host, a.port, a.dbname, a.user) != (b.host, b.port, b.dbname, b.user)
 
 
 def dump_state(gw: "Gateway") -> str:

@@ -128,6 +128,9 @@ class ClientConn(asyncio.Protocol):
         self.tx_status = m.TX_IDLE
         # policy
         self.groups: tuple[str, ...] = ()
+        self.login_name = ""  # the startup user name (an alias of self.user for token logins)
+        self.tls = False
+        self.token_expiry: asyncio.TimerHandle | None = None
         self.search_path: tuple[str, ...] = ("public",)
         self.sql_prepared: dict[str, str] = {}  # SQL-level PREPARE name -> statement text
         self.unnamed_ok = False  # this client parsed the unnamed statement on its server
@@ -174,6 +177,9 @@ class ClientConn(asyncio.Protocol):
         was_ready = self.state == C_READY
         self.state = C_CLOSED
         self.closed = True
+        if self.token_expiry is not None:
+            self.token_expiry.cancel()
+            self.token_expiry = None
         w = self.lwaiter
         if w is not None and not w.done():
             w.set_result(None)
@@ -236,6 +242,9 @@ class ClientConn(asyncio.Protocol):
         if self.closed:
             return
         self.closed = True
+        if self.token_expiry is not None:
+            self.token_expiry.cancel()
+            self.token_expiry = None
         if self.waiting and self.pool is not None:
             self.pool.cancel_wait(self)
             self.waiting = False
@@ -286,13 +295,13 @@ class ClientConn(asyncio.Protocol):
             raise m.ProtocolError("invalid length of startup packet")
         return await self._read(length - 4)
 
-    async def _read_message(self, expect: int) -> bytes:
+    async def _read_message(self, expect: int, limit: int = MAX_STARTUP_PACKET) -> bytes:
         hdr = await self._read(5)
         t = hdr[0]
         (length,) = struct.unpack_from("!i", hdr, 1)
         if t != expect:
             raise m.ProtocolError(f"expected message type {chr(expect)!r}, got {chr(t)!r}")
-        if length < 4 or length > MAX_STARTUP_PACKET:
+        if length < 4 or length > limit:
             raise m.ProtocolError("invalid message length")
         return await self._read(length - 4)
 
@@ -343,7 +352,14 @@ class ClientConn(asyncio.Protocol):
                 if self.lbuf:
                     # bytes sent before our answer cannot be trusted (CVE-2021-23222 class)
                     raise m.ProtocolError("unexpected data after encryption request")
-                self.transport.write(m.SSL_REFUSED)
+                if self.tls:
+                    raise m.ProtocolError("encryption request on an already encrypted connection")
+                ctx = cfg.client_ssl
+                if pkt.kind == "gssenc" or ctx is None or self.unix:
+                    self.transport.write(m.SSL_REFUSED)
+                    continue
+                self.transport.write(m.SSL_ACCEPTED)
+                await self._start_tls(ctx)
                 continue
             if pkt.kind == "cancel":
                 self.gw.cancel_request(pkt.pid, pkt.key)
@@ -358,7 +374,9 @@ class ClientConn(asyncio.Protocol):
         user = params.get("user")
         if not user:
             raise ClientError("28000", "no PostgreSQL user name specified in startup packet")
-        self.user = user
+        if not self.tls and not self.unix and cfg.client_tls_sslmode in ("require", "verify-ca", "verify-full"):
+            raise ClientError("28000", "SSL required: connect with sslmode=require")
+        self.user = self.login_name = user
         self.database = params.get("database") or user
         self.app_name = params.get("application_name", "")
         tracked = {}
@@ -377,9 +395,14 @@ class ClientConn(asyncio.Protocol):
         db = cfg.database(self.database)
         if db is None:
             raise ClientError("3D000", f'no such database: {self.database}')
-        await self._authenticate(db.auth_type or cfg.auth_type)
         ucfg = cfg.users.get(user)
-        self.groups = tuple(ucfg.groups) if ucfg else ()
+        auth_type = (ucfg.auth_type if ucfg else None) or db.auth_type or cfg.auth_type
+        if auth_type == "jwt":
+            await self._authenticate_jwt(db)
+            user = self.user  # the token's identity
+        else:
+            await self._authenticate(auth_type)
+            self.groups = tuple(ucfg.groups) if ucfg else ()
         self.mode = cfg.pool_mode_for(db, user)
         self.rewrite = self.mode != "session" and cfg.max_prepared_statements > 0
         self.pool = self.gw.get_pool(db, user)
@@ -405,8 +428,90 @@ class ClientConn(asyncio.Protocol):
         out.append(m.ready_for_query(m.TX_IDLE))
         self.transport.write(b"".join(out))
         if cfg.log_connections:
-            log.info("login: %s db=%s user=%s app=%s mode=%s", self.addr, self.database, user,
-                     self.app_name or "-", self.mode)
+            via = f" as={self.login_name}" if self.login_name != user else ""
+            log.info("login: %s db=%s user=%s%s app=%s mode=%s%s%s", self.addr, self.database, user, via,
+                     self.app_name or "-", self.mode, " tls" if self.tls else "",
+                     f" token groups={','.join(self.groups) or '-'}" if auth_type == "jwt" else "")
+
+    async def _start_tls(self, ctx) -> None:
+        """Upgrade the connection after answering 'S' to an SSLRequest."""
+        loop = asyncio.get_running_loop()
+        try:
+            new = await loop.start_tls(self.transport, self, ctx, server_side=True,
+                                       ssl_handshake_timeout=self.gw.config.client_login_timeout or 60)
+        except (OSError, ValueError) as e:  # ssl.SSLError is an OSError
+            log.info("client %s: TLS handshake failed: %s", self.addr, e)
+            self._close_now()
+            raise asyncio.CancelledError from None
+        if new is None:
+            raise ConnectionResetError
+        self.transport = new
+        self.tls = True
+
+    async def _refuse_login(self, reason_for_log: str, err: ClientError) -> None:
+        """A failed login: log why, slow down repeated failures from this address, refuse."""
+        delay = self.gw.auth_failed(self, reason_for_log)
+        if delay > 0:
+            await asyncio.sleep(delay)
+        raise err
+
+    async def _authenticate_jwt(self, db) -> None:
+        """auth_type = jwt: the password is an OIDC/JWT token (asked for in cleartext, so only
+        over TLS or the Unix socket)."""
+        cfg = self.gw.config
+        jwt_auth = self.gw.jwt
+        startup_user = self.login_name
+        if not (self.tls or self.unix or cfg.jwt_allow_plaintext):
+            raise ClientError("28000", "token login requires an encrypted connection: connect with sslmode=require")
+        if jwt_auth is None:  # auth_type = jwt arrived by a reload whose key set failed to load
+            raise ClientError("28000", "token login is not configured (the gateway has no key set)")
+        if not db.user:
+            raise ClientError("28000", f"database {db.name} names no upstream user for token logins")
+        self.transport.write(m.authentication_cleartext())
+        limit = jwt_auth.settings.max_token_size + 5
+        hdr = await self._read(5)
+        (length,) = struct.unpack_from("!i", hdr, 1)
+        if hdr[0] != T_PASSWORD:
+            raise m.ProtocolError(f"expected message type 'p', got {chr(hdr[0])!r}")
+        if length < 4:
+            raise m.ProtocolError("invalid message length")
+        if length > limit:
+            await self._refuse_login("token too large", ClientError(
+                "28P01", f'token authentication failed for user "{startup_user}": token is too large '
+                         f"(at most {jwt_auth.settings.max_token_size} bytes)"))
+        raw = (await self._read(length - 4)).rstrip(b"\x00")
+        from ..auth.jwt import TokenError
+
+        try:
+            try:
+                token = raw.decode("ascii")
+            except UnicodeDecodeError:
+                raise TokenError("password is not a JWT (expected header.payload.signature)") from None
+            ident = await jwt_auth.authenticate(token.strip())
+        except TokenError as e:
+            await self._refuse_login(str(e), ClientError(e.sqlstate, f'token authentication failed for user "{startup_user}": {e}'))
+        if ident.user != startup_user:
+            ucfg = cfg.users.get(ident.user)
+            if ucfg is None or startup_user not in ucfg.alias:
+                await self._refuse_login(f"token identity {ident.user!r} may not log in as {startup_user!r}", ClientError(
+                    "28000", f'token authentication failed for user "{startup_user}": the token is not for this '
+                             "user name (it must match the token's user claim or be one of its configured aliases)"))
+        self.user = ident.user
+        ucfg = cfg.users.get(ident.user)
+        groups = list(ident.groups)
+        for g in (ucfg.groups if ucfg else ()):
+            if g not in groups:
+                groups.append(g)
+        self.groups = tuple(groups)
+        if ident.expires is not None and cfg.jwt_expiry_action == "close":
+            loop = asyncio.get_running_loop()
+            self.token_expiry = loop.call_at(loop.time() + max(0.0, ident.expires - time.time()), self._token_expired)
+
+    def _token_expired(self) -> None:
+        self.token_expiry = None
+        if not self.closed:
+            log.info("client %s: login token expired, closing the session", self.describe())
+            self.fatal("28000", "the login token has expired: log in again with a fresh token")
 
     async def _authenticate(self, auth_type: str) -> None:
         cfg = self.gw.config
@@ -419,8 +524,7 @@ class ClientConn(asyncio.Protocol):
             self.transport.write(m.authentication_cleartext())
             pw = (await self._read_message(T_PASSWORD)).rstrip(b"\x00").decode("utf-8", "replace")
             if secret is None or not self._check_plain(user, secret, pw):
-                self.gw.auth_failed(self, "wrong password" if secret else "unknown user")
-                raise failed
+                await self._refuse_login("wrong password" if secret else "unknown user", failed)
             return
         use_scram = auth_type == "scram-sha-256" or (secret is not None and is_scram(secret))
         if not use_scram:
@@ -428,8 +532,7 @@ class ClientConn(asyncio.Protocol):
             self.transport.write(m.authentication_md5(salt))
             resp = (await self._read_message(T_PASSWORD)).rstrip(b"\x00")
             if secret is None or not verify_md5(user, secret, salt, resp):
-                self.gw.auth_failed(self, "wrong password" if secret else "unknown user")
-                raise failed
+                await self._refuse_login("wrong password" if secret else "unknown user", failed)
             return
         # SCRAM-SHA-256
         if secret is None or is_md5(secret):
@@ -451,11 +554,9 @@ class ClientConn(asyncio.Protocol):
             final = await self._read_message(T_PASSWORD)
             verifier = server.client_final(final)
         except ScramError as e:
-            self.gw.auth_failed(self, reason if mock else str(e))
-            raise failed from None
+            await self._refuse_login(reason if mock else str(e), failed)
         if mock:
-            self.gw.auth_failed(self, reason)
-            raise failed
+            await self._refuse_login(reason, failed)
         self.transport.write(m.authentication_sasl_final(verifier))
 
     def _check_plain(self, user: str, secret: str, pw: str) -> bool:

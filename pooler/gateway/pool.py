@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import socket
 import time
 from typing import TYPE_CHECKING
 
@@ -168,6 +169,8 @@ class Pool:
                 if host.startswith("/"):
                     path = f"{host}/.s.PGSQL.{self.db.port}"
                     coro = loop.create_unix_connection(lambda: ServerConn(self), path)
+                elif cfg.server_ssl is not None:
+                    coro = self._connect_tls(host, cfg)
                 else:
                     coro = loop.create_connection(lambda: ServerConn(self), host, self.db.port)
                 timeout = cfg.server_connect_timeout or None
@@ -213,6 +216,44 @@ class Pool:
         srv.state = S_ACTIVE
         self.active.add(srv)
         self.release(srv)
+
+    async def _connect_tls(self, host: str, cfg):
+        """server_tls_sslmode: send SSLRequest; on 'S' wrap the socket in TLS, on 'N' go on in
+        plaintext unless the mode requires TLS."""
+        from ..protocol import messages as m
+
+        loop = asyncio.get_running_loop()
+        port = self.db.port
+        sock = None
+        last: OSError | None = None
+        for family, type_, proto, _, addr in await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM):
+            s = socket.socket(family, type_, proto)
+            s.setblocking(False)
+            try:
+                await loop.sock_connect(s, addr)
+            except OSError as e:
+                s.close()
+                last = e
+                continue
+            sock = s
+            break
+        if sock is None:
+            raise last or OSError(f"cannot resolve {host}")
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            await loop.sock_sendall(sock, m.ssl_request())
+            answer = await loop.sock_recv(sock, 1)
+            if answer == b"S":
+                return await loop.create_connection(lambda: ServerConn(self), sock=sock, ssl=cfg.server_ssl,
+                                                    server_hostname=host)
+            if answer == b"N":
+                if cfg.server_tls_sslmode in ("require", "verify-ca", "verify-full"):
+                    raise ServerLoginError(f"server does not accept TLS (server_tls_sslmode = {cfg.server_tls_sslmode})", "08001")
+                return await loop.create_connection(lambda: ServerConn(self), sock=sock)
+            raise ServerLoginError("unexpected answer from server to SSLRequest", "08P01")
+        except BaseException:
+            sock.close()
+            raise
 
     async def _run_connect_query(self, srv: ServerConn) -> None:
         from ..protocol import messages as m

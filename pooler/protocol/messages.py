@@ -132,6 +132,10 @@ def startup_message(params: dict[str, str], version: int = PROTOCOL_3_0) -> byte
     return _I32.pack(len(body) + 4) + body
 
 
+def ssl_request() -> bytes:
+    return struct.pack("!ii", 8, SSL_REQUEST_CODE)
+
+
 def cancel_request(pid: int, key: int) -> bytes:
     return struct.pack("!iiii", 16, CANCEL_REQUEST_CODE, pid, key)
 

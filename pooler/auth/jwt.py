@@ -1,0 +1,305 @@
+"""OIDC/JWT login: a client's password is a token; validate it and say who the agent is.
+
+Rules this module keeps:
+- Verification (``TokenVerifier.verify``) is a pure function of the token, the key set, the
+  settings and the clock: no I/O, unit-testable in microseconds.
+- Fetching the JWKS (a file or an https URL) is the only I/O (``JwksSource``): it runs off the
+  event loop in a thread, is cached, refreshed periodically and on an unknown ``kid`` at a bounded
+  rate, and a failed refresh keeps the keys already known.
+- Every refusal is a ``TokenError`` whose message names the check that failed and nothing that
+  helps forge a token: never the token, its claims' values or the expected values.
+- Never ``alg: none``; an algorithm must be in the allowlist and must match the key's type, so an
+  HMAC token can never be checked against an RSA/EC public key taken as a shared secret.
+
+PyJWT (``PyJWK``, ``jwt.decode``) does the key parsing and the cryptography.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import ssl
+import time
+import urllib.request
+from dataclasses import dataclass, field
+
+import jwt
+from jwt import PyJWK
+
+log = logging.getLogger("pooler.jwt")
+
+ALG_FAMILY = {
+    "RS256": "RSA", "RS384": "RSA", "RS512": "RSA",
+    "PS256": "RSA", "PS384": "RSA", "PS512": "RSA",
+    "ES256": "EC", "ES384": "EC", "ES512": "EC", "ES256K": "EC",
+    "EdDSA": "OKP",
+    "HS256": "oct", "HS384": "oct", "HS512": "oct",
+}
+MAX_JWKS_BYTES = 1 << 20
+
+
+class TokenError(Exception):
+    """A token login refused; ``str(e)`` is safe to show the client."""
+
+    def __init__(self, message: str, sqlstate: str = "28P01") -> None:
+        super().__init__(message)
+        self.sqlstate = sqlstate
+
+
+@dataclass(slots=True, frozen=True)
+class JwtSettings:
+    jwks: str = ""  # a file path or an https:// URL
+    jwks_ca_file: str | None = None
+    jwks_refresh: float = 300.0  # re-read the JWKS this often
+    jwks_min_refresh: float = 10.0  # at most one refresh for an unknown kid per this many seconds
+    algorithms: tuple[str, ...] = ("RS256", "ES256")
+    issuer: str | None = None
+    audience: tuple[str, ...] = ()
+    leeway: float = 30.0
+    user_claim: str = "sub"
+    groups_claim: str = "groups"
+    required_claims: tuple[str, ...] = ("exp",)
+    max_token_size: int = 16384
+
+
+@dataclass(slots=True, frozen=True)
+class Identity:
+    user: str
+    groups: tuple[str, ...]
+    expires: float | None  # exp claim (epoch seconds)
+    issuer: str | None
+    key_id: str | None
+
+
+def claim_at(claims: dict, path: str):
+    """The value at a dotted path (``realm_access.roles``); a key holding a dot is tried whole
+    first, so ``https://example.com/groups`` style claim names work too."""
+    if path in claims:
+        return claims[path]
+    cur = claims
+    for part in path.split("."):
+        if not isinstance(cur, dict) or part not in cur:
+            return None
+        cur = cur[part]
+    return cur
+
+
+@dataclass(slots=True)
+class KeySet:
+    """Parsed JWKS: keys by kid (and the list, for tokens without a kid)."""
+
+    by_kid: dict[str, PyJWK] = field(default_factory=dict)
+    keys: list[PyJWK] = field(default_factory=list)
+    declared_alg: dict[int, str | None] = field(default_factory=dict)  # id(key) -> the JWK's "alg"
+    fetched_at: float = 0.0
+
+    @classmethod
+    def parse(cls, data: bytes | str, now: float = 0.0) -> "KeySet":
+        try:
+            doc = json.loads(data)
+        except ValueError as e:
+            raise ValueError(f"JWKS is not JSON: {e}") from None
+        if not isinstance(doc, dict) or not isinstance(doc.get("keys"), list):
+            raise ValueError('JWKS must be a JSON object with a "keys" list')
+        out = cls(fetched_at=now)
+        skipped = []
+        for k in doc["keys"]:
+            if not isinstance(k, dict) or k.get("use", "sig") != "sig":
+                continue
+            try:
+                jwk_ = PyJWK(k)
+            except jwt.PyJWTError as e:
+                skipped.append(f"{k.get('kid', '?')}: {e}")
+                continue
+            out.keys.append(jwk_)
+            out.declared_alg[id(jwk_)] = k.get("alg") if isinstance(k.get("alg"), str) else None
+            if jwk_.key_id:
+                out.by_kid[jwk_.key_id] = jwk_
+        if not out.keys:
+            raise ValueError("JWKS holds no usable signing key" + (f" ({'; '.join(skipped)})" if skipped else ""))
+        return out
+
+
+class TokenVerifier:
+    """Checks a token against a key set: structure, algorithm, key, signature, claims."""
+
+    def __init__(self, settings: JwtSettings) -> None:
+        self.s = settings
+        self.allowed = frozenset(settings.algorithms)
+
+    def header(self, token: str) -> dict:
+        s = self.s
+        if len(token) > s.max_token_size:
+            raise TokenError(f"token is too large ({len(token)} bytes, at most {s.max_token_size})")
+        if token.count(".") != 2:
+            raise TokenError("password is not a JWT (expected header.payload.signature)")
+        try:
+            hdr = jwt.get_unverified_header(token)
+        except jwt.PyJWTError:
+            raise TokenError("password is not a JWT (its header cannot be decoded)") from None
+        alg = hdr.get("alg")
+        if not isinstance(alg, str) or alg.lower() == "none":
+            raise TokenError("token algorithm 'none' is not accepted")
+        if alg not in self.allowed:
+            raise TokenError(f"token algorithm {alg} is not accepted (jwt_algorithms)")
+        kid = hdr.get("kid")
+        if kid is not None and not isinstance(kid, str):
+            raise TokenError("token header has an invalid kid")
+        return hdr
+
+    def find_key(self, hdr: dict, keys: KeySet) -> PyJWK | None:
+        kid = hdr.get("kid")
+        if kid is not None:
+            return keys.by_kid.get(kid)
+        family = ALG_FAMILY.get(hdr["alg"])
+        cands = [k for k in keys.keys if k.key_type == family]
+        return cands[0] if len(cands) == 1 else None
+
+    def verify(self, token: str, keys: KeySet, hdr: dict | None = None) -> Identity:
+        s = self.s
+        if hdr is None:
+            hdr = self.header(token)
+        alg = hdr["alg"]
+        key = self.find_key(hdr, keys)
+        if key is None:
+            raise TokenError("token signing key is not known (unknown kid)")
+        family = ALG_FAMILY.get(alg)
+        if family is None or key.key_type != family:
+            # e.g. HS256 against an RSA public key: the key confusion attack
+            raise TokenError(f"token algorithm {alg} does not match its signing key")
+        declared = keys.declared_alg.get(id(key))
+        if declared and declared != alg:
+            raise TokenError(f"token algorithm {alg} does not match its signing key")
+        opts = {"require": list(dict.fromkeys(("exp",) + s.required_claims)), "verify_aud": bool(s.audience)}
+        try:
+            claims = jwt.decode(
+                token, key.key, algorithms=[alg], audience=list(s.audience) or None,
+                issuer=s.issuer or None, leeway=s.leeway, options=opts)
+        except jwt.ExpiredSignatureError:
+            raise TokenError("token has expired") from None
+        except jwt.ImmatureSignatureError:
+            raise TokenError("token is not yet valid (nbf/iat in the future)") from None
+        except jwt.InvalidIssuerError:
+            raise TokenError("token issuer is not accepted") from None
+        except jwt.InvalidAudienceError:
+            raise TokenError("token audience is not accepted") from None
+        except jwt.InvalidSignatureError:
+            raise TokenError("token signature is invalid") from None
+        except jwt.MissingRequiredClaimError as e:
+            raise TokenError(f"token lacks the required claim {e.claim!r}") from None
+        except jwt.InvalidKeyError:
+            raise TokenError(f"token algorithm {alg} does not match its signing key") from None
+        except jwt.DecodeError:
+            raise TokenError("token cannot be decoded") from None
+        except jwt.PyJWTError as e:
+            raise TokenError(f"token is invalid ({type(e).__name__})") from None
+        user = claim_at(claims, s.user_claim)
+        if not isinstance(user, str) or not user:
+            raise TokenError(f"token has no user claim {s.user_claim!r}", "28000")
+        groups = claim_at(claims, s.groups_claim)
+        if groups is None:
+            raise TokenError(f"token has no groups claim {s.groups_claim!r}", "28000")
+        if isinstance(groups, str):
+            groups = [g for g in groups.replace(",", " ").split() if g]
+        if not isinstance(groups, list) or not all(isinstance(g, str) for g in groups):
+            raise TokenError(f"token groups claim {s.groups_claim!r} is not a list of strings", "28000")
+        exp = claims.get("exp")
+        return Identity(user=user, groups=tuple(groups), expires=float(exp) if isinstance(exp, (int, float)) else None,
+                        issuer=claims.get("iss"), key_id=hdr.get("kid"))
+
+
+class JwksSource:
+    """The JWKS of ``settings.jwks``, cached; refreshed every ``jwks_refresh`` seconds and on an
+    unknown kid at most once per ``jwks_min_refresh`` seconds. Fetches run in a thread."""
+
+    def __init__(self, settings: JwtSettings, base_dir: str | None = None) -> None:
+        self.s = settings
+        loc = settings.jwks
+        self.url = loc if loc.startswith(("https://", "http://")) else None
+        self.path = None if self.url else (loc if os.path.isabs(loc) or base_dir is None else os.path.join(base_dir, loc))
+        self.keys: KeySet | None = None
+        self.last_attempt = -1e18
+        self._inflight: asyncio.Future | None = None
+        self.file_mtime: float | None = None
+
+    def describe(self) -> str:
+        return self.url or self.path or "?"
+
+    def _fetch_blocking(self) -> bytes:
+        if self.path is not None:
+            with open(self.path, "rb") as f:
+                data = f.read(MAX_JWKS_BYTES + 1)
+        else:
+            ctx = ssl.create_default_context(cafile=self.s.jwks_ca_file) if self.url.startswith("https://") else None
+            req = urllib.request.Request(self.url, headers={"Accept": "application/json", "User-Agent": "pooler"})
+            with urllib.request.urlopen(req, timeout=10, context=ctx) as r:
+                data = r.read(MAX_JWKS_BYTES + 1)
+        if len(data) > MAX_JWKS_BYTES:
+            raise ValueError("JWKS larger than 1 MB")
+        return data
+
+    def load_now(self) -> KeySet:
+        """Synchronous load (startup and `pooler run` config checks)."""
+        self.last_attempt = time.monotonic()
+        self.keys = KeySet.parse(self._fetch_blocking(), time.monotonic())
+        return self.keys
+
+    async def refresh(self) -> bool:
+        """Fetch again (one fetch at a time); False and a log line if it failed."""
+        if self._inflight is not None:
+            return await asyncio.shield(self._inflight)
+        loop = asyncio.get_running_loop()
+        fut = self._inflight = loop.create_future()
+        self.last_attempt = time.monotonic()
+        ok = False
+        try:
+            data = await asyncio.to_thread(self._fetch_blocking)
+            new = KeySet.parse(data, time.monotonic())
+            old = set(self.keys.by_kid) if self.keys else set()
+            self.keys = new
+            ok = True
+            if set(new.by_kid) != old:
+                log.info("JWKS %s loaded: key ids %s", self.describe(), ", ".join(sorted(new.by_kid)) or "(none)")
+        except Exception as e:
+            log.warning("JWKS %s could not be refreshed (keeping %d known key(s)): %s", self.describe(),
+                        len(self.keys.keys) if self.keys else 0, e)
+        finally:
+            self._inflight = None
+            fut.set_result(ok)
+        return ok
+
+    async def keyset(self) -> KeySet:
+        ks = self.keys
+        if ks is None or time.monotonic() - ks.fetched_at > self.s.jwks_refresh:
+            if ks is None or time.monotonic() - self.last_attempt >= self.s.jwks_min_refresh:
+                await self.refresh()
+        if self.keys is None:
+            raise TokenError("token keys are not available (JWKS could not be loaded)", "28000")
+        return self.keys
+
+    async def keyset_for_unknown_kid(self) -> KeySet | None:
+        """An unknown kid: the provider may have rotated its keys. Refresh, at a bounded rate."""
+        if time.monotonic() - self.last_attempt < self.s.jwks_min_refresh:
+            return None
+        await self.refresh()
+        return self.keys
+
+
+class JwtAuthenticator:
+    """Verifier + key source: ``await authenticate(token)`` -> Identity or TokenError."""
+
+    def __init__(self, settings: JwtSettings, base_dir: str | None = None) -> None:
+        self.settings = settings
+        self.verifier = TokenVerifier(settings)
+        self.source = JwksSource(settings, base_dir)
+
+    async def authenticate(self, token: str) -> Identity:
+        hdr = self.verifier.header(token)
+        keys = await self.source.keyset()
+        if self.verifier.find_key(hdr, keys) is None and hdr.get("kid") is not None:
+            fresh = await self.source.keyset_for_unknown_kid()
+            if fresh is not None:
+                keys = fresh
+        return self.verifier.verify(token, keys, hdr=hdr)
