@@ -460,3 +460,63 @@ def test_sighup_rereads_the_jwks_so_a_withdrawn_key_stops_working(jgw, tmp_path)
     g.wait_log("key ids rsa-1\n")
     with pytest.raises(psycopg.OperationalError, match="signing key is not known"):
         psycopg.connect(tls_dsn(g, "agent-1", tok)).close()
+
+
+def test_client_tls_protocols_refuses_older_tls(gw_factory, certs):
+    import socket
+    import struct
+    g = gw_factory(settings={"client_tls_sslmode": "prefer", "client_tls_cert_file": certs["cert"],
+                             "client_tls_key_file": certs["key"], "client_tls_protocols": "tlsv1.3"})
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    with socket.create_connection((g.host, g.port), timeout=10) as s:
+        s.sendall(struct.pack("!ii", 8, 80877103))
+        assert s.recv(1) == b"S"
+        with pytest.raises(ssl.SSLError):
+            ctx.wrap_socket(s).do_handshake()
+    with psycopg.connect(g.dsn(sslmode="require")) as conn:  # libpq speaks TLS 1.3
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_jwt_on_one_database_entry_passwords_elsewhere(gw_factory, idp, certs, pg):
+    g = gw_factory(settings={"auth_type": "scram-sha-256", "jwt_jwks": str(idp.jwks_path), "jwt_issuer": ISSUER,
+                             "jwt_audience": AUDIENCE, "client_tls_sslmode": "prefer",
+                             "client_tls_cert_file": certs["cert"], "client_tls_key_file": certs["key"]},
+                   auth_users={"alice": "alice-pw"},
+                   databases={"postgres": upstream_entry(pg),
+                              "agents": upstream_entry(pg) + " auth_type=jwt"})
+    tok = idp.token(sub="agent-9")
+    with psycopg.connect(tls_dsn(g, "agent-9", tok).replace("dbname=postgres", "dbname=agents")) as conn:
+        assert conn.execute("SELECT current_database()").fetchone() == ("postgres",)
+    with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+        psycopg.connect(tls_dsn(g, "agent-9", tok)).close()  # the token is no password for "postgres"
+    with psycopg.connect(g.dsn(user="alice", password="alice-pw")) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_cancel_request_over_tls_reaches_the_query(jgw, idp, pg):
+    import threading
+    g = jgw()
+    with psycopg.connect(tls_dsn(g, "agent-1", idp.token()), autocommit=True) as conn:
+        result = {}
+
+        def run():
+            try:
+                conn.execute("SELECT pg_sleep(30) AS tls_cancel_probe")
+                result["error"] = None
+            except Exception as e:  # noqa: BLE001 - the test inspects it
+                result["error"] = e
+
+        t = threading.Thread(target=run)
+        t.start()
+        with psycopg.connect(pg.dsn(), autocommit=True) as watcher:
+            deadline = time.monotonic() + 20
+            while not watcher.execute("SELECT 1 FROM pg_stat_activity WHERE state = 'active' "
+                                      "AND query LIKE '%tls_cancel_probe%' AND pid <> pg_backend_pid()").fetchone():
+                assert time.monotonic() < deadline, "the query never started"
+        conn.cancel_safe()  # a CancelRequest on its own connection (inside TLS with libpq >= 17)
+        t.join(30)
+        assert isinstance(result.get("error"), psycopg.errors.QueryCanceled)
+        assert conn.execute("SELECT 1").fetchone() == (1,)
