@@ -2,7 +2,9 @@
 (client Query -> server RowDescription/DataRow/CommandComplete/ReadyForQuery), with
 in-memory transports: no sockets, no event loop. Run: python bench/hotpath_micro.py"""
 import asyncio
+import tempfile
 import time
+from pathlib import Path
 
 from pooler.config import Config, DatabaseConfig
 from pooler.gateway.app import Gateway
@@ -29,7 +31,8 @@ class T:
 
 
 def setup(mode="transaction", clients=1):
-    cfg = Config(path=None, pool_mode=mode, auth_type="trust")
+    # a config file path whose directory has no rules/: no policy, the pure pooling work
+    cfg = Config(path=Path(tempfile.mkdtemp(prefix="hotpath-")) / "gateway.ini", pool_mode=mode, auth_type="trust")
     db = DatabaseConfig(name="db")
     gw = Gateway(cfg)
     pool = gw.get_pool(db, "u")
