@@ -136,6 +136,14 @@ class Config:
             return u.pool_mode
         return db.pool_mode or self.pool_mode
 
+    def auth_type_for(self, db: DatabaseConfig, user: str) -> str:
+        """A database entry with auth_type = jwt takes tokens only: no [users] entry weakens it.
+        Otherwise the most specific setting wins: the user's, the database's, the global one."""
+        if db.auth_type == "jwt":
+            return "jwt"
+        u = self.users.get(user)
+        return (u.auth_type if u else None) or db.auth_type or self.auth_type
+
     def database(self, name: str) -> DatabaseConfig | None:
         db = self.databases.get(name)
         if db is None:
@@ -376,7 +384,8 @@ def parse_connstr(s: str) -> list[tuple[str, str]]:
             break
         m = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)\s*=\s*").match(s, i)
         if not m:
-            raise ValueError(f"expected key=value at {s[i:i + 20]!r}")
+            # never quote the text: it may be part of a password
+            raise ValueError(f"expected key=value at character {i + 1}")
         key = m.group(1).lower()
         i = m.end()
         if i < n and s[i] == "'":
@@ -527,7 +536,10 @@ def _check_jwt(cfg: Config) -> None:
     if not cfg.jwt_issuer:
         raise ConfigError(f"{cfg.path}: auth_type = jwt needs jwt_issuer (the issuer tokens must name)")
     if not cfg.jwt_audience:
-        cfg.warnings.append(f"{cfg.path}: jwt_audience is not set: tokens for any audience are accepted")
+        raise ConfigError(f"{cfg.path}: auth_type = jwt needs jwt_audience (the aud tokens must carry, so a "
+                          "token issued to another application is refused; `*` accepts any audience)")
+    if "*" in cfg.jwt_audience:
+        cfg.warnings.append(f"{cfg.path}: jwt_audience = *: tokens issued to any application are accepted")
     if cfg.jwt_allow_plaintext:
         cfg.warnings.append(f"{cfg.path}: jwt_allow_plaintext = 1: tokens are accepted over unencrypted "
                             "TCP connections (for tests only)")
@@ -546,7 +558,8 @@ def jwt_settings(cfg: Config):
     return JwtSettings(
         jwks=cfg.jwt_jwks or "", jwks_ca_file=str(cfg.resolve(cfg.jwt_jwks_ca_file)) if cfg.jwt_jwks_ca_file else None,
         jwks_refresh=cfg.jwt_jwks_refresh, jwks_min_refresh=cfg.jwt_jwks_min_refresh,
-        algorithms=cfg.jwt_algorithms, issuer=cfg.jwt_issuer, audience=cfg.jwt_audience,
+        algorithms=cfg.jwt_algorithms, issuer=cfg.jwt_issuer,
+        audience=() if "*" in cfg.jwt_audience else cfg.jwt_audience,
         leeway=cfg.jwt_leeway, user_claim=cfg.jwt_user_claim, groups_claim=cfg.jwt_groups_claim,
         required_claims=cfg.jwt_required_claims, max_token_size=cfg.jwt_max_token_size or 16384)
 

@@ -42,6 +42,11 @@ def parse_protocols(v: str) -> tuple[ssl.TLSVersion, ssl.TLSVersion]:
     return min(got), max(got)
 
 
+def _no_passphrase() -> bytes:
+    # never let OpenSSL prompt on a terminal (that would block the event loop on SIGHUP)
+    raise ValueError("the key file is encrypted; give an unencrypted key (readable by the gateway only)")
+
+
 def _apply_common(ctx: ssl.SSLContext, protocols: str, ciphers: str | None) -> None:
     lo, hi = parse_protocols(protocols)
     ctx.minimum_version = lo
@@ -60,7 +65,7 @@ def client_side_context(sslmode: str, cert: str | None, key: str | None, ca: str
         raise ValueError(f"client_tls_sslmode = {sslmode} needs client_tls_cert_file and client_tls_key_file")
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     _apply_common(ctx, protocols, ciphers)
-    ctx.load_cert_chain(cert, key)
+    ctx.load_cert_chain(cert, key, password=_no_passphrase)
     if sslmode in ("verify-ca", "verify-full"):
         if not ca:
             raise ValueError(f"client_tls_sslmode = {sslmode} needs client_tls_ca_file")
@@ -89,7 +94,7 @@ def server_side_context(sslmode: str, cert: str | None, key: str | None, ca: str
     if cert or key:
         if not (cert and key):
             raise ValueError("server_tls_cert_file and server_tls_key_file go together")
-        ctx.load_cert_chain(cert, key)
+        ctx.load_cert_chain(cert, key, password=_no_passphrase)
     return ctx
 
 

@@ -141,10 +141,13 @@ def test_jwt_needs_a_jwks_and_an_issuer_and_https(tmp_path):
     with pytest.raises(config.ConfigError, match="needs jwt_issuer"):
         config.load(write(tmp_path, "[gateway]\nauth_type = trust\njwt_jwks = https://idp/jwks\n"
                                     "[databases]\nagents = host=h user=svc password=p auth_type=jwt\n"))
+    with pytest.raises(config.ConfigError, match="needs jwt_audience"):
+        config.load(write(tmp_path, "[gateway]\nauth_type = jwt\njwt_jwks = https://idp/jwks\njwt_issuer = x\n"))
     cfg = config.load(write(tmp_path, "[gateway]\nauth_type = trust\njwt_jwks = https://idp/jwks\njwt_issuer = x\n"
-                                      "[users]\nbot = auth_type=jwt alias=reporter,etl\n"))
+                                      "jwt_audience = *\n[users]\nbot = auth_type=jwt alias=reporter,etl\n"))
     assert cfg.users["bot"].auth_type == "jwt" and cfg.users["bot"].alias == ("reporter", "etl")
-    assert any("jwt_audience is not set" in w for w in cfg.warnings)
+    assert any("jwt_audience = *" in w for w in cfg.warnings)
+    assert config.jwt_settings(cfg).audience == ()  # `*`: any audience, explicitly
     assert any("only accepted over the Unix socket" in w for w in cfg.warnings)
 
 
@@ -179,3 +182,37 @@ def test_upstream_secret_from_file_or_env_never_in_errors(tmp_path, monkeypatch)
     with pytest.raises(config.ConfigError) as e:
         config.load(write(tmp_path, "[gateway]\nauth_type = trust\n[databases]\na = host=h password_file=missing\n"))
     assert "cannot read password_file" in str(e.value) and "s3cret" not in str(e.value)
+
+
+def test_a_token_only_database_is_not_weakened_by_a_user_entry(tmp_path):
+    (tmp_path / "u.txt").write_text("\"bob\" \"pw\"\n")
+    cfg = config.load(write(tmp_path, "[gateway]\nauth_type = scram-sha-256\nauth_file = u.txt\n"
+                                      "jwt_jwks = https://idp/jwks\njwt_issuer = x\njwt_audience = gw\n"
+                                      "[databases]\nagents = host=h user=svc password=p auth_type=jwt\nshop = host=h\n"
+                                      "[users]\nalice = auth_type=trust\n"))
+    assert cfg.auth_type_for(cfg.databases["agents"], "alice") == "jwt"
+    assert cfg.auth_type_for(cfg.databases["shop"], "alice") == "trust"
+    assert cfg.auth_type_for(cfg.databases["shop"], "bob") == "scram-sha-256"
+
+
+def test_connstr_errors_never_quote_the_line(tmp_path):
+    p = write(tmp_path, "[gateway]\nauth_type = trust\n[databases]\nshop = host=h password=abc!! secretword\n")
+    with pytest.raises(config.ConfigError) as e:
+        config.load(p)
+    assert "secretword" not in str(e.value) and f"{p}:4:" in str(e.value)
+
+
+def test_encrypted_tls_key_fails_fast_instead_of_prompting(tmp_path):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from pooler.tls import make_self_signed
+
+    make_self_signed(tmp_path / "gw.crt", tmp_path / "plain.key")
+    key = serialization.load_pem_private_key((tmp_path / "plain.key").read_bytes(), None)
+    (tmp_path / "gw.key").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                        serialization.BestAvailableEncryption(b"pw")))
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    with pytest.raises(config.ConfigError, match="encrypted"):
+        config.load(write(tmp_path, "[gateway]\nauth_type = trust\nclient_tls_sslmode = require\n"
+                                    "client_tls_cert_file = gw.crt\nclient_tls_key_file = gw.key\n"))

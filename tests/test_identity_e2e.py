@@ -520,3 +520,67 @@ def test_cancel_request_over_tls_reaches_the_query(jgw, idp, pg):
         t.join(30)
         assert isinstance(result.get("error"), psycopg.errors.QueryCanceled)
         assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def _ssl_request_then_reset(g, send_after=b""):
+    import socket
+    import struct
+    s = socket.create_connection((g.host, g.port), timeout=10)
+    s.sendall(struct.pack("!ii", 8, 80877103))
+    assert s.recv(1) == b"S"
+    if send_after:
+        s.sendall(send_after)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # RST on close
+    s.close()
+
+
+def test_a_reset_during_the_tls_handshake_frees_the_client_slot(gw_factory, certs):
+    g = gw_factory(settings={"client_tls_sslmode": "prefer", "client_tls_cert_file": certs["cert"],
+                             "client_tls_key_file": certs["key"], "max_client_conn": "3"})
+    for i in range(6):  # twice the limit: every slot must come back
+        _ssl_request_then_reset(g, b"\x16\x03\x01" if i % 2 else b"")
+        with psycopg.connect(g.dsn(sslmode="require")) as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+    g.signal(signal.SIGTERM)  # waits for clients: there must be none left
+    assert g.proc.wait(20) == 0
+
+
+def test_a_user_entry_cannot_weaken_a_token_only_database(gw_factory, idp, certs, pg):
+    g = gw_factory(settings={"auth_type": "trust", "jwt_jwks": str(idp.jwks_path), "jwt_issuer": ISSUER,
+                             "jwt_audience": AUDIENCE, "client_tls_sslmode": "prefer",
+                             "client_tls_cert_file": certs["cert"], "client_tls_key_file": certs["key"]},
+                   databases={"agents": upstream_entry(pg) + " auth_type=jwt", "postgres": upstream_entry(pg)},
+                   users={"alice": "auth_type=trust"})
+    with pytest.raises(psycopg.OperationalError, match="token authentication failed"):
+        psycopg.connect(g.dsn(user="alice", dbname="agents", sslmode="require", password="x")).close()
+    with psycopg.connect(g.dsn(user="alice")) as conn:  # trust where the database allows it
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_a_reload_with_broken_token_settings_is_refused_whole(jgw, idp):
+    g = jgw()
+    tok = idp.token()
+    ini = g.ini.read_text()
+    g.ini.write_text(ini.replace(f"jwt_jwks = {idp.jwks_path}", "jwt_jwks = /nonexistent/jwks.json")
+                     .replace("jwt_leeway = 0", "jwt_leeway = 0\nquery_wait_timeout = 1"))
+    g.signal(signal.SIGHUP)
+    g.wait_log("reload failed, keeping the running configuration")
+    assert "configuration reloaded" not in g.log()
+    with psycopg.connect(tls_dsn(g, "agent-1", tok)) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_gssenc_request_is_declined_and_require_still_applies(gw_factory, certs):
+    import socket
+    import struct
+    g = gw_factory(settings={"client_tls_sslmode": "require", "client_tls_cert_file": certs["cert"],
+                             "client_tls_key_file": certs["key"]})
+    with socket.create_connection((g.host, g.port), timeout=10) as s:
+        s.sendall(struct.pack("!ii", 8, 80877104))  # GSSENCRequest
+        assert s.recv(1) == b"N"
+        startup = b"\x00\x03\x00\x00user\x00postgres\x00database\x00postgres\x00\x00"
+        s.sendall(struct.pack("!i", len(startup) + 4) + startup)
+        data = b""
+        while chunk := s.recv(4096):
+            data += chunk
+    assert data.startswith(b"E") and b"SSL required" in data

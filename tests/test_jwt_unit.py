@@ -190,3 +190,41 @@ def test_failed_refresh_keeps_the_known_keys(tmp_path):
 def test_jwks_source_knows_files_from_urls(tmp_path):
     assert JwksSource(settings(jwks="https://idp.example/jwks")).url == "https://idp.example/jwks"
     assert JwksSource(settings(jwks="keys/jwks.json"), str(tmp_path)).path == str(tmp_path / "keys/jwks.json")
+
+
+def test_token_without_aud_is_refused_when_an_audience_is_configured(idp, keys):
+    tok = idp.token(aud=None)
+    with pytest.raises(TokenError, match="audience|'aud'"):
+        verify(tok, keys)
+
+
+def test_stale_keys_serve_logins_while_a_hanging_jwks_server_is_asked(idp, monkeypatch):
+    """A JWKS server that accepts and never answers: logins with cached keys do not wait for
+    it, and a cold start gives up after the fetch deadline instead of hanging."""
+    import socket
+
+    import pooler.auth.jwt as jwtmod
+
+    monkeypatch.setattr(jwtmod, "FETCH_DEADLINE", 1.0)
+    hole = socket.socket()
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(16)  # never accept(): connect succeeds, the TLS handshake never gets an answer
+    url = f"https://127.0.0.1:{hole.getsockname()[1]}/jwks.json"
+    try:
+        warm = JwtAuthenticator(settings(jwks=url, jwks_refresh=0, jwks_min_refresh=0))
+        warm.source.keys = KeySet.parse(json.dumps(idp.jwks()), now=-1e9)  # very stale
+        cold = JwtAuthenticator(settings(jwks=url, jwks_min_refresh=0))
+
+        async def run():
+            async with asyncio.timeout(5):  # a hang detector, not a timing assertion
+                ident = await warm.authenticate(idp.token())
+            assert warm.source._task is not None  # the refresh runs in the background
+            with pytest.raises(TokenError, match="could not be loaded"):
+                async with asyncio.timeout(30):
+                    await cold.authenticate(idp.token())
+            await asyncio.gather(warm.source._task, return_exceptions=True)
+            return ident
+
+        assert asyncio.run(run()).user == "agent-1"
+    finally:
+        hole.close()

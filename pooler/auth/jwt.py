@@ -22,6 +22,7 @@ import logging
 import os
 import ssl
 import time
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 
@@ -210,9 +211,21 @@ class TokenVerifier:
                         issuer=claims.get("iss"), key_id=hdr.get("kid"))
 
 
+FETCH_DEADLINE = 10.0  # seconds for one whole JWKS fetch (connect, TLS, every read)
+
+
+class _NoDowngrade(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        if not newurl.startswith("https://"):
+            raise ValueError("JWKS URL redirected away from https")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
 class JwksSource:
-    """The JWKS of ``settings.jwks``, cached; refreshed every ``jwks_refresh`` seconds and on an
-    unknown kid at most once per ``jwks_min_refresh`` seconds. Fetches run in a thread."""
+    """The JWKS of ``settings.jwks``, cached. Refreshed in the background when older than
+    ``jwks_refresh`` (logins go on with the cached keys meanwhile), and on an unknown kid at most
+    once per ``jwks_min_refresh`` seconds. One fetch at a time, in a thread, with a total deadline;
+    a failed fetch keeps the keys already known."""
 
     def __init__(self, settings: JwtSettings, base_dir: str | None = None) -> None:
         self.s = settings
@@ -221,66 +234,111 @@ class JwksSource:
         self.path = None if self.url else (loc if os.path.isabs(loc) or base_dir is None else os.path.join(base_dir, loc))
         self.keys: KeySet | None = None
         self.last_attempt = -1e18
-        self._inflight: asyncio.Future | None = None
-        self.file_mtime: float | None = None
+        self._task: asyncio.Task | None = None
 
     def describe(self) -> str:
-        return self.url or self.path or "?"
+        if self.url:
+            u = urllib.parse.urlsplit(self.url)
+            host = u.hostname or "?"
+            return f"{u.scheme}://{host}{':' + str(u.port) if u.port else ''}{u.path}"  # no userinfo, no query
+        return self.path or "?"
 
     def _fetch_blocking(self) -> bytes:
         if self.path is not None:
             with open(self.path, "rb") as f:
                 data = f.read(MAX_JWKS_BYTES + 1)
         else:
-            ctx = ssl.create_default_context(cafile=self.s.jwks_ca_file) if self.url.startswith("https://") else None
+            deadline = time.monotonic() + FETCH_DEADLINE
+            ctx = ssl.create_default_context(cafile=self.s.jwks_ca_file)
+            opener = urllib.request.build_opener(urllib.request.HTTPSHandler(context=ctx), _NoDowngrade())
             req = urllib.request.Request(self.url, headers={"Accept": "application/json", "User-Agent": "pooler"})
-            with urllib.request.urlopen(req, timeout=10, context=ctx) as r:
-                data = r.read(MAX_JWKS_BYTES + 1)
+            chunks: list[bytes] = []
+            size = 0
+            with opener.open(req, timeout=FETCH_DEADLINE / 2) as r:
+                if not r.geturl().startswith("https://"):
+                    raise ValueError("JWKS URL redirected away from https")
+                while True:
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"JWKS fetch took longer than {FETCH_DEADLINE:.0f}s")
+                    chunk = r.read1(65536)
+                    if not chunk:
+                        break
+                    chunks.append(chunk)
+                    size += len(chunk)
+                    if size > MAX_JWKS_BYTES:
+                        break
+            data = b"".join(chunks)
         if len(data) > MAX_JWKS_BYTES:
             raise ValueError("JWKS larger than 1 MB")
         return data
 
+    def _parse(self, data: bytes) -> KeySet:
+        ks = KeySet.parse(data, time.monotonic())
+        if self.url is not None:
+            # a shared secret published over the network is a shared secret no longer
+            kept = [k for k in ks.keys if k.key_type != "oct"]
+            if len(kept) != len(ks.keys):
+                log.warning("JWKS %s: ignoring symmetric (oct) keys served over the network", self.describe())
+                ks.keys = kept
+                ks.by_kid = {kid: k for kid, k in ks.by_kid.items() if k.key_type != "oct"}
+                if not kept:
+                    raise ValueError("JWKS holds no usable signing key")
+        return ks
+
     def load_now(self) -> KeySet:
-        """Synchronous load (startup and `pooler run` config checks)."""
+        """Synchronous load (startup and reload of a JWKS file)."""
         self.last_attempt = time.monotonic()
-        self.keys = KeySet.parse(self._fetch_blocking(), time.monotonic())
+        self.keys = self._parse(self._fetch_blocking())
         return self.keys
 
-    async def refresh(self) -> bool:
-        """Fetch again (one fetch at a time); False and a log line if it failed."""
-        if self._inflight is not None:
-            return await asyncio.shield(self._inflight)
-        loop = asyncio.get_running_loop()
-        fut = self._inflight = loop.create_future()
-        self.last_attempt = time.monotonic()
-        ok = False
+    async def _fetch(self) -> bool:
         try:
             data = await asyncio.to_thread(self._fetch_blocking)
-            new = KeySet.parse(data, time.monotonic())
-            old = set(self.keys.by_kid) if self.keys else set()
-            self.keys = new
-            ok = True
-            if set(new.by_kid) != old:
-                log.info("JWKS %s loaded: key ids %s", self.describe(), ", ".join(sorted(new.by_kid)) or "(none)")
+            new = self._parse(data)
         except Exception as e:
             log.warning("JWKS %s could not be refreshed (keeping %d known key(s)): %s", self.describe(),
                         len(self.keys.keys) if self.keys else 0, e)
-        finally:
-            self._inflight = None
-            fut.set_result(ok)
-        return ok
+            return False
+        old = set(self.keys.by_kid) if self.keys else set()
+        self.keys = new
+        if set(new.by_kid) != old:
+            log.info("JWKS %s loaded: key ids %s", self.describe(), ", ".join(sorted(new.by_kid)) or "(none)")
+        return True
+
+    def _start(self) -> asyncio.Task:
+        if self._task is None or self._task.done():
+            self.last_attempt = time.monotonic()
+            self._task = asyncio.get_running_loop().create_task(self._fetch())
+        return self._task
+
+    async def refresh(self) -> bool:
+        """Fetch again (joining a fetch already running); False if it failed or ran too long.
+        A caller that gives up (or is cancelled) leaves the fetch running for the next one."""
+        task = self._start()
+        try:
+            return await asyncio.wait_for(asyncio.shield(task), FETCH_DEADLINE + 5)
+        except TimeoutError:
+            log.warning("JWKS %s: fetch still running after %.0fs", self.describe(), FETCH_DEADLINE + 5)
+            return False
 
     async def keyset(self) -> KeySet:
         ks = self.keys
-        if ks is None or time.monotonic() - ks.fetched_at > self.s.jwks_refresh:
-            if ks is None or time.monotonic() - self.last_attempt >= self.s.jwks_min_refresh:
+        if ks is None:
+            # nothing cached yet: this login has to wait (bounded) for the first fetch
+            if time.monotonic() - self.last_attempt >= self.s.jwks_min_refresh or self._task is not None and not self._task.done():
                 await self.refresh()
+        elif time.monotonic() - ks.fetched_at > self.s.jwks_refresh and \
+                time.monotonic() - self.last_attempt >= self.s.jwks_min_refresh:
+            self._start()  # stale: refresh in the background, serve the cached keys now
         if self.keys is None:
-            raise TokenError("token keys are not available (JWKS could not be loaded)", "28000")
+            raise TokenError("token keys are not available (the JWKS could not be loaded)", "28000")
         return self.keys
 
     async def keyset_for_unknown_kid(self) -> KeySet | None:
         """An unknown kid: the provider may have rotated its keys. Refresh, at a bounded rate."""
+        if self._task is not None and not self._task.done():
+            await self.refresh()  # a fetch is running anyway: its result may know the kid
+            return self.keys
         if time.monotonic() - self.last_attempt < self.s.jwks_min_refresh:
             return None
         await self.refresh()

@@ -41,6 +41,7 @@ class Gateway:
         self.limits_in_use = self._limits_in_use(config)
         self.policy: Policy | None = load_policy(config)
         self.jwt: JwtAuthenticator | None = make_jwt(config)
+        self._jwks_task: asyncio.Task | None = None
         self.auth_failures: collections.OrderedDict[str, tuple[int, float]] = collections.OrderedDict()
 
     # ------------------------------------------------------------------ lifecycle
@@ -141,6 +142,17 @@ class Gateway:
         except config_mod.ConfigError as e:
             log.error("reload failed, keeping the running configuration: %s", e)
             return
+        new_jwt = self.jwt
+        if config_mod.jwt_in_use(new):
+            if self.jwt is None or self.jwt.settings != config_mod.jwt_settings(new):
+                try:
+                    new_jwt = make_jwt(new)
+                except config_mod.ConfigError as e:
+                    # never keep trusting the old issuer/keys under a config that changed them
+                    log.error("reload failed, keeping the running configuration: %s", e)
+                    return
+        else:
+            new_jwt = None
         for w in new.warnings:
             log.warning("%s", w)
         old = self.config
@@ -153,17 +165,10 @@ class Gateway:
             if policy is not None:
                 log.info("rules loaded: %d file(s), version %s", len(policy.rules.files), policy.rules.version)
         self.policy = policy
-        if config_mod.jwt_in_use(new):
-            if self.jwt is None or self.jwt.settings != config_mod.jwt_settings(new):
-                try:
-                    self.jwt = make_jwt(new)
-                except config_mod.ConfigError as e:
-                    log.error("token settings not reloaded, the running ones keep serving: %s", e)
-            else:
-                # same settings: read the key set again anyway (a key may have been withdrawn)
-                asyncio.get_running_loop().create_task(self.jwt.source.refresh())
-        else:
-            self.jwt = None
+        if new_jwt is not None and new_jwt is self.jwt:
+            # same settings: read the key set again anyway (a key may have been withdrawn)
+            self._jwks_task = asyncio.get_running_loop().create_task(new_jwt.source.refresh())
+        self.jwt = new_jwt
         for key, pool in list(self.pools.items()):
             db = new.database(pool.db.name)
             user = key[1]

@@ -131,6 +131,7 @@ class ClientConn(asyncio.Protocol):
         self.login_name = ""  # the startup user name (an alias of self.user for token logins)
         self.tls = False
         self.token_expiry: asyncio.TimerHandle | None = None
+        self._left = False
         self.search_path: tuple[str, ...] = ("public",)
         self.sql_prepared: dict[str, str] = {}  # SQL-level PREPARE name -> statement text
         self.unnamed_ok = False  # this client parsed the unnamed statement on its server
@@ -192,6 +193,15 @@ class ClientConn(asyncio.Protocol):
         self.server = None
         if srv is not None:
             self._detach_server(srv)
+        self._leave(was_ready)
+
+    def _leave(self, was_ready: bool) -> None:
+        """Tell the gateway this client is gone, exactly once. Normally from connection_lost; a
+        TLS handshake the peer breaks off never reaches our connection_lost (the SSL protocol
+        owns the transport then), so a failed login calls this too."""
+        if self._left:
+            return
+        self._left = True
         self.gw.client_left(self, was_ready)
 
     def pause_writing(self) -> None:
@@ -306,6 +316,13 @@ class ClientConn(asyncio.Protocol):
         return await self._read(length - 4)
 
     async def _login(self) -> None:
+        try:
+            await self._login_guarded()
+        finally:
+            if self.closed:
+                self._leave(False)
+
+    async def _login_guarded(self) -> None:
         cfg = self.gw.config
         try:
             async with asyncio.timeout(cfg.client_login_timeout or None):
@@ -366,6 +383,7 @@ class ClientConn(asyncio.Protocol):
                 self._close_now()
                 raise asyncio.CancelledError
             break
+        cfg = self.gw.config  # a SIGHUP may have come while we waited for the startup packet
         params = pkt.params
         unrecognized = [k for k in params if k.startswith("_pq_.")]
         minor = pkt.version & 0xFFFF
@@ -396,7 +414,7 @@ class ClientConn(asyncio.Protocol):
         if db is None:
             raise ClientError("3D000", f'no such database: {self.database}')
         ucfg = cfg.users.get(user)
-        auth_type = (ucfg.auth_type if ucfg else None) or db.auth_type or cfg.auth_type
+        auth_type = cfg.auth_type_for(db, user)
         if auth_type == "jwt":
             await self._authenticate_jwt(db)
             user = self.user  # the token's identity
