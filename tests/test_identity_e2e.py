@@ -584,3 +584,16 @@ def test_gssenc_request_is_declined_and_require_still_applies(gw_factory, certs)
         while chunk := s.recv(4096):
             data += chunk
     assert data.startswith(b"E") and b"SSL required" in data
+
+
+def test_jwt_for_one_user_entry(gw_factory, idp, certs, pg):
+    g = gw_factory(settings={"auth_type": "trust", "jwt_jwks": str(idp.jwks_path), "jwt_issuer": ISSUER,
+                             "jwt_audience": AUDIENCE, "client_tls_sslmode": "prefer",
+                             "client_tls_cert_file": certs["cert"], "client_tls_key_file": certs["key"]},
+                   databases={"postgres": upstream_entry(pg)}, users={"bot": "auth_type=jwt"})
+    with pytest.raises(psycopg.OperationalError, match="not a JWT"):
+        psycopg.connect(g.dsn(user="bot", sslmode="require", password="guess")).close()
+    with psycopg.connect(tls_dsn(g, "bot", idp.token(sub="bot"))) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+    with psycopg.connect(g.dsn(user="someone")) as conn:  # everyone else: trust
+        assert conn.execute("SELECT 1").fetchone() == (1,)
