@@ -1,0 +1,1 @@
+"""Masking of PostgreSQL result values (see :mod:`pooler.masking.methods`)."""
