@@ -95,6 +95,10 @@ class Config:
     rules_dir: str | None = None  # None: "rules/" beside the config file, when it exists
     default_action: str = "allow"
     rule_timeout: float = 0.05
+    mask_hash_key: str | None = None  # key of the "hash" masking method (None: random per start)
+    mask_hash_key_file: str | None = None
+    mask_catalog_ttl: float = 60.0  # re-read the catalog (tables, views) this often, in the background
+    mask_key: bytes = b""  # resolved from mask_hash_key(_file); never logged
     client_tls_sslmode: str = "disable"
     client_tls_key_file: str | None = None
     client_tls_cert_file: str | None = None
@@ -315,6 +319,9 @@ SETTINGS = {
     "rules_dir": ("rules_dir", _opt_str),
     "default_action": ("default_action", _choice("allow", "deny")),
     "rule_timeout": ("rule_timeout", _seconds),
+    "mask_hash_key": ("mask_hash_key", _opt_str),
+    "mask_hash_key_file": ("mask_hash_key_file", _opt_str),
+    "mask_catalog_ttl": ("mask_catalog_ttl", _seconds),
     "client_tls_sslmode": ("client_tls_sslmode", _choice(*SSLMODES)),
     "client_tls_key_file": ("client_tls_key_file", _opt_str),
     "client_tls_cert_file": ("client_tls_cert_file", _opt_str),
@@ -476,6 +483,26 @@ def parse_auth_file(path: Path) -> dict[str, str]:
     return users
 
 
+_PROCESS_MASK_KEY = os.urandom(32)
+
+
+def _resolve_mask_key(cfg: Config, path) -> None:
+    """The key of the "hash" masking method: from a file, inline, or random for this process
+    (pseudonyms then change when the gateway restarts, so joins across restarts break)."""
+    if cfg.mask_hash_key_file:
+        try:
+            key = cfg.resolve(cfg.mask_hash_key_file).read_bytes().strip()
+        except OSError as e:
+            raise ConfigError(f"{path}: mask_hash_key_file: cannot read {cfg.mask_hash_key_file}: {e.strerror}") from None
+        if not key:
+            raise ConfigError(f"{path}: mask_hash_key_file {cfg.mask_hash_key_file} is empty")
+        cfg.mask_key = key
+    elif cfg.mask_hash_key:
+        cfg.mask_key = cfg.mask_hash_key.encode()
+    else:
+        cfg.mask_key = _PROCESS_MASK_KEY
+
+
 def _resolve_db_secret(cfg: Config, db: DatabaseConfig, where: str) -> None:
     """password_file / password_env -> db.password (read at every load, so a reload rotates it).
     Errors name the file or variable, never a secret."""
@@ -635,6 +662,7 @@ def load(path: str | os.PathLike) -> Config:
         raise ConfigError(f"{path}: rules_dir {cfg.rules_dir} is not a directory")
     if not 0 < cfg.rule_timeout <= 10:
         raise ConfigError(f"{path}: rule_timeout must be between 0 and 10 seconds")
+    _resolve_mask_key(cfg, path)
     if not cfg.listen_addr and not cfg.unix_socket_dir:
         raise ConfigError(f"{path}: neither listen_addr nor unix_socket_dir is set")
     return cfg

@@ -277,9 +277,7 @@ def test_sql_prepare_and_execute_are_judged_as_the_statement(pg, pgw):
     ("ann", "ALTER SYSTEM SET work_mem = '1GB'", "ALTER SYSTEM"),
     ("ann", "GRANT SELECT ON customers TO public", "privilege"),
     ("ann", "CREATE TABLE stolen AS SELECT * FROM customers", "schema changes"),
-    ("agent", "SELECT email FROM customers", "masking required"),
-    ("agent", "SELECT row_to_json(c) FROM customers c", "masking required"),
-    ("agent", "WITH x AS (SELECT * FROM customers) SELECT * FROM x", "masking required"),
+    ("agent", "COPY (SELECT email FROM customers) TO STDOUT", "masks"),  # masked results: test_masking_e2e.py
     ("ann", "UPDATE products SET price = 1", "approval required"),
     ("agent", "SELECT * FROM orders WHERE", "could not be analyzed"),
 ])
@@ -311,9 +309,11 @@ def test_search_path_is_followed(pg, pgw):
                dbname="policy_shop")
     with psycopg.connect(pgw.dsn(user="agent", dbname="shop"), autocommit=True) as conn:
         conn.execute("SET search_path = sales, public")
-        # sales.customers or public.customers: both are candidates, both masked
-        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="public.customers.email"):
-            conn.execute("SELECT email FROM customers")
+        # sales.customers or public.customers: the rules see both candidates and mask
+        pub = conn.execute("SELECT email FROM public.customers LIMIT 1").fetchone()[0]
+        assert pub.startswith("***@")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="masks"):
+            conn.execute("COPY (SELECT email FROM customers) TO STDOUT")
         conn.execute("SET search_path = sales")
         assert conn.execute("SELECT count(*) FROM customers").fetchone() == (0,)
 
@@ -410,8 +410,9 @@ def test_session_tracking_fails_closed(pg, pgw):
         conn.execute("BEGIN")
         conn.execute("SET search_path = sales")
         conn.execute("ROLLBACK")
-        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="masking required"):
-            conn.execute("SELECT email FROM customers")
+        assert conn.execute("SELECT email FROM customers LIMIT 1").fetchone()[0].startswith("***@")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="masks"):
+            conn.execute("COPY (SELECT email FROM customers) TO STDOUT")
     with psycopg.connect(pgw.dsn(user="ann", dbname="shop"), autocommit=True) as conn:
         # search_path changed behind the rules' back is refused
         with pytest.raises(psycopg.errors.InsufficientPrivilege, match="use SET search_path"):

@@ -15,6 +15,7 @@ from .. import config as config_mod
 from ..auth.jwt import JwtAuthenticator
 from ..auth.passwords import ScramSecret, is_scram
 from ..config import Config, DatabaseConfig
+from ..masking.catalog import CatalogHolder
 from ..policy.engine import Policy
 from ..policy.rules import RuleLoadError, load_rules
 from ..protocol import messages as m
@@ -43,6 +44,7 @@ class Gateway:
         self.jwt: JwtAuthenticator | None = make_jwt(config)
         self._jwks_task: asyncio.Task | None = None
         self.auth_failures: collections.OrderedDict[str, tuple[int, float]] = collections.OrderedDict()
+        self.catalogs: dict[tuple, CatalogHolder] = {}  # per upstream database: masking's catalog
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -134,6 +136,12 @@ class Gateway:
             self._janitor.cancel()
         self.stopped.set()
 
+    def catalog_for(self, pool: Pool) -> CatalogHolder:
+        holder = self.catalogs.get(pool.catalog_key)
+        if holder is None or holder.pool.obsolete:
+            holder = self.catalogs[pool.catalog_key] = CatalogHolder(pool)
+        return holder
+
     def reload(self) -> None:
         """SIGHUP: load the config again; pools adjust, sessions survive. A broken file is
         refused with a log line and the running config keeps serving."""
@@ -165,6 +173,8 @@ class Gateway:
             if policy is not None:
                 log.info("rules loaded: %d file(s), version %s", len(policy.rules.files), policy.rules.version)
         self.policy = policy
+        for holder in self.catalogs.values():
+            holder.invalidate()  # RELOAD re-reads the catalog before the next masked statement
         if new_jwt is not None and new_jwt is self.jwt:
             # same settings: read the key set again anyway (a key may have been withdrawn)
             self._jwks_task = asyncio.get_running_loop().create_task(new_jwt.source.refresh())

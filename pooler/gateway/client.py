@@ -23,6 +23,8 @@ import struct
 import time
 from typing import TYPE_CHECKING
 
+from ..policy.lineage import UNKNOWN, StatementLineage
+from ..masking.plan import MaskCtx, QueryMask, _method_for, _split_pattern
 from ..auth.passwords import ScramError, ScramSecret, ScramServer, is_md5, is_scram, verify_md5
 from ..policy.engine import SessionInfo
 from ..protocol import messages as m
@@ -30,7 +32,7 @@ from .pool import TRACKED_LOWER, Pool
 from .server import (
     R_BIND, R_CLOSE, R_CLOSE_SKIP, R_DESCRIBE, R_EXECUTE, R_FAKE_CLOSE, R_FAKE_PARSE, R_PARSE,
     R_PARSE_SKIP, R_QUERY, R_QUERY_SKIP, R_SYNC, R_BIND_SKIP, R_EXECUTE_REFUSAL, R_FAKE_DONE,
-    R_QUERY_REFUSAL,
+    R_QUERY_REFUSAL, R_DESCRIBE_MASK,
     FAKE_FIRST, FAKE_LAST, ServerConn, ServerLoginError, S_CLOSED,
 )
 
@@ -72,6 +74,10 @@ _LOCAL_CANDIDATES = frozenset(b"SHCdcfQ")
 _GOVERNED = frozenset(b"QPFBD")
 
 _SEARCH_PATH_ITEM = re.compile(r'\s*(?:"((?:[^"]|"")*)"|([^,\s]+))\s*(?:,|$)')
+
+
+_NO_LINEAGE = StatementLineage(None, frozenset((UNKNOWN,)))
+_WAIT_CATALOG = ("", "")  # _govern: the catalog must be loaded before this message is judged
 
 
 class ClientError(Exception):
@@ -137,6 +143,11 @@ class ClientConn(asyncio.Protocol):
         self.unnamed_ok = False  # this client parsed the unnamed statement on its server
         self._sinfo: list = [None, None]
         self._skey: list = [None, None]
+        # masking
+        self.mask_stmts: dict[bytes, MaskCtx] = {}  # client statement name -> masks of its results
+        self.mask_portals: dict[bytes, MaskCtx] = {}  # portal name -> masks of its results
+        self.cur_mask: QueryMask | None = None  # masks of the simple Query being forwarded
+        self.masked_counts: dict[str, int] = {}  # column -> values masked in this session
 
     # ------------------------------------------------------------------ transport callbacks
 
@@ -648,6 +659,14 @@ class ClientConn(asyncio.Protocol):
                 if t in _GOVERNED:
                     refusal = self._govern(t, data, pos, end)
                     if refusal is not None:
+                        if refusal is _WAIT_CATALOG:
+                            # masked statements are planned with the database's catalog: load it
+                            # first (this message is governed again when it is there)
+                            self.waiting = True
+                            if n - pos > 65536:
+                                self.pause_reading()
+                            self.gw.catalog_for(self.pool).wait(self._catalog_ready)
+                            break
                         self._refuse(srv, t, refusal, out)
                         pos = end
                         continue
@@ -675,16 +694,24 @@ class ClientConn(asyncio.Protocol):
                             pos = end
                             continue
                     out.append(data[pos:end])
-                    srv.queue.append((R_QUERY, None))
+                    srv.queue.append((R_QUERY, self.cur_mask))
+                    self.cur_mask = None
                 elif t == T_BIND:
+                    if self.mask_stmts or self.mask_portals:
+                        self._bind_masks(data[pos + 5 : end])
                     if self.rewrite and (data[pos + 5] != 0 or data[pos + 6] != 0):
                         self._bind(srv, data[pos + 5 : end], out)
                     else:
                         out.append(data[pos:end])
                         srv.queue.append((R_BIND, None))
                 elif t == T_EXECUTE:
+                    ctx = self.mask_portals.get(data[pos + 5 : end - 5]) if self.mask_portals else None
+                    if ctx is not None:
+                        # learn the portal's columns and formats before its rows arrive
+                        out.append(m.describe_portal(data[pos + 5 : end - 5]))
+                        srv.queue.append((R_DESCRIBE_MASK, ctx))
                     out.append(data[pos:end])
-                    srv.queue.append((R_EXECUTE, None))
+                    srv.queue.append((R_EXECUTE, ctx))
                 elif t == T_SYNC:
                     out.append(data[pos:end])
                     srv.queue.append((R_SYNC, None))
@@ -701,6 +728,8 @@ class ClientConn(asyncio.Protocol):
                         out.append(data[pos:end])
                         srv.queue.append((R_DESCRIBE, None))
                 elif t == T_CLOSE:
+                    if self.mask_stmts or self.mask_portals:
+                        (self.mask_stmts if data[pos + 5] == 83 else self.mask_portals).pop(data[pos + 6 : end - 1], None)
                     if self.rewrite and data[pos + 5] == 83 and data[pos + 6] != 0:
                         self.stmts.pop(data[pos + 6 : end - 1], None)
                         srv.queue.append((R_FAKE_CLOSE, None))
@@ -794,19 +823,119 @@ class ClientConn(asyncio.Protocol):
         except UnicodeDecodeError:
             return ("42501", "refused by the gateway: statement text is not valid UTF-8")
         si = self.session_info()
-        verdict = policy.decide(sql, si, self._skey[si.in_transaction])
+        catalog = None
+        if policy.rules.may_mask:
+            holder = self.gw.catalog_for(self.pool)
+            if not holder.ready():
+                return _WAIT_CATALOG
+            catalog = holder.catalog
+        verdict = policy.decide(sql, si, self._skey[si.in_transaction], catalog)
         d = verdict.decision
         if not d.refused and verdict.session_work:  # Query and Parse alike: EXECUTE can come either way
-            d = self._session_work(policy, verdict, si)
+            d = self._session_work(policy, verdict, si, catalog)
             if isinstance(d, tuple):
                 return d
         if d.refused:
             return self._refusal_text(d, sql)
-        if t == T_PARSE and data[pos + 5] == 0:
-            self.unnamed_ok = True
+        ctx = None
+        if d.action == "mask":
+            ctx = self._mask_ctx(d, verdict, sql, si)
+            if isinstance(ctx, tuple):
+                return ctx
+        if t == T_PARSE:
+            if name_end == 0:
+                self.unnamed_ok = True
+                if ctx is not None:
+                    self.mask_stmts[b""] = ctx
+                elif self.mask_stmts:
+                    self.mask_stmts.pop(b"", None)
+            elif ctx is not None:
+                # a named statement's masks are dropped only by Close/DEALLOCATE: a Parse that
+                # reuses a name fails on the server, and must not unmask the statement there
+                self.mask_stmts[data[pos + 5 : pos + 5 + name_end]] = ctx
+        else:
+            self.cur_mask = QueryMask(ctx) if ctx is not None else None
         return None
 
-    def _session_work(self, policy, verdict, si):
+    # -- masking
+
+    def _mask_ctx(self, d, verdict, sql: str, si) -> "MaskCtx | tuple[str, str]":
+        """What the server side needs to mask this statement's results; or a refusal for the
+        statements whose masked values would leave by another way (COPY, cursors, writes)."""
+        holder = self.gw.catalog_for(self.pool)
+        cat = holder.catalog
+        where = d.rule or "the rules"
+        lineages = self._lineage(holder, sql, si.search_path)
+        if lineages is not None:
+            lineages = list(lineages)
+            for i, f in enumerate(verdict.facts):
+                if f.command == "EXECUTE" and i < len(lineages):
+                    inner = self.sql_prepared.get(f.prepared_name or "")
+                    got = self._lineage(holder, inner, si.search_path) if inner is not None else None
+                    lineages[i] = got[0] if got else _NO_LINEAGE
+        patterns = [(_split_pattern(p), meth) for p, meth in d.masks]
+        for i, f in enumerate(verdict.facts):
+            cmd = f.command
+            if cmd == "COPY" or (cmd == "EXPLAIN" and f.inner is not None and f.inner.command == "COPY"):
+                return ("42501", f"refused by the gateway: COPY would include columns that {where} masks; "
+                                 "use SELECT, whose results are masked")
+            if cmd == "DECLARE CURSOR":
+                return ("42501", f"refused by the gateway: a cursor over columns that {where} masks cannot be "
+                                 "masked; use SELECT (or the extended protocol's row limit) instead")
+            lin = lineages[i] if lineages is not None and i < len(lineages) else None
+            if not f.read_only and cmd not in ("EXECUTE",):
+                ws = lin.write_sources if lin is not None else None
+                if ws is None or any(s == "?" or _method_for(s, patterns) for s in ws):
+                    return ("42501", f"refused by the gateway: this {cmd} would copy values of columns that "
+                                     f"{where} masks into data that is not masked")
+        ctx = MaskCtx(d.masks, lineages, cat, where, (sql, si.search_path), holder.plan_cache)
+        if self.gw.config.verbose:
+            log.info("masking %s for %s: %s", where, self.describe(), ", ".join(f"{c}={mt}" for c, mt in d.masks))
+        return ctx
+
+    def _lineage(self, holder, sql: str, search_path):
+        key = (sql, search_path)
+        cache = holder.lineage_cache
+        got = cache.get(key)
+        if got is None:
+            cat = holder.catalog
+            try:
+                if cat is not None:
+                    got = cat.lineage(sql, search_path)
+                else:
+                    from ..policy.lineage import statement_lineage
+                    got = statement_lineage(sql, search_path)
+            except Exception as e:  # noqa: BLE001 - no lineage: every computed column is masked
+                log.debug("lineage of a masked statement failed: %s", e)
+                got = ()
+            if len(cache) > 10_000:
+                cache.clear()
+            cache[key] = got
+        return got or None
+
+    def _catalog_ready(self) -> None:
+        self.waiting = False
+        if not self.closed and self.state == C_READY:
+            self.resume_reading()
+            self._pump()
+
+    def _bind_masks(self, body: bytes) -> None:
+        portal, stmt, _, _ = m.parse_bind_statement(body)
+        ctx = self.mask_stmts.get(stmt)
+        if ctx is not None:
+            self.mask_portals[portal] = ctx
+        else:
+            self.mask_portals.pop(portal, None)
+
+    def masked(self, report: list[tuple[str, int]], tpl) -> None:
+        """A masked result ended: count what was masked (debug log, session totals)."""
+        counts = self.masked_counts
+        for col, n in report:
+            counts[col] = counts.get(col, 0) + n
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("masked %s: %s", self.describe(), ", ".join(f"{c}={n}" for c, n in report))
+
+    def _session_work(self, policy, verdict, si, catalog=None):
         """SQL-level PREPARE/EXECUTE/DEALLOCATE and search_path: EXECUTE is judged as the
         statement it runs. Returns a Decision, or (sqlstate, message) of a refusal.
 
@@ -821,9 +950,11 @@ class ClientConn(asyncio.Protocol):
                 inner_sql = self.sql_prepared.get(f.prepared_name or "")
                 if inner_sql is None:
                     return ("26000", f'prepared statement "{f.prepared_name}" does not exist')
-                inner = policy.decide(inner_sql, si).decision
+                inner = policy.decide(inner_sql, si, None, catalog).decision
                 if inner.refused:
                     return inner
+                if inner.action == "mask":
+                    d = _merge_masks(d, inner)
             elif cmd == "PREPARE" and f.prepared_name and f.inner is not None:
                 if f.prepared_name in self.sql_prepared:
                     return ("42P05", f'prepared statement "{f.prepared_name}" already exists')
@@ -885,11 +1016,13 @@ class ClientConn(asyncio.Protocol):
             return b""
         if t == T_CLOSE and self.rewrite and data[pos + 5] == 83 and data[pos + 6] != 0:
             self.stmts.pop(data[pos + 6 : end - 1], None)
+            self.mask_stmts.pop(data[pos + 6 : end - 1], None)
             return m.CLOSE_COMPLETE
         if t == T_QUERY and self.rewrite and data[pos + 5] in b"dD \t\r\n":
             name = self._deallocate_target(data[pos + 5 : end - 1])
             if name is not None:
                 del self.stmts[name]
+                self.mask_stmts.pop(name, None)
                 return m.command_complete("DEALLOCATE") + m.ready_for_query(m.TX_IDLE)
             return None
         if t in (T_COPY_DATA, T_COPY_DONE, T_COPY_FAIL):
@@ -981,6 +1114,7 @@ class ClientConn(asyncio.Protocol):
         if name is None:
             return False
         sname = self.stmts.pop(name)[0]
+        self.mask_stmts.pop(name, None)
         if sname in srv.prepared:
             del srv.prepared[sname]
             out.append(m.query(f'DEALLOCATE "{sname.decode()}"'))
@@ -1006,9 +1140,11 @@ class ClientConn(asyncio.Protocol):
         entry = self.stmts.get(cname)
         if entry is not None and entry[0] == sname:
             del self.stmts[cname]
+            self.mask_stmts.pop(cname, None)
 
     def forget_all_statements(self) -> None:
         self.stmts.clear()
+        self.mask_stmts.clear()
 
     # ------------------------------------------------------------------ linking to servers
 
@@ -1113,6 +1249,18 @@ class ClientConn(asyncio.Protocol):
         self.write(b"".join(out))
         if self.rbuf:
             self._pump()
+
+
+def _merge_masks(d, other):
+    """``d`` with the masks of ``other`` added (EXECUTE runs its prepared statement's masks)."""
+    from ..policy.rules import Decision
+
+    if d.action != "mask":
+        return other
+    merged = dict(other.masks)
+    merged.update(d.masks)
+    rule = ", ".join(sorted({r for r in (d.rule, other.rule) if r}))
+    return Decision("mask", "; ".join(r for r in (d.reason, other.reason) if r), rule, tuple(sorted(merged.items())))
 
 
 def quote_literal(v: str) -> str:

@@ -45,6 +45,7 @@ class Pool:
         self.server_user = server_user
         self.server_password = password
         self.server_dbname = db.dbname or db.name
+        self.catalog_key = (db.host, db.port, self.server_dbname)
         self.idle: collections.deque[ServerConn] = collections.deque()
         self.active: set[ServerConn] = set()
         self.connecting = 0
@@ -159,37 +160,47 @@ class Pool:
             self.connecting += 1
             asyncio.get_running_loop().create_task(self._connect())
 
-    async def _connect(self) -> None:
+    async def open_connection(self, side: bool = False) -> ServerConn:
+        """Connect and log in one server connection (and run connect_query). ``side``
+        connections are the gateway's own (catalog reads): never pooled, never counted."""
         loop = asyncio.get_running_loop()
         srv: ServerConn | None = None
         cfg = self.gw.config
         try:
-            try:
-                host = self.db.host
-                if host.startswith("/"):
-                    path = f"{host}/.s.PGSQL.{self.db.port}"
-                    coro = loop.create_unix_connection(lambda: ServerConn(self), path)
-                elif cfg.server_ssl is not None:
-                    coro = self._connect_tls(host, cfg)
-                else:
-                    coro = loop.create_connection(lambda: ServerConn(self), host, self.db.port)
-                timeout = cfg.server_connect_timeout or None
-                async with asyncio.timeout(timeout):
-                    _, srv = await coro
-                    srv.peer = f"{host}:{self.db.port}"
-                    await srv.login()
-                if self.db.connect_query:
-                    await self._run_connect_query(srv)
-            except (OSError, TimeoutError, ServerLoginError) as e:
-                if srv is not None:
-                    srv.close(str(e))
-                if isinstance(e, ServerLoginError):
-                    msg, state = str(e), e.sqlstate
-                elif isinstance(e, TimeoutError):
-                    msg, state = "server_connect_timeout: could not connect to server in time", "08001"
-                else:
-                    msg, state = f"could not connect to server: {e.strerror or e}", "08001"
-                raise ServerLoginError(msg, state) from None
+            host = self.db.host
+            if host.startswith("/"):
+                path = f"{host}/.s.PGSQL.{self.db.port}"
+                coro = loop.create_unix_connection(lambda: ServerConn(self, side), path)
+            elif cfg.server_ssl is not None:
+                coro = self._connect_tls(host, cfg, side)
+            else:
+                coro = loop.create_connection(lambda: ServerConn(self, side), host, self.db.port)
+            timeout = cfg.server_connect_timeout or None
+            async with asyncio.timeout(timeout):
+                _, srv = await coro
+                srv.peer = f"{host}:{self.db.port}"
+                await srv.login()
+            if self.db.connect_query:
+                await self._run_connect_query(srv)
+            return srv
+        except (OSError, TimeoutError, ServerLoginError) as e:
+            if srv is not None:
+                srv.close(str(e))
+            if isinstance(e, ServerLoginError):
+                msg, state = str(e), e.sqlstate
+            elif isinstance(e, TimeoutError):
+                msg, state = "server_connect_timeout: could not connect to server in time", "08001"
+            else:
+                msg, state = f"could not connect to server: {e.strerror or e}", "08001"
+            raise ServerLoginError(msg, state) from None
+        except BaseException:
+            if srv is not None:
+                srv.close("connect cancelled")
+            raise
+
+    async def _connect(self) -> None:
+        try:
+            srv = await self.open_connection()
         except ServerLoginError as e:
             self.connecting -= 1
             self.gw.server_closed(self)
@@ -200,8 +211,6 @@ class Pool:
         except BaseException:
             self.connecting -= 1
             self.gw.server_closed(self)
-            if srv is not None:
-                srv.close("connect cancelled")
             raise
         self.connecting -= 1
         self.last_connect_error = None
@@ -217,7 +226,7 @@ class Pool:
         self.active.add(srv)
         self.release(srv)
 
-    async def _connect_tls(self, host: str, cfg):
+    async def _connect_tls(self, host: str, cfg, side: bool = False):
         """server_tls_sslmode: send SSLRequest; on 'S' wrap the socket in TLS, on 'N' go on in
         plaintext unless the mode requires TLS."""
         from ..protocol import messages as m
@@ -244,12 +253,12 @@ class Pool:
             await loop.sock_sendall(sock, m.ssl_request())
             answer = await loop.sock_recv(sock, 1)
             if answer == b"S":
-                return await loop.create_connection(lambda: ServerConn(self), sock=sock, ssl=cfg.server_ssl,
+                return await loop.create_connection(lambda: ServerConn(self, side), sock=sock, ssl=cfg.server_ssl,
                                                     server_hostname=host)
             if answer == b"N":
                 if cfg.server_tls_sslmode in ("require", "verify-ca", "verify-full"):
                     raise ServerLoginError(f"server does not accept TLS (server_tls_sslmode = {cfg.server_tls_sslmode})", "08001")
-                return await loop.create_connection(lambda: ServerConn(self), sock=sock)
+                return await loop.create_connection(lambda: ServerConn(self, side), sock=sock)
             raise ServerLoginError("unexpected answer from server to SSLRequest", "08P01")
         except BaseException:
             sock.close()

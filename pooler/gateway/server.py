@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 import scramp
 
+from ..masking.plan import MaskCtx, MaskingError, QueryMask, plan_for, scrub_message
 from ..protocol import messages as m
 
 if TYPE_CHECKING:
@@ -48,6 +49,7 @@ R_FAKE_DONE = 13     # gateway emits CommandComplete(info) + ReadyForQuery (a lo
 R_BIND_SKIP = 14     # '2' swallowed (injected refusal)
 R_EXECUTE_REFUSAL = 15  # injected refusal: its ErrorResponse is forwarded without CONTEXT
 R_QUERY_REFUSAL = 16    # simple-Query refusal: ErrorResponse forwarded without CONTEXT, ends at 'Z'
+R_DESCRIBE_MASK = 17    # injected Describe of a masked portal: 'T' | 'n' swallowed, builds the row plan
 
 FAKE_FIRST, FAKE_LAST = R_FAKE_PARSE, R_FAKE_DONE
 
@@ -81,8 +83,13 @@ class ServerLoginError(Exception):
 
 
 class ServerConn(asyncio.Protocol):
-    def __init__(self, pool: "Pool") -> None:
+    def __init__(self, pool: "Pool", side: bool = False) -> None:
         self.pool = pool
+        self.side = side  # the gateway's own connection (catalog reads): not pooled
+        self.collected: list | None = None  # side connections: result sets of run_query
+        self.collect_waiter: asyncio.Future | None = None
+        self.rowplan = None  # masking.plan.RowPlan rewriting the DataRows of the current result
+        self.ddl_pending = False  # DDL ran in the open transaction: invalidate the catalog at commit
         self.transport: asyncio.Transport | None = None
         self.state = S_CONNECTING
         self.rbuf = b""
@@ -131,6 +138,11 @@ class ServerConn(asyncio.Protocol):
             )
         client = self.client
         self.client = None
+        if self.side:
+            w = self.collect_waiter
+            if w is not None and not w.done():
+                w.set_exception(ConnectionResetError(self.close_reason or "server closed the connection"))
+            return
         self.pool.server_gone(self)
         if client is not None:
             client.server_lost(self, self.close_reason or "server closed the connection unexpectedly")
@@ -284,6 +296,8 @@ class ServerConn(asyncio.Protocol):
         if client is None or self.state != S_ACTIVE:
             if self.state == S_LOGIN:
                 self._login_data(data)
+            elif self.side and self.collected is not None:
+                self._side_data(data)
             elif self.state != S_CLOSED:
                 self._idle_data(data)
             return
@@ -305,11 +319,29 @@ class ServerConn(asyncio.Protocol):
         fwd = 0  # start of the bytes not yet forwarded
         out = None  # pieces, once a message is swallowed, replaced or a fake reply inserted
         queue = self.queue
+        plan = self.rowplan
         while n - pos >= 5:
             t = data[pos]
             (length,) = _unpack_len(data, pos + 1)
             end = pos + 1 + length
             if t == T_DATAROW or t == T_COPYDATA:
+                if plan is not None and t == T_DATAROW:
+                    # a masked result: rewrite whole rows, one at a time
+                    if end > n or length < 4:
+                        if length < 4:
+                            self._protocol_violation("invalid message length from server")
+                            return
+                        break
+                    if out is None:
+                        out = []
+                    out.append(data[fwd:pos])
+                    try:
+                        out.append(plan.rewrite(data, pos, end))
+                    except MaskingError as e:
+                        self._masking_failed(client, str(e))
+                        return
+                    pos = fwd = end
+                    continue
                 if end > n:
                     if length < 4:
                         self._protocol_violation("invalid message length from server")
@@ -338,6 +370,11 @@ class ServerConn(asyncio.Protocol):
                     head = queue[0][0] if queue else 0
             if t == T_READY:
                 self.tx_status = data[pos + 5]
+                if plan is not None:
+                    self._plan_done(client)
+                    plan = None
+                if self.ddl_pending and self.tx_status == m.TX_IDLE:
+                    self._ddl_committed()
                 if head == R_QUERY_SKIP:
                     queue.popleft()
                     if out is None:
@@ -390,13 +427,35 @@ class ServerConn(asyncio.Protocol):
                 pos = fwd = end
                 continue
             if t == T_COMPLETE:
-                if data[pos + 5] == 68:  # 'D': DEALLOCATE ALL / DISCARD ALL forget statements
+                c0 = data[pos + 5]
+                if c0 == 68 or c0 == 67 or c0 == 65:  # 'D', 'C', 'A': statements that forget or change things
                     self._check_tag(data, pos, end, client)
+                if plan is not None:
+                    self._plan_done(client)
+                    plan = None
                 if head == R_EXECUTE:
                     queue.popleft()
+                elif head == R_QUERY and queue[0][1] is not None:
+                    queue[0][1].index += 1
             elif t == T_ROWDESC or t == T_NODATA:
                 if head == R_DESCRIBE:
                     queue.popleft()
+                elif head == R_DESCRIBE_MASK:
+                    # our own Describe of a masked portal: plan its rows, tell the client nothing
+                    ctx = queue.popleft()[1]
+                    if out is None:
+                        out = []
+                    out.append(data[fwd:pos])
+                    fwd = end
+                    if t == T_ROWDESC:
+                        plan = self._make_plan(client, ctx, 0, data[pos + 5 : end])
+                        if plan is False:
+                            return
+                elif t == T_ROWDESC and head == R_QUERY and queue[0][1] is not None:
+                    qm = queue[0][1]
+                    plan = self._make_plan(client, qm.ctx, qm.index, data[pos + 5 : end])
+                    if plan is False:
+                        return
             elif t == T_PARSE_COMPLETE or t == T_BIND_COMPLETE or t == T_CLOSE_COMPLETE:
                 if head == R_PARSE or head == R_BIND or head == R_CLOSE:
                     queue.popleft()
@@ -409,6 +468,16 @@ class ServerConn(asyncio.Protocol):
             elif t == T_PARAM:
                 self._param(data[pos + 5 : end], client, forward=True)
             elif t == T_ERROR:
+                if plan is not None:
+                    self._plan_done(client)
+                    plan = None
+                if queue and (type(queue[0][1]) is QueryMask or type(queue[0][1]) is MaskCtx):
+                    # an error of a masked statement may quote a row value
+                    if out is None:
+                        out = []
+                    out.append(data[fwd:pos])
+                    out.append(scrub_message(b"E", data[pos + 5 : end]))
+                    fwd = end
                 if head == R_EXECUTE_REFUSAL or head == R_QUERY_REFUSAL or head == R_PARSE_SKIP:
                     # an error the gateway asked for: drop PL/pgSQL's CONTEXT and position
                     if out is None:
@@ -422,9 +491,25 @@ class ServerConn(asyncio.Protocol):
                 if head and head != R_QUERY and head != R_SYNC and head != R_QUERY_REFUSAL:
                     self._error_skips_to_sync()
             elif t == T_EMPTY or t == T_SUSPENDED:
+                if plan is not None:
+                    self._plan_done(client)
+                    plan = None
                 if head == R_EXECUTE:
                     queue.popleft()
+                elif head == R_QUERY and t == T_EMPTY and queue[0][1] is not None:
+                    queue[0][1].index += 1
+            elif t == T_NOTICE:
+                if queue and (type(queue[0][1]) is QueryMask or type(queue[0][1]) is MaskCtx):
+                    if out is None:
+                        out = []
+                    out.append(data[fwd:pos])
+                    out.append(scrub_message(b"N", data[pos + 5 : end]))
+                    fwd = end
             elif t == T_COPY_IN or t == T_COPY_OUT or t == T_COPY_BOTH:
+                if queue and (type(queue[0][1]) is QueryMask or type(queue[0][1]) is MaskCtx):
+                    # COPY of a masked statement is refused before it runs; never stream one
+                    self._masking_failed(client, "COPY of a statement with masked columns")
+                    return
                 self.in_copy = True
             # 't' ParameterDescription, 'c' CopyDone, 'V' FunctionCallResponse, 'N', 'A': as is
             pos = end
@@ -449,6 +534,46 @@ class ServerConn(asyncio.Protocol):
         if tag == b"DEALLOCATE ALL" or tag == b"DISCARD ALL":
             self.prepared.clear()
             client.forget_all_statements()
+        elif tag.startswith((b"CREATE", b"ALTER", b"DROP", b"COMMENT", b"SECURITY LABEL")):
+            # the catalog the masking plans rely on changed (visible to others at commit)
+            self.ddl_pending = True
+            self._ddl_committed()
+
+    def _ddl_committed(self) -> None:
+        if self.tx_status == m.TX_IDLE:
+            self.ddl_pending = False
+        holder = self.pool.gw.catalogs.get(self.pool.catalog_key)
+        if holder is not None:
+            holder.invalidate()
+
+    # -- masking
+
+    def _make_plan(self, client: "ClientConn", ctx, index: int, body: bytes):
+        """The RowPlan for a result of a masked statement; False when the session was ended."""
+        try:
+            plan = plan_for(ctx, index, body, self.pool.gw.config.mask_key)
+        except Exception as e:  # noqa: BLE001 - a result that cannot be planned is never forwarded
+            log.exception("masking plan failed")
+            self._masking_failed(client, f"cannot plan the masking of this result ({type(e).__name__})")
+            return False
+        self.rowplan = plan
+        return plan
+
+    def _plan_done(self, client: "ClientConn") -> None:
+        plan = self.rowplan
+        self.rowplan = None
+        if plan is not None:
+            client.masked(plan.report(), plan.tpl)
+
+    def _masking_failed(self, client: "ClientConn", why: str) -> None:
+        """Fail closed: nothing more of this result reaches the client; both sessions end."""
+        log.error("server %s: masking failed, closing the session: %s", self.describe(), why)
+        self.rowplan = None
+        self.dirty = True
+        self.client = None
+        client.server = None
+        self.close(f"masking failed: {why}")
+        client.fatal("XX000", f"the gateway could not mask this result ({why}); the session is closed")
 
     def _emit_fakes(self, out: list) -> None:
         q = self.queue
@@ -540,6 +665,46 @@ class ServerConn(asyncio.Protocol):
             elif t not in (T_NOTICE, T_NOTIFY) and not resetting:
                 self._protocol_violation(f"unexpected message {chr(t)!r} from idle server")
                 return
+            pos = end
+        self.rbuf = buf[pos:]
+
+    # ------------------------------------------------------------------ side connections
+
+    async def run_query(self, sql: str) -> list[list[list[bytes | None]]]:
+        """Run a simple Query on a side connection; returns the rows of each result set (text
+        values as bytes). An ErrorResponse raises."""
+        self.collected = []
+        self.collect_error: str | None = None
+        self.collect_waiter = asyncio.get_running_loop().create_future()
+        self.transport.write(m.query(sql))
+        await self.collect_waiter
+        if self.collect_error:
+            raise RuntimeError(self.collect_error)
+        return self.collected
+
+    def _side_data(self, data: bytes) -> None:
+        buf = self.rbuf + data if self.rbuf else data
+        pos, n = 0, len(buf)
+        while n - pos >= 5:
+            t = buf[pos]
+            (length,) = _unpack_len(buf, pos + 1)
+            end = pos + 1 + length
+            if length < 4:
+                self._protocol_violation("invalid message length on a side connection")
+                return
+            if end > n:
+                break
+            if self.collected is not None:
+                if t == T_ROWDESC:
+                    self.collected.append([])
+                elif t == T_DATAROW:
+                    self.collected[-1].append(m.parse_data_row(buf[pos + 5 : end]))
+                elif t == T_ERROR and not self.collect_error:
+                    self.collect_error = m.parse_error_fields(buf[pos + 5 : end]).get("M", "error")
+                elif t == T_READY:
+                    w = self.collect_waiter
+                    if w is not None and not w.done():
+                        w.set_result(None)
             pos = end
         self.rbuf = buf[pos:]
 

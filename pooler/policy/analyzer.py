@@ -51,6 +51,7 @@ class StatementFacts:
     object_type: str | None = None
     guc_writes: tuple[str, ...] = ()
     params: tuple[str, ...] = ()
+    user_functions: tuple[str, ...] = ()  # functions that are not built in (from the catalog, when masks apply)
 
     def to_dict(self) -> dict:
         return {
@@ -63,6 +64,7 @@ class StatementFacts:
             "inner": self.inner.to_dict() if self.inner is not None else None,
             "explain_analyze": self.explain_analyze, "object_type": self.object_type,
             "guc_writes": list(self.guc_writes), "params": list(self.params),
+            "user_functions": list(self.user_functions),
         }
 
 

@@ -77,9 +77,13 @@ class Policy:
     def active(self) -> bool:
         return self.rules.active
 
-    def decide(self, sql: str, session: SessionInfo, skey: tuple | None = None) -> Verdict:
+    def decide(self, sql: str, session: SessionInfo, skey: tuple | None = None, catalog=None) -> Verdict:
+        """``catalog`` (masking.catalog.Catalog, when the rules may mask): facts then include the
+        base columns and tables behind views and the user-defined functions called."""
         if skey is None:
             skey = session.key()
+        if catalog is not None:
+            skey = (skey, catalog.version)
         key = (sql, skey)
         v = self.exact.get(key)
         if v is not None:
@@ -93,7 +97,7 @@ class Policy:
                 nkey = (norm, skey)
                 v = self.shape.get(nkey)
                 if v is None and norm != sql:
-                    v = self._evaluate(norm, session)
+                    v = self._evaluate(norm, session, catalog)
                     if v.decision.rule == "analysis" or any(_literal_dependent(f) for f in v.facts):
                         v = None
                     else:
@@ -106,16 +110,18 @@ class Policy:
                         self.exact.clear()
                     self.exact[key] = v
                     return v
-        v = self._evaluate(sql, session)
+        v = self._evaluate(sql, session, catalog)
         if len(self.exact) >= CACHE_MAX:
             self.exact.clear()
         self.exact[key] = v
         return v
 
-    def _evaluate(self, sql: str, session: SessionInfo) -> Verdict:
+    def _evaluate(self, sql: str, session: SessionInfo, catalog=None) -> Verdict:
         self.evaluations += 1
         try:
             facts = tuple(analyze(sql, session.search_path))
+            if catalog is not None:
+                facts = tuple(catalog.enrich(f) for f in facts)
         except AnalysisError as e:
             pos = f" at position {e.position}" if e.position else ""
             return Verdict(Decision("deny", f"statement could not be analyzed: {e.message}{pos}", "analysis"), (), False)

@@ -86,7 +86,8 @@ class Decision:
 
     @property
     def refused(self) -> bool:
-        return self.action != "allow"
+        """Refused before it runs (a mask decision runs, with its results masked)."""
+        return self.action == "deny" or self.action == "require_approval"
 
 
 @dataclass(slots=True)
@@ -106,6 +107,7 @@ class RuleSet:
     version: str
     literal_blind: bool
     tests: list[dict] = field(default_factory=list)
+    may_mask: bool = False  # some file mentions mask(): masked statements need the catalog
     entry: object | None = None  # frozen module calling every file's on_statement
     entry_files: list[RuleFile] = field(default_factory=list)
 
@@ -159,6 +161,7 @@ def load_rules(directory: Path | None, default_action: str = "allow", timeout: f
     files: list[RuleFile] = []
     digest = hashlib.sha256(default_action.encode())
     literal_blind = True
+    may_mask = False
     tests: list[dict] = []
     if directory is not None:
         if not directory.is_dir():
@@ -166,8 +169,11 @@ def load_rules(directory: Path | None, default_action: str = "allow", timeout: f
         for path in sorted(directory.rglob("*.star")):
             src = path.read_bytes()
             digest.update(str(path.relative_to(directory)).encode() + b"\0" + src)
-            if _LITERAL_FIELDS.search(src.decode("utf-8", "replace")):
+            text = src.decode("utf-8", "replace")
+            if _LITERAL_FIELDS.search(text):
                 literal_blind = False
+            if re.search(r"\bmask\b", text):
+                may_mask = True
             files.append(compile_file(path, directory))
         for path in sorted(directory.rglob("*.test.toml")):
             name = _display_name(path, directory)
@@ -181,7 +187,7 @@ def load_rules(directory: Path | None, default_action: str = "allow", timeout: f
                 if case["expect"] not in ACTIONS:
                     raise RuleLoadError(f"{name}: test #{i}: expect must be one of {', '.join(ACTIONS)}")
                 tests.append(dict(case, _file=name, _index=i))
-    rs = RuleSet(directory, files, default_action, timeout, digest.hexdigest()[:16], literal_blind, tests)
+    rs = RuleSet(directory, files, default_action, timeout, digest.hexdigest()[:16], literal_blind, tests, may_mask)
     rs.entry_files = [rf for rf in files if rf.frozen is not None]
     if rs.entry_files:
         rs.entry = _build_entry(rs.entry_files)
@@ -219,10 +225,17 @@ def _parse_result(rf: RuleFile, result) -> Decision | None:
     action = result["pooler_action"]
     reason = result.get("reason") or ""
     if action == "mask":
+        from ..masking.methods import MethodError, parse_method
+
         cols = result.get("columns") or {}
-        bad = [m for m in cols.values() if m.split(":")[0] not in MASK_METHODS]
-        if bad:
-            return Decision("deny", f"rule error: unknown masking method {bad[0]!r}", where)
+        for col, spec in cols.items():
+            try:
+                parse_method(spec)
+            except MethodError as e:
+                return Decision("deny", f"rule error: mask() of {col}: {e}", where)
+            if col.count(".") > 2 or not col or any(not part for part in col.split(".")):
+                return Decision("deny", f"rule error: mask() key {col!r} is not schema.table.column "
+                                "(parts may be *)", where)
         return Decision("mask", reason, rf.name, tuple(sorted(cols.items())))
     return Decision(action, reason, rf.name)
 

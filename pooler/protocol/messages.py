@@ -282,3 +282,62 @@ def parse_sasl_initial_response(body: bytes) -> tuple[str, bytes]:
 def parse_command_tag(body: bytes) -> str:
     tag, _ = read_cstr(body, 0)
     return tag.decode("ascii", "replace")
+
+
+@dataclass(frozen=True, slots=True)
+class FieldDescription:
+    name: bytes
+    table_oid: int
+    attnum: int
+    type_oid: int
+    type_size: int
+    type_mod: int
+    format: int
+
+
+_FIELD = struct.Struct("!ihihih")
+
+
+def parse_row_description(body: bytes | memoryview) -> list[FieldDescription]:
+    """RowDescription body -> its fields."""
+    try:
+        (count,) = _I16.unpack_from(body, 0)
+        pos = 2
+        fields = []
+        for _ in range(count):
+            name, pos = read_cstr(body, pos)
+            oid, attnum, typ, size, mod, fmt = _FIELD.unpack_from(body, pos)
+            pos += 18
+            fields.append(FieldDescription(bytes(name), oid & 0xFFFFFFFF, attnum, typ & 0xFFFFFFFF, size, mod, fmt))
+    except struct.error:
+        raise ProtocolError("invalid RowDescription message") from None
+    if count < 0 or pos != len(body):
+        raise ProtocolError("invalid RowDescription message")
+    return fields
+
+
+def parse_data_row(body: bytes | memoryview) -> list[bytes | None]:
+    """DataRow body -> its column values (None for NULL)."""
+    try:
+        (count,) = _I16.unpack_from(body, 0)
+        pos = 2
+        out: list[bytes | None] = []
+        for _ in range(count):
+            (n,) = _I32.unpack_from(body, pos)
+            pos += 4
+            if n < 0:
+                out.append(None)
+            else:
+                if pos + n > len(body):
+                    raise ProtocolError("invalid DataRow message")
+                out.append(bytes(body[pos : pos + n]))
+                pos += n
+    except struct.error:
+        raise ProtocolError("invalid DataRow message") from None
+    if pos != len(body):
+        raise ProtocolError("invalid DataRow message")
+    return out
+
+
+def describe_portal(name: bytes) -> bytes:
+    return message(b"D", b"P" + name + b"\x00")

@@ -1,0 +1,264 @@
+"""What the masking plan needs to know about a database: relations and their columns, views and
+the base columns behind each view column, string types, user-defined functions.
+
+Rules this module keeps:
+- ``Catalog`` is pure data built from query results (``Catalog.from_results``) and is never
+  changed after it is built; a refresh builds a new one. The loading (``CatalogHolder``) lives in
+  the gateway's event loop and uses a side connection of its own, never a client's session.
+- Unknown means masked: a relation OID the catalog does not know, a view whose definition cannot
+  be analyzed, nesting deeper than ``MAX_VIEW_DEPTH`` all resolve to ``UNKNOWN``.
+- A catalog is refreshed when a session of the gateway ran DDL (before the next masked statement
+  is planned), on RELOAD/SIGHUP, and in the background every ``mask_catalog_ttl`` seconds (DDL
+  made outside the gateway).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable
+
+import orjson
+
+from ..policy.lineage import UNKNOWN, OutputColumn, statement_lineage
+
+if TYPE_CHECKING:
+    from ..gateway.pool import Pool
+
+log = logging.getLogger("pooler.masking")
+
+MAX_VIEW_DEPTH = 16
+
+# pg_get_viewdef qualifies every name that is not visible on the search_path; with only
+# pg_catalog on it, view definitions come back schema-qualified.
+CATALOG_SQL = """SET search_path = pg_catalog;
+SELECT c.oid::int8, n.nspname, c.relname, c.relkind,
+       (SELECT json_agg(json_build_array(a.attnum, a.attname) ORDER BY a.attnum)
+          FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped)::text,
+       CASE WHEN c.relkind IN ('v', 'm') THEN pg_get_viewdef(c.oid) END
+  FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+ WHERE c.relkind IN ('r', 'v', 'm', 'f', 'p') AND n.nspname <> 'pg_toast';
+SELECT oid::int8 FROM pg_type WHERE typcategory = 'S';
+SELECT DISTINCT n.nspname, p.proname FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+ WHERE n.nspname NOT IN ('pg_catalog', 'information_schema');
+RESET search_path"""
+
+
+@dataclass(frozen=True, slots=True)
+class Relation:
+    oid: int
+    schema: str
+    name: str
+    kind: str  # r table, v view, m materialized view, f foreign table, p partitioned table
+    columns: dict[int, str]  # attnum -> name
+    names: tuple[str, ...]  # in attnum order
+    viewdef: str | None = None
+
+    @property
+    def qualified(self) -> str:
+        return f"{self.schema}.{self.name}"
+
+
+@dataclass(slots=True)
+class Catalog:
+    rels: dict[int, Relation] = field(default_factory=dict)
+    by_name: dict[str, Relation] = field(default_factory=dict)
+    text_oids: frozenset[int] = frozenset({25, 1043, 1042, 19, 705})
+    udfs: frozenset[str] = frozenset()
+    loaded_at: float = 0.0
+    version: int = 0
+    known: bool = True  # False: the catalog could not be read; every function counts as user-defined
+    _views: dict[int, tuple[OutputColumn, ...] | None] = field(default_factory=dict)
+
+    @classmethod
+    def from_results(cls, results: list[list[list[bytes | None]]], version: int = 0) -> "Catalog":
+        """``results``: the rows of CATALOG_SQL's three SELECTs (text format)."""
+        if len(results) != 3:
+            raise ValueError(f"catalog query returned {len(results)} result sets, expected 3")
+        rels, by_name = {}, {}
+        for oid, nsp, rel, kind, cols, viewdef in results[0]:
+            attrs = orjson.loads(cols) if cols else []
+            columns = {int(num): name for num, name in attrs}
+            r = Relation(int(oid), nsp.decode(), rel.decode(), kind.decode(), columns,
+                         tuple(name for _, name in attrs), viewdef.decode() if viewdef else None)
+            rels[r.oid] = r
+            by_name[r.qualified] = r
+        text_oids = frozenset(int(row[0]) for row in results[1]) | {25, 1043, 1042, 19, 705}
+        udfs = set()
+        for nsp, name in results[2]:
+            udfs.add(name.decode())
+            udfs.add(f"{nsp.decode()}.{name.decode()}")
+        return cls(rels, by_name, text_oids, frozenset(udfs), time.monotonic(), version)
+
+    def enrich(self, f):
+        """Facts with what only the catalog knows: the base columns and tables behind the views
+        a statement reads, and which of its functions are user-defined (they may read anything)."""
+        import dataclasses
+
+        inner = self.enrich(f.inner) if f.inner is not None else None
+        cols = dict.fromkeys(f.columns)
+        tables = dict.fromkeys(f.tables)
+        for c in f.columns:
+            schema_table = c.rpartition(".")[0]
+            rel = self.by_name.get(schema_table)
+            if rel is None or rel.kind not in ("v", "m"):
+                continue
+            srcs, _ = self.expand(frozenset((c,)), True)
+            for s in srcs:
+                if s != UNKNOWN:
+                    cols.setdefault(s, None)
+                    tables.setdefault(s.rpartition(".")[0], None)
+        if self.known:
+            user = tuple(fn for fn in f.functions if fn in self.udfs)
+            user += tuple(q for q in f.functions_qualified if "." in q and q in self.udfs and q.split(".")[-1] not in user)
+        else:
+            user = tuple(f.functions)
+        if len(cols) == len(f.columns) and len(tables) == len(f.tables) and not user and inner is f.inner:
+            return f
+        return dataclasses.replace(f, columns=tuple(cols), tables=tuple(tables), user_functions=user, inner=inner)
+
+    def columns_of(self, qualified: str) -> tuple[str, ...] | None:
+        r = self.by_name.get(qualified)
+        return r.names if r is not None else None
+
+    def lineage(self, sql: str, search_path: tuple[str, ...]):
+        return statement_lineage(sql, search_path, self.columns_of, self.udfs)
+
+    def view_outputs(self, rel: Relation) -> tuple[OutputColumn, ...] | None:
+        if rel.oid in self._views:
+            return self._views[rel.oid]
+        outs = None
+        if rel.viewdef:
+            try:
+                lin = self.lineage(rel.viewdef, ("pg_catalog",))
+                if len(lin) == 1 and lin[0].outputs is not None and len(lin[0].outputs) == len(rel.names):
+                    outs = lin[0].outputs
+            except Exception as e:  # noqa: BLE001 - an unanalyzable view is masked, not trusted
+                log.debug("view %s: lineage unavailable: %s", rel.qualified, e)
+        self._views[rel.oid] = outs
+        return outs
+
+    def expand(self, sources: frozenset[str], direct: bool, depth: int = 0) -> tuple[frozenset[str], bool]:
+        """Add the base columns behind view columns (recursively); the view columns stay, so
+        a mask on either the view's or the table's column applies."""
+        if not sources:
+            return sources, direct
+        out: set[str] = set()
+        for s in sources:
+            if s == UNKNOWN:
+                out.add(s)
+                continue
+            schema_table, _, col = s.rpartition(".")
+            rel = self.by_name.get(schema_table)
+            out.add(s)
+            if rel is None or rel.kind not in ("v", "m"):
+                continue
+            if depth >= MAX_VIEW_DEPTH:
+                out.add(UNKNOWN)
+                continue
+            outs = self.view_outputs(rel)
+            if outs is None:
+                out.add(UNKNOWN)
+                continue
+            if col == "*":
+                picked = outs
+                direct = False
+            else:
+                try:
+                    picked = (outs[rel.names.index(col)],)
+                except ValueError:
+                    out.add(UNKNOWN)
+                    continue
+            for oc in picked:
+                sub, d = self.expand(oc.sources, oc.direct, depth + 1)
+                out |= sub
+                direct = direct and d
+        return frozenset(out), direct
+
+    def column_sources(self, oid: int, attnum: int) -> tuple[frozenset[str], bool]:
+        """Sources of a RowDescription field with a table OID (a direct column reference)."""
+        rel = self.rels.get(oid)
+        if rel is None:
+            return frozenset((UNKNOWN,)), False
+        name = rel.columns.get(attnum)
+        if name is None:
+            return frozenset((UNKNOWN,)), False
+        return self.expand(frozenset((f"{rel.qualified}.{name}",)), True)
+
+
+class CatalogHolder:
+    """The catalog of one upstream database: loads it on a side connection, refreshes it, and
+    wakes the sessions that wait for it."""
+
+    def __init__(self, pool: "Pool") -> None:
+        self.pool = pool
+        self.catalog: Catalog | None = None
+        self.stale = True  # must be (re)loaded before the next masked statement is planned
+        self.loading: asyncio.Task | None = None
+        self.waiters: list[Callable[[], None]] = []
+        self.version = 0
+        self.failed_at = 0.0
+        self.lineage_cache: dict[tuple, list] = {}
+        self.plan_cache: dict[tuple, object] = {}
+
+    def ready(self) -> bool:
+        """May a masked statement be planned now? Otherwise ``wait`` first."""
+        if not self.stale:
+            ttl = self.pool.gw.config.mask_catalog_ttl
+            if ttl and self.catalog is not None and time.monotonic() - self.catalog.loaded_at > ttl:
+                self._start()  # refresh in the background; the current catalog serves meanwhile
+            return True
+        if self.catalog is None and self.failed_at and time.monotonic() - self.failed_at < 5:
+            return True  # the database is unreachable: plan without a catalog (masks everything)
+        return False
+
+    def invalidate(self) -> None:
+        self.stale = True
+
+    def wait(self, wake: Callable[[], None]) -> None:
+        self.waiters.append(wake)
+        self._start()
+
+    def _start(self) -> None:
+        if self.loading is None or self.loading.done():
+            self.loading = asyncio.get_running_loop().create_task(self._load())
+
+    async def _load(self) -> None:
+        started_stale = self.stale
+        self.stale = False  # DDL seen while loading sets it again
+        try:
+            results = await self._query()
+            self.version += 1
+            self.catalog = Catalog.from_results(results, self.version)
+            self.lineage_cache.clear()
+            self.plan_cache.clear()
+            self.failed_at = 0.0
+            log.debug("catalog of %s loaded: %d relations", self.pool.name, len(self.catalog.rels))
+        except Exception as e:  # noqa: BLE001
+            self.failed_at = time.monotonic()
+            if started_stale:
+                # out of date: plan without one (every origin unknown, masked)
+                ttl = self.pool.gw.config.mask_catalog_ttl or 60
+                self.catalog = Catalog(known=False, version=-self.version - 1,
+                                       loaded_at=time.monotonic() - max(0.0, ttl - 5))  # retried in 5 s
+                self.lineage_cache.clear()
+                self.plan_cache.clear()
+            log.warning("catalog of %s could not be loaded (masked statements mask every column "
+                        "whose origin is unknown): %s", self.pool.name, e)
+        finally:
+            waiters, self.waiters = self.waiters, []
+            for wake in waiters:
+                try:
+                    wake()
+                except Exception:  # noqa: BLE001
+                    log.exception("waking a session after the catalog load failed")
+
+    async def _query(self) -> list:
+        srv = await self.pool.open_connection(side=True)
+        try:
+            async with asyncio.timeout(max(self.pool.gw.config.server_connect_timeout or 15, 5)):
+                return await srv.run_query(CATALOG_SQL)
+        finally:
+            srv.close("catalog read")

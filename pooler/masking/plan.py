@@ -1,0 +1,287 @@
+"""Masking plans: which output columns of a result carry masked data, and the DataRow rewriter.
+
+Rules this module keeps:
+- Pure: a plan is built from the rules' masks, the statement's lineage (policy/lineage.py), the
+  catalog and a RowDescription; no I/O.
+- Fail closed. A column is masked when any of its sources matches a mask, when its origin is
+  unknown (a table OID the catalog does not know, a computed column without lineage, a call to a
+  user-defined function), or when masking one of its values raises (the value becomes NULL).
+- A masked value stays valid for its column's type and format; methods that cannot make one
+  give NULL (methods.py). Values that keep part of the input (``partial``, ``email``) are only
+  applied to a column that *is* the masked column; a computed column is redacted instead (a
+  substring of a phone number must not be "partially" revealed).
+- Rows are rewritten one at a time; unmasked columns are copied byte for byte.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import struct
+from dataclasses import dataclass, field
+
+from ..policy.lineage import UNKNOWN, StatementLineage
+from ..protocol import messages as m
+from .catalog import Catalog
+from .methods import Method, detect_text, kind_of, parse_method
+
+log = logging.getLogger("pooler.masking")
+
+_I32 = struct.Struct("!i")
+_I16 = struct.Struct("!h")
+_unpack_i32 = _I32.unpack_from
+_pack_i32 = _I32.pack
+NULL = b"\xff\xff\xff\xff"
+
+# what a computed column (or one of unknown origin) gets, by the methods of its masked sources
+_KEEPS_PART = frozenset({"partial", "email"})
+
+
+class MaskingError(Exception):
+    """A server message the masking layer cannot rewrite safely: the session must end."""
+
+
+@dataclass(slots=True)
+class MaskCtx:
+    """What a masked statement (one client message) needs to plan its results."""
+    masks: tuple[tuple[str, str], ...]  # (pattern "schema.table.column" with * parts, method spec)
+    lineages: list[StatementLineage] | None  # one per statement of the SQL text (None: unknown)
+    catalog: Catalog | None
+    rule: str  # rule file(s) that asked for the masks (for logs)
+    key: tuple  # (SQL text, search_path): plan cache key
+    cache: dict | None = None  # the catalog holder's plan cache
+
+
+@dataclass(slots=True)
+class QueryMask:
+    """Per simple-Query state: which statement of the string the next result belongs to."""
+    ctx: MaskCtx
+    index: int = 0
+
+
+def _split_pattern(p: str) -> tuple[str, str, str]:
+    parts = p.split(".")
+    if len(parts) == 3:
+        return parts[0], parts[1], parts[2]
+    if len(parts) == 2:
+        return "*", parts[0], parts[1]
+    if len(parts) == 1:
+        return "*", "*", parts[0]
+    # a dotted identifier: keep the last two parts as table and column
+    return ".".join(parts[:-2]), parts[-2], parts[-1]
+
+
+def _method_for(source: str, patterns) -> str | None:
+    """The method of the most specific pattern matching ``source`` (None: not masked)."""
+    schema, _, rest = source.partition(".")
+    table, _, col = rest.rpartition(".")
+    if not table:
+        table, col = rest, ""
+    best = None
+    best_score = -1
+    for (ps, pt, pc), method in patterns:
+        if ps != "*" and ps != schema:
+            continue
+        if pt != "*" and pt != table:
+            continue
+        if col == "*":
+            score = (ps != "*") + (pt != "*")  # a whole-row reference matches any column mask
+        elif pc != "*" and pc != col:
+            continue
+        else:
+            score = (ps != "*") + (pt != "*") + 2 * (pc != "*")
+        if score > best_score:
+            best, best_score = method, score
+    return best
+
+
+def _combine(methods: list[str], direct: bool) -> str:
+    names = {m.split(":", 1)[0] for m in methods}
+    if direct and len(set(methods)) == 1:
+        return methods[0]
+    if names == {"detect"}:
+        return "detect"
+    if "null" in names:
+        return "null"
+    if names == {"hash"}:
+        return "hash"
+    return "redact"
+
+
+@dataclass(slots=True)
+class ColumnMask:
+    index: int
+    slot: int  # position in Template.columns (and RowPlan.counts)
+    name: str  # "schema.table.column" (or the output name) for counters and logs
+    method: Method
+    kind: int
+    fmt: int
+
+
+@dataclass(slots=True)
+class Template:
+    nfields: int
+    columns: list[ColumnMask]
+    by_index: list[ColumnMask | None] = field(default_factory=list)
+
+
+def build_template(ctx: MaskCtx, index: int, fields: list[m.FieldDescription]) -> Template | None:
+    """Which of these fields to mask, and how. None when no field is masked."""
+    patterns = [(_split_pattern(p), meth) for p, meth in ctx.masks]
+    cat = ctx.catalog
+    outputs = None
+    if ctx.lineages is not None and index < len(ctx.lineages):
+        outputs = ctx.lineages[index].outputs
+        if outputs is not None and len(outputs) != len(fields):
+            outputs = None  # the positions cannot be trusted
+    text_oids = cat.text_oids if cat is not None else m_TEXT_OIDS
+    cols: list[ColumnMask] = []
+    for i, f in enumerate(fields):
+        sources: set[str] = set()
+        direct = True
+        if outputs is not None:
+            oc = outputs[i]
+            src, direct = (cat.expand(oc.sources, oc.direct) if cat is not None else (oc.sources, oc.direct))
+            sources |= src
+        if f.table_oid:
+            if cat is not None:
+                src, d = cat.column_sources(f.table_oid, f.attnum)
+            else:
+                src, d = frozenset((UNKNOWN,)), False
+            sources |= src
+            direct = d if outputs is None else (direct and d)
+        elif outputs is None:
+            sources.add(UNKNOWN)
+            direct = False
+        if not sources:
+            continue
+        methods = []
+        unknown = False
+        for s in sources:
+            if s == UNKNOWN:
+                unknown = True
+                continue
+            meth = _method_for(s, patterns)
+            if meth is not None:
+                methods.append(meth)
+        if unknown:
+            methods.append("redact")
+            direct = False
+        if not methods:
+            continue
+        spec = _combine(methods, direct)
+        if not direct and spec.split(":", 1)[0] in _KEEPS_PART:
+            spec = "redact"
+        named = sorted(s for s in sources if s != UNKNOWN)
+        label = named[0] if len(named) == 1 and direct else (f.name.decode("utf-8", "replace") + " (computed)")
+        cols.append(ColumnMask(i, len(cols), label, parse_method(spec), kind_of(f.type_oid, text_oids), f.format))
+    if not cols:
+        return None
+    by_index: list[ColumnMask | None] = [None] * len(fields)
+    for c in cols:
+        by_index[c.index] = c
+    return Template(len(fields), cols, by_index)
+
+
+m_TEXT_OIDS = frozenset({25, 1043, 1042, 19, 705})
+
+
+def plan_for(ctx: MaskCtx, index: int, rowdesc_body: bytes, key: bytes) -> "RowPlan | None":
+    """A RowPlan for the result described by this RowDescription body (cached per statement)."""
+    cache = ctx.cache
+    ck = (ctx.key, ctx.masks, index, bytes(rowdesc_body))
+    tpl = cache.get(ck, False) if cache is not None else False
+    if tpl is False:
+        tpl = build_template(ctx, index, m.parse_row_description(rowdesc_body))
+        if cache is not None:
+            if len(cache) > 10_000:
+                cache.clear()
+            cache[ck] = tpl
+    if tpl is None:
+        return None
+    return RowPlan(tpl, key)
+
+
+class RowPlan:
+    """Rewrites the DataRows of one result. Counts masked values per column."""
+
+    __slots__ = ("tpl", "key", "counts", "rows")
+
+    def __init__(self, tpl: Template, key: bytes) -> None:
+        self.tpl = tpl
+        self.key = key
+        self.counts = [0] * len(tpl.columns)
+        self.rows = 0
+
+    def rewrite(self, data: bytes, pos: int, end: int) -> bytes:
+        """The DataRow message data[pos:end] with its masked columns rewritten."""
+        by_index = self.tpl.by_index
+        (count,) = _I16.unpack_from(data, pos + 5)
+        if count != self.tpl.nfields:
+            raise MaskingError(f"DataRow has {count} columns, RowDescription had {self.tpl.nfields}")
+        p = pos + 7
+        parts = [b"", data[pos + 5 : pos + 7]]
+        start = p  # start of bytes copied unchanged
+        key = self.key
+        counts = self.counts
+        for i in range(count):
+            (n,) = _unpack_i32(data, p)
+            cm = by_index[i]
+            if n < 0:
+                p += 4
+                continue
+            vend = p + 4 + n
+            if vend > end:
+                raise MaskingError("DataRow column runs past the message")
+            if cm is None:
+                p = vend
+                continue
+            parts.append(data[start:p])
+            try:
+                new, c = cm.method.apply(data[p + 4 : vend], cm.kind, cm.fmt, key)
+            except Exception:  # noqa: BLE001 - fail closed: a value that cannot be masked is NULL
+                new, c = None, 1
+            if new is None:
+                parts.append(NULL)
+            else:
+                parts.append(_pack_i32(len(new)))
+                parts.append(new)
+            if c:
+                counts[cm.slot] += c
+            p = start = vend
+        if p != end:
+            raise MaskingError("DataRow length does not match its columns")
+        parts.append(data[start:end])
+        body = b"".join(parts)
+        self.rows += 1
+        return b"D" + _pack_i32(len(body) + 4) + body
+
+    def report(self) -> list[tuple[str, int]]:
+        return [(c.name, n) for c, n in zip(self.tpl.columns, self.counts)]
+
+
+# --------------------------------------------------------------------------- errors and notices
+
+# fields of an ErrorResponse/NoticeResponse that may quote row values
+_DROP_FIELDS = ("D", "H", "W", "q", "P", "p")
+_QUOTED = re.compile(r'"(?:[^"]|"")*"|\'(?:[^\']|\'\')*\'|\((?:[^()]*)\)=\((?:[^()]*)\)')
+
+
+def scrub_message(type_byte: bytes, body: bytes) -> bytes:
+    """An ErrorResponse/NoticeResponse of a masked statement, with everything that could carry a
+    row value removed: detail, hint, context and internal query are dropped; quoted parts of the
+    message are replaced; personal data the detectors find is replaced; messages raised by
+    functions (SQLSTATE class P0) are replaced whole."""
+    fields = m.parse_error_fields(body)
+    for k in _DROP_FIELDS:
+        fields.pop(k, None)
+    msg = fields.get("M", "")
+    code = fields.get("C", "")
+    if type_byte == b"N" or code.startswith("P0"):
+        msg = "message hidden by the gateway (the statement reads masked columns)"
+    else:
+        msg = _QUOTED.sub('"***"', msg)
+        msg, _ = detect_text(msg)
+        msg += " (values hidden by the gateway: the statement reads masked columns)"
+    fields["M"] = msg
+    return m.build_error_from_fields(fields, type_byte)
