@@ -202,16 +202,15 @@ class CatalogHolder:
         self.failed_at = 0.0
         self.lineage_cache: dict[tuple, list] = {}
         self.plan_cache: dict[tuple, object] = {}
+        self.refresh_at = float("inf")  # when the background refresh (mask_catalog_ttl) is due
 
     def ready(self) -> bool:
         """May a masked statement be planned now? Otherwise ``wait`` first."""
         if not self.stale:
-            ttl = self.pool.gw.config.mask_catalog_ttl
-            if ttl and self.catalog is not None and time.monotonic() - self.catalog.loaded_at > ttl:
+            if time.monotonic() > self.refresh_at:
+                self.refresh_at = float("inf")
                 self._start()  # refresh in the background; the current catalog serves meanwhile
             return True
-        if self.catalog is None and self.failed_at and time.monotonic() - self.failed_at < 5:
-            return True  # the database is unreachable: plan without a catalog (masks everything)
         return False
 
     def invalidate(self) -> None:
@@ -240,14 +239,16 @@ class CatalogHolder:
             self.failed_at = time.monotonic()
             if started_stale:
                 # out of date: plan without one (every origin unknown, masked)
-                ttl = self.pool.gw.config.mask_catalog_ttl or 60
-                self.catalog = Catalog(known=False, version=-self.version - 1,
-                                       loaded_at=time.monotonic() - max(0.0, ttl - 5))  # retried in 5 s
+                self.catalog = Catalog(known=False, version=-self.version - 1, loaded_at=time.monotonic())
                 self.lineage_cache.clear()
                 self.plan_cache.clear()
             log.warning("catalog of %s could not be loaded (masked statements mask every column "
                         "whose origin is unknown): %s", self.pool.name, e)
         finally:
+            ttl = self.pool.gw.config.mask_catalog_ttl
+            if self.catalog is not None and not self.catalog.known:
+                ttl = min(ttl or 5.0, 5.0)  # an unreadable catalog is tried again soon
+            self.refresh_at = time.monotonic() + ttl if ttl else float("inf")
             waiters, self.waiters = self.waiters, []
             for wake in waiters:
                 try:

@@ -99,6 +99,12 @@ def _apply_null(m: Method, value: bytes, kind: int, fmt: int, key: bytes):
 def _apply_partial(m: Method, value: bytes, kind: int, fmt: int, key: bytes):
     if kind != KIND_TEXT:
         return None, 1
+    if value.isascii():  # the common case: bytes are characters
+        n = len(value)
+        first, last = m.first, m.last
+        if first + last >= n:
+            return b"*" * n, 1
+        return value[:first] + b"*" * (n - first - last) + (value[n - last:] if last else b""), 1
     try:
         s = value.decode("utf-8")
     except UnicodeDecodeError:
@@ -118,9 +124,16 @@ _DOMAIN = rf"(?:{_LABEL}\.)+(?:[^\W\d_]{{2,63}}|xn--[a-zA-Z0-9-]{{1,59}})"
 _DOMAIN_RE = re.compile(_DOMAIN)
 
 
+_ASCII_DOMAIN_RE = re.compile(rb"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+(?:[A-Za-z]{2,63}|xn--[a-zA-Z0-9-]{1,59})")
+
+
 def _apply_email(m: Method, value: bytes, kind: int, fmt: int, key: bytes):
     if kind != KIND_TEXT:
         return None, 1
+    if value.isascii():  # the common case, without decoding
+        local, at, domain = value.rpartition(b"@")
+        if at and local.strip() and len(domain) <= 253 and _ASCII_DOMAIN_RE.fullmatch(domain):
+            return b"***@" + domain, 1
     try:
         s = value.decode("utf-8")
     except UnicodeDecodeError:

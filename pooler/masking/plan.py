@@ -108,6 +108,10 @@ def _combine(methods: list[str], direct: bool) -> str:
     return "redact"
 
 
+MEMO_MAX = 4096  # distinct values remembered per masked column (methods are deterministic)
+MEMO_VALUE_MAX = 256  # longer values are not remembered
+
+
 @dataclass(slots=True)
 class ColumnMask:
     index: int
@@ -116,13 +120,15 @@ class ColumnMask:
     method: Method
     kind: int
     fmt: int
+    memo: dict = field(default_factory=dict)  # value -> (masked value, count), for one key
 
 
 @dataclass(slots=True)
 class Template:
     nfields: int
-    columns: list[ColumnMask]
+    columns: list[ColumnMask]  # in field order
     by_index: list[ColumnMask | None] = field(default_factory=list)
+    memo_key: bytes | None = None
 
 
 def build_template(ctx: MaskCtx, index: int, fields: list[m.FieldDescription]) -> Template | None:
@@ -212,44 +218,57 @@ class RowPlan:
         self.key = key
         self.counts = [0] * len(tpl.columns)
         self.rows = 0
+        if tpl.memo_key != key:  # remembered results belong to one hash key
+            for c in tpl.columns:
+                c.memo.clear()
+            tpl.memo_key = key
 
     def rewrite(self, data: bytes, pos: int, end: int) -> bytes:
-        """The DataRow message data[pos:end] with its masked columns rewritten."""
-        by_index = self.tpl.by_index
+        """The DataRow message data[pos:end] with its masked columns rewritten. Columns after
+        the last masked one are copied without being looked at."""
+        tpl = self.tpl
         (count,) = _I16.unpack_from(data, pos + 5)
-        if count != self.tpl.nfields:
-            raise MaskingError(f"DataRow has {count} columns, RowDescription had {self.tpl.nfields}")
+        if count != tpl.nfields:
+            raise MaskingError(f"DataRow has {count} columns, RowDescription had {tpl.nfields}")
         p = pos + 7
-        parts = [b"", data[pos + 5 : pos + 7]]
-        start = p  # start of bytes copied unchanged
+        i = 0
+        start = pos + 5  # start of bytes copied unchanged
+        parts = []
         key = self.key
         counts = self.counts
-        for i in range(count):
+        for cm in tpl.columns:
+            idx = cm.index
+            while i < idx:
+                (n,) = _unpack_i32(data, p)
+                p += 4 + n if n > 0 else 4
+                i += 1
             (n,) = _unpack_i32(data, p)
-            cm = by_index[i]
+            i += 1
             if n < 0:
                 p += 4
                 continue
             vend = p + 4 + n
             if vend > end:
                 raise MaskingError("DataRow column runs past the message")
-            if cm is None:
-                p = vend
-                continue
+            value = data[p + 4 : vend]
+            memo = cm.memo
+            got = memo.get(value)
+            if got is None:
+                try:
+                    got = cm.method.apply(value, cm.kind, cm.fmt, key)
+                except Exception:  # noqa: BLE001 - fail closed: a value that cannot be masked is NULL
+                    got = (None, 1)
+                if n <= MEMO_VALUE_MAX:
+                    if len(memo) >= MEMO_MAX:
+                        memo.clear()
+                    memo[value] = got
+            new, c = got
             parts.append(data[start:p])
-            try:
-                new, c = cm.method.apply(data[p + 4 : vend], cm.kind, cm.fmt, key)
-            except Exception:  # noqa: BLE001 - fail closed: a value that cannot be masked is NULL
-                new, c = None, 1
-            if new is None:
-                parts.append(NULL)
-            else:
-                parts.append(_pack_i32(len(new)))
-                parts.append(new)
+            parts.append(NULL if new is None else _pack_i32(len(new)) + new)
             if c:
                 counts[cm.slot] += c
-            p = start = vend
-        if p != end:
+            start = p = vend
+        if p > end:
             raise MaskingError("DataRow length does not match its columns")
         parts.append(data[start:end])
         body = b"".join(parts)
