@@ -417,11 +417,17 @@ def test_session_tracking_fails_closed(pg, pgw):
         # search_path changed behind the rules' back is refused
         with pytest.raises(psycopg.errors.InsufficientPrivilege, match="use SET search_path"):
             conn.execute("SELECT set_config('search_path', 'sales', false)")
-        conn.execute("PREPARE bump2 AS UPDATE products SET price = price + 1")
         # re-preparing the name must not make the rules judge EXECUTE as other text
-        with pytest.raises(psycopg.errors.DuplicatePreparedStatement):
-            conn.execute("PREPARE bump2 AS SELECT 1")
-        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="approval required"):
+        # (transaction pooling: SQL-level statements last for the transaction, as with PgBouncer)
+        with conn.transaction():
+            conn.execute("PREPARE bump2 AS UPDATE products SET price = price + 1")
+            with pytest.raises(psycopg.errors.DuplicatePreparedStatement):
+                with conn.transaction():  # a savepoint
+                    conn.execute("PREPARE bump2 AS SELECT 1")
+            with pytest.raises(psycopg.errors.InsufficientPrivilege, match="approval required"):
+                conn.execute("EXECUTE bump2")
+        # after the transaction the statement may be on another server: EXECUTE is refused
+        with pytest.raises(psycopg.errors.InvalidSqlStatementName):
             conn.execute("EXECUTE bump2")
 
     async def over_parse():  # EXECUTE sent as an extended-protocol Parse is judged too

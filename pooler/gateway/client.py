@@ -139,7 +139,10 @@ class ClientConn(asyncio.Protocol):
         self.token_expiry: asyncio.TimerHandle | None = None
         self._left = False
         self.search_path: tuple[str, ...] = ("public",)
-        self.sql_prepared: dict[str, str] = {}  # SQL-level PREPARE name -> statement text
+        self.sql_prepared: dict[str, str] = {}  # SQL-level PREPARE name -> statement text (confirmed)
+        self.sql_pending: list[tuple[int, str, str]] = []  # (message serial, name, text) awaiting PREPARE
+        self._prep_new: list[tuple[str, str]] = []  # PREPAREs of the message being governed
+        self._serial = 0
         self.unnamed_ok = False  # this client parsed the unnamed statement on its server
         self._sinfo: list = [None, None]
         self._skey: list = [None, None]
@@ -694,8 +697,12 @@ class ClientConn(asyncio.Protocol):
                             pos = end
                             continue
                     out.append(data[pos:end])
-                    srv.queue.append((R_QUERY, self.cur_mask))
-                    self.cur_mask = None
+                    if self.cur_mask is None:
+                        srv.queue.append((R_QUERY, None))
+                    else:
+                        srv.queue.append((R_QUERY, self.cur_mask))
+                        srv.masking = True
+                        self.cur_mask = None
                 elif t == T_BIND:
                     if self.mask_stmts or self.mask_portals:
                         self._bind_masks(data[pos + 5 : end])
@@ -706,12 +713,16 @@ class ClientConn(asyncio.Protocol):
                         srv.queue.append((R_BIND, None))
                 elif t == T_EXECUTE:
                     ctx = self.mask_portals.get(data[pos + 5 : end - 5]) if self.mask_portals else None
-                    if ctx is not None:
+                    if ctx is None:
+                        out.append(data[pos:end])
+                        srv.queue.append((R_EXECUTE, None))
+                    else:
                         # learn the portal's columns and formats before its rows arrive
                         out.append(m.describe_portal(data[pos + 5 : end - 5]))
                         srv.queue.append((R_DESCRIBE_MASK, ctx))
-                    out.append(data[pos:end])
-                    srv.queue.append((R_EXECUTE, ctx))
+                        out.append(data[pos:end])
+                        srv.queue.append((R_EXECUTE, ctx))
+                        srv.masking = True
                 elif t == T_SYNC:
                     out.append(data[pos:end])
                     srv.queue.append((R_SYNC, None))
@@ -823,6 +834,7 @@ class ClientConn(asyncio.Protocol):
         except UnicodeDecodeError:
             return ("42501", "refused by the gateway: statement text is not valid UTF-8")
         si = self.session_info()
+        self._prep_new = []
         catalog = None
         if policy.rules.may_mask:
             holder = self.gw.catalog_for(self.pool)
@@ -831,12 +843,26 @@ class ClientConn(asyncio.Protocol):
             catalog = holder.catalog
         verdict = policy.decide(sql, si, self._skey[si.in_transaction], catalog)
         d = verdict.decision
+        if catalog is not None:
+            for f in verdict.facts:
+                if f.unknown_tables:
+                    holder.saw_unknown()
+                    break
         if not d.refused and verdict.session_work:  # Query and Parse alike: EXECUTE can come either way
             d = self._session_work(policy, verdict, si, catalog)
             if isinstance(d, tuple):
                 return d
         if d.refused:
             return self._refusal_text(d, sql)
+        closes = None
+        if self.mask_portals:
+            for f in verdict.facts:
+                if f.command in ("FETCH", "MOVE") and f.prepared_name is not None:
+                    if f.prepared_name.encode() in self.mask_portals:
+                        return ("42501", f'refused by the gateway: portal "{f.prepared_name}" reads masked columns; '
+                                         "FETCH of it could not be masked (use Execute with a row limit)")
+                elif f.command == "CLOSE CURSOR":
+                    closes = (closes or []) + [f.prepared_name]
         ctx = None
         if d.action == "mask":
             ctx = self._mask_ctx(d, verdict, sql, si)
@@ -855,6 +881,16 @@ class ClientConn(asyncio.Protocol):
                 self.mask_stmts[data[pos + 5 : pos + 5 + name_end]] = ctx
         else:
             self.cur_mask = QueryMask(ctx) if ctx is not None else None
+        if self._prep_new:  # accepted: its PREPAREs wait for the server's confirmation
+            self._serial += 1
+            self.sql_pending.extend((self._serial, n, text) for n, text in self._prep_new)
+            self._prep_new = []
+        if closes:  # the statement is accepted: its CLOSE forgets the portals' masks
+            for name in closes:
+                if name is None:
+                    self.mask_portals.clear()  # CLOSE ALL
+                else:
+                    self.mask_portals.pop(name.encode(), None)
         return None
 
     # -- masking
@@ -866,11 +902,13 @@ class ClientConn(asyncio.Protocol):
         cat = holder.catalog
         where = d.rule or "the rules"
         lineages = self._lineage(holder, sql, si.search_path)
+        inners = []  # the statements EXECUTE runs: part of the plan cache key
         if lineages is not None:
             lineages = list(lineages)
             for i, f in enumerate(verdict.facts):
                 if f.command == "EXECUTE" and i < len(lineages):
                     inner = self.sql_prepared.get(f.prepared_name or "")
+                    inners.append(inner)
                     got = self._lineage(holder, inner, si.search_path) if inner is not None else None
                     lineages[i] = got[0] if got else _NO_LINEAGE
         patterns = [(_split_pattern(p), meth) for p, meth in d.masks]
@@ -888,7 +926,8 @@ class ClientConn(asyncio.Protocol):
                 if ws is None or any(s == "?" or _method_for(s, patterns) for s in ws):
                     return ("42501", f"refused by the gateway: this {cmd} would copy values of columns that "
                                      f"{where} masks into data that is not masked")
-        ctx = MaskCtx(d.masks, lineages, cat, where, (sql, si.search_path), holder.plan_cache)
+        key = (sql, si.search_path, tuple(inners), lineages is None)
+        ctx = MaskCtx(d.masks, lineages, cat, where, key, holder.plan_cache, holder)
         if self.gw.config.verbose:
             log.info("masking %s for %s: %s", where, self.describe(), ", ".join(f"{c}={mt}" for c, mt in d.masks))
         return ctx
@@ -944,10 +983,12 @@ class ClientConn(asyncio.Protocol):
         search_path the rules see only grows: a SET that is rolled back, a SET LOCAL, or a
         server given to another transaction can then never hide a schema from the rules."""
         d = verdict.decision
+        local: dict[str, str] = {}  # prepared earlier in this same message
         for f in verdict.facts:
             cmd = f.command
             if cmd == "EXECUTE":
-                inner_sql = self.sql_prepared.get(f.prepared_name or "")
+                name = f.prepared_name or ""
+                inner_sql = local.get(name) or self.sql_prepared.get(name)
                 if inner_sql is None:
                     return ("26000", f'prepared statement "{f.prepared_name}" does not exist')
                 inner = policy.decide(inner_sql, si, None, catalog).decision
@@ -956,9 +997,16 @@ class ClientConn(asyncio.Protocol):
                 if inner.action == "mask":
                     d = _merge_masks(d, inner)
             elif cmd == "PREPARE" and f.prepared_name and f.inner is not None:
-                if f.prepared_name in self.sql_prepared:
-                    return ("42P05", f'prepared statement "{f.prepared_name}" already exists')
-                self.sql_prepared[f.prepared_name] = f.inner.sql
+                name = f.prepared_name
+                if name in self.sql_prepared or name in local or any(n == name for _, n, _ in self.sql_pending):
+                    return ("42P05", f'prepared statement "{name}" already exists')
+                if name.startswith("pooler_"):
+                    return ("42501", "refused by the gateway: prepared statement names starting with "
+                                     "pooler_ are reserved for the gateway")
+                local[name] = f.inner.sql
+                # recorded when the server confirms it (CommandComplete PREPARE): a PREPARE that
+                # fails there must never make the rules judge EXECUTE as text the server does not run
+                self._prep_new.append((name, f.inner.sql))
             elif cmd == "DEALLOCATE":
                 self.sql_prepared.pop(f.prepared_name or "", None)
             elif cmd in ("DEALLOCATE ALL", "DISCARD ALL"):
@@ -1142,6 +1190,21 @@ class ClientConn(asyncio.Protocol):
             del self.stmts[cname]
             self.mask_stmts.pop(cname, None)
 
+    def sql_prepare_done(self, ok: bool) -> None:
+        """The server answered the oldest outstanding SQL-level PREPARE: CommandComplete
+        (``ok``) records it; an error drops every PREPARE of the failing message (and, when that
+        message had none left, of the next one: EXECUTE of those is refused, never misjudged)."""
+        pending = self.sql_pending
+        if not pending:
+            return
+        if ok:
+            _, name, text = pending.pop(0)
+            self.sql_prepared[name] = text
+        else:
+            serial = pending[0][0]
+            while pending and pending[0][0] == serial:
+                pending.pop(0)
+
     def forget_all_statements(self) -> None:
         self.stmts.clear()
         self.mask_stmts.clear()
@@ -1199,6 +1262,11 @@ class ClientConn(asyncio.Protocol):
             self.server = None
             srv.client = None
             self.unnamed_ok = False
+            if self.sql_prepared or self.sql_pending:
+                # SQL-level prepared statements live on that server; the next transaction may get
+                # another one (as with PgBouncer): EXECUTE must not be judged by a stale text
+                self.sql_prepared.clear()
+                self.sql_pending.clear()
             if self.writing_paused:
                 srv.resume_reading()
             self.pool.release(srv)
@@ -1232,6 +1300,8 @@ class ClientConn(asyncio.Protocol):
         if self.server is not srv:
             return
         self.server = None
+        self.sql_prepared.clear()  # they lived on that server
+        self.sql_pending.clear()
         if self.closed:
             return
         if self.mode == "session" or srv.tx_status != m.TX_IDLE:

@@ -53,6 +53,12 @@ R_DESCRIBE_MASK = 17    # injected Describe of a masked portal: 'T' | 'n' swallo
 
 FAKE_FIRST, FAKE_LAST = R_FAKE_PARSE, R_FAKE_DONE
 
+# first bytes of the CommandComplete tags _check_tag looks at: DEALLOCATE/DISCARD/DROP,
+# CREATE/COMMENT, ALTER, PREPARE
+_TAG_FIRST = frozenset(b"DCAP")
+
+_READY_ENDS = (R_SYNC, R_QUERY, R_QUERY_REFUSAL, R_QUERY_SKIP)
+
 T_DATAROW = ord("D")
 T_COPYDATA = ord("d")
 T_READY = ord("Z")
@@ -90,6 +96,7 @@ class ServerConn(asyncio.Protocol):
         self.collect_waiter: asyncio.Future | None = None
         self.rowplan = None  # masking.plan.RowPlan rewriting the DataRows of the current result
         self.ddl_pending = False  # DDL ran in the open transaction: invalidate the catalog at commit
+        self.masking = False  # a masked request is queued (until ReadyForQuery with nothing queued)
         self.transport: asyncio.Transport | None = None
         self.state = S_CONNECTING
         self.rbuf = b""
@@ -320,6 +327,7 @@ class ServerConn(asyncio.Protocol):
         out = None  # pieces, once a message is swallowed, replaced or a fake reply inserted
         queue = self.queue
         plan = self.rowplan
+        masking = self.masking
         while n - pos >= 5:
             t = data[pos]
             (length,) = _unpack_len(data, pos + 1)
@@ -370,9 +378,17 @@ class ServerConn(asyncio.Protocol):
                     head = queue[0][0] if queue else 0
             if t == T_READY:
                 self.tx_status = data[pos + 5]
-                if plan is not None:
-                    self._plan_done(client)
-                    plan = None
+                if head and head != R_SYNC and head != R_QUERY and head != R_QUERY_REFUSAL and head != R_QUERY_SKIP:
+                    # requests sent after an error but before its Sync reached the server while it
+                    # was skipping to Sync: they were never answered, so they are dropped here
+                    self._error_skips_to_sync(_READY_ENDS)
+                    head = queue[0][0] if queue else 0
+                if masking:
+                    if plan is not None:
+                        self._plan_done(client)
+                        plan = None
+                    if len(queue) <= 1:
+                        self.masking = masking = False
                 if self.ddl_pending and self.tx_status == m.TX_IDLE:
                     self._ddl_committed()
                 if head == R_QUERY_SKIP:
@@ -427,19 +443,21 @@ class ServerConn(asyncio.Protocol):
                 pos = fwd = end
                 continue
             if t == T_COMPLETE:
-                c0 = data[pos + 5]
-                if c0 == 68 or c0 == 67 or c0 == 65:  # 'D', 'C', 'A': statements that forget or change things
+                if data[pos + 5] in _TAG_FIRST:  # statements that forget or change things
                     self._check_tag(data, pos, end, client)
-                if plan is not None:
-                    self._plan_done(client)
-                    plan = None
                 if head == R_EXECUTE:
                     queue.popleft()
-                elif head == R_QUERY and queue[0][1] is not None:
-                    queue[0][1].index += 1
+                if masking:
+                    if plan is not None:
+                        self._plan_done(client)
+                        plan = None
+                    if head == R_QUERY and queue[0][1] is not None:
+                        queue[0][1].index += 1
             elif t == T_ROWDESC or t == T_NODATA:
                 if head == R_DESCRIBE:
                     queue.popleft()
+                elif not masking:
+                    pass
                 elif head == R_DESCRIBE_MASK:
                     # our own Describe of a masked portal: plan its rows, tell the client nothing
                     ctx = queue.popleft()[1]
@@ -471,7 +489,9 @@ class ServerConn(asyncio.Protocol):
                 if plan is not None:
                     self._plan_done(client)
                     plan = None
-                if queue and (type(queue[0][1]) is QueryMask or type(queue[0][1]) is MaskCtx):
+                if client.sql_pending:
+                    client.sql_prepare_done(False)
+                if masking and queue and (type(queue[0][1]) is QueryMask or type(queue[0][1]) is MaskCtx):
                     # an error of a masked statement may quote a row value
                     if out is None:
                         out = []
@@ -496,17 +516,17 @@ class ServerConn(asyncio.Protocol):
                     plan = None
                 if head == R_EXECUTE:
                     queue.popleft()
-                elif head == R_QUERY and t == T_EMPTY and queue[0][1] is not None:
+                elif masking and head == R_QUERY and t == T_EMPTY and queue[0][1] is not None:
                     queue[0][1].index += 1
             elif t == T_NOTICE:
-                if queue and (type(queue[0][1]) is QueryMask or type(queue[0][1]) is MaskCtx):
+                if masking and queue and (type(queue[0][1]) is QueryMask or type(queue[0][1]) is MaskCtx):
                     if out is None:
                         out = []
                     out.append(data[fwd:pos])
                     out.append(scrub_message(b"N", data[pos + 5 : end]))
                     fwd = end
             elif t == T_COPY_IN or t == T_COPY_OUT or t == T_COPY_BOTH:
-                if queue and (type(queue[0][1]) is QueryMask or type(queue[0][1]) is MaskCtx):
+                if masking and queue and (type(queue[0][1]) is QueryMask or type(queue[0][1]) is MaskCtx):
                     # COPY of a masked statement is refused before it runs; never stream one
                     self._masking_failed(client, "COPY of a statement with masked columns")
                     return
@@ -534,7 +554,9 @@ class ServerConn(asyncio.Protocol):
         if tag == b"DEALLOCATE ALL" or tag == b"DISCARD ALL":
             self.prepared.clear()
             client.forget_all_statements()
-        elif tag.startswith((b"CREATE", b"ALTER", b"DROP", b"COMMENT", b"SECURITY LABEL")):
+        elif tag == b"PREPARE":
+            client.sql_prepare_done(True)
+        elif tag.startswith((b"CREATE", b"ALTER", b"DROP", b"COMMENT")):
             # the catalog the masking plans rely on changed (visible to others at commit)
             self.ddl_pending = True
             self._ddl_committed()
@@ -587,14 +609,14 @@ class ServerConn(asyncio.Protocol):
                 out.append(m.command_complete(info))
                 out.append(m.ready_for_query(self.tx_status))
 
-    def _error_skips_to_sync(self) -> None:
+    def _error_skips_to_sync(self, stops=(R_SYNC,)) -> None:
         """After an ErrorResponse in the extended protocol the server skips every request up to
         the next Sync: drop their queue entries and undo what they would have created."""
         q = self.queue
         client = self.client
         while q:
             kind, info = q[0]
-            if kind == R_SYNC:
+            if kind in stops:
                 break
             q.popleft()
             if kind == R_PARSE and info is not None:

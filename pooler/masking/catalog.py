@@ -41,8 +41,7 @@ SELECT c.oid::int8, n.nspname, c.relname, c.relkind,
   FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
  WHERE c.relkind IN ('r', 'v', 'm', 'f', 'p') AND n.nspname <> 'pg_toast';
 SELECT oid::int8 FROM pg_type WHERE typcategory = 'S';
-SELECT DISTINCT n.nspname, p.proname FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
- WHERE n.nspname NOT IN ('pg_catalog', 'information_schema');
+SELECT DISTINCT n.nspname, p.proname FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace;
 RESET search_path"""
 
 
@@ -67,6 +66,7 @@ class Catalog:
     by_name: dict[str, Relation] = field(default_factory=dict)
     text_oids: frozenset[int] = frozenset({25, 1043, 1042, 19, 705})
     udfs: frozenset[str] = frozenset()
+    builtins: frozenset[str] = frozenset()  # functions of pg_catalog/information_schema
     loaded_at: float = 0.0
     version: int = 0
     known: bool = True  # False: the catalog could not be read; every function counts as user-defined
@@ -86,11 +86,15 @@ class Catalog:
             rels[r.oid] = r
             by_name[r.qualified] = r
         text_oids = frozenset(int(row[0]) for row in results[1]) | {25, 1043, 1042, 19, 705}
-        udfs = set()
+        udfs, builtins = set(), set()
         for nsp, name in results[2]:
-            udfs.add(name.decode())
-            udfs.add(f"{nsp.decode()}.{name.decode()}")
-        return cls(rels, by_name, text_oids, frozenset(udfs), time.monotonic(), version)
+            nsp, name = nsp.decode(), name.decode()
+            if nsp in ("pg_catalog", "information_schema"):
+                builtins.add(name)
+            else:
+                udfs.add(name)
+                udfs.add(f"{nsp}.{name}")
+        return cls(rels, by_name, text_oids, frozenset(udfs), frozenset(builtins), time.monotonic(), version)
 
     def enrich(self, f):
         """Facts with what only the catalog knows: the base columns and tables behind the views
@@ -111,20 +115,35 @@ class Catalog:
                     cols.setdefault(s, None)
                     tables.setdefault(s.rpartition(".")[0], None)
         if self.known:
-            user = tuple(fn for fn in f.functions if fn in self.udfs)
+            # user-defined, or created after the catalog was read (not a built-in): may read anything
+            builtins = self.builtins
+            user = tuple(fn for fn in f.functions if fn in self.udfs or (builtins and fn not in builtins))
             user += tuple(q for q in f.functions_qualified if "." in q and q in self.udfs and q.split(".")[-1] not in user)
         else:
             user = tuple(f.functions)
-        if len(cols) == len(f.columns) and len(tables) == len(f.tables) and not user and inner is f.inner:
+        # relations the catalog does not know (created after it was read, by another connection, or
+        # not existing at all): their columns cannot be told apart, so rules should mask them whole
+        unknown = ()
+        if self.known:
+            by_rel: dict[str, bool] = {}
+            for t in f.tables:
+                rel = t.rpartition(".")[2]
+                by_rel[rel] = by_rel.get(rel, False) or t in self.by_name
+            unknown = tuple(t for t in f.tables if not by_rel[t.rpartition(".")[2]] and not t.startswith("pg_catalog."))
+        else:
+            unknown = tuple(f.tables)
+        if (len(cols) == len(f.columns) and len(tables) == len(f.tables) and not user and not unknown
+                and inner is f.inner):
             return f
-        return dataclasses.replace(f, columns=tuple(cols), tables=tuple(tables), user_functions=user, inner=inner)
+        return dataclasses.replace(f, columns=tuple(cols), tables=tuple(tables), user_functions=user,
+                                   unknown_tables=unknown, inner=inner)
 
     def columns_of(self, qualified: str) -> tuple[str, ...] | None:
         r = self.by_name.get(qualified)
         return r.names if r is not None else None
 
     def lineage(self, sql: str, search_path: tuple[str, ...]):
-        return statement_lineage(sql, search_path, self.columns_of, self.udfs)
+        return statement_lineage(sql, search_path, self.columns_of, self.udfs, self.builtins)
 
     def view_outputs(self, rel: Relation) -> tuple[OutputColumn, ...] | None:
         if rel.oid in self._views:
@@ -215,6 +234,13 @@ class CatalogHolder:
 
     def invalidate(self) -> None:
         self.stale = True
+
+    def saw_unknown(self) -> None:
+        """A statement named a relation this catalog does not know: read it again (at most once
+        a second) before the next statement; this one is decided with it unknown."""
+        cat = self.catalog
+        if not self.stale and cat is not None and time.monotonic() - cat.loaded_at > 1.0:
+            self.stale = True
 
     def wait(self, wake: Callable[[], None]) -> None:
         self.waiters.append(wake)

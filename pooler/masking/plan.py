@@ -48,8 +48,13 @@ class MaskCtx:
     lineages: list[StatementLineage] | None  # one per statement of the SQL text (None: unknown)
     catalog: Catalog | None
     rule: str  # rule file(s) that asked for the masks (for logs)
-    key: tuple  # (SQL text, search_path): plan cache key
+    key: tuple  # (SQL text, search_path, statements EXECUTE runs, ...): plan cache key
     cache: dict | None = None  # the catalog holder's plan cache
+    holder: object | None = None  # the CatalogHolder: plans use its current catalog
+
+    def current_catalog(self) -> Catalog | None:
+        h = self.holder
+        return h.catalog if h is not None and h.catalog is not None else self.catalog
 
 
 @dataclass(slots=True)
@@ -131,10 +136,11 @@ class Template:
     memo_key: bytes | None = None
 
 
-def build_template(ctx: MaskCtx, index: int, fields: list[m.FieldDescription]) -> Template | None:
+def build_template(ctx: MaskCtx, index: int, fields: list[m.FieldDescription], cat: Catalog | None = None) -> Template | None:
     """Which of these fields to mask, and how. None when no field is masked."""
     patterns = [(_split_pattern(p), meth) for p, meth in ctx.masks]
-    cat = ctx.catalog
+    if cat is None:
+        cat = ctx.current_catalog()
     outputs = None
     if ctx.lineages is not None and index < len(ctx.lineages):
         outputs = ctx.lineages[index].outputs
@@ -195,10 +201,11 @@ m_TEXT_OIDS = frozenset({25, 1043, 1042, 19, 705})
 def plan_for(ctx: MaskCtx, index: int, rowdesc_body: bytes, key: bytes) -> "RowPlan | None":
     """A RowPlan for the result described by this RowDescription body (cached per statement)."""
     cache = ctx.cache
-    ck = (ctx.key, ctx.masks, index, bytes(rowdesc_body))
+    cat = ctx.current_catalog()
+    ck = (ctx.key, ctx.masks, index, bytes(rowdesc_body), cat.version if cat is not None else None)
     tpl = cache.get(ck, False) if cache is not None else False
     if tpl is False:
-        tpl = build_template(ctx, index, m.parse_row_description(rowdesc_body))
+        tpl = build_template(ctx, index, m.parse_row_description(rowdesc_body), cat)
         if cache is not None:
             if len(cache) > 10_000:
                 cache.clear()
@@ -284,23 +291,34 @@ class RowPlan:
 # fields of an ErrorResponse/NoticeResponse that may quote row values
 _DROP_FIELDS = ("D", "H", "W", "q", "P", "p")
 _QUOTED = re.compile(r'"(?:[^"]|"")*"|\'(?:[^\']|\'\')*\'|\((?:[^()]*)\)=\((?:[^()]*)\)')
+# SQLSTATE classes whose messages never carry row values: connection, transaction state,
+# rollback, syntax/access (analysis of the statement text, before any row is read: its quoted
+# names are still replaced), resources, object state, operator intervention (cancel, shutdown)
+_SAFE_CLASSES = frozenset({"08", "25", "40", "42", "53", "55", "57"})
 
 
 def scrub_message(type_byte: bytes, body: bytes) -> bytes:
-    """An ErrorResponse/NoticeResponse of a masked statement, with everything that could carry a
-    row value removed: detail, hint, context and internal query are dropped; quoted parts of the
-    message are replaced; personal data the detectors find is replaced; messages raised by
-    functions (SQLSTATE class P0) are replaced whole."""
+    """An ErrorResponse/NoticeResponse of a masked statement, with nothing that could carry a
+    row value: detail, hint, context and internal query are dropped; the message itself is kept
+    only for the SQLSTATE classes that cannot carry values (with its quoted parts replaced), and
+    replaced by a generic one otherwise (a data error quotes the value it failed on, in ways no
+    pattern can undo: ``"***"james#example.com"``, a number out of range, a RAISE)."""
     fields = m.parse_error_fields(body)
+    inside_function = "W" in fields  # raised in a function: dynamic SQL may quote row values
     for k in _DROP_FIELDS:
         fields.pop(k, None)
-    msg = fields.get("M", "")
     code = fields.get("C", "")
-    if type_byte == b"N" or code.startswith("P0"):
-        msg = "message hidden by the gateway (the statement reads masked columns)"
-    else:
-        msg = _QUOTED.sub('"***"', msg)
+    if type_byte == b"E" and code[:2] == "42" and not inside_function:
+        # about the statement's own text (an unknown column, a syntax error): useful, value-free
+        msg, _ = detect_text(fields.get("M", ""))
+    elif type_byte == b"E" and code[:2] in _SAFE_CLASSES:
+        msg = _QUOTED.sub('"***"', fields.get("M", ""))
         msg, _ = detect_text(msg)
         msg += " (values hidden by the gateway: the statement reads masked columns)"
+    elif type_byte == b"N":
+        msg = "notice hidden by the gateway (the statement reads masked columns)"
+    else:
+        msg = (f"the statement failed (SQLSTATE {code or 'unknown'}); its message is hidden by the "
+               "gateway because it could contain values of masked columns")
     fields["M"] = msg
     return m.build_error_from_fields(fields, type_byte)

@@ -52,6 +52,7 @@ class StatementFacts:
     guc_writes: tuple[str, ...] = ()
     params: tuple[str, ...] = ()
     user_functions: tuple[str, ...] = ()  # functions that are not built in (from the catalog, when masks apply)
+    unknown_tables: tuple[str, ...] = ()  # relations the catalog does not know (when masks apply)
 
     def to_dict(self) -> dict:
         return {
@@ -64,7 +65,7 @@ class StatementFacts:
             "inner": self.inner.to_dict() if self.inner is not None else None,
             "explain_analyze": self.explain_analyze, "object_type": self.object_type,
             "guc_writes": list(self.guc_writes), "params": list(self.params),
-            "user_functions": list(self.user_functions),
+            "user_functions": list(self.user_functions), "unknown_tables": list(self.unknown_tables),
         }
 
 
@@ -292,6 +293,11 @@ def _range_var(rv: dict, st: _State, scope: _Scope | None, ctes: frozenset) -> N
     qs = st.qualify_all(rv)
     for q in qs:
         st.tables[q] = None
+    if (rv.get("alias") or {}).get("colnames"):
+        # "customers t(a, b, c)" renames columns by position: which one "c" is needs the catalog,
+        # so the statement is taken to read every column (fail closed)
+        for q in qs:
+            st.columns[f"{q}.*"] = None
     if scope is not None:
         scope.names[alias or rel] = qs
         if not alias:
@@ -341,6 +347,9 @@ def _from_item(item, st: _State, scope: _Scope, scopes: list[_Scope], ctes: froz
         alias = (j.get("alias") or {}).get("aliasname")
         if alias:
             scope.names[alias] = list(got)
+            if (j.get("alias") or {}).get("colnames"):
+                for t in got:  # columns renamed by position: every column may be read
+                    st.columns[f"{t}.*"] = None
         return got
     if "RangeSubselect" in item:
         rs = item["RangeSubselect"]
@@ -733,6 +742,8 @@ def _facts(kind: str, body: dict, sql: str, search_path: tuple[str, ...]) -> Sta
             _walk(body.get("params"), st, [], frozenset())
         elif kind == "DeallocateStmt":
             prepared_name = body.get("name")
+        elif kind in ("FetchStmt", "ClosePortalStmt"):
+            prepared_name = body.get("portalname")  # the cursor (portal) it reads or closes
         elif kind == "CallStmt":
             fc = body.get("funccall") or {}
             _h_func_call(fc.get("FuncCall", fc), st, [], frozenset())

@@ -368,11 +368,12 @@ def _target_name(rt: dict) -> str | None:
 
 class _Ctx:
     __slots__ = ("search_path", "columns_of", "udfs", "udf_names", "refs", "writes", "aliases", "_cols",
-                 "_state")
+                 "_state", "builtins")
 
-    def __init__(self, search_path, columns_of, udfs) -> None:
+    def __init__(self, search_path, columns_of, udfs, builtins=frozenset()) -> None:
         self.search_path = tuple(search_path)
         self.columns_of = columns_of
+        self.builtins = builtins  # when known: any other function is user-defined (may read anything)
         self.udfs = frozenset(u.lower() for u in udfs)
         self.udf_names = frozenset(u.rsplit(".", 1)[-1] for u in self.udfs)
         self.refs: list[set] = [set()]  # sources referenced while analyzing each open query
@@ -524,7 +525,8 @@ class _Ctx:
             if k == "FuncCall":
                 names = [s.lower() for s in _strings(v.get("funcname"))]
                 name = names[-1] if names else ""
-                if (name in self.udf_names or ".".join(names[-2:]) in self.udfs or name in _OPAQUE_FUNCTIONS):
+                if (name in self.udf_names or ".".join(names[-2:]) in self.udfs or name in _OPAQUE_FUNCTIONS
+                        or (self.builtins and name not in self.builtins)):
                     acc.add(UNKNOWN)
                     self.refs[-1].add(UNKNOWN)
                 if name in WRITING_FUNCTIONS:
@@ -945,7 +947,7 @@ def _statement(kind: str, body: dict, ctx: _Ctx) -> StatementLineage:
             q = body.get("query") or {}
             if q:
                 k, b = next(iter(q.items()))
-                ctx.writes |= _statement(k, b or {}, _Ctx(ctx.search_path, ctx.columns_of, ctx.udfs)).write_sources
+                ctx.writes |= _statement(k, b or {}, _Ctx(ctx.search_path, ctx.columns_of, ctx.udfs, ctx.builtins)).write_sources
     elif kind == "VariableShowStmt":
         outputs = (_NO_SOURCES,)
     elif kind == "CreateTableAsStmt":
@@ -993,7 +995,8 @@ def _alter_table(body: dict, ctx: _Ctx) -> None:
 
 def statement_lineage(sql: str, search_path: tuple[str, ...] = ("public",),
                       columns_of: Callable[[str], Sequence[str] | None] = lambda q: None,
-                      udfs: frozenset[str] = frozenset()) -> list[StatementLineage]:
+                      udfs: frozenset[str] = frozenset(),
+                      builtins: frozenset[str] = frozenset()) -> list[StatementLineage]:
     """One StatementLineage per statement of ``sql`` (the statements of parse_sql_json).
     Raises pglast.parser.ParseError if the SQL does not parse."""
     tree = orjson.loads(parse_sql_json(sql))
@@ -1004,7 +1007,7 @@ def statement_lineage(sql: str, search_path: tuple[str, ...] = ("public",),
         if not node:
             continue
         kind, body = next(iter(node.items()))
-        ctx = _Ctx(search_path, columns_of, udfs)
+        ctx = _Ctx(search_path, columns_of, udfs, builtins)
         ctx._cols = cache
         try:
             out.append(_statement(kind, body or {}, ctx))
