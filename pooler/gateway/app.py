@@ -373,6 +373,8 @@ class Gateway:
         cfg = self.config
         for p in list(self.pools.values()):
             p.janitor(now)
+        for holder in self.catalogs.values():
+            holder.tick(now)  # the catalog's background refresh (mask_catalog_ttl)
         if cfg.client_idle_timeout or cfg.idle_transaction_timeout or cfg.query_timeout:
             for c in list(self.clients):
                 if c.closed or c.state != 1:

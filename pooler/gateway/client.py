@@ -140,9 +140,7 @@ class ClientConn(asyncio.Protocol):
         self._left = False
         self.search_path: tuple[str, ...] = ("public",)
         self.sql_prepared: dict[str, str] = {}  # SQL-level PREPARE name -> statement text (confirmed)
-        self.sql_pending: list[tuple[int, str, str]] = []  # (message serial, name, text) awaiting PREPARE
-        self._prep_new: list[tuple[str, str]] = []  # PREPAREs of the message being governed
-        self._serial = 0
+        self._prep_new: list[tuple[str, str]] | tuple = ()  # PREPAREs of the message being governed
         self.unnamed_ok = False  # this client parsed the unnamed statement on its server
         self._sinfo: list = [None, None]
         self._skey: list = [None, None]
@@ -151,6 +149,7 @@ class ClientConn(asyncio.Protocol):
         self.mask_portals: dict[bytes, MaskCtx] = {}  # portal name -> masks of its results
         self.cur_mask: QueryMask | None = None  # masks of the simple Query being forwarded
         self.masked_counts: dict[str, int] = {}  # column -> values masked in this session
+        self._holder = None  # the CatalogHolder of this session's database (rules that mask)
 
     # ------------------------------------------------------------------ transport callbacks
 
@@ -668,7 +667,7 @@ class ClientConn(asyncio.Protocol):
                             self.waiting = True
                             if n - pos > 65536:
                                 self.pause_reading()
-                            self.gw.catalog_for(self.pool).wait(self._catalog_ready)
+                            self._holder.wait(self._catalog_ready)
                             break
                         self._refuse(srv, t, refusal, out)
                         pos = end
@@ -739,14 +738,17 @@ class ClientConn(asyncio.Protocol):
                         out.append(data[pos:end])
                         srv.queue.append((R_DESCRIBE, None))
                 elif t == T_CLOSE:
-                    if self.mask_stmts or self.mask_portals:
-                        (self.mask_stmts if data[pos + 5] == 83 else self.mask_portals).pop(data[pos + 6 : end - 1], None)
                     if self.rewrite and data[pos + 5] == 83 and data[pos + 6] != 0:
+                        # the gateway forgets the name now: a Bind of it is refused from here on
                         self.stmts.pop(data[pos + 6 : end - 1], None)
+                        self.mask_stmts.pop(data[pos + 6 : end - 1], None)
                         srv.queue.append((R_FAKE_CLOSE, None))
                     else:
                         out.append(data[pos:end])
-                        srv.queue.append((R_CLOSE, None))
+                        if self.mask_stmts or self.mask_portals:
+                            srv.queue.append((R_CLOSE, (data[pos + 5], data[pos + 6 : end - 1])))
+                        else:
+                            srv.queue.append((R_CLOSE, None))
                 elif t == T_FLUSH or t == T_COPY_DATA or t == T_COPY_DONE or t == T_COPY_FAIL:
                     out.append(data[pos:end])
                 elif t == T_TERMINATE:
@@ -834,63 +836,62 @@ class ClientConn(asyncio.Protocol):
         except UnicodeDecodeError:
             return ("42501", "refused by the gateway: statement text is not valid UTF-8")
         si = self.session_info()
-        self._prep_new = []
         catalog = None
         if policy.rules.may_mask:
-            holder = self.gw.catalog_for(self.pool)
-            if not holder.ready():
+            holder = self._holder
+            if holder is None or holder.pool.obsolete:
+                holder = self._holder = self.gw.catalog_for(self.pool)
+            if holder.stale:
                 return _WAIT_CATALOG
             catalog = holder.catalog
+        self._prep_new = ()  # _session_work fills it; committed only if this message is accepted
         verdict = policy.decide(sql, si, self._skey[si.in_transaction], catalog)
         d = verdict.decision
-        if catalog is not None:
-            for f in verdict.facts:
-                if f.unknown_tables:
-                    holder.saw_unknown()
-                    break
+        if verdict.unknown_tables and catalog is not None:
+            holder.saw_unknown()
         if not d.refused and verdict.session_work:  # Query and Parse alike: EXECUTE can come either way
             d = self._session_work(policy, verdict, si, catalog)
             if isinstance(d, tuple):
                 return d
         if d.refused:
             return self._refusal_text(d, sql)
-        closes = None
         if self.mask_portals:
             for f in verdict.facts:
                 if f.command in ("FETCH", "MOVE") and f.prepared_name is not None:
                     if f.prepared_name.encode() in self.mask_portals:
                         return ("42501", f'refused by the gateway: portal "{f.prepared_name}" reads masked columns; '
                                          "FETCH of it could not be masked (use Execute with a row limit)")
-                elif f.command == "CLOSE CURSOR":
-                    closes = (closes or []) + [f.prepared_name]
         ctx = None
         if d.action == "mask":
             ctx = self._mask_ctx(d, verdict, sql, si)
             if isinstance(ctx, tuple):
                 return ctx
         if t == T_PARSE:
+            if self._prep_new:
+                return ("42501", "refused by the gateway: send SQL-level PREPARE as a simple query (the "
+                                 "gateway follows what it prepares only there); drivers' protocol-level "
+                                 "prepared statements need no PREPARE")
             if name_end == 0:
                 self.unnamed_ok = True
                 if ctx is not None:
                     self.mask_stmts[b""] = ctx
                 elif self.mask_stmts:
                     self.mask_stmts.pop(b"", None)
-            elif ctx is not None:
-                # a named statement's masks are dropped only by Close/DEALLOCATE: a Parse that
-                # reuses a name fails on the server, and must not unmask the statement there
-                self.mask_stmts[data[pos + 5 : pos + 5 + name_end]] = ctx
+            else:
+                name = data[pos + 5 : pos + 5 + name_end]
+                old = self.mask_stmts.get(name)
+                if old is not None:
+                    # the name exists (a Parse reusing it fails on the server) or existed: which
+                    # text runs cannot be told here, so mask what either would, by column origin
+                    self.mask_stmts[name] = _either(old, ctx)
+                elif ctx is not None:
+                    self.mask_stmts[name] = ctx
+        elif ctx is not None or self._prep_new:
+            # the Query's PREPAREs are recorded as the server confirms each one (CommandComplete
+            # PREPARE, in order); a PREPARE that fails never makes EXECUTE judged as its text
+            self.cur_mask = QueryMask(ctx, prepares=list(self._prep_new) if self._prep_new else None)
         else:
-            self.cur_mask = QueryMask(ctx) if ctx is not None else None
-        if self._prep_new:  # accepted: its PREPAREs wait for the server's confirmation
-            self._serial += 1
-            self.sql_pending.extend((self._serial, n, text) for n, text in self._prep_new)
-            self._prep_new = []
-        if closes:  # the statement is accepted: its CLOSE forgets the portals' masks
-            for name in closes:
-                if name is None:
-                    self.mask_portals.clear()  # CLOSE ALL
-                else:
-                    self.mask_portals.pop(name.encode(), None)
+            self.cur_mask = None
         return None
 
     # -- masking
@@ -898,7 +899,7 @@ class ClientConn(asyncio.Protocol):
     def _mask_ctx(self, d, verdict, sql: str, si) -> "MaskCtx | tuple[str, str]":
         """What the server side needs to mask this statement's results; or a refusal for the
         statements whose masked values would leave by another way (COPY, cursors, writes)."""
-        holder = self.gw.catalog_for(self.pool)
+        holder = self._holder or self.gw.catalog_for(self.pool)
         cat = holder.catalog
         where = d.rule or "the rules"
         lineages = self._lineage(holder, sql, si.search_path)
@@ -960,6 +961,8 @@ class ClientConn(asyncio.Protocol):
 
     def _bind_masks(self, body: bytes) -> None:
         portal, stmt, _, _ = m.parse_bind_statement(body)
+        if portal and portal in self.mask_portals:
+            return  # a named portal that is open: this Bind fails on the server, its masks stay
         ctx = self.mask_stmts.get(stmt)
         if ctx is not None:
             self.mask_portals[portal] = ctx
@@ -983,6 +986,7 @@ class ClientConn(asyncio.Protocol):
         search_path the rules see only grows: a SET that is rolled back, a SET LOCAL, or a
         server given to another transaction can then never hide a schema from the rules."""
         d = verdict.decision
+        self._prep_new = []
         local: dict[str, str] = {}  # prepared earlier in this same message
         for f in verdict.facts:
             cmd = f.command
@@ -998,7 +1002,7 @@ class ClientConn(asyncio.Protocol):
                     d = _merge_masks(d, inner)
             elif cmd == "PREPARE" and f.prepared_name and f.inner is not None:
                 name = f.prepared_name
-                if name in self.sql_prepared or name in local or any(n == name for _, n, _ in self.sql_pending):
+                if name in self.sql_prepared or name in local:
                     return ("42P05", f'prepared statement "{name}" already exists')
                 if name.startswith("pooler_"):
                     return ("42501", "refused by the gateway: prepared statement names starting with "
@@ -1190,20 +1194,15 @@ class ClientConn(asyncio.Protocol):
             del self.stmts[cname]
             self.mask_stmts.pop(cname, None)
 
-    def sql_prepare_done(self, ok: bool) -> None:
-        """The server answered the oldest outstanding SQL-level PREPARE: CommandComplete
-        (``ok``) records it; an error drops every PREPARE of the failing message (and, when that
-        message had none left, of the next one: EXECUTE of those is refused, never misjudged)."""
-        pending = self.sql_pending
-        if not pending:
-            return
-        if ok:
-            _, name, text = pending.pop(0)
-            self.sql_prepared[name] = text
-        else:
-            serial = pending[0][0]
-            while pending and pending[0][0] == serial:
-                pending.pop(0)
+    def sql_prepare_confirmed(self, name: str, text: str) -> None:
+        """The server ran this PREPARE (its CommandComplete arrived for the Query carrying it)."""
+        self.sql_prepared[name] = text
+
+    def mask_close_confirmed(self, info: tuple[int, bytes]) -> None:
+        """CloseComplete of a statement or portal: its masks go (not before: a Close skipped
+        after an error leaves the statement or portal in place)."""
+        kind, name = info
+        (self.mask_stmts if kind == 83 else self.mask_portals).pop(name, None)
 
     def forget_all_statements(self) -> None:
         self.stmts.clear()
@@ -1262,11 +1261,10 @@ class ClientConn(asyncio.Protocol):
             self.server = None
             srv.client = None
             self.unnamed_ok = False
-            if self.sql_prepared or self.sql_pending:
+            if self.sql_prepared:
                 # SQL-level prepared statements live on that server; the next transaction may get
                 # another one (as with PgBouncer): EXECUTE must not be judged by a stale text
                 self.sql_prepared.clear()
-                self.sql_pending.clear()
             if self.writing_paused:
                 srv.resume_reading()
             self.pool.release(srv)
@@ -1301,7 +1299,6 @@ class ClientConn(asyncio.Protocol):
             return
         self.server = None
         self.sql_prepared.clear()  # they lived on that server
-        self.sql_pending.clear()
         if self.closed:
             return
         if self.mode == "session" or srv.tx_status != m.TX_IDLE:
@@ -1319,6 +1316,16 @@ class ClientConn(asyncio.Protocol):
         self.write(b"".join(out))
         if self.rbuf:
             self._pump()
+
+
+def _either(old, new):
+    """Masks for a statement name whose text is one of two: the union of their masks, planned
+    by column origin alone (no positions from either text)."""
+    masks = dict(old.masks)
+    if new is not None:
+        masks.update(new.masks)
+    return MaskCtx(tuple(sorted(masks.items())), None, old.catalog, old.rule,
+                   ("either", old.key, new.key if new is not None else None), old.cache, old.holder)
 
 
 def _merge_masks(d, other):

@@ -59,6 +59,11 @@ _TAG_FIRST = frozenset(b"DCAP")
 
 _READY_ENDS = (R_SYNC, R_QUERY, R_QUERY_REFUSAL, R_QUERY_SKIP)
 
+
+def _masked_info(info) -> bool:
+    """Is this queue entry's info the masks of a statement (its errors and notices scrubbed)?"""
+    return (type(info) is QueryMask and info.ctx is not None) or type(info) is MaskCtx
+
 T_DATAROW = ord("D")
 T_COPYDATA = ord("d")
 T_READY = ord("Z")
@@ -391,6 +396,8 @@ class ServerConn(asyncio.Protocol):
                         self.masking = masking = False
                 if self.ddl_pending and self.tx_status == m.TX_IDLE:
                     self._ddl_committed()
+                if client.mask_portals and self.tx_status == m.TX_IDLE:
+                    client.mask_portals.clear()  # every portal ends with its transaction
                 if head == R_QUERY_SKIP:
                     queue.popleft()
                     if out is None:
@@ -469,14 +476,18 @@ class ServerConn(asyncio.Protocol):
                         plan = self._make_plan(client, ctx, 0, data[pos + 5 : end])
                         if plan is False:
                             return
-                elif t == T_ROWDESC and head == R_QUERY and queue[0][1] is not None:
+                elif t == T_ROWDESC and head == R_QUERY and queue[0][1] is not None and queue[0][1].ctx is not None:
                     qm = queue[0][1]
                     plan = self._make_plan(client, qm.ctx, qm.index, data[pos + 5 : end])
                     if plan is False:
                         return
             elif t == T_PARSE_COMPLETE or t == T_BIND_COMPLETE or t == T_CLOSE_COMPLETE:
-                if head == R_PARSE or head == R_BIND or head == R_CLOSE:
+                if head == R_PARSE or head == R_BIND:
                     queue.popleft()
+                elif head == R_CLOSE:
+                    info = queue.popleft()[1]
+                    if info is not None:
+                        client.mask_close_confirmed(info)
                 elif head == R_PARSE_SKIP or head == R_CLOSE_SKIP or head == R_BIND_SKIP:
                     queue.popleft()
                     if out is None:
@@ -489,9 +500,7 @@ class ServerConn(asyncio.Protocol):
                 if plan is not None:
                     self._plan_done(client)
                     plan = None
-                if client.sql_pending:
-                    client.sql_prepare_done(False)
-                if masking and queue and (type(queue[0][1]) is QueryMask or type(queue[0][1]) is MaskCtx):
+                if masking and queue and _masked_info(queue[0][1]):
                     # an error of a masked statement may quote a row value
                     if out is None:
                         out = []
@@ -519,14 +528,14 @@ class ServerConn(asyncio.Protocol):
                 elif masking and head == R_QUERY and t == T_EMPTY and queue[0][1] is not None:
                     queue[0][1].index += 1
             elif t == T_NOTICE:
-                if masking and queue and (type(queue[0][1]) is QueryMask or type(queue[0][1]) is MaskCtx):
+                if masking and queue and _masked_info(queue[0][1]):
                     if out is None:
                         out = []
                     out.append(data[fwd:pos])
                     out.append(scrub_message(b"N", data[pos + 5 : end]))
                     fwd = end
             elif t == T_COPY_IN or t == T_COPY_OUT or t == T_COPY_BOTH:
-                if masking and queue and (type(queue[0][1]) is QueryMask or type(queue[0][1]) is MaskCtx):
+                if masking and queue and _masked_info(queue[0][1]):
                     # COPY of a masked statement is refused before it runs; never stream one
                     self._masking_failed(client, "COPY of a statement with masked columns")
                     return
@@ -555,7 +564,9 @@ class ServerConn(asyncio.Protocol):
             self.prepared.clear()
             client.forget_all_statements()
         elif tag == b"PREPARE":
-            client.sql_prepare_done(True)
+            info = self.queue[0][1] if self.queue and self.queue[0][0] == R_QUERY else None
+            if type(info) is QueryMask and info.prepares:
+                client.sql_prepare_confirmed(*info.prepares.pop(0))
         elif tag.startswith((b"CREATE", b"ALTER", b"DROP", b"COMMENT")):
             # the catalog the masking plans rely on changed (visible to others at commit)
             self.ddl_pending = True

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("pooler.masking")
 
 MAX_VIEW_DEPTH = 16
+UNKNOWN_RELOAD_INTERVAL = 2.0  # a relation the catalog does not know: read it again at most this often
 
 # pg_get_viewdef qualifies every name that is not visible on the search_path; with only
 # pg_catalog on it, view definitions come back schema-qualified.
@@ -125,11 +126,20 @@ class Catalog:
         # not existing at all): their columns cannot be told apart, so rules should mask them whole
         unknown = ()
         if self.known:
-            by_rel: dict[str, bool] = {}
+            # an unqualified name's candidates come in search_path order and PostgreSQL takes the
+            # first that exists: a candidate the catalog does not know *before* the first known
+            # one may have been created since (a view shadowing public.customers), so it is unknown
+            found: set[str] = set()
+            out = []
             for t in f.tables:
                 rel = t.rpartition(".")[2]
-                by_rel[rel] = by_rel.get(rel, False) or t in self.by_name
-            unknown = tuple(t for t in f.tables if not by_rel[t.rpartition(".")[2]] and not t.startswith("pg_catalog."))
+                if rel in found:
+                    continue
+                if t in self.by_name:
+                    found.add(rel)
+                else:
+                    out.append(t)
+            unknown = tuple(out)
         else:
             unknown = tuple(f.tables)
         if (len(cols) == len(f.columns) and len(tables) == len(f.tables) and not user and not unknown
@@ -224,22 +234,25 @@ class CatalogHolder:
         self.refresh_at = float("inf")  # when the background refresh (mask_catalog_ttl) is due
 
     def ready(self) -> bool:
-        """May a masked statement be planned now? Otherwise ``wait`` first."""
-        if not self.stale:
-            if time.monotonic() > self.refresh_at:
-                self.refresh_at = float("inf")
-                self._start()  # refresh in the background; the current catalog serves meanwhile
-            return True
-        return False
+        """May a masked statement be planned now? Otherwise ``wait`` first. (The hot path reads
+        ``stale`` directly.)"""
+        return not self.stale
+
+    def tick(self, now: float) -> None:
+        """Janitor, every second: the background refresh; the current catalog serves meanwhile."""
+        if not self.stale and now > self.refresh_at:
+            self.refresh_at = float("inf")
+            self._start()
 
     def invalidate(self) -> None:
         self.stale = True
 
     def saw_unknown(self) -> None:
-        """A statement named a relation this catalog does not know: read it again (at most once
-        a second) before the next statement; this one is decided with it unknown."""
+        """A statement named a relation this catalog does not know: read it again (at most every
+        UNKNOWN_RELOAD_INTERVAL seconds) before the next statement; this one is decided with it
+        unknown (the shipped rules mask everything then)."""
         cat = self.catalog
-        if not self.stale and cat is not None and time.monotonic() - cat.loaded_at > 1.0:
+        if not self.stale and cat is not None and time.monotonic() - cat.loaded_at > UNKNOWN_RELOAD_INTERVAL:
             self.stale = True
 
     def wait(self, wake: Callable[[], None]) -> None:

@@ -59,9 +59,11 @@ class MaskCtx:
 
 @dataclass(slots=True)
 class QueryMask:
-    """Per simple-Query state: which statement of the string the next result belongs to."""
-    ctx: MaskCtx
+    """Per simple-Query state: which statement of the string the next result belongs to, and
+    the SQL-level PREPAREs it carries (recorded one by one as the server confirms them)."""
+    ctx: MaskCtx | None
     index: int = 0
+    prepares: list | None = None
 
 
 def _split_pattern(p: str) -> tuple[str, str, str]:

@@ -47,6 +47,7 @@ class Verdict:
     facts: tuple[StatementFacts, ...]
     session_work: bool  # PREPARE/EXECUTE/DEALLOCATE/DISCARD/search_path writes: the client tracks these
     sqlstate: str = "42501"
+    unknown_tables: bool = False  # a statement names a relation the catalog does not know
 
 
 # commands whose effect on the session the client must track
@@ -127,16 +128,18 @@ class Policy:
             return Verdict(Decision("deny", f"statement could not be analyzed: {e.message}{pos}", "analysis"), (), False)
         except Exception as e:  # noqa: BLE001 - an analyzer bug must refuse, never allow
             return Verdict(Decision("deny", f"statement could not be analyzed ({type(e).__name__})", "analysis"), (), False)
+        unknown = any(f.unknown_tables for f in facts)
         sess = session.to_dict()
         decisions = []
         for f in facts:
             d = evaluate(self.rules, f.to_dict(), sess)
             if d.action == "deny":
-                return Verdict(d, facts, _session_work(facts))
+                return Verdict(d, facts, _session_work(facts), unknown_tables=unknown)
             decisions.append(d)
         if not facts:
             decisions.append(Decision("allow"))  # empty query: nothing to govern
-        return Verdict(combine(decisions, "allow") if decisions else Decision("allow"), facts, _session_work(facts))
+        return Verdict(combine(decisions, "allow") if decisions else Decision("allow"), facts, _session_work(facts),
+                       unknown_tables=unknown)
 
 
 def _session_work(facts: tuple[StatementFacts, ...]) -> bool:
