@@ -4,7 +4,6 @@ through the gateway. Each test fails while the leak it describes exists."""
 
 from __future__ import annotations
 
-import struct
 
 import psycopg
 import pytest
@@ -13,6 +12,7 @@ from pooler.pgcluster import seed_demo
 from pooler.protocol import messages as m
 from tests.conftest import upstream_entry
 from tests.test_masking_e2e import REPO, USERS
+from tests.test_masking_review import assert_no_secret, raw  # noqa: F401 - raw is a fixture
 from tests.test_masking_review import SYNC, Raw, _bind, _msg, _parse, _query, _text
 
 DB = "mask_review2"
@@ -24,21 +24,8 @@ def shop(pg):
     return DB
 
 
-@pytest.fixture(scope="module")
-def raw(pg, shop):
-    """The real personal values, read directly from PostgreSQL."""
-    out = pg.psql("SELECT full_name, email, phone, card_number, ssn FROM customers", dbname=shop)
-    vals = []
-    for line in out.strip().splitlines():
-        vals += [v for v in line.split("|") if v]
-    vals += pg.psql("SELECT iban FROM payments WHERE iban IS NOT NULL", dbname=shop).split()
-    return vals
 
 
-def assert_no_secret(text: str, raw) -> None:
-    low = text.lower()
-    leaked = [v for v in raw if v.lower() in low]
-    assert not leaked, f"raw values reached the client: {leaked[:3]}"
 
 
 def _gw(pg, shop, gw_factory, **settings):

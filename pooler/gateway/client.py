@@ -77,6 +77,12 @@ _SEARCH_PATH_ITEM = re.compile(r'\s*(?:"((?:[^"]|"")*)"|([^,\s]+))\s*(?:,|$)')
 
 
 _NO_LINEAGE = StatementLineage(None, frozenset((UNKNOWN,)))
+
+# what a server keeps of a session besides prepared statements (DISCARD ALL without DEALLOCATE
+# ALL: the gateway's own prepared statements stay, and no row is returned)
+IDENTITY_RESET = ("CLOSE ALL; RESET ALL; UNLISTEN *; "
+                  "DO $pooler$BEGIN PERFORM pg_catalog.pg_advisory_unlock_all(); END$pooler$; "
+                  "DISCARD TEMP; DISCARD SEQUENCES")
 _WAIT_CATALOG = ("", "")  # _govern: the catalog must be loaded before this message is judged
 
 
@@ -150,6 +156,7 @@ class ClientConn(asyncio.Protocol):
         self.cur_mask: QueryMask | None = None  # masks of the simple Query being forwarded
         self.masked_counts: dict[str, int] = {}  # column -> values masked in this session
         self._holder = None  # the CatalogHolder of this session's database (rules that mask)
+        self._identity: tuple | None = None  # (user, groups), once logged in
 
     # ------------------------------------------------------------------ transport callbacks
 
@@ -1215,15 +1222,24 @@ class ClientConn(asyncio.Protocol):
         srv.client = self
         if self.writing_paused:
             srv.pause_reading()
-        if srv.param_key != self.param_key:
-            sets = []
+        identity = self._identity
+        if identity is None:
+            identity = self._identity = (self.user, self.groups)
+        # transaction/statement pooling: a server that served another identity is reset first, so
+        # settings, temp tables, held cursors, LISTENs and advisory locks one identity left on it
+        # (a pii-reader's set_config of a value, say) never reach another (an agent)
+        reset = srv.owner is not None and srv.owner != identity and self.mode != "session"
+        srv.owner = identity
+        if reset or srv.param_key != self.param_key:
+            base = (self.pool.welcome or srv.params) if reset else srv.params
+            parts = [IDENTITY_RESET] if reset else []
             for k in Pool.tracked_params:
                 v = self.params.get(k)
-                if v is not None and srv.params.get(k) != v:
-                    sets.append(f"SET {k} = {quote_literal(v)}")
-            if sets:
+                if v is not None and base.get(k) != v:
+                    parts.append(f"SET {k} = {quote_literal(v)}")
+            if parts:
                 self.pending_param_sync = True
-                out.append(m.query(";".join(sets)))
+                out.append(m.query(";".join(parts)))
                 srv.queue.append((R_QUERY_SKIP, None))
 
     def param_sync_done(self, srv: ServerConn) -> None:

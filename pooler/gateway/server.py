@@ -102,6 +102,8 @@ class ServerConn(asyncio.Protocol):
         self.rowplan = None  # masking.plan.RowPlan rewriting the DataRows of the current result
         self.ddl_pending = False  # DDL ran in the open transaction: invalidate the catalog at commit
         self.masking = False  # a masked request is queued (until ReadyForQuery with nothing queued)
+        self.owner: tuple | None = None  # (user, groups) of the last client linked (transaction pooling)
+        self.rneed = 0  # length of the partial masked DataRow held in rbuf (a bytearray then)
         self.transport: asyncio.Transport | None = None
         self.state = S_CONNECTING
         self.rbuf = b""
@@ -324,7 +326,15 @@ class ServerConn(asyncio.Protocol):
             data = data[skip:]
             self.skip = 0
         if self.rbuf:
-            data = self.rbuf + data
+            if self.rneed:
+                # a large masked row arrives in pieces: collect it without re-copying (linear)
+                if len(self.rbuf) + len(data) < self.rneed:
+                    self.rbuf += data
+                    return
+                data = bytes(self.rbuf) + data
+                self.rneed = 0
+            else:
+                data = self.rbuf + data
             self.rbuf = b""
         n = len(data)
         pos = 0
@@ -344,6 +354,8 @@ class ServerConn(asyncio.Protocol):
                         if length < 4:
                             self._protocol_violation("invalid message length from server")
                             return
+                        if end - pos > 65536:
+                            self.rneed = end - pos  # collected in a bytearray until complete
                         break
                     if out is None:
                         out = []
@@ -552,7 +564,7 @@ class ServerConn(asyncio.Protocol):
             out.append(data[fwd:pos])
             client.write(b"".join(out))
         if pos < n:
-            self.rbuf = data[pos:]
+            self.rbuf = bytearray(data[pos:]) if self.rneed else data[pos:]
         if queue and FAKE_FIRST <= queue[0][0] <= FAKE_LAST:
             pieces: list = []
             self._emit_fakes(pieces)
