@@ -570,3 +570,25 @@ def test_sigterm_waits_for_clients_second_signal_is_immediate(gw_factory):
     gw.signal(signal.SIGTERM)
     assert gw.proc.wait(15) == 0
     conn.close()
+
+
+def test_server_passing_to_another_identity_is_reset_but_keeps_each_clients_parameters(gw_factory):
+    """Transaction pooling, one server, two identities: what one leaves in the server session
+    (a custom setting, a temp table) never reaches the other, and each keeps its own TimeZone
+    and DateStyle across the resets."""
+    gw = gw_factory(settings={"default_pool_size": "1"}, users={"u1": "groups=g1", "u2": "groups=g2"})
+    with psycopg.connect(gw.dsn(user="u1"), autocommit=True) as a, \
+            psycopg.connect(gw.dsn(user="u2"), autocommit=True) as b:
+        a.execute("SET TimeZone = 'Asia/Tokyo'")
+        b.execute("SET DateStyle = 'SQL, DMY'")
+        for i in range(3):
+            a.execute("SELECT set_config('x.y', %s, false)", (f"from-u1-{i}",))
+            a.execute("CREATE TEMP TABLE IF NOT EXISTS left_behind (v int)")
+            assert b.execute("SELECT current_setting('x.y', true)").fetchone()[0] in (None, "")
+            assert b.execute("SELECT count(*) FROM pg_class WHERE relname = 'left_behind'").fetchone()[0] == 0
+            assert b.execute("SHOW DateStyle").fetchone()[0] == "SQL, DMY"
+            assert b.execute("SHOW TimeZone").fetchone()[0] != "Asia/Tokyo"
+            assert a.execute("SHOW TimeZone").fetchone()[0] == "Asia/Tokyo"
+            assert a.execute("SHOW DateStyle").fetchone()[0] != "SQL, DMY"
+            pid_a = a.execute("SELECT pg_backend_pid()").fetchone()[0]
+            assert b.execute("SELECT pg_backend_pid()").fetchone()[0] == pid_a  # one server
