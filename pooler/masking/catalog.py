@@ -1,5 +1,6 @@
 """What the masking plan needs to know about a database: relations and their columns, views and
-the base columns behind each view column, string types, user-defined functions.
+the base columns behind each view column, inheritance parents of child tables and partitions,
+string types, built-in and user-defined functions.
 
 Rules this module keeps:
 - ``Catalog`` is pure data built from query results (``Catalog.from_results``) and is never
@@ -7,9 +8,10 @@ Rules this module keeps:
   the gateway's event loop and uses a side connection of its own, never a client's session.
 - Unknown means masked: a relation OID the catalog does not know, a view whose definition cannot
   be analyzed, nesting deeper than ``MAX_VIEW_DEPTH`` all resolve to ``UNKNOWN``.
-- A catalog is refreshed when a session of the gateway ran DDL (before the next masked statement
-  is planned), on RELOAD/SIGHUP, and in the background every ``mask_catalog_ttl`` seconds (DDL
-  made outside the gateway).
+- A catalog is refreshed when a session of the gateway ran DDL (at commit, before the next
+  statement of a rule set that masks is decided), on RELOAD/SIGHUP, when a statement names a
+  relation it does not know (at most every UNKNOWN_RELOAD_INTERVAL seconds), and in the
+  background every ``mask_catalog_ttl`` seconds (DDL made outside the gateway).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ SELECT c.oid::int8, n.nspname, c.relname, c.relkind,
  WHERE c.relkind IN ('r', 'v', 'm', 'f', 'p') AND n.nspname <> 'pg_toast';
 SELECT oid::int8 FROM pg_type WHERE typcategory = 'S';
 SELECT DISTINCT n.nspname, p.proname FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace;
+SELECT inhrelid::int8, inhparent::int8 FROM pg_inherits;
 RESET search_path"""
 
 
@@ -68,6 +71,7 @@ class Catalog:
     text_oids: frozenset[int] = frozenset({25, 1043, 1042, 19, 705})
     udfs: frozenset[str] = frozenset()
     builtins: frozenset[str] = frozenset()  # functions of pg_catalog/information_schema
+    parents: dict[str, tuple[str, ...]] = field(default_factory=dict)  # inheritance child/partition -> parents
     loaded_at: float = 0.0
     version: int = 0
     known: bool = True  # False: the catalog could not be read; every function counts as user-defined
@@ -76,8 +80,8 @@ class Catalog:
     @classmethod
     def from_results(cls, results: list[list[list[bytes | None]]], version: int = 0) -> "Catalog":
         """``results``: the rows of CATALOG_SQL's three SELECTs (text format)."""
-        if len(results) != 3:
-            raise ValueError(f"catalog query returned {len(results)} result sets, expected 3")
+        if len(results) not in (3, 4):
+            raise ValueError(f"catalog query returned {len(results)} result sets, expected 4")
         rels, by_name = {}, {}
         for oid, nsp, rel, kind, cols, viewdef in results[0]:
             attrs = orjson.loads(cols) if cols else []
@@ -95,7 +99,25 @@ class Catalog:
             else:
                 udfs.add(name)
                 udfs.add(f"{nsp}.{name}")
-        return cls(rels, by_name, text_oids, frozenset(udfs), frozenset(builtins), time.monotonic(), version)
+        parents: dict[str, list[str]] = {}
+        for child, parent in (results[3] if len(results) > 3 else ()):
+            c, p = rels.get(int(child)), rels.get(int(parent))
+            if c is not None and p is not None:
+                parents.setdefault(c.qualified, []).append(p.qualified)
+        return cls(rels, by_name, text_oids, frozenset(udfs), frozenset(builtins),
+                   {k: tuple(v) for k, v in parents.items()}, time.monotonic(), version)
+
+    def ancestors(self, qualified: str) -> list[str]:
+        """The tables a child table or partition inherits from, transitively (its rows are
+        theirs: a mask on the parent's column applies to the child's column of the same name)."""
+        out: list[str] = []
+        todo = list(self.parents.get(qualified, ()))
+        while todo and len(out) < 64:
+            p = todo.pop()
+            if p not in out:
+                out.append(p)
+                todo.extend(self.parents.get(p, ()))
+        return out
 
     def enrich(self, f):
         """Facts with what only the catalog knows: the base columns and tables behind the views
@@ -108,13 +130,17 @@ class Catalog:
         for c in f.columns:
             schema_table = c.rpartition(".")[0]
             rel = self.by_name.get(schema_table)
-            if rel is None or rel.kind not in ("v", "m"):
+            if (rel is None or rel.kind not in ("v", "m")) and schema_table not in self.parents:
                 continue
-            srcs, _ = self.expand(frozenset((c,)), True)
+            srcs, _ = self.expand(frozenset((c,)), True)  # views followed, parents added
             for s in srcs:
                 if s != UNKNOWN:
                     cols.setdefault(s, None)
                     tables.setdefault(s.rpartition(".")[0], None)
+        if self.parents:
+            for t in f.tables:
+                for a in self.ancestors(t):
+                    tables.setdefault(a, None)
         if self.known:
             # user-defined, or created after the catalog was read (not a built-in): may read anything
             builtins = self.builtins
@@ -182,6 +208,9 @@ class Catalog:
             schema_table, _, col = s.rpartition(".")
             rel = self.by_name.get(schema_table)
             out.add(s)
+            if self.parents and schema_table in self.parents:
+                for a in self.ancestors(schema_table):
+                    out.add(f"{a}.{col}")
             if rel is None or rel.kind not in ("v", "m"):
                 continue
             if depth >= MAX_VIEW_DEPTH:
@@ -228,15 +257,9 @@ class CatalogHolder:
         self.loading: asyncio.Task | None = None
         self.waiters: list[Callable[[], None]] = []
         self.version = 0
-        self.failed_at = 0.0
         self.lineage_cache: dict[tuple, list] = {}
         self.plan_cache: dict[tuple, object] = {}
         self.refresh_at = float("inf")  # when the background refresh (mask_catalog_ttl) is due
-
-    def ready(self) -> bool:
-        """May a masked statement be planned now? Otherwise ``wait`` first. (The hot path reads
-        ``stale`` directly.)"""
-        return not self.stale
 
     def tick(self, now: float) -> None:
         """Janitor, every second: the background refresh; the current catalog serves meanwhile."""
@@ -272,10 +295,8 @@ class CatalogHolder:
             self.catalog = Catalog.from_results(results, self.version)
             self.lineage_cache.clear()
             self.plan_cache.clear()
-            self.failed_at = 0.0
             log.debug("catalog of %s loaded: %d relations", self.pool.name, len(self.catalog.rels))
         except Exception as e:  # noqa: BLE001
-            self.failed_at = time.monotonic()
             if started_stale:
                 # out of date: plan without one (every origin unknown, masked)
                 self.catalog = Catalog(known=False, version=-self.version - 1, loaded_at=time.monotonic())
