@@ -78,11 +78,9 @@ _SEARCH_PATH_ITEM = re.compile(r'\s*(?:"((?:[^"]|"")*)"|([^,\s]+))\s*(?:,|$)')
 
 _NO_LINEAGE = StatementLineage(None, frozenset((UNKNOWN,)))
 
-# what a server keeps of a session besides prepared statements (DISCARD ALL without DEALLOCATE
-# ALL: the gateway's own prepared statements stay, and no row is returned)
-IDENTITY_RESET = ("CLOSE ALL; RESET ALL; UNLISTEN *; "
-                  "DO $pooler$BEGIN PERFORM pg_catalog.pg_advisory_unlock_all(); END$pooler$; "
-                  "DISCARD TEMP; DISCARD SEQUENCES")
+# what a server passing to another identity runs first (then the database's connect_query):
+# everything of the previous session goes, prepared statements (and their texts) included
+IDENTITY_RESET = "DISCARD ALL"
 _WAIT_CATALOG = ("", "")  # _govern: the catalog must be loaded before this message is judged
 
 
@@ -1225,14 +1223,22 @@ class ClientConn(asyncio.Protocol):
         identity = self._identity
         if identity is None:
             identity = self._identity = (self.user, self.groups)
-        # transaction/statement pooling: a server that served another identity is reset first, so
-        # settings, temp tables, held cursors, LISTENs and advisory locks one identity left on it
+        # a server that served another identity is reset first (in transaction and statement
+        # pooling a server is handed over without DISCARD ALL), so settings, temp tables, held
+        # cursors, LISTENs, advisory locks and prepared statement texts one identity left on it
         # (a pii-reader's set_config of a value, say) never reach another (an agent)
-        reset = srv.owner is not None and srv.owner != identity and self.mode != "session"
+        reset = srv.owner is not None and srv.owner != identity
         srv.owner = identity
         if reset or srv.param_key != self.param_key:
             base = (self.pool.welcome or srv.params) if reset else srv.params
-            parts = [IDENTITY_RESET] if reset else []
+            parts = []
+            if reset:
+                # DISCARD ALL cannot share a Query (an implicit transaction) with anything else
+                out.append(m.query(IDENTITY_RESET))
+                srv.queue.append((R_QUERY_SKIP, "reset"))
+                srv.prepared.clear()  # re-prepared on demand (the reset runs before anything else)
+                if self.pool.db.connect_query:
+                    parts.append(self.pool.db.connect_query)  # what the welcome parameters include
             for k in Pool.tracked_params:
                 v = self.params.get(k)
                 if v is not None and base.get(k) != v:

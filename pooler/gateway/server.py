@@ -398,7 +398,8 @@ class ServerConn(asyncio.Protocol):
                 if head and head != R_SYNC and head != R_QUERY and head != R_QUERY_REFUSAL and head != R_QUERY_SKIP:
                     # requests sent after an error but before its Sync reached the server while it
                     # was skipping to Sync: they were never answered, so they are dropped here
-                    self._error_skips_to_sync(_READY_ENDS)
+                    # (a Query or FunctionCall sent meanwhile was skipped too: stop at the Sync)
+                    self._error_skips_to_sync((R_SYNC,) if any(k == R_SYNC for k, _ in queue) else _READY_ENDS)
                     head = queue[0][0] if queue else 0
                 if masking:
                     if plan is not None:
@@ -411,12 +412,12 @@ class ServerConn(asyncio.Protocol):
                 if client.mask_portals and self.tx_status == m.TX_IDLE:
                     client.mask_portals.clear()  # every portal ends with its transaction
                 if head == R_QUERY_SKIP:
-                    queue.popleft()
+                    reset = queue.popleft()[1]  # "reset": an identity reset, the SETs follow
                     if out is None:
                         out = []
                     out.append(data[fwd:pos])
                     pos = fwd = end
-                    if client.pending_param_sync:
+                    if client.pending_param_sync and reset is None:
                         client.param_sync_done(self)
                     continue
                 if head == R_SYNC or head == R_QUERY or head == R_QUERY_REFUSAL:
@@ -452,7 +453,8 @@ class ServerConn(asyncio.Protocol):
                 elif t == T_PARAM:
                     self._param(data[pos + 5 : end], client, forward=False)
                 elif t == T_COMPLETE:
-                    self._check_tag(data, pos, end, client)
+                    if data[pos + 5 : end - 1] != b"DISCARD ALL":  # an identity reset: _link cleared prepared
+                        self._check_tag(data, pos, end, client)
                 elif t == T_COPY_IN or t == T_COPY_OUT or t == T_COPY_BOTH:
                     self._protocol_violation("internal query entered COPY")
                     return
