@@ -138,7 +138,9 @@ class Gateway:
 
     def catalog_for(self, pool: Pool) -> CatalogHolder:
         holder = self.catalogs.get(pool.catalog_key)
-        if holder is None or holder.pool.obsolete:
+        if holder is None or (holder.pool.obsolete and not pool.obsolete):
+            # a live pool replaces a holder whose pool a reload made obsolete; sessions still on
+            # an obsolete pool keep the existing holder (never a fresh, unloaded one each time)
             holder = self.catalogs[pool.catalog_key] = CatalogHolder(pool)
         return holder
 

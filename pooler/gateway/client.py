@@ -885,7 +885,9 @@ class ClientConn(asyncio.Protocol):
             else:
                 name = data[pos + 5 : pos + 5 + name_end]
                 old = self.mask_stmts.get(name)
-                if old is not None:
+                if self.rewrite and name in self.stmts:
+                    pass  # the gateway refuses this Parse (42P05): the old statement stays as it is
+                elif old is not None and (ctx is None or old.key != ctx.key):
                     # the name exists (a Parse reusing it fails on the server) or existed: which
                     # text runs cannot be told here, so mask what either would, by column origin
                     self.mask_stmts[name] = _either(old, ctx)
@@ -953,9 +955,10 @@ class ClientConn(asyncio.Protocol):
             except Exception as e:  # noqa: BLE001 - no lineage: every computed column is masked
                 log.debug("lineage of a masked statement failed: %s", e)
                 got = ()
-            if len(cache) > 10_000:
-                cache.clear()
-            cache[key] = got
+            if len(sql) <= 20_000:  # a giant statement is analyzed again rather than kept
+                if len(cache) > 5_000:
+                    cache.clear()
+                cache[key] = got
         return got or None
 
     def _catalog_ready(self) -> None:
@@ -978,6 +981,8 @@ class ClientConn(asyncio.Protocol):
         """A masked result ended: count what was masked (debug log, session totals)."""
         counts = self.masked_counts
         for col, n in report:
+            if col not in counts and len(counts) >= 1000:
+                col = "(other columns)"  # output names are the client's: bounded
             counts[col] = counts.get(col, 0) + n
         if log.isEnabledFor(logging.DEBUG):
             log.debug("masked %s: %s", self.describe(), ", ".join(f"{c}={n}" for c, n in report))
@@ -1346,8 +1351,9 @@ def _either(old, new):
     masks = dict(old.masks)
     if new is not None:
         masks.update(new.masks)
-    return MaskCtx(tuple(sorted(masks.items())), None, old.catalog, old.rule,
-                   ("either", old.key, new.key if new is not None else None), old.cache, old.holder)
+    merged = tuple(sorted(masks.items()))
+    # a flat key: re-Parsing a name again and again never nests it (hashing stays cheap)
+    return MaskCtx(merged, None, old.catalog, old.rule, ("either", merged), old.cache, old.holder)
 
 
 def _merge_masks(d, other):

@@ -362,8 +362,8 @@ class ServerConn(asyncio.Protocol):
                     out.append(data[fwd:pos])
                     try:
                         out.append(plan.rewrite(data, pos, end))
-                    except MaskingError as e:
-                        self._masking_failed(client, str(e))
+                    except Exception as e:  # noqa: BLE001 - MaskingError, or a malformed row
+                        self._masking_failed(client, str(e) if isinstance(e, MaskingError) else "malformed DataRow")
                         return
                     pos = fwd = end
                     continue
@@ -409,8 +409,9 @@ class ServerConn(asyncio.Protocol):
                         self.masking = masking = False
                 if self.ddl_pending and self.tx_status == m.TX_IDLE:
                     self._ddl_committed()
-                if client.mask_portals and self.tx_status == m.TX_IDLE:
-                    client.mask_portals.clear()  # every portal ends with its transaction
+                if client.mask_portals and self.tx_status == m.TX_IDLE and len(queue) <= 1:
+                    # every portal ends with its transaction (not those bound after this Sync)
+                    client.mask_portals.clear()
                 if head == R_QUERY_SKIP:
                     reset = queue.popleft()[1]  # "reset": an identity reset, the SETs follow
                     if out is None:
@@ -744,7 +745,7 @@ class ServerConn(asyncio.Protocol):
             if self.collected is not None:
                 if t == T_ROWDESC:
                     self.collected.append([])
-                elif t == T_DATAROW:
+                elif t == T_DATAROW and self.collected:
                     self.collected[-1].append(m.parse_data_row(buf[pos + 5 : end]))
                 elif t == T_ERROR and not self.collect_error:
                     self.collect_error = m.parse_error_fields(buf[pos + 5 : end]).get("M", "error")

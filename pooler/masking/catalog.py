@@ -3,8 +3,8 @@ the base columns behind each view column, inheritance parents of child tables an
 string types, built-in and user-defined functions.
 
 Rules this module keeps:
-- ``Catalog`` is pure data built from query results (``Catalog.from_results``) and is never
-  changed after it is built; a refresh builds a new one. The loading (``CatalogHolder``) lives in
+- ``Catalog`` is pure data built from query results (``Catalog.from_results``); a refresh
+  builds a new one (only its cache of view lineages fills in later). The loading (``CatalogHolder``) lives in
   the gateway's event loop and uses a side connection of its own, never a client's session.
 - Unknown means masked: a relation OID the catalog does not know, a view whose definition cannot
   be analyzed, nesting deeper than ``MAX_VIEW_DEPTH`` all resolve to ``UNKNOWN``.
@@ -79,7 +79,8 @@ class Catalog:
 
     @classmethod
     def from_results(cls, results: list[list[list[bytes | None]]], version: int = 0) -> "Catalog":
-        """``results``: the rows of CATALOG_SQL's three SELECTs (text format)."""
+        """``results``: the rows of CATALOG_SQL's SELECTs (text format; the fourth, pg_inherits,
+        may be missing)."""
         if len(results) not in (3, 4):
             raise ValueError(f"catalog query returned {len(results)} result sets, expected 4")
         rels, by_name = {}, {}
@@ -310,16 +311,24 @@ class CatalogHolder:
                 ttl = min(ttl or 5.0, 5.0)  # an unreadable catalog is tried again soon
             self.refresh_at = time.monotonic() + ttl if ttl else float("inf")
             waiters, self.waiters = self.waiters, []
-            for wake in waiters:
-                try:
-                    wake()
-                except Exception:  # noqa: BLE001
-                    log.exception("waking a session after the catalog load failed")
+            # after this task is done: a DDL or RELOAD during the load made it stale again, so a
+            # new load starts first, and the sessions woken then wait for that one
+            asyncio.get_running_loop().call_soon(self._wake, waiters)
+
+    def _wake(self, waiters: list) -> None:
+        if self.stale:
+            self._start()
+        for wake in waiters:
+            try:
+                wake()
+            except Exception:  # noqa: BLE001
+                log.exception("waking a session after the catalog load failed")
 
     async def _query(self) -> list:
-        srv = await self.pool.open_connection(side=True)
-        try:
-            async with asyncio.timeout(max(self.pool.gw.config.server_connect_timeout or 15, 5)):
+        limit = max(self.pool.gw.config.server_connect_timeout or 15, 5)
+        async with asyncio.timeout(2 * limit):  # connect + read, never unbounded
+            srv = await self.pool.open_connection(side=True)
+            try:
                 return await srv.run_query(CATALOG_SQL)
-        finally:
-            srv.close("catalog read")
+            finally:
+                srv.close("catalog read")

@@ -115,7 +115,7 @@ def _combine(methods: list[str], direct: bool) -> str:
     return "redact"
 
 
-MEMO_MAX = 4096  # distinct values remembered per masked column (methods are deterministic)
+MEMO_MAX = 1024  # distinct values remembered per masked column (methods are deterministic)
 MEMO_VALUE_MAX = 256  # longer values are not remembered
 
 
@@ -208,8 +208,8 @@ def plan_for(ctx: MaskCtx, index: int, rowdesc_body: bytes, key: bytes) -> "RowP
     tpl = cache.get(ck, False) if cache is not None else False
     if tpl is False:
         tpl = build_template(ctx, index, m.parse_row_description(rowdesc_body), cat)
-        if cache is not None:
-            if len(cache) > 10_000:
+        if cache is not None and len(ctx.key[0]) <= 20_000:
+            if len(cache) > 2_000:  # templates hold memos: bounded (~2,000 x columns x 1,024 values)
                 cache.clear()
             cache[ck] = tpl
     if tpl is None:
