@@ -43,7 +43,7 @@ SELECT c.oid::int8, n.nspname, c.relname, c.relkind,
        CASE WHEN c.relkind IN ('v', 'm') THEN pg_get_viewdef(c.oid) END
   FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
  WHERE c.relkind IN ('r', 'v', 'm', 'f', 'p') AND n.nspname <> 'pg_toast';
-SELECT oid::int8 FROM pg_type WHERE typcategory = 'S';
+SELECT oid::int8, typcategory FROM pg_type WHERE typcategory IN ('S', 'A', 'C', 'U');
 SELECT DISTINCT n.nspname, p.proname FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace;
 SELECT inhrelid::int8, inhparent::int8 FROM pg_inherits;
 RESET search_path"""
@@ -69,6 +69,9 @@ class Catalog:
     rels: dict[int, Relation] = field(default_factory=dict)
     by_name: dict[str, Relation] = field(default_factory=dict)
     text_oids: frozenset[int] = frozenset({25, 1043, 1042, 19, 705})
+    # types that can carry text inside (arrays, composites, user-defined; json, bytea, xml ... are
+    # in plan.CARRIER_OIDS): "detect" cannot look inside them, so they are redacted instead
+    carrier_oids: frozenset[int] = frozenset()
     udfs: frozenset[str] = frozenset()
     builtins: frozenset[str] = frozenset()  # functions of pg_catalog/information_schema
     parents: dict[str, tuple[str, ...]] = field(default_factory=dict)  # inheritance child/partition -> parents
@@ -91,7 +94,8 @@ class Catalog:
                          tuple(name for _, name in attrs), viewdef.decode() if viewdef else None)
             rels[r.oid] = r
             by_name[r.qualified] = r
-        text_oids = frozenset(int(row[0]) for row in results[1]) | {25, 1043, 1042, 19, 705}
+        text_oids = frozenset(int(r[0]) for r in results[1] if len(r) < 2 or r[1] == b"S") | {25, 1043, 1042, 19, 705}
+        carrier_oids = frozenset(int(r[0]) for r in results[1] if len(r) > 1 and r[1] != b"S")
         udfs, builtins = set(), set()
         for nsp, name in results[2]:
             nsp, name = nsp.decode(), name.decode()
@@ -105,7 +109,7 @@ class Catalog:
             c, p = rels.get(int(child)), rels.get(int(parent))
             if c is not None and p is not None:
                 parents.setdefault(c.qualified, []).append(p.qualified)
-        return cls(rels, by_name, text_oids, frozenset(udfs), frozenset(builtins),
+        return cls(rels, by_name, text_oids, carrier_oids, frozenset(udfs), frozenset(builtins),
                    {k: tuple(v) for k, v in parents.items()}, time.monotonic(), version)
 
     def ancestors(self, qualified: str) -> list[str]:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from ..policy.lineage import UNKNOWN, StatementLineage
 from ..protocol import messages as m
 from .catalog import Catalog
-from .methods import Method, detect_text, kind_of, parse_method
+from .methods import KIND_TEXT, Method, detect_text, kind_of, parse_method
 
 log = logging.getLogger("pooler.masking")
 
@@ -186,9 +186,15 @@ def build_template(ctx: MaskCtx, index: int, fields: list[m.FieldDescription], c
         spec = _combine(methods, direct)
         if not direct and spec.split(":", 1)[0] in _KEEPS_PART:
             spec = "redact"
+        kind = kind_of(f.type_oid, text_oids)
+        if spec == "detect" and kind != KIND_TEXT and (
+                f.type_oid in CARRIER_OIDS or cat is None or not cat.known or f.type_oid in cat.carrier_oids):
+            # detect reads text only: free text wrapped in an array, a record, json or bytea
+            # (ARRAY[city], to_jsonb(city), city::bytea) would pass unread, so it is redacted
+            spec = "redact"
         named = sorted(s for s in sources if s != UNKNOWN)
         label = named[0] if len(named) == 1 and direct else (f.name.decode("utf-8", "replace") + " (computed)")
-        cols.append(ColumnMask(i, len(cols), label, parse_method(spec), kind_of(f.type_oid, text_oids), f.format))
+        cols.append(ColumnMask(i, len(cols), label, parse_method(spec), kind, f.format))
     if not cols:
         return None
     by_index: list[ColumnMask | None] = [None] * len(fields)
@@ -198,6 +204,9 @@ def build_template(ctx: MaskCtx, index: int, fields: list[m.FieldDescription], c
 
 
 m_TEXT_OIDS = frozenset({25, 1043, 1042, 19, 705})
+# built-in types that can carry text inside: json, jsonb, bytea, xml, record, tsvector, jsonpath,
+# text[]/varchar[]/name[]/bpchar[]/json[]/jsonb[]/bytea[]/xml[]
+CARRIER_OIDS = frozenset({114, 3802, 17, 142, 2249, 3614, 4072, 1009, 1015, 1003, 1014, 199, 3807, 1001, 143})
 
 
 def plan_for(ctx: MaskCtx, index: int, rowdesc_body: bytes, key: bytes) -> "RowPlan | None":
