@@ -262,6 +262,10 @@ def test_writes_that_copy_masked_values_refused(mgw, raw):
             conn.execute("UPDATE customers SET city = email WHERE id = 1")
         with pytest.raises(psycopg.errors.InsufficientPrivilege, match="would copy values"):
             conn.execute("INSERT INTO payments (order_id, amount, iban) SELECT 1, 0, card_number FROM customers LIMIT 1")
+        # the same write prepared first: EXECUTE is judged by what the prepared statement writes
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="would copy values"):
+            conn.execute("PREPARE cp AS INSERT INTO products (name, price, stock) "
+                         "SELECT email, 1, 1 FROM customers WHERE id = 7; EXECUTE cp")
         # a write that only reads unmasked data, with masked RETURNING, works
         rows = conn.execute("UPDATE customers SET city = city WHERE id = 1 RETURNING email").fetchall()
         assert rows[0][0].startswith("***@")

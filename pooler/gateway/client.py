@@ -913,9 +913,11 @@ class ClientConn(asyncio.Protocol):
         inners = []  # the statements EXECUTE runs: part of the plan cache key
         if lineages is not None:
             lineages = list(lineages)
+            prepared_here = dict(self._prep_new)  # PREPAREd earlier in this same message
             for i, f in enumerate(verdict.facts):
                 if f.command == "EXECUTE" and i < len(lineages):
-                    inner = self.sql_prepared.get(f.prepared_name or "")
+                    name = f.prepared_name or ""
+                    inner = prepared_here.get(name) or self.sql_prepared.get(name)
                     inners.append(inner)
                     got = self._lineage(holder, inner, si.search_path) if inner is not None else None
                     lineages[i] = got[0] if got else _NO_LINEAGE
@@ -928,8 +930,9 @@ class ClientConn(asyncio.Protocol):
             if cmd == "DECLARE CURSOR":
                 return ("42501", f"refused by the gateway: a cursor over columns that {where} masks cannot be "
                                  "masked; use SELECT (or the extended protocol's row limit) instead")
+            # (for EXECUTE, lineages[i] is the prepared statement's: what it writes counts)
             lin = lineages[i] if lineages is not None and i < len(lineages) else None
-            if not f.read_only and cmd not in ("EXECUTE",):
+            if not f.read_only:
                 ws = lin.write_sources if lin is not None else None
                 if ws is None or any(s == "?" or _method_for(s, patterns) for s in ws):
                     return ("42501", f"refused by the gateway: this {cmd} would copy values of columns that "
