@@ -68,7 +68,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from bench.pgbench_compare import (  # noqa: E402
-    PgBouncerProc, _table, clean_env, cpu_seconds, find_pgbouncer, fmt, log, median, ratio)
+    PgBouncerProc, _table, clean_env, cpu_seconds, find_pgbouncer, fmt, log, median, ratio,
+    unwind_on_signals)
 from pooler.pgcluster import PgCluster, find_pg_bindir, seed_demo  # noqa: E402
 from tests.gwproc import GatewayProc  # noqa: E402
 
@@ -418,11 +419,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_pgbouncer and pgb_bin is None:
         log("pgbouncer not found: no PgBouncer comparison (./dev.sh setup --with-pgbouncer installs it)")
 
-    def _term(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, _term)
-    signal.signal(signal.SIGHUP, _term)
+    unwind_on_signals()
 
     tmp = Path(tempfile.mkdtemp(prefix="pooler-maskbench-"))
     os.chmod(tmp, 0o755)

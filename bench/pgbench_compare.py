@@ -382,6 +382,16 @@ def _table(head: list[str], rows: list[list[str]]) -> None:
         print("  ".join(v.rjust(w[i]) if i > 1 else v.ljust(w[i]) for i, v in enumerate(r)))
 
 
+def unwind_on_signals() -> None:
+    """Ctrl-C (even when started with SIGINT ignored, e.g. from a script's background job),
+    SIGTERM and SIGHUP raise KeyboardInterrupt: the caller's finally stops everything."""
+    def _term(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _term)
+    signal.signal(signal.SIGHUP, _term)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     bindir = find_pg_bindir()
@@ -390,13 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_pgbouncer and pgb_bin is None:
         log("pgbouncer not found: comparing with PostgreSQL directly only (./dev.sh bench installs it)")
 
-    # Ctrl-C (even when started with SIGINT ignored, e.g. from a script's background job),
-    # SIGTERM and SIGHUP: unwind through the finally below, which stops everything
-    def _term(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, _term)
-    signal.signal(signal.SIGHUP, _term)
+    unwind_on_signals()
 
     tmp = Path(tempfile.mkdtemp(prefix="pooler-bench-"))
     os.chmod(tmp, 0o755)

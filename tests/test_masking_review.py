@@ -15,6 +15,7 @@ from pooler.pgcluster import seed_demo
 from pooler.protocol import messages as m
 from tests.conftest import upstream_entry
 from tests.test_masking_e2e import REPO, USERS
+from tests.test_policy_e2e import Raw as PolicyRaw
 
 DB = "mask_review"
 
@@ -82,17 +83,7 @@ class Raw:
         self.buf = b""
         self.until_ready()
 
-    def read(self):
-        while True:
-            if len(self.buf) >= 5:
-                (n,) = struct.unpack("!I", self.buf[1:5])
-                if len(self.buf) >= n + 1:
-                    t, body = self.buf[:1], self.buf[5 : n + 1]
-                    self.buf = self.buf[n + 1 :]
-                    return t, body
-            chunk = self.s.recv(65536)
-            assert chunk, "connection closed"
-            self.buf += chunk
+    read = PolicyRaw.read  # one message: (type, body)
 
     def until_ready(self):
         out = []

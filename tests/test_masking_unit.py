@@ -28,7 +28,7 @@ def catalog(udfs=("leak",)) -> Catalog:
         [b"16430", b"public", b"opaque", b"v", attrs(["x"]), b"this is not sql"],
     ]
     procs = [[b"public", name.encode()] for name in udfs]
-    return Catalog.from_results([rels, [[b"25"], [b"16500"]], procs], version=1)
+    return Catalog.from_results([rels, [[b"25", b"S"], [b"16500", b"S"]], procs, []], version=1)
 
 
 def rowdesc(*fields) -> bytes:

@@ -24,7 +24,7 @@ import time
 from typing import TYPE_CHECKING
 
 from ..policy.lineage import UNKNOWN, StatementLineage
-from ..masking.plan import MaskCtx, QueryMask, _method_for, _split_pattern
+from ..masking.plan import MaskCtx, QueryMask, compile_masks, method_for
 from ..auth.passwords import ScramError, ScramSecret, ScramServer, is_md5, is_scram, verify_md5
 from ..policy.engine import SessionInfo
 from ..protocol import messages as m
@@ -745,8 +745,7 @@ class ClientConn(asyncio.Protocol):
                 elif t == T_CLOSE:
                     if self.rewrite and data[pos + 5] == 83 and data[pos + 6] != 0:
                         # the gateway forgets the name now: a Bind of it is refused from here on
-                        self.stmts.pop(data[pos + 6 : end - 1], None)
-                        self.mask_stmts.pop(data[pos + 6 : end - 1], None)
+                        self._forget_statement(data[pos + 6 : end - 1])
                         srv.queue.append((R_FAKE_CLOSE, None))
                     else:
                         out.append(data[pos:end])
@@ -921,7 +920,7 @@ class ClientConn(asyncio.Protocol):
                     inners.append(inner)
                     got = self._lineage(holder, inner, si.search_path) if inner is not None else None
                     lineages[i] = got[0] if got else _NO_LINEAGE
-        patterns = [(_split_pattern(p), meth) for p, meth in d.masks]
+        patterns = compile_masks(d.masks)
         for i, f in enumerate(verdict.facts):
             cmd = f.command
             if cmd == "COPY" or (cmd == "EXPLAIN" and f.inner is not None and f.inner.command == "COPY"):
@@ -934,7 +933,7 @@ class ClientConn(asyncio.Protocol):
             lin = lineages[i] if lineages is not None and i < len(lineages) else None
             if not f.read_only:
                 ws = lin.write_sources if lin is not None else None
-                if ws is None or any(s == "?" or _method_for(s, patterns) for s in ws):
+                if ws is None or any(s == UNKNOWN or method_for(s, patterns) for s in ws):
                     return ("42501", f"refused by the gateway: this {cmd} would copy values of columns that "
                                      f"{where} masks into data that is not masked")
         key = (sql, si.search_path, tuple(inners), lineages is None)
@@ -948,13 +947,8 @@ class ClientConn(asyncio.Protocol):
         cache = holder.lineage_cache
         got = cache.get(key)
         if got is None:
-            cat = holder.catalog
             try:
-                if cat is not None:
-                    got = cat.lineage(sql, search_path)
-                else:
-                    from ..policy.lineage import statement_lineage
-                    got = statement_lineage(sql, search_path)
+                got = holder.catalog.lineage(sql, search_path)  # loaded: _govern waited for it
             except Exception as e:  # noqa: BLE001 - no lineage: every computed column is masked
                 log.debug("lineage of a masked statement failed: %s", e)
                 got = ()
@@ -980,7 +974,7 @@ class ClientConn(asyncio.Protocol):
         else:
             self.mask_portals.pop(portal, None)
 
-    def masked(self, report: list[tuple[str, int]], tpl) -> None:
+    def masked(self, report: list[tuple[str, int]]) -> None:
         """A masked result ended: count what was masked (debug log, session totals)."""
         counts = self.masked_counts
         for col, n in report:
@@ -1080,14 +1074,12 @@ class ClientConn(asyncio.Protocol):
         if t == T_FLUSH:
             return b""
         if t == T_CLOSE and self.rewrite and data[pos + 5] == 83 and data[pos + 6] != 0:
-            self.stmts.pop(data[pos + 6 : end - 1], None)
-            self.mask_stmts.pop(data[pos + 6 : end - 1], None)
+            self._forget_statement(data[pos + 6 : end - 1])
             return m.CLOSE_COMPLETE
         if t == T_QUERY and self.rewrite and data[pos + 5] in b"dD \t\r\n":
             name = self._deallocate_target(data[pos + 5 : end - 1])
             if name is not None:
-                del self.stmts[name]
-                self.mask_stmts.pop(name, None)
+                self._forget_statement(name)
                 return m.command_complete("DEALLOCATE") + m.ready_for_query(m.TX_IDLE)
             return None
         if t in (T_COPY_DATA, T_COPY_DONE, T_COPY_FAIL):
@@ -1178,8 +1170,8 @@ class ClientConn(asyncio.Protocol):
         name = self._deallocate_target(sql)
         if name is None:
             return False
-        sname = self.stmts.pop(name)[0]
-        self.mask_stmts.pop(name, None)
+        sname = self.stmts[name][0]
+        self._forget_statement(name)
         if sname in srv.prepared:
             del srv.prepared[sname]
             out.append(m.query(f'DEALLOCATE "{sname.decode()}"'))
@@ -1204,8 +1196,7 @@ class ClientConn(asyncio.Protocol):
     def undo_statement(self, cname: bytes, sname: bytes) -> None:
         entry = self.stmts.get(cname)
         if entry is not None and entry[0] == sname:
-            del self.stmts[cname]
-            self.mask_stmts.pop(cname, None)
+            self._forget_statement(cname)
 
     def sql_prepare_confirmed(self, name: str, text: str) -> None:
         """The server ran this PREPARE (its CommandComplete arrived for the Query carrying it)."""
@@ -1216,6 +1207,11 @@ class ClientConn(asyncio.Protocol):
         after an error leaves the statement or portal in place)."""
         kind, name = info
         (self.mask_stmts if kind == 83 else self.mask_portals).pop(name, None)
+
+    def _forget_statement(self, name: bytes) -> None:
+        """The client's statement ``name`` is gone (Close, DEALLOCATE, a failed Parse)."""
+        self.stmts.pop(name, None)
+        self.mask_stmts.pop(name, None)
 
     def forget_all_statements(self) -> None:
         self.stmts.clear()

@@ -58,6 +58,7 @@ FAKE_FIRST, FAKE_LAST = R_FAKE_PARSE, R_FAKE_DONE
 _TAG_FIRST = frozenset(b"DCAP")
 
 _READY_ENDS = (R_SYNC, R_QUERY, R_QUERY_REFUSAL, R_QUERY_SKIP)
+_READY_HEADS = frozenset((0,) + _READY_ENDS)  # what a ReadyForQuery may answer (0: nothing queued)
 
 
 def _masked_info(info) -> bool:
@@ -395,7 +396,7 @@ class ServerConn(asyncio.Protocol):
                     head = queue[0][0] if queue else 0
             if t == T_READY:
                 self.tx_status = data[pos + 5]
-                if head and head != R_SYNC and head != R_QUERY and head != R_QUERY_REFUSAL and head != R_QUERY_SKIP:
+                if head not in _READY_HEADS:
                     # requests sent after an error but before its Sync reached the server while it
                     # was skipping to Sync: they were never answered, so they are dropped here
                     # (a Query or FunctionCall sent meanwhile was skipped too: stop at the Sync)
@@ -611,7 +612,7 @@ class ServerConn(asyncio.Protocol):
         plan = self.rowplan
         self.rowplan = None
         if plan is not None:
-            client.masked(plan.report(), plan.tpl)
+            client.masked(plan.report())
 
     def _masking_failed(self, client: "ClientConn", why: str) -> None:
         """Fail closed: nothing more of this result reaches the client; both sessions end."""

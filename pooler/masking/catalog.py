@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Callable
 import orjson
 
 from ..policy.lineage import UNKNOWN, OutputColumn, statement_lineage
+from .methods import TEXT_TYPE_OIDS
 
 if TYPE_CHECKING:
     from ..gateway.pool import Pool
@@ -68,7 +69,7 @@ class Relation:
 class Catalog:
     rels: dict[int, Relation] = field(default_factory=dict)
     by_name: dict[str, Relation] = field(default_factory=dict)
-    text_oids: frozenset[int] = frozenset({25, 1043, 1042, 19, 705})
+    text_oids: frozenset[int] = TEXT_TYPE_OIDS
     # types that can carry text inside (arrays, composites, user-defined; json, bytea, xml ... are
     # in plan.CARRIER_OIDS): "detect" cannot look inside them, so they are redacted instead
     carrier_oids: frozenset[int] = frozenset()
@@ -82,9 +83,8 @@ class Catalog:
 
     @classmethod
     def from_results(cls, results: list[list[list[bytes | None]]], version: int = 0) -> "Catalog":
-        """``results``: the rows of CATALOG_SQL's SELECTs (text format; the fourth, pg_inherits,
-        may be missing)."""
-        if len(results) not in (3, 4):
+        """``results``: the rows of CATALOG_SQL's four SELECTs (text format)."""
+        if len(results) != 4:
             raise ValueError(f"catalog query returned {len(results)} result sets, expected 4")
         rels, by_name = {}, {}
         for oid, nsp, rel, kind, cols, viewdef in results[0]:
@@ -94,8 +94,8 @@ class Catalog:
                          tuple(name for _, name in attrs), viewdef.decode() if viewdef else None)
             rels[r.oid] = r
             by_name[r.qualified] = r
-        text_oids = frozenset(int(r[0]) for r in results[1] if len(r) < 2 or r[1] == b"S") | {25, 1043, 1042, 19, 705}
-        carrier_oids = frozenset(int(r[0]) for r in results[1] if len(r) > 1 and r[1] != b"S")
+        text_oids = frozenset(int(oid) for oid, cat in results[1] if cat == b"S") | TEXT_TYPE_OIDS
+        carrier_oids = frozenset(int(oid) for oid, cat in results[1] if cat != b"S")
         udfs, builtins = set(), set()
         for nsp, name in results[2]:
             nsp, name = nsp.decode(), name.decode()
@@ -105,7 +105,7 @@ class Catalog:
                 udfs.add(name)
                 udfs.add(f"{nsp}.{name}")
         parents: dict[str, list[str]] = {}
-        for child, parent in (results[3] if len(results) > 3 else ()):
+        for child, parent in results[3]:
             c, p = rels.get(int(child)), rels.get(int(parent))
             if c is not None and p is not None:
                 parents.setdefault(c.qualified, []).append(p.qualified)

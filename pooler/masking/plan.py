@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from ..policy.lineage import UNKNOWN, StatementLineage
 from ..protocol import messages as m
 from .catalog import Catalog
-from .methods import KIND_TEXT, Method, detect_text, kind_of, parse_method
+from .methods import KIND_TEXT, TEXT_TYPE_OIDS, Method, detect_text, kind_of, parse_method
 
 log = logging.getLogger("pooler.masking")
 
@@ -78,7 +78,12 @@ def _split_pattern(p: str) -> tuple[str, str, str]:
     return ".".join(parts[:-2]), parts[-2], parts[-1]
 
 
-def _method_for(source: str, patterns) -> str | None:
+def compile_masks(masks) -> list:
+    """The rules' (pattern, method) pairs with each pattern split into its three parts."""
+    return [(_split_pattern(p), meth) for p, meth in masks]
+
+
+def method_for(source: str, patterns) -> str | None:
     """The method of the most specific pattern matching ``source`` (None: not masked)."""
     schema, _, rest = source.partition(".")
     table, _, col = rest.rpartition(".")
@@ -134,13 +139,12 @@ class ColumnMask:
 class Template:
     nfields: int
     columns: list[ColumnMask]  # in field order
-    by_index: list[ColumnMask | None] = field(default_factory=list)
     memo_key: bytes | None = None
 
 
 def build_template(ctx: MaskCtx, index: int, fields: list[m.FieldDescription], cat: Catalog | None = None) -> Template | None:
     """Which of these fields to mask, and how. None when no field is masked."""
-    patterns = [(_split_pattern(p), meth) for p, meth in ctx.masks]
+    patterns = compile_masks(ctx.masks)
     if cat is None:
         cat = ctx.current_catalog()
     outputs = None
@@ -148,7 +152,7 @@ def build_template(ctx: MaskCtx, index: int, fields: list[m.FieldDescription], c
         outputs = ctx.lineages[index].outputs
         if outputs is not None and len(outputs) != len(fields):
             outputs = None  # the positions cannot be trusted
-    text_oids = cat.text_oids if cat is not None else m_TEXT_OIDS
+    text_oids = cat.text_oids if cat is not None else TEXT_TYPE_OIDS
     cols: list[ColumnMask] = []
     for i, f in enumerate(fields):
         sources: set[str] = set()
@@ -175,7 +179,7 @@ def build_template(ctx: MaskCtx, index: int, fields: list[m.FieldDescription], c
             if s == UNKNOWN:
                 unknown = True
                 continue
-            meth = _method_for(s, patterns)
+            meth = method_for(s, patterns)
             if meth is not None:
                 methods.append(meth)
         if unknown:
@@ -197,13 +201,9 @@ def build_template(ctx: MaskCtx, index: int, fields: list[m.FieldDescription], c
         cols.append(ColumnMask(i, len(cols), label, parse_method(spec), kind, f.format))
     if not cols:
         return None
-    by_index: list[ColumnMask | None] = [None] * len(fields)
-    for c in cols:
-        by_index[c.index] = c
-    return Template(len(fields), cols, by_index)
+    return Template(len(fields), cols)
 
 
-m_TEXT_OIDS = frozenset({25, 1043, 1042, 19, 705})
 # built-in types that can carry text inside: json, jsonb, bytea, xml, record, tsvector, jsonpath,
 # text[]/varchar[]/name[]/bpchar[]/json[]/jsonb[]/bytea[]/xml[]
 CARRIER_OIDS = frozenset({114, 3802, 17, 142, 2249, 3614, 4072, 1009, 1015, 1003, 1014, 199, 3807, 1001, 143})
@@ -229,13 +229,12 @@ def plan_for(ctx: MaskCtx, index: int, rowdesc_body: bytes, key: bytes) -> "RowP
 class RowPlan:
     """Rewrites the DataRows of one result. Counts masked values per column."""
 
-    __slots__ = ("tpl", "key", "counts", "rows")
+    __slots__ = ("tpl", "key", "counts")
 
     def __init__(self, tpl: Template, key: bytes) -> None:
         self.tpl = tpl
         self.key = key
         self.counts = [0] * len(tpl.columns)
-        self.rows = 0
         if tpl.memo_key != key:  # remembered results belong to one hash key
             for c in tpl.columns:
                 c.memo.clear()
@@ -290,7 +289,6 @@ class RowPlan:
             raise MaskingError("DataRow length does not match its columns")
         parts.append(data[start:end])
         body = b"".join(parts)
-        self.rows += 1
         return b"D" + _pack_i32(len(body) + 4) + body
 
     def report(self) -> list[tuple[str, int]]:

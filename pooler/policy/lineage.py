@@ -18,13 +18,14 @@ Rules this module keeps (fail closed: over-approximation is fine, under-approxim
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import orjson
 from pglast.parser import parse_sql_json
 
-from .analyzer import WRITING_FUNCTIONS, _State, _explain_analyze, _strings, _unwrap
+from .analyzer import _LEAVES, WRITING_FUNCTIONS, _State, _explain_analyze, _strings, _unwrap
 
 UNKNOWN = "?"
 
@@ -57,9 +58,6 @@ _OPAQUE_FUNCTIONS = frozenset({
 # system columns every table has (resolvable although columns_of does not list them)
 _SYSTEM_COLUMNS = frozenset({"ctid", "xmin", "xmax", "cmin", "cmax", "tableoid"})
 
-# raw-parse nodes with no column reference inside
-_LEAVES = frozenset({"A_Const", "String", "ParamRef", "A_Star", "Integer", "Float", "Boolean", "BitString",
-                     "TypeName", "SQLValueFunction", "Alias", "RoleSpec", "SetToDefault"})
 
 _QUERY_KINDS = frozenset({"SelectStmt", "InsertStmt", "UpdateStmt", "DeleteStmt", "MergeStmt"})
 
@@ -366,6 +364,13 @@ def _target_name(rt: dict) -> str | None:
 # --------------------------------------------------------------------------- the walk
 
 
+@functools.lru_cache(maxsize=8)
+def _udf_index(udfs: frozenset[str]) -> tuple[frozenset[str], frozenset[str]]:
+    """Lower-cased user-defined function names, and their bare names: built once per catalog."""
+    lowered = frozenset(u.lower() for u in udfs)
+    return lowered, frozenset(u.rsplit(".", 1)[-1] for u in lowered)
+
+
 class _Ctx:
     __slots__ = ("search_path", "columns_of", "udfs", "udf_names", "refs", "writes", "aliases", "_cols",
                  "_state", "builtins")
@@ -374,8 +379,7 @@ class _Ctx:
         self.search_path = tuple(search_path)
         self.columns_of = columns_of
         self.builtins = builtins  # when known: any other function is user-defined (may read anything)
-        self.udfs = frozenset(u.lower() for u in udfs)
-        self.udf_names = frozenset(u.rsplit(".", 1)[-1] for u in self.udfs)
+        self.udfs, self.udf_names = _udf_index(frozenset(udfs))
         self.refs: list[set] = [set()]  # sources referenced while analyzing each open query
         self.writes: set = set()
         self.aliases: list[dict] = [{}]  # output names ORDER BY / GROUP BY may refer to

@@ -24,7 +24,6 @@ import orjson
 import starlark as sl
 
 ACTIONS = ("allow", "deny", "require_approval", "mask")
-MASK_METHODS = ("redact", "null", "partial", "email", "hash", "detect")
 
 _PRELUDE = '''
 def allow():
