@@ -280,6 +280,27 @@ SCENARIOS = {
         (P(b"c2", b"SELEC 1") + B(b"", b"c2") + E() + S, 1, b"Z"),
         (P(b"c2", b"SELECT 2") + B(b"", b"c2") + E() + S, 1, b"Z"),
     ],
+    # the fast lanes (a lone Query, an unnamed Parse/Bind/Describe/Execute/Sync batch; a small
+    # reply of plain messages) and every way out of them to the general loop
+    "fast_lanes": [
+        (m.query("SELECT 1"), 1, b"Z"),
+        (P(b"", b"SELECT 2") + B() + D(b"P") + E() + S, 1, b"Z"),
+        (P(b"", b"SELECT 3") + D(b"S") + B() + E() + B() + E() + S, 1, b"Z"),
+        (m.query("SELECT 4; SELECT 5"), 1, b"Z"),
+        (m.query("SET application_name = 'fastlane'"), 1, b"Z"),  # a ParameterStatus
+        (m.query("DO $$BEGIN RAISE NOTICE 'n'; END$$"), 1, b"Z"),  # a NoticeResponse
+        (m.query("SELECT length(repeat('x', 40000)), repeat('y', 20000) = repeat('y', 20000)"), 1, b"Z"),
+        (m.query("SELECT count(*) FROM (SELECT generate_series(1, 3000)) s"), 1, b"Z"),
+        (P(b"", b"SELEC 6") + B() + E() + S, 1, b"Z"),
+        (P(b"", b"SELECT 7") + B() + E() + S, 1, b"Z"),
+        (m.query("BEGIN"), 1, b"Z"),
+        (P(b"", b"SELECT 8") + B() + E() + S, 1, b"Z"),
+        (B() + E() + S, 1, b"Z"),  # the unnamed statement again, without Parse (same server)
+        (m.query("SELECT 9"), 1, b"Z"),
+        (m.query("COMMIT"), 1, b"Z"),
+        (m.query("SELECT 1/0"), 1, b"Z"),
+        (P(b"", b"SELECT 10") + B() + E() + S + m.query("SELECT 11"), 2, b"Z"),
+    ],
 }
 
 
@@ -343,3 +364,52 @@ def test_reset_works_in_a_database_without_plpgsql(pg, gw_factory):
         for i in range(3):
             assert a.execute("SELECT %s::int", (i,)).fetchone() == (i,)
             assert b.execute("SELECT %s::int", (i,)).fetchone() == (i,)
+
+
+# --------------------------------------------------------------------------- the fast lanes
+
+
+def test_fast_lane_units_wait_for_a_server_and_keep_what_follows(pg, gw_factory):
+    """A lone Query or an unnamed batch that waits for a server is sent as it was governed when
+    the server comes; anything the client sent meanwhile follows it, in order."""
+    gw = _gw(gw_factory, pg, size=1)
+    a = RawConn(socket.create_connection((gw.host, gw.port)), "u1")
+    b = RawConn(socket.create_connection((gw.host, gw.port)), "u1")
+    c = RawConn(socket.create_connection((gw.host, gw.port)), "u2")
+    a.s.sendall(m.query("BEGIN"))
+    assert a.replies(1) == ["CBEGIN", "ZT"]
+    b.s.sendall(P(b"", b"SELECT 'b1'") + B() + E() + S)  # waits: the only server is in a's transaction
+    c.s.sendall(m.query("SELECT 'c1'"))  # waits too
+    b.s.sendall(m.query("SELECT 'b2'"))  # arrives while b waits
+    a.s.sendall(m.query("COMMIT"))
+    assert a.replies(1) == ["CCOMMIT", "ZI"]
+    assert b.replies(2) == ["1", "2", "D[b'b1']", "CSELECT 1", "ZI", "T", "D[b'b2']", "CSELECT 1", "ZI"]
+    assert c.replies(1) == ["T", "D[b'c1']", "CSELECT 1", "ZI"]
+    for conn in (a, b, c):
+        conn.s.sendall(m.query("SELECT 'again'"))
+        assert conn.replies(1) == ["T", "D[b'again']", "CSELECT 1", "ZI"]
+        conn.close()
+
+
+@pytest.mark.parametrize("bad", [
+    _msg(b"B", b""),  # a Bind too short to hold its names
+    _msg(b"E", b"\0"),  # an Execute without its row limit
+    _msg(b"D", b"P"),  # a Describe without its name
+])
+def test_malformed_message_in_a_batch_closes_only_that_session(pg, gw_factory, bad):
+    gw = _gw(gw_factory, pg, size=1)
+    other = RawConn(socket.create_connection((gw.host, gw.port)), "u2")
+    via = RawConn(socket.create_connection((gw.host, gw.port)), "u1")
+    via.s.sendall(P(b"", b"SELECT 1") + bad + S)
+    got = []
+    while True:
+        try:
+            t, body = via.read()
+        except (AssertionError, OSError):  # closed
+            break
+        got.append((t, m.parse_error_fields(body).get("C") if t == b"E" else None))
+        if t == b"Z":
+            break
+    assert (b"E", "08P01") in got, got
+    other.s.sendall(m.query("SELECT 'still here'"))
+    assert other.replies(1) == ["T", "D[b'still here']", "CSELECT 1", "ZI"]

@@ -9,6 +9,10 @@ Rules this module keeps:
   gateway keeps the client's names, prepares each statement on whichever server the client is
   given under a content-derived name, and rewrites Parse/Bind/Describe/Close accordingly.
 - Errors the gateway makes up reach the client in protocol order, as PostgreSQL would send them.
+- The commonest requests (a lone simple Query; an unnamed Parse/Bind/Describe/Execute/Sync
+  batch) take a fast lane when they arrive whole with nothing outstanding: governed once, then
+  sent as one unit, or queued for a server with their verdict kept (not governed again when the
+  server comes). Anything unusual returns to ``_pump``, the general loop, before any effect.
 """
 
 from __future__ import annotations
@@ -81,6 +85,8 @@ _NO_LINEAGE = StatementLineage(None, frozenset((UNKNOWN,)))
 # what a server passing to another identity runs first (then the database's connect_query):
 # everything of the previous session goes, prepared statements (and their texts) included
 IDENTITY_RESET = "DISCARD ALL"
+# the shortest well-formed Parse, Bind, Describe, Execute (the length field included)
+_MIN_LENGTH = {ord("P"): 8, ord("B"): 12, ord("D"): 6, ord("E"): 9}
 _WAIT_CATALOG = ("", "")  # _govern: the catalog must be loaded before this message is judged
 
 
@@ -129,6 +135,9 @@ class ClientConn(asyncio.Protocol):
         self.rbuf = b""
         self.cskip = 0  # bytes of a streaming CopyData still to pass through
         self.waiting = False
+        self.ready_query = 0  # length of the governed message at rbuf[0] that waits for a server
+        self.ready_unit: tuple | None = None  # (length, queue kinds) of a fast-lane unit waiting
+        self.first_refusal: tuple[str, str] | None = None  # the fast lane's verdict on rbuf[0]
         self.wait_started = 0.0
         self.skip_until_sync = False
         self.reading_paused = False
@@ -611,6 +620,12 @@ class ClientConn(asyncio.Protocol):
 
     def _client_data(self, data: bytes) -> None:
         self.last_active = time.monotonic()
+        t = data[0]
+        if (t == T_QUERY or t == T_PARSE) and not (self.rbuf or self.cskip or self.waiting or self.skip_until_sync):
+            srv = self.server
+            if srv is None or not srv.queue:
+                if self._lone_query(data) if t == T_QUERY else self._unnamed_batch(data):
+                    return
         skip = self.cskip
         if skip:
             srv = self.server
@@ -629,12 +644,123 @@ class ClientConn(asyncio.Protocol):
         if not self.waiting:
             self._pump()
 
+    # -- the fast lanes: the commonest requests, whole in one read with nothing outstanding, are
+    # governed and sent (or queued for a server) as one unit, exactly as _pump would; anything
+    # else returns False and _pump does the work
+
+    def _lone_query(self, data: bytes) -> bool:
+        """One simple Query, alone in ``data``."""
+        n = len(data)
+        if n < 6:
+            return False
+        (length,) = _unpack_len(data, 1)
+        if length + 1 != n or length > self.max_packet or (self.rewrite and data[5] in b"dD \t\r\n"):
+            return False  # more than one message, a bad length, or a DEALLOCATE/DISCARD to follow
+        return self._fast_unit(data, n, None)
+
+    def _unnamed_batch(self, data: bytes) -> bool:
+        """Parse of the unnamed statement, then Binds, Describes and Executes of the unnamed
+        statement and portal, then Sync, alone in ``data`` (what pgbench -M extended and many
+        drivers send for a one-off statement)."""
+        n = len(data)
+        max_packet = self.max_packet
+        kinds = []
+        pos = 0
+        if self.mask_portals:
+            return False
+        while n - pos >= 5:
+            t = data[pos]
+            (length,) = _unpack_len(data, pos + 1)
+            end = pos + 1 + length
+            if length < _MIN_LENGTH.get(t, 4) or end > n or length > max_packet:
+                return False  # _pump reports what is wrong with it
+            if t == T_BIND:
+                if data[pos + 5] or data[pos + 6]:
+                    return False
+                kinds.append(R_BIND)
+            elif t == T_EXECUTE:
+                if data[pos + 5]:
+                    return False
+                kinds.append(R_EXECUTE)
+            elif t == T_DESCRIBE:
+                if data[pos + 6]:
+                    return False
+                kinds.append(R_DESCRIBE)
+            elif t == T_PARSE:
+                if pos or data[5]:
+                    return False
+                kinds.append(R_PARSE)
+            elif t == T_SYNC and end == n:
+                kinds.append(R_SYNC)
+            else:
+                return False
+            pos = end
+        if pos != n or len(kinds) < 2:
+            return False
+        return self._fast_unit(data, _unpack_len(data, 1)[0] + 1, kinds)
+
+    def _fast_unit(self, data: bytes, first: int, kinds: list | None) -> bool:
+        """Govern the unit's first message (``first`` bytes), then send the unit; ``kinds`` are
+        its queue entries (None: a lone Query)."""
+        if self.gw.policy is None:
+            # no rules: only the unnamed statement is followed (a Query destroys it, Parse makes it)
+            self.unnamed_ok = kinds is not None
+            refusal = None
+        else:
+            refusal = self._govern(data[0], data, 0, first)
+        if refusal is not None or (kinds is not None and (self.mask_stmts or self.mask_portals)):
+            # a refusal, a catalog to wait for, or masks to follow: _pump takes it from here
+            self.rbuf = data
+            if refusal is None:
+                self.ready_query = first
+            else:
+                self.first_refusal = refusal
+            self._pump()
+            return True
+        srv = self.server
+        out: list[bytes] = []
+        if srv is None:
+            srv = self.pool.acquire(self)
+            if srv is None:
+                self.rbuf = data
+                self.ready_query = first
+                self.ready_unit = (len(data), kinds)
+                self.waiting = True
+                return True
+            self._link(srv, out)
+        self._send_unit(srv, data, kinds, out)
+        return True
+
+    def _send_unit(self, srv: ServerConn, data: bytes, kinds: list | None, out: list) -> None:
+        """Send a governed fast-lane unit after ``out`` (what _link put first)."""
+        queue = srv.queue
+        if kinds is not None:
+            for k in kinds:
+                queue.append((k, None))
+        elif self.cur_mask is None:
+            queue.append((R_QUERY, None))
+        else:
+            queue.append((R_QUERY, self.cur_mask))
+            srv.masking = True
+            self.cur_mask = None
+        srv.query_start = self.last_active
+        if out:
+            out.append(data)
+            srv.send(b"".join(out))
+        else:
+            srv.send(data)
+
     def _pump(self) -> None:
         data = self.rbuf
         n = len(data)
         pos = 0
         out: list[bytes] = []
         srv = self.server
+        ready = self.ready_query  # the first message was governed before it waited for a server
+        first_refusal = self.first_refusal
+        if ready or first_refusal or self.ready_unit:
+            self.ready_query = 0
+            self.first_refusal = self.ready_unit = None
         try:
             while n - pos >= 5:
                 t = data[pos]
@@ -663,8 +789,12 @@ class ClientConn(asyncio.Protocol):
                     else:
                         pos = end
                         continue
-                if t in _GOVERNED:
-                    refusal = self._govern(t, data, pos, end)
+                if t in _GOVERNED and not (pos == 0 and ready) and not (self.unnamed_ok and (t == T_BIND or t == T_DESCRIBE)):
+                    # (a Bind or Describe is checked only for a missing unnamed statement)
+                    if pos == 0 and first_refusal is not None:
+                        refusal = first_refusal
+                    else:
+                        refusal = self._govern(t, data, pos, end)
                     if refusal is not None:
                         if refusal is _WAIT_CATALOG:
                             # masked statements are planned with the database's catalog: load it
@@ -691,6 +821,7 @@ class ClientConn(asyncio.Protocol):
                     srv = self.pool.acquire(self)
                     if srv is None:
                         self.waiting = True
+                        self.ready_query = end - pos  # governed: not again when a server comes
                         if n - pos > 65536:
                             self.pause_reading()
                         break
@@ -823,6 +954,9 @@ class ClientConn(asyncio.Protocol):
                 return None
             raw = data[pos + 5 : end - 1]
         else:  # Parse
+            if policy is None and data[pos + 5] == 0:
+                self.unnamed_ok = True  # the server checks the rest of the message
+                return None
             body = data[pos + 5 : end]
             name_end = body.find(b"\x00")
             q_end = body.find(b"\x00", name_end + 1)
@@ -1273,16 +1407,31 @@ class ClientConn(asyncio.Protocol):
             return
         out: list[bytes] = []
         self._link(srv, out)
+        unit = self.ready_unit
+        if unit is not None and len(self.rbuf) == unit[0]:
+            # a fast-lane unit, governed before it waited, and nothing came after it
+            self.ready_unit = None
+            self.ready_query = 0
+            data = self.rbuf
+            self.rbuf = b""
+            self._send_unit(srv, data, unit[1], out)
+            return
         if out:
             srv.send(b"".join(out))
         self.resume_reading()
         self._pump()
 
-    def server_ready(self, srv: ServerConn, status: int) -> None:
-        """ReadyForQuery arrived and nothing is outstanding."""
+    def server_ready(self, srv: ServerConn, status: int, reply: bytes = b"") -> None:
+        """ReadyForQuery arrived and nothing is outstanding; ``reply`` is what the server said
+        up to and including it. At 'I' in transaction and statement pooling the server goes back
+        to its pool (and to the next waiting client) before the reply is written, so the server
+        is busy again while this client wakes up."""
         self.tx_status = status
-        if self.mode == "session" or srv.client is not self:
-            return
+        if status != m.TX_IDLE or self.mode == "session" or srv.client is not self:
+            if reply:
+                self.write(reply)
+            if self.mode == "session" or srv.client is not self:
+                return
         if status == m.TX_IDLE:
             self.server = None
             srv.client = None
@@ -1294,6 +1443,8 @@ class ClientConn(asyncio.Protocol):
             if self.writing_paused:
                 srv.resume_reading()
             self.pool.release(srv)
+            if reply:
+                self.write(reply)
             if self.rbuf and not self.waiting:
                 self._pump()
         elif self.mode == "statement":
@@ -1306,6 +1457,8 @@ class ClientConn(asyncio.Protocol):
         """The pool could not get a server for this waiting client: fail the request, keep the
         session (the next request tries again)."""
         self.waiting = False
+        self.ready_query = 0
+        self.ready_unit = self.first_refusal = None
         if self.closed:
             return
         data = self.rbuf

@@ -86,7 +86,8 @@ class Pool:
                 return srv
         client.wait_started = time.monotonic()
         self.waiters.append(client)
-        self._grow()
+        if len(self.waiters) > self.connecting and len(self.active) + self.connecting < self.size:
+            self._grow()
         return None
 
     def cancel_wait(self, client: "ClientConn") -> None:

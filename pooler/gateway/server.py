@@ -8,6 +8,10 @@ Rules this module keeps:
   ReadyForQuery 'I' with the queue empty.
 - Fake replies (for requests answered by the gateway itself, such as a Parse of a statement this
   server already has) sit in the same queue so they reach the client in protocol order.
+- A small reply made only of messages that need forwarding (``_PLAIN_REPLIES``) and ending with
+  the ReadyForQuery the queue waits for takes a fast lane: one header scan, then the server goes
+  back to its pool before the reply is written. Anything else takes the general loop, from the
+  start of the chunk (the fast lane changes nothing until it has seen the whole reply).
 """
 
 from __future__ import annotations
@@ -57,8 +61,25 @@ FAKE_FIRST, FAKE_LAST = R_FAKE_PARSE, R_FAKE_DONE
 # CREATE/COMMENT, ALTER, PREPARE
 _TAG_FIRST = frozenset(b"DCAP")
 
+# The fast lane (ServerConn.data_received): a small reply made only of these messages, ending
+# with the one ReadyForQuery the queue waits for, needs nothing but forwarding: ParseComplete,
+# BindComplete, RowDescription, DataRow, NoData, ParameterDescription, PortalSuspended,
+# EmptyQueryResponse (CommandComplete too, unless _check_tag must see its tag).
+_PLAIN_REPLIES = frozenset(b"12TDnts" b"I")
+_PLAIN_REQUESTS = frozenset((R_PARSE, R_BIND, R_DESCRIBE, R_EXECUTE))  # answered by plain replies
+FAST_REPLY_MAX = 16384  # larger chunks (streamed results) take the general loop only
+
 _READY_ENDS = (R_SYNC, R_QUERY, R_QUERY_REFUSAL, R_QUERY_SKIP)
 _READY_HEADS = frozenset((0,) + _READY_ENDS)  # what a ReadyForQuery may answer (0: nothing queued)
+
+
+def _only_plain(queue) -> bool:
+    """Is every entry but the last one a request that plain replies answer?"""
+    last = len(queue) - 1
+    for i, (kind, _) in enumerate(queue):
+        if i < last and kind not in _PLAIN_REQUESTS:
+            return False
+    return True
 
 
 def _masked_info(info) -> bool:
@@ -316,6 +337,30 @@ class ServerConn(asyncio.Protocol):
             elif self.state != S_CLOSED:
                 self._idle_data(data)
             return
+        queue = self.queue
+        if (queue and len(data) <= FAST_REPLY_MAX and not (self.skip or self.rbuf or self.masking or self.ddl_pending or self.in_copy)
+                and not client.mask_portals):
+            # the fast lane: a whole small reply that needs only forwarding (see _PLAIN_REPLIES);
+            # anything else, or a reply cut short, goes to the general loop below from the start
+            n = len(data)
+            pos = 0
+            while n - pos >= 5:
+                t = data[pos]
+                (length,) = _unpack_len(data, pos + 1)
+                end = pos + 1 + length
+                if end > n or length < 4:
+                    break
+                if t in _PLAIN_REPLIES or (t == T_COMPLETE and length > 4 and data[pos + 5] not in _TAG_FIRST):
+                    pos = end
+                    continue
+                if t == T_READY and end == n and length == 5:
+                    last = queue[-1][0]
+                    if (last == R_SYNC or last == R_QUERY) and (len(queue) == 1 or _only_plain(queue)):
+                        queue.clear()
+                        self.tx_status = status = data[pos + 5]
+                        client.server_ready(self, status, data)
+                        return
+                break
         skip = self.skip
         if skip:
             n = len(data)
@@ -341,7 +386,6 @@ class ServerConn(asyncio.Protocol):
         pos = 0
         fwd = 0  # start of the bytes not yet forwarded
         out = None  # pieces, once a message is swallowed, replaced or a fake reply inserted
-        queue = self.queue
         plan = self.rowplan
         masking = self.masking
         while n - pos >= 5:
@@ -429,14 +473,13 @@ class ServerConn(asyncio.Protocol):
                 if not queue:
                     # nothing outstanding: forward, then the server may go back to its pool
                     if out is None:
-                        client.write(data[fwd:end] if fwd or end < n else data)
+                        reply = data[fwd:end] if fwd or end < n else data
                     else:
                         out.append(data[fwd:end])
-                        client.write(b"".join(out))
+                        reply = b"".join(out)
                     if end < n:
                         self.rbuf = data[end:]  # asynchronous messages behind ReadyForQuery
-                    self.last_used = time.monotonic()
-                    client.server_ready(self, self.tx_status)
+                    client.server_ready(self, self.tx_status, reply)
                     if self.rbuf:
                         rest = self.rbuf
                         self.rbuf = b""
