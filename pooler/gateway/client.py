@@ -662,12 +662,12 @@ class ClientConn(asyncio.Protocol):
         """Parse of the unnamed statement, then Binds, Describes and Executes of the unnamed
         statement and portal, then Sync, alone in ``data`` (what pgbench -M extended and many
         drivers send for a one-off statement)."""
+        if self.mask_portals:
+            return False
         n = len(data)
         max_packet = self.max_packet
         kinds = []
         pos = 0
-        if self.mask_portals:
-            return False
         while n - pos >= 5:
             t = data[pos]
             (length,) = _unpack_len(data, pos + 1)
@@ -690,6 +690,7 @@ class ClientConn(asyncio.Protocol):
                 if pos or data[5]:
                     return False
                 kinds.append(R_PARSE)
+                first = end
             elif t == T_SYNC and end == n:
                 kinds.append(R_SYNC)
             else:
@@ -697,7 +698,7 @@ class ClientConn(asyncio.Protocol):
             pos = end
         if pos != n or len(kinds) < 2:
             return False
-        return self._fast_unit(data, _unpack_len(data, 1)[0] + 1, kinds)
+        return self._fast_unit(data, first, kinds)
 
     def _fast_unit(self, data: bytes, first: int, kinds: list | None) -> bool:
         """Govern the unit's first message (``first`` bytes), then send the unit; ``kinds`` are
@@ -733,22 +734,27 @@ class ClientConn(asyncio.Protocol):
 
     def _send_unit(self, srv: ServerConn, data: bytes, kinds: list | None, out: list) -> None:
         """Send a governed fast-lane unit after ``out`` (what _link put first)."""
-        queue = srv.queue
-        if kinds is not None:
+        if kinds is None:
+            self._queue_query(srv)
+        else:
+            queue = srv.queue
             for k in kinds:
                 queue.append((k, None))
-        elif self.cur_mask is None:
-            queue.append((R_QUERY, None))
-        else:
-            queue.append((R_QUERY, self.cur_mask))
-            srv.masking = True
-            self.cur_mask = None
         srv.query_start = self.last_active
         if out:
             out.append(data)
             srv.send(b"".join(out))
         else:
             srv.send(data)
+
+    def _queue_query(self, srv: ServerConn) -> None:
+        """The queue entry of a Query (or FunctionCall) being sent, with its masks if any."""
+        if self.cur_mask is None:
+            srv.queue.append((R_QUERY, None))
+        else:
+            srv.queue.append((R_QUERY, self.cur_mask))
+            srv.masking = True
+            self.cur_mask = None
 
     def _pump(self) -> None:
         data = self.rbuf
@@ -789,10 +795,11 @@ class ClientConn(asyncio.Protocol):
                     else:
                         pos = end
                         continue
-                if t in _GOVERNED and not (pos == 0 and ready) and not (self.unnamed_ok and (t == T_BIND or t == T_DESCRIBE)):
-                    # (a Bind or Describe is checked only for a missing unnamed statement)
-                    if pos == 0 and first_refusal is not None:
-                        refusal = first_refusal
+                if t in _GOVERNED:
+                    if pos == 0 and (ready or first_refusal):
+                        refusal = first_refusal  # judged before (None: accepted)
+                    elif self.unnamed_ok and (t == T_BIND or t == T_DESCRIBE):
+                        refusal = None  # Bind and Describe are checked for a missing unnamed statement only
                     else:
                         refusal = self._govern(t, data, pos, end)
                     if refusal is not None:
@@ -832,12 +839,7 @@ class ClientConn(asyncio.Protocol):
                             pos = end
                             continue
                     out.append(data[pos:end])
-                    if self.cur_mask is None:
-                        srv.queue.append((R_QUERY, None))
-                    else:
-                        srv.queue.append((R_QUERY, self.cur_mask))
-                        srv.masking = True
-                        self.cur_mask = None
+                    self._queue_query(srv)
                 elif t == T_BIND:
                     if self.mask_stmts or self.mask_portals:
                         self._bind_masks(data[pos + 5 : end])
@@ -1430,28 +1432,26 @@ class ClientConn(asyncio.Protocol):
         if status != m.TX_IDLE or self.mode == "session" or srv.client is not self:
             if reply:
                 self.write(reply)
-            if self.mode == "session" or srv.client is not self:
-                return
-        if status == m.TX_IDLE:
-            self.server = None
-            srv.client = None
-            self.unnamed_ok = False
-            if self.sql_prepared:
-                # SQL-level prepared statements live on that server; the next transaction may get
-                # another one (as with PgBouncer): EXECUTE must not be judged by a stale text
-                self.sql_prepared.clear()
-            if self.writing_paused:
-                srv.resume_reading()
-            self.pool.release(srv)
-            if reply:
-                self.write(reply)
-            if self.rbuf and not self.waiting:
-                self._pump()
-        elif self.mode == "statement":
-            self.server = None
-            srv.client = None
-            srv.close("transaction in statement pooling mode")
-            self.fatal("25000", "transaction blocks not allowed in statement pooling mode")
+            if self.mode == "statement" and srv.client is self:
+                self.server = None
+                srv.client = None
+                srv.close("transaction in statement pooling mode")
+                self.fatal("25000", "transaction blocks not allowed in statement pooling mode")
+            return
+        self.server = None
+        srv.client = None
+        self.unnamed_ok = False
+        if self.sql_prepared:
+            # SQL-level prepared statements live on that server; the next transaction may get
+            # another one (as with PgBouncer): EXECUTE must not be judged by a stale text
+            self.sql_prepared.clear()
+        if self.writing_paused:
+            srv.resume_reading()
+        self.pool.release(srv)
+        if reply:
+            self.write(reply)
+        if self.rbuf and not self.waiting:
+            self._pump()
 
     def server_unavailable(self, sqlstate: str, message: str) -> None:
         """The pool could not get a server for this waiting client: fail the request, keep the

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import logging
 import struct
 import time
@@ -75,11 +76,7 @@ _READY_HEADS = frozenset((0,) + _READY_ENDS)  # what a ReadyForQuery may answer 
 
 def _only_plain(queue) -> bool:
     """Is every entry but the last one a request that plain replies answer?"""
-    last = len(queue) - 1
-    for i, (kind, _) in enumerate(queue):
-        if i < last and kind not in _PLAIN_REQUESTS:
-            return False
-    return True
+    return all(kind in _PLAIN_REQUESTS for kind, _ in itertools.islice(queue, len(queue) - 1))
 
 
 def _masked_info(info) -> bool:
