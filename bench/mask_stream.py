@@ -69,7 +69,7 @@ if str(REPO) not in sys.path:
 
 from bench.pgbench_compare import (  # noqa: E402
     PgBouncerProc, _table, clean_env, cpu_seconds, find_pgbouncer, fmt, log, median, ratio,
-    unwind_on_signals)
+    stop_all, unwind_on_signals)
 from pooler.pgcluster import PgCluster, find_pg_bindir, seed_demo  # noqa: E402
 from tests.gwproc import GatewayProc  # noqa: E402
 
@@ -567,17 +567,7 @@ def main(argv: list[str] | None = None) -> int:
         log("interrupted: cleaning up")
         return 130
     finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        for proc in reversed(started):
-            try:
-                proc.stop()
-            except Exception as e:  # noqa: BLE001
-                log(f"stopping {type(proc).__name__}: {e}")
-        try:
-            pg.stop()
-        except Exception as e:  # noqa: BLE001
-            log(f"stopping PostgreSQL: {e}")
-        shutil.rmtree(tmp, ignore_errors=True)
+        stop_all(started, pg, tmp)
         if outdir != tmp:
             shutil.rmtree(outdir, ignore_errors=True)
         signal.signal(signal.SIGINT, signal.default_int_handler)

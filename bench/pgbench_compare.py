@@ -30,7 +30,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -487,18 +486,24 @@ def main(argv: list[str] | None = None) -> int:
         log("interrupted: cleaning up")
         return 130
     finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not skip the cleanup
-        for proc in reversed(started):
-            try:
-                proc.stop()
-            except Exception as e:  # noqa: BLE001
-                log(f"stopping {type(proc).__name__}: {e}")
-        try:
-            pg.stop()
-        except Exception as e:  # noqa: BLE001
-            log(f"stopping PostgreSQL: {e}")
-        shutil.rmtree(tmp, ignore_errors=True)
+        stop_all(started, pg, tmp)
         signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def stop_all(started: list, pg: PgCluster, tmp) -> None:
+    """Stop the poolers (newest first) and PostgreSQL, remove the temporary directory; a
+    second Ctrl-C meanwhile must not skip any of it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for proc in reversed(started):
+        try:
+            proc.stop()
+        except Exception as e:  # noqa: BLE001
+            log(f"stopping {type(proc).__name__}: {e}")
+    try:
+        pg.stop()
+    except Exception as e:  # noqa: BLE001
+        log(f"stopping PostgreSQL: {e}")
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -4,10 +4,8 @@ failed on the reviewed code and pins one problem found in review."""
 from __future__ import annotations
 
 import asyncio
-import struct
 from types import SimpleNamespace
 
-import pytest
 
 from pooler.gateway.app import Gateway
 from pooler.masking.catalog import CatalogHolder

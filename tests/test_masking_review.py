@@ -5,17 +5,15 @@ gateway. Every test here failed on the first masking commit; each pins its fix."
 from __future__ import annotations
 
 import hashlib
-import socket
 import struct
 
 import psycopg
 import pytest
 
 from pooler.pgcluster import seed_demo
-from pooler.protocol import messages as m
 from tests.conftest import upstream_entry
 from tests.test_masking_e2e import REPO, USERS
-from tests.test_policy_e2e import Raw as PolicyRaw
+from tests.test_policy_e2e import Raw
 
 DB = "mask_review"
 
@@ -74,34 +72,6 @@ def _bind(portal: bytes, stmt: bytes) -> bytes:
 
 
 SYNC = _msg(b"S", b"")
-
-
-class Raw:
-    def __init__(self, gw, user: str) -> None:
-        self.s = socket.create_connection((gw.host, gw.port), timeout=20)
-        self.s.sendall(m.startup_message({"user": user, "database": "shop"}))
-        self.buf = b""
-        self.until_ready()
-
-    read = PolicyRaw.read  # one message: (type, body)
-
-    def until_ready(self):
-        out = []
-        while True:
-            t, body = self.read()
-            out.append((t, body))
-            if t == b"Z":
-                return out
-
-    def run(self, *msgs: bytes):
-        self.s.sendall(b"".join(msgs))
-        return self.until_ready()
-
-    def close(self) -> None:
-        try:
-            self.s.sendall(b"X\x00\x00\x00\x04")
-        finally:
-            self.s.close()
 
 
 def _text(replies) -> str:

@@ -11,7 +11,7 @@ import asyncpg
 import pytest
 
 from pooler.pgcluster import seed_demo
-from tests.test_masking_review import Raw, SYNC, _bind, _msg, _parse, assert_no_secret, conn, raw  # noqa: F401
+from tests.test_masking_review import conn, raw  # noqa: F401 - raw is a fixture
 from tests.test_masking_review2 import _gw
 
 DB = "mask_review5"

@@ -83,9 +83,16 @@ class Raw:
             if t == b"Z":
                 return out
 
+    def run(self, *msgs: bytes) -> list[tuple[bytes, bytes]]:
+        """Send the messages, read up to ReadyForQuery."""
+        self.send(*msgs)
+        return self.until_ready()
+
     def close(self) -> None:
-        self.s.sendall(b"X\x00\x00\x00\x04")
-        self.s.close()
+        try:
+            self.s.sendall(b"X\x00\x00\x00\x04")
+        finally:
+            self.s.close()
 
 
 def msg(t: bytes, body: bytes) -> bytes:

@@ -17,7 +17,7 @@ Rules this module keeps:
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import orjson
 from pglast.parser import ParseError, parse_sql_json, scan
