@@ -11,7 +11,10 @@ the ``pgbouncer`` binary exists, PgBouncer with the same pool size in transactio
 every round and every (protocol mode, client count), it runs ``pgbench -S -n -T SECONDS`` against
 each target back to back (direct, gateway, [gateway+rules], [pgbouncer]) so that machine noise
 hits all targets alike, and reports the median TPS over the rounds, the ratios, and the CPU time
-each pooler process spent per transaction (utime+stime from /proc/PID/stat over the run).
+each pooler process spent per transaction (utime+stime from /proc/PID/stat over the run), and
+why a pooler costs throughput on a busy machine: the CPU time of the whole machine per
+transaction (every process: pgbench, PostgreSQL, the pooler, the kernel's network work) and how
+often the pooler was preempted (involuntary context switches) per 1000 transactions.
 
 Without --rules the gateway runs with ``rules_dir`` set to an empty directory (no policy: pure
 pooling cost). --rules DIR starts it with that rule set instead; --compare-rules runs both a
@@ -85,6 +88,32 @@ def cpu_seconds(pid: int) -> float:
     return total / CLK_TCK
 
 
+def machine_busy_seconds() -> float:
+    """CPU time the whole machine spent busy (user, nice, system, irq, softirq) since boot."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:8]]
+    return (v[0] + v[1] + v[2] + v[5] + v[6]) / CLK_TCK
+
+
+def preemptions(pid: int) -> int:
+    """Involuntary context switches of every thread of ``pid``: times it was runnable and lost
+    its CPU to another task (a pooler that is preempted stalls all of its clients)."""
+    total = 0
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/status") as f:
+                for line in f:
+                    if line.startswith("nonvoluntary_ctxt_switches"):
+                        total += int(line.split()[1])
+        except OSError:
+            pass
+    return total
+
+
 # --------------------------------------------------------------------------- targets
 
 @dataclass
@@ -97,6 +126,8 @@ class Target:
     proc: object | None = None  # GatewayProc / PgBouncerProc (None: PostgreSQL itself)
     tps: dict[tuple[str, int], list[float]] = field(default_factory=dict)
     cpu_us: dict[tuple[str, int], list[float]] = field(default_factory=dict)
+    machine_us: dict[tuple[str, int], list[float]] = field(default_factory=dict)
+    preempt: dict[tuple[str, int], list[float]] = field(default_factory=dict)  # per 1000 xacts
 
 
 def start_gateway(pg: PgCluster, workdir: Path, pool_size: int, rules_dir: Path) -> GatewayProc:
@@ -363,6 +394,19 @@ def report(targets: list[Target], args: argparse.Namespace) -> None:
         print("CPU time of the pooler process per transaction (utime+stime, microseconds, median)")
         _table(head, rows)
 
+    head = ["mode", "clients"] + [f"{t.name} us/xact" for t in targets]
+    head += [f"{t.name} preempt/1k" for t in cpu_targets]
+    rows = []
+    for mode in args.mode_list:
+        for c in args.client_list:
+            k = (mode, c)
+            rows.append([mode, str(c)] + [fmt(median(t.machine_us.get(k, [])), ".0f") for t in targets]
+                        + [fmt(median(t.preempt.get(k, [])), ".0f") for t in cpu_targets])
+    print()
+    print("CPU time of the whole machine per transaction (all processes and the kernel, microseconds,"
+          " median) and times the pooler was preempted per 1000 transactions")
+    _table(head, rows)
+
     if args.rounds > 1:
         print()
         print("all rounds (TPS):")
@@ -464,11 +508,19 @@ def main(argv: list[str] | None = None) -> int:
                     line = []
                     for t in targets:
                         cpu0 = cpu_seconds(t.cpu_pid) if t.cpu_pid else 0.0
+                        pre0 = preemptions(t.cpu_pid) if t.cpu_pid else 0
+                        busy0 = machine_busy_seconds()
                         tps, xacts, out = run_pgbench(pgbench, t, mode, c, threads, args.seconds)
+                        busy1 = machine_busy_seconds()
                         cpu1 = cpu_seconds(t.cpu_pid) if t.cpu_pid else 0.0
-                        t.tps.setdefault((mode, c), []).append(tps)
+                        pre1 = preemptions(t.cpu_pid) if t.cpu_pid else 0
+                        k = (mode, c)
+                        t.tps.setdefault(k, []).append(tps)
+                        if xacts:
+                            t.machine_us.setdefault(k, []).append((busy1 - busy0) / xacts * 1e6)
                         if t.cpu_pid and xacts:
-                            t.cpu_us.setdefault((mode, c), []).append((cpu1 - cpu0) / xacts * 1e6)
+                            t.cpu_us.setdefault(k, []).append((cpu1 - cpu0) / xacts * 1e6)
+                            t.preempt.setdefault(k, []).append((pre1 - pre0) / xacts * 1000)
                         if tps != tps:
                             log(f"{t.name} -M {mode} -c {c} failed:\n{out[-2000:]}")
                             p = getattr(t.proc, "proc", None)
