@@ -31,6 +31,7 @@ from ..policy.lineage import UNKNOWN, StatementLineage
 from ..masking.plan import MaskCtx, QueryMask, compile_masks, method_for
 from ..auth.passwords import ScramError, ScramSecret, ScramServer, is_md5, is_scram, verify_md5
 from ..policy.engine import SessionInfo
+from ..policy.lexing import SETTINGS as LEXING_SETTINGS, unsafe_session, unsafe_value
 from ..protocol import messages as m
 from .pool import TRACKED_LOWER, Pool
 from .server import (
@@ -125,6 +126,7 @@ class ClientConn(asyncio.Protocol):
         self.pid = 0
         self.key = 0
         self.params: dict[str, str] = {}
+        self.lexing: str | None = None  # why the gateway cannot read this session's SQL (policy.lexing)
         self.param_key: tuple = ()
         self.pending_param_sync = False
         self.startup_params: dict[str, str] = {}
@@ -465,6 +467,9 @@ class ClientConn(asyncio.Protocol):
             view["application_name"] = f"{view.get('application_name', '')} - {self.addr}"
         self.params = {p: view.get(p, "") for p in Pool.tracked_params}
         self.param_key = Pool.param_key_of(self.params)
+        self.lexing = unsafe_session(self.params)
+        if self.lexing is not None and self.gw.policy is not None:
+            raise ClientError("0A000", self.lexing)
         self.pid, self.key = self.gw.register_cancel_key(self)
         out = [m.authentication_ok()]
         for k, v in view.items():
@@ -954,6 +959,8 @@ class ClientConn(asyncio.Protocol):
             self.unnamed_ok = False  # a simple Query destroys the unnamed statement
             if policy is None:
                 return None
+            if self.lexing is not None:
+                return ("0A000", f"refused by the gateway: {self.lexing}")
             raw = data[pos + 5 : end - 1]
         else:  # Parse
             if policy is None and data[pos + 5] == 0:
@@ -970,6 +977,8 @@ class ClientConn(asyncio.Protocol):
                 if name_end == 0:
                     self.unnamed_ok = True
                 return None
+            if self.lexing is not None:
+                return ("0A000", f"refused by the gateway: {self.lexing}")
             raw = body[name_end + 1 : q_end]
         try:
             sql = raw.decode()
@@ -1157,7 +1166,17 @@ class ClientConn(asyncio.Protocol):
             elif cmd == "DEALLOCATE":
                 self.sql_prepared.pop(f.prepared_name or "", None)
             elif cmd in ("DEALLOCATE ALL", "DISCARD ALL"):
+                if cmd == "DISCARD ALL" and (why := unsafe_session(self.pool.welcome or {})) is not None:
+                    return ("0A000", f"refused by the gateway: {why}")  # it resets to the server's defaults
                 self.sql_prepared.clear()
+            elif cmd in ("SET", "RESET") and (f.set_name in LEXING_SETTINGS or f.set_name == "all"):
+                # the server would read the following statements otherwise than the gateway does
+                if f.set_name in LEXING_SETTINGS and f.set_value is not None:
+                    why = unsafe_value(f.set_name, f.set_value)
+                else:  # RESET, SET ... TO DEFAULT, RESET ALL: the server's default
+                    why = unsafe_session(self.pool.welcome or {})
+                if why is not None:
+                    return ("0A000", f"refused by the gateway: {why}")
             elif cmd == "SET" and f.set_name == "search_path" and f.set_value is not None:
                 path = tuple(a or b for a, b in _SEARCH_PATH_ITEM.findall(f.set_value) if (a or b))
                 path = tuple(dict.fromkeys(p for p in path + self.search_path if p != "$user"))
@@ -1167,6 +1186,9 @@ class ClientConn(asyncio.Protocol):
             elif cmd not in ("SET", "RESET") and ("search_path" in f.guc_writes or "?" in f.guc_writes):
                 return ("42501", "refused by the gateway: set_config() of search_path (or of a computed "
                                  "setting name) cannot be followed by the rules; use SET search_path")
+            elif cmd not in ("SET", "RESET") and not LEXING_SETTINGS.isdisjoint(f.guc_writes):
+                return ("0A000", "refused by the gateway: set_config() of standard_conforming_strings or "
+                                 "client_encoding is not supported through this gateway; use SET")
         return d
 
     def _refusal_text(self, d, sql: str) -> tuple[str, str]:
@@ -1394,10 +1416,13 @@ class ClientConn(asyncio.Protocol):
             if k in srv.params:
                 self.params[k] = srv.params[k]
         self.param_key = srv.param_key = Pool.param_key_of(srv.params)
+        self.lexing = unsafe_session(self.params)
 
     def param_changed(self, name: str, value: str) -> None:
         self.params[name] = value
         self.param_key = Pool.param_key_of(self.params)
+        if name in LEXING_SETTINGS:
+            self.lexing = unsafe_session(self.params)
         if name == "application_name":
             self._session_changed()
 

@@ -132,7 +132,17 @@ class Catalog:
         inner = self.enrich(f.inner) if f.inner is not None else None
         cols = dict.fromkeys(f.columns)
         tables = dict.fromkeys(f.tables)
-        for c in f.columns:
+        functions = f.functions
+        for c in f.qualified_columns:
+            schema_table, _, name = c.rpartition(".")
+            rel = self.by_name.get(schema_table)
+            if rel is not None and name not in rel.names:
+                # rel.f where rel has no column f: PostgreSQL calls f(rel) (functional notation),
+                # so c.row_to_json reads the whole row, and f is a function call rules must see
+                cols.setdefault(f"{schema_table}.*", None)
+                if name not in functions:
+                    functions += (name,)
+        for c in tuple(cols):
             schema_table = c.rpartition(".")[0]
             rel = self.by_name.get(schema_table)
             if (rel is None or rel.kind not in ("v", "m")) and schema_table not in self.parents:
@@ -149,10 +159,10 @@ class Catalog:
         if self.known:
             # user-defined, or created after the catalog was read (not a built-in): may read anything
             builtins = self.builtins
-            user = tuple(fn for fn in f.functions if fn in self.udfs or (builtins and fn not in builtins))
+            user = tuple(fn for fn in functions if fn in self.udfs or (builtins and fn not in builtins))
             user += tuple(q for q in f.functions_qualified if "." in q and q in self.udfs and q.split(".")[-1] not in user)
         else:
-            user = tuple(f.functions)
+            user = tuple(functions)
         # relations the catalog does not know (created after it was read, by another connection, or
         # not existing at all): their columns cannot be told apart, so rules should mask them whole
         unknown = ()
@@ -174,10 +184,10 @@ class Catalog:
         else:
             unknown = tuple(f.tables)
         if (len(cols) == len(f.columns) and len(tables) == len(f.tables) and not user and not unknown
-                and inner is f.inner):
+                and inner is f.inner and functions is f.functions):
             return f
-        return dataclasses.replace(f, columns=tuple(cols), tables=tuple(tables), user_functions=user,
-                                   unknown_tables=unknown, inner=inner)
+        return dataclasses.replace(f, columns=tuple(cols), tables=tuple(tables), functions=functions,
+                                   user_functions=user, unknown_tables=unknown, inner=inner)
 
     def columns_of(self, qualified: str) -> tuple[str, ...] | None:
         r = self.by_name.get(qualified)

@@ -51,6 +51,10 @@ class StatementFacts:
     object_type: str | None = None
     guc_writes: tuple[str, ...] = ()
     params: tuple[str, ...] = ()
+    # columns named through their relation (``c.email``, ``public.customers.email``): where the
+    # relation has no such column PostgreSQL reads ``c.f`` as ``f(c)`` (functional notation), which
+    # Catalog.enrich turns into a whole-row read and a call of f. Not shown to rules.
+    qualified_columns: tuple[str, ...] = ()
     user_functions: tuple[str, ...] = ()  # functions that are not built in (from the catalog, when masks apply)
     unknown_tables: tuple[str, ...] = ()  # relations the catalog does not know (when masks apply)
 
@@ -82,6 +86,19 @@ WRITING_FUNCTIONS = frozenset({
     "pg_stop_backup", "pg_create_logical_replication_slot", "pg_create_physical_replication_slot",
     "pg_drop_replication_slot", "pg_logical_emit_message", "pg_stat_reset", "txid_current",
     "pg_current_xact_id", "pg_import_system_collations", "pg_replication_origin_create",
+    "pg_advisory_unlock", "pg_advisory_unlock_shared", "pg_advisory_unlock_all", "setseed",
+    "lo_truncate64", "lo_close", "lo_lseek", "lo_lseek64", "brin_summarize_new_values",
+    "brin_summarize_range", "brin_desummarize_range", "gin_clean_pending_list",
+    "pg_rotate_logfile_old", "pg_file_sync", "pg_stat_reset_shared", "pg_stat_reset_slru",
+    "pg_stat_reset_single_table_counters", "pg_stat_reset_single_function_counters",
+    "pg_stat_reset_replication_slot", "pg_stat_reset_subscription_stats",
+    "pg_replication_origin_drop", "pg_replication_origin_advance",
+    "pg_replication_origin_session_setup", "pg_replication_origin_session_reset",
+    "pg_replication_origin_xact_setup", "pg_replication_slot_advance",
+    "pg_copy_logical_replication_slot", "pg_copy_physical_replication_slot",
+    "pg_logical_slot_get_changes", "pg_logical_slot_get_binary_changes",
+    "pg_wal_replay_pause", "pg_wal_replay_resume", "pg_log_backend_memory_contexts",
+    "dblink_send_query", "dblink_open", "dblink_close", "dblink_disconnect",
 })
 
 _TX_TAGS = {
@@ -206,14 +223,15 @@ class _Scope:
 
 
 class _State:
-    __slots__ = ("search_path", "tables", "written", "columns", "functions", "functions_q", "read_only",
-                 "guc_writes", "select_into")
+    __slots__ = ("search_path", "tables", "written", "columns", "qualified", "functions", "functions_q",
+                 "read_only", "guc_writes", "select_into")
 
     def __init__(self, search_path: tuple[str, ...]) -> None:
         self.search_path = search_path
         self.tables: dict[str, None] = {}
         self.written: dict[str, None] = {}
         self.columns: dict[str, None] = {}
+        self.qualified: dict[str, None] = {}  # columns named as rel.column (see qualified_columns)
         self.functions: dict[str, None] = {}
         self.functions_q: dict[str, None] = {}
         self.read_only = True
@@ -397,6 +415,8 @@ def _column(fields: list[str], st: _State, scopes: list[_Scope]) -> None:
             if ts is not None:
                 for t in ts:
                     st.columns[f"{t}.{col}"] = None
+                    if col != "*":
+                        st.qualified[f"{t}.{col}"] = None
                 return
         # not a range name: may be a composite column of some table (fail closed)
         for sc in scopes:
@@ -405,6 +425,8 @@ def _column(fields: list[str], st: _State, scopes: list[_Scope]) -> None:
         return
     schema, table = qual[-2], qual[-1]
     st.columns[f"{schema}.{table}.{col}"] = None
+    if col != "*":
+        st.qualified[f"{schema}.{table}.{col}"] = None
 
 
 def _h_column_ref(v, st, scopes, ctes):
@@ -563,18 +585,22 @@ _HANDLERS = {
 
 
 def _explain_analyze(options) -> bool:
+    """Does EXPLAIN run the statement? PostgreSQL takes the last ANALYZE option given
+    (``EXPLAIN (ANALYZE false, ANALYZE true)`` runs it), so every one is read."""
+    analyze = False
     for o in options or ():
         d = o.get("DefElem", {})
         if d.get("defname") == "analyze":
             arg = d.get("arg")
             if arg is None:
-                return True
+                analyze = True
+                continue
             val = (_strings([arg]) or [None])[0]
             if val is None:
                 c = _const_text(arg)
                 val = c if c is not None else "true"
-            return val.lower() not in ("false", "off", "0", "no")
-    return False
+            analyze = val.lower() not in ("false", "off", "0", "no")
+    return analyze
 
 
 def _command(kind: str, body: dict) -> tuple[str, str | None]:
@@ -693,6 +719,7 @@ def _facts(kind: str, body: dict, sql: str, search_path: tuple[str, ...]) -> Sta
         for t in inner.tables_written:
             st.written[t] = None
         st.columns.update(dict.fromkeys(inner.columns))
+        st.qualified.update(dict.fromkeys(inner.qualified_columns))
         st.functions.update(dict.fromkeys(inner.functions))
         st.functions_q.update(dict.fromkeys(inner.functions_qualified))
         st.guc_writes.update(dict.fromkeys(inner.guc_writes))
@@ -779,7 +806,7 @@ def _facts(kind: str, body: dict, sql: str, search_path: tuple[str, ...]) -> Sta
     return StatementFacts(
         sql=sql, command=command, statement_type=kind, read_only=st.read_only and read_only,
         tables=tuple(st.tables), tables_written=tuple(st.written), columns=tuple(st.columns),
-        functions=tuple(st.functions), functions_qualified=tuple(st.functions_q), has_where=has_where,
+        qualified_columns=tuple(st.qualified), functions=tuple(st.functions), functions_qualified=tuple(st.functions_q), has_where=has_where,
         copy=copy, set_name=set_name, set_value=set_value, prepared_name=prepared_name, inner=inner,
         explain_analyze=explain_analyze, object_type=object_type, guc_writes=tuple(st.guc_writes),
         params=params,

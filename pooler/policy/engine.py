@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pglast.parser import ParseError, normalize
 
 from .analyzer import AnalysisError, StatementFacts, analyze
+from .lexing import SETTINGS as LEXING_SETTINGS
 from .rules import Decision, RuleSet, combine, evaluate
 
 CACHE_MAX = 50_000
@@ -144,7 +145,8 @@ class Policy:
 
 def _session_work(facts: tuple[StatementFacts, ...]) -> bool:
     for f in facts:
-        if f.command in _SESSION_COMMANDS or "search_path" in f.guc_writes or "?" in f.guc_writes:
+        if (f.command in _SESSION_COMMANDS or "search_path" in f.guc_writes or "?" in f.guc_writes
+                or not LEXING_SETTINGS.isdisjoint(f.guc_writes)):
             return True
     return False
 
