@@ -18,7 +18,7 @@ import psycopg
 import pytest
 
 from pooler.policy.analyzer import analyze
-from pooler.policy.lexing import unsafe_session, unsafe_value
+from pooler.policy.lexing import codec, unsafe_session, unsafe_value
 from tests.test_masking_review import Raw, _msg, _parse, assert_no_secret, raw  # noqa: F401
 from tests.test_masking_review2 import _gw
 from tests.test_masking_review4 import shop  # noqa: F401 - fixture
@@ -121,6 +121,16 @@ def test_client_only_encodings_cannot_be_set(pg, shop, agw, raw):  # noqa: F811
     assert _items(pg, shop, 4) == before
 
 
+def test_sql_in_an_ascii_safe_client_encoding_is_read_as_the_server_reads_it(agw, raw):  # noqa: F811
+    """LATIN1 bytes above 0x7f are not UTF-8: the gateway used to refuse such statements."""
+    with agent(agw, client_encoding="LATIN1") as c:
+        assert c.execute("SELECT 'café' AS x").fetchone() == ("café",)
+        rows = c.execute("SELECT email AS \"é\" FROM customers WHERE city <> 'Zürich' ORDER BY id LIMIT 3").fetchall()
+        assert len(rows) == 3
+        assert_no_secret(repr(rows), raw)  # still masked
+        _refused(c, "DELETE FROM orders WHERE note = 'é'", "42501", "20_agents")
+
+
 def test_a_gateway_without_rules_passes_these_settings_through(pg, shop, gw_factory):  # noqa: F811
     """Without rules there is nothing to read SQL for: PgBouncer's behaviour."""
     from tests.conftest import upstream_entry
@@ -207,6 +217,9 @@ def test_unsafe_values():
               "UHC", "WIN949", "JOHAB", ""):
         assert unsafe_value("client_encoding", v) is not None, v
     assert unsafe_value("search_path", "anything") is None
+    assert codec("LATIN1") == "latin_1" and codec("win-1252") == "cp1252" and codec("EUC_JP") == "euc_jp"
+    assert codec("UTF8") == codec("SQL_ASCII") == codec(None) == "utf-8"
+    assert "é".encode("cp1252").decode(codec("WIN1252")) == "é"
     assert unsafe_session({"client_encoding": "UTF8", "standard_conforming_strings": "on"}) is None
     assert "client_encoding" in unsafe_session({"client_encoding": "SJIS", "standard_conforming_strings": "on"})
     assert unsafe_session({"client_encoding": "", "standard_conforming_strings": ""}) is None  # not known yet

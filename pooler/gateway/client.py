@@ -31,7 +31,7 @@ from ..policy.lineage import UNKNOWN, StatementLineage
 from ..masking.plan import MaskCtx, QueryMask, compile_masks, method_for
 from ..auth.passwords import ScramError, ScramSecret, ScramServer, is_md5, is_scram, verify_md5
 from ..policy.engine import SessionInfo
-from ..policy.lexing import SETTINGS as LEXING_SETTINGS, unsafe_session, unsafe_value
+from ..policy.lexing import SETTINGS as LEXING_SETTINGS, codec as reading_codec, unsafe_session, unsafe_value
 from ..protocol import messages as m
 from .pool import TRACKED_LOWER, Pool
 from .server import (
@@ -127,6 +127,7 @@ class ClientConn(asyncio.Protocol):
         self.key = 0
         self.params: dict[str, str] = {}
         self.lexing: str | None = None  # why the gateway cannot read this session's SQL (policy.lexing)
+        self.codec = "utf-8"  # how it reads the SQL text: as the server converts it from client_encoding
         self.param_key: tuple = ()
         self.pending_param_sync = False
         self.startup_params: dict[str, str] = {}
@@ -467,7 +468,7 @@ class ClientConn(asyncio.Protocol):
             view["application_name"] = f"{view.get('application_name', '')} - {self.addr}"
         self.params = {p: view.get(p, "") for p in Pool.tracked_params}
         self.param_key = Pool.param_key_of(self.params)
-        self.lexing = unsafe_session(self.params)
+        self._reading_changed()
         if self.lexing is not None and self.gw.policy is not None:
             raise ClientError("0A000", self.lexing)
         self.pid, self.key = self.gw.register_cancel_key(self)
@@ -981,9 +982,9 @@ class ClientConn(asyncio.Protocol):
                 return ("0A000", f"refused by the gateway: {self.lexing}")
             raw = body[name_end + 1 : q_end]
         try:
-            sql = raw.decode()
+            sql = raw.decode(self.codec)
         except UnicodeDecodeError:
-            return ("42501", "refused by the gateway: statement text is not valid UTF-8")
+            return ("42501", f"refused by the gateway: statement text is not valid {self.params.get('client_encoding') or 'UTF8'}")
         si = self.session_info()
         catalog = None
         if policy.rules.may_mask:
@@ -1416,13 +1417,17 @@ class ClientConn(asyncio.Protocol):
             if k in srv.params:
                 self.params[k] = srv.params[k]
         self.param_key = srv.param_key = Pool.param_key_of(srv.params)
+        self._reading_changed()
+
+    def _reading_changed(self) -> None:
         self.lexing = unsafe_session(self.params)
+        self.codec = reading_codec(self.params.get("client_encoding"))
 
     def param_changed(self, name: str, value: str) -> None:
         self.params[name] = value
         self.param_key = Pool.param_key_of(self.params)
         if name in LEXING_SETTINGS:
-            self.lexing = unsafe_session(self.params)
+            self._reading_changed()
         if name == "application_name":
             self._session_changed()
 

@@ -52,6 +52,28 @@ def unsafe_value(name: str, value: str | None) -> str | None:
     return None
 
 
+# the Python codec that reads text as PostgreSQL converts it from each (ASCII-safe) client
+# encoding; the rest (UTF8, SQL_ASCII, EUC_TW, MULE_INTERNAL) are read as UTF-8
+_CODECS = {
+    "latin1": "latin_1", "iso88591": "latin_1", "latin2": "iso8859_2", "iso88592": "iso8859_2",
+    "latin3": "iso8859_3", "iso88593": "iso8859_3", "latin4": "iso8859_4", "iso88594": "iso8859_4",
+    "latin5": "iso8859_9", "iso88599": "iso8859_9", "latin6": "iso8859_10", "iso885910": "iso8859_10",
+    "latin7": "iso8859_13", "iso885913": "iso8859_13", "latin8": "iso8859_14", "iso885914": "iso8859_14",
+    "latin9": "iso8859_15", "iso885915": "iso8859_15", "latin10": "iso8859_16", "iso885916": "iso8859_16",
+    "iso88595": "iso8859_5", "iso88596": "iso8859_6", "iso88597": "iso8859_7", "iso88598": "iso8859_8",
+    "win866": "cp866", "windows866": "cp866", "alt": "cp866", "win874": "cp874", "windows874": "cp874",
+    "koi8": "koi8_r", "koi8r": "koi8_r", "koi8u": "koi8_u", "eucjp": "euc_jp",
+    "eucjis2004": "euc_jis_2004", "euckr": "euc_kr", "euccn": "gb2312",
+    "abc": "cp1258", "tcvn": "cp1258", "tcvn5712": "cp1258", "vscii": "cp1258", "win": "cp1251",
+    **{f"{p}{n}": f"cp{n}" for p in ("win", "windows") for n in range(1250, 1259)},
+}
+
+
+def codec(client_encoding: str | None) -> str:
+    """The Python codec to read a session's SQL text with."""
+    return _CODECS.get(_NOT_ALNUM.sub("", (client_encoding or "").lower()), "utf-8")
+
+
 def unsafe_session(params: dict[str, str]) -> str | None:
     """Why the gateway cannot read this session's SQL (None: it can)."""
     for name in ("standard_conforming_strings", "client_encoding"):
