@@ -91,6 +91,25 @@ def test_standard_conforming_strings_off_sent_in_a_pipeline_never_takes_effect(p
     assert _items(pg, shop, 6) == before
 
 
+def test_standard_conforming_strings_off_at_login_is_refused(agw):
+    import socket
+
+    from pooler.protocol import messages as m
+
+    s = socket.create_connection((agw.host, agw.port), timeout=20)
+    try:
+        s.sendall(m.startup_message({"user": "agent", "database": "shop", "standard_conforming_strings": "off"}))
+        data = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    finally:
+        s.close()
+    assert data[:1] == b"E" and b"0A000" in data and b"standard_conforming_strings" in data
+
+
 # --------------------------------------------------------------------------- 2. client encodings
 
 
