@@ -54,9 +54,9 @@ def psql(gw, sql, user):
 class Raw:
     """A bare protocol-3 client, to send what libraries never would."""
 
-    def __init__(self, gw, user: str) -> None:
+    def __init__(self, gw, user: str, database: str = "shop") -> None:
         self.s = socket.create_connection((gw.host, gw.port), timeout=20)
-        self.s.sendall(m.startup_message({"user": user, "database": "shop"}))
+        self.s.sendall(m.startup_message({"user": user, "database": database}))
         self.buf = b""
         self.until_ready()
 

@@ -86,8 +86,13 @@ _NO_LINEAGE = StatementLineage(None, frozenset((UNKNOWN,)))
 # what a server passing to another identity runs first (then the database's connect_query):
 # everything of the previous session goes, prepared statements (and their texts) included
 IDENTITY_RESET = "DISCARD ALL"
-# the shortest well-formed Parse, Bind, Describe, Execute (the length field included)
-_MIN_LENGTH = {ord("P"): 8, ord("B"): 12, ord("D"): 6, ord("E"): 9}
+# the shortest well-formed message of each type the gateway reads (the length field included)
+_MIN_LENGTH = {ord("P"): 8, ord("B"): 12, ord("D"): 6, ord("E"): 9, ord("Q"): 5, ord("C"): 6, ord("F"): 14,
+               ord("f"): 5}
+# every message type a client may send once logged in
+_FRONTEND_TYPES = frozenset(b"QPBDECHSXFdcf")
+# extended-protocol requests: the server's state is settled again only by the next Sync
+_NEEDS_SYNC = frozenset(b"PBDEC")
 _WAIT_CATALOG = ("", "")  # _govern: the catalog must be loaded before this message is judged
 
 
@@ -301,10 +306,14 @@ class ClientConn(asyncio.Protocol):
         srv.client = None
         if srv.state == S_CLOSED:
             return
-        if srv.queue or srv.tx_status != m.TX_IDLE or srv.in_copy or srv.skip or srv.rbuf:
+        if (srv.queue or srv.tx_status != m.TX_IDLE or srv.in_copy or srv.skip or srv.rbuf or srv.pending_sync
+                or self.cskip):
             if srv.queue:
                 self.gw.send_cancel(srv)  # stop the running query so its locks go at once
-            srv.close("client disconnected mid-transaction" if srv.tx_status != m.TX_IDLE else "client disconnected while a query was running")
+            srv.close("client disconnected mid-transaction" if srv.tx_status != m.TX_IDLE else
+                      "client disconnected before Sync" if srv.pending_sync else
+                      "client disconnected mid-message" if self.cskip else
+                      "client disconnected while a query was running")
             self.pool.active.discard(srv)
             return
         srv.resume_reading()
@@ -746,6 +755,7 @@ class ClientConn(asyncio.Protocol):
             queue = srv.queue
             for k in kinds:
                 queue.append((k, None))
+            srv.pending_sync = False  # the unit ends with Sync
         srv.query_start = self.last_active
         if out:
             out.append(data)
@@ -778,7 +788,9 @@ class ClientConn(asyncio.Protocol):
                 t = data[pos]
                 (length,) = _unpack_len(data, pos + 1)
                 end = pos + 1 + length
-                if length < 4 or length > self.max_packet:
+                if t not in _FRONTEND_TYPES:
+                    raise m.ProtocolError(f"invalid frontend message type {t}")
+                if length < _MIN_LENGTH.get(t, 4) or length > self.max_packet:
                     raise m.ProtocolError(
                         f"invalid message length {length} (max_packet_size is {self.max_packet})"
                         if length >= 4 else "invalid message length")
@@ -839,6 +851,10 @@ class ClientConn(asyncio.Protocol):
                             self.pause_reading()
                         break
                     self._link(srv, out)
+                if t in _NEEDS_SYNC:
+                    srv.pending_sync = True
+                elif t == T_SYNC:
+                    srv.pending_sync = False
                 if t == T_QUERY or t == T_FUNCTION:
                     if self.rewrite and t == T_QUERY and data[pos + 5] in b"dD \t\r\n":
                         if self._sql_deallocate(srv, data[pos + 5 : end - 1], out):
@@ -1350,6 +1366,7 @@ class ClientConn(asyncio.Protocol):
         srv.queue.append((R_PARSE_SKIP, None))
         srv.queue.append((R_BIND_SKIP, None))
         srv.queue.append((R_EXECUTE_REFUSAL, None))
+        srv.pending_sync = True
         self.skip_until_sync = True
 
     def undo_statement(self, cname: bytes, sname: bytes) -> None:
@@ -1459,10 +1476,13 @@ class ClientConn(asyncio.Protocol):
         to its pool (and to the next waiting client) before the reply is written, so the server
         is busy again while this client wakes up."""
         self.tx_status = status
-        if status != m.TX_IDLE or self.mode == "session" or srv.client is not self:
+        if status != m.TX_IDLE or self.mode == "session" or srv.client is not self or srv.pending_sync or self.cskip:
+            # kept: a transaction, session pooling, extended-protocol requests not yet ended by
+            # Sync (an implicit transaction, or an error that skips to Sync), or a message the
+            # client is still sending
             if reply:
                 self.write(reply)
-            if self.mode == "statement" and srv.client is self:
+            if self.mode == "statement" and srv.client is self and status != m.TX_IDLE:
                 self.server = None
                 srv.client = None
                 srv.close("transaction in statement pooling mode")

@@ -105,7 +105,7 @@ class Pool:
         if srv.state == S_CLOSED:
             self.active.discard(srv)
             return
-        if srv.queue or srv.tx_status != 73 or srv.in_copy or srv.dirty or srv.skip or srv.rbuf:
+        if srv.queue or srv.tx_status != 73 or srv.in_copy or srv.dirty or srv.skip or srv.rbuf or srv.pending_sync:
             self.active.discard(srv)
             srv.close("not clean at release")
             return
@@ -123,7 +123,15 @@ class Pool:
             client = waiters.popleft()
             if client.closed:
                 continue
-            client.server_assigned(srv)
+            try:
+                client.server_assigned(srv)
+            except Exception:  # noqa: BLE001 - a bug in one session must not reach the caller's (another session's server)
+                log.exception("client %s: internal error while taking a server; closing it", client.describe())
+                if client.server is srv:
+                    client.server = None
+                srv.client = None
+                srv.close("internal error in a client session")
+                client.fatal("XX000", "internal error in the gateway")
             return
         srv.state = S_IDLE
         self.active.discard(srv)

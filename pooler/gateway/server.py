@@ -148,6 +148,7 @@ class ServerConn(asyncio.Protocol):
         self.resetting = False  # server_reset_query in flight, nobody linked
         self.reset_waiter: asyncio.Future | None = None  # connect_query in flight
         self.parked = False  # released while a cancel request was in flight
+        self.pending_sync = False  # extended-protocol requests sent since the last Sync
         self.query_start = 0.0
         self.peer = ""
 
@@ -815,4 +816,5 @@ class ServerConn(asyncio.Protocol):
             and not self.dirty
             and not self.skip
             and not self.rbuf
+            and not self.pending_sync
         )
