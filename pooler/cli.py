@@ -11,9 +11,22 @@ from . import __version__
 from . import config as config_mod
 
 
+# control characters a client can put in what the gateway logs (user and database names,
+# application_name, SQL in refusals), escaped so that one event stays one line
+_ESCAPES = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F)} | {0x0A: "\\n", 0x0D: "\\r", 0x09: "\\t"}
+
+
+class LineFormatter(logging.Formatter):
+    """One line per event: control characters in the message are escaped (a traceback that
+    follows an exception is kept as it is)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return super().formatMessage(record).translate(_ESCAPES)
+
+
 def setup_logging(verbose: int = 0, logfile: str | None = None) -> None:
     level = logging.DEBUG if verbose >= 2 else logging.INFO
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    fmt = LineFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)

@@ -206,8 +206,13 @@ class TokenVerifier:
             groups = [g for g in groups.replace(",", " ").split() if g]
         if not isinstance(groups, list) or not all(isinstance(g, str) for g in groups):
             raise TokenError(f"token groups claim {s.groups_claim!r} is not a list of strings", "28000")
+        for name in ("exp", "nbf", "iat"):
+            v = claims.get(name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+                # PyJWT accepts "exp": "1700000000"; a session must still end at that time
+                raise TokenError(f"token claim {name!r} is not a number")
         exp = claims.get("exp")
-        return Identity(user=user, groups=tuple(groups), expires=float(exp) if isinstance(exp, (int, float)) else None,
+        return Identity(user=user, groups=tuple(groups), expires=float(exp) if exp is not None else None,
                         issuer=claims.get("iss"), key_id=hdr.get("kid"))
 
 

@@ -558,6 +558,8 @@ class ClientConn(asyncio.Protocol):
                              "user name (it must match the token's user claim or be one of its configured aliases)"))
         self.user = ident.user
         ucfg = cfg.users.get(ident.user)
+        if ucfg is not None and ucfg.auth_type not in (None, "jwt"):
+            ucfg = None  # a [users] entry of a password login: its groups are not the token's
         groups = list(ident.groups)
         for g in (ucfg.groups if ucfg else ()):
             if g not in groups:
