@@ -161,9 +161,14 @@ def test_scrub_error_and_notice():
     assert "ann@example.com" not in out[5:].decode()
     assert f["C"] == "22P02" and "D" not in f and "W" not in f
     assert "SQLSTATE 22P02" in f["M"] and "hidden" in f["M"]  # a data error: message replaced whole
-    analysis = b'SERROR\x00C42703\x00Mcolumn "emial" does not exist\x00\x00'
+    analysis = b'SERROR\x00C42703\x00Mcolumn "emial" does not exist\x00P8\x00\x00'
     kept = m.parse_error_fields(scrub_message(b"E", analysis)[5:])
     assert kept["M"] == 'column "emial" does not exist'  # errors about the statement text stay useful
+    # class 42 raised while rows are read (no position): a cast of a row value to regclass
+    cast = b'SERROR\x00C42P01\x00Mrelation "137_11_8919" does not exist\x00\x00'
+    assert b"137_11" not in scrub_message(b"E", cast)
+    oper = b'SERROR\x00C42883\x00Moperator does not exist: 137-11-8919\x00\x00'
+    assert b"137-11" not in scrub_message(b"E", oper)
     in_function = b'SERROR\x00C42601\x00Msyntax error at or near "ann"\x00WPL/pgSQL function f\x00\x00'
     assert b"ann" not in scrub_message(b"E", in_function)
     raised = b"SERROR\x00C P0001\x00".replace(b" ", b"") + b"Mbad value 4111111111111111\x00\x00"

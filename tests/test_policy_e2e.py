@@ -54,9 +54,9 @@ def psql(gw, sql, user):
 class Raw:
     """A bare protocol-3 client, to send what libraries never would."""
 
-    def __init__(self, gw, user: str, database: str = "shop") -> None:
+    def __init__(self, gw, user: str, database: str = "shop", **params: str) -> None:
         self.s = socket.create_connection((gw.host, gw.port), timeout=20)
-        self.s.sendall(m.startup_message({"user": user, "database": database}))
+        self.s.sendall(m.startup_message({"user": user, "database": database, **params}))
         self.buf = b""
         self.until_ready()
 

@@ -10,6 +10,14 @@ the same text differently, so a write or personal data got past the shipped rule
    the last, so the statement ran (a DELETE, or a cast whose error echoes a masked value).
 4. ``c.row_to_json`` is ``row_to_json(c)`` when ``c`` has no such column (functional notation):
    the gateway saw a column named row_to_json, nothing to mask.
+
+A second round (after these were fixed) found, among others:
+
+5. a row value cast to regclass/regtype fails with SQLSTATE class 42, whose messages the
+   gateway passed through as "about the statement text": ``relation "137-11-8919" does not
+   exist``;
+6. in a LATIN1 session a masked portal named ``é`` was recorded as the Bind's bytes but looked
+   up as the UTF-8 bytes of the name in ``FETCH ... FROM "é"``, which then read it unmasked.
 """
 
 from __future__ import annotations
@@ -254,3 +262,46 @@ def test_qualified_columns_are_recorded_for_the_catalog():
     f = analyze("SELECT c.row_to_json, email, public.orders.x FROM customers c, orders")[0]
     assert set(f.qualified_columns) == {"public.customers.row_to_json", "public.orders.x"}
     assert "qualified_columns" not in f.to_dict()  # not a fact rules read
+
+
+# --------------------------------------------------------------------------- 5. class 42 at run time
+
+
+@pytest.mark.parametrize("sql", [
+    "SELECT ssn::regclass FROM customers ORDER BY id LIMIT 1",
+    "SELECT full_name::regtype FROM customers ORDER BY id LIMIT 1",
+    "SELECT card_number::regoper FROM customers ORDER BY id LIMIT 1",
+    "SELECT 1 FROM customers WHERE ssn::regrole IS NOT NULL",
+])
+def test_a_row_value_in_a_catalog_lookup_error_stays_hidden(agw, raw, sql):  # noqa: F811
+    with agent(agw) as c:
+        with pytest.raises(psycopg.Error) as ei:
+            c.execute(sql)
+    assert_no_secret(str(ei.value), raw)
+    assert "hidden" in str(ei.value)
+
+
+def test_errors_about_the_statement_text_stay_readable(agw):
+    with agent(agw) as c:
+        with pytest.raises(psycopg.errors.UndefinedColumn) as ei:
+            c.execute("SELECT emial FROM customers")
+    assert 'column "emial" does not exist' in str(ei.value)
+
+
+# --------------------------------------------------------------------------- 6. portal names in LATIN1
+
+
+def test_a_masked_portal_named_in_latin1_cannot_be_fetched(agw, raw):  # noqa: F811
+    select = "SELECT email, ssn FROM customers ORDER BY id"
+    c = Raw(agw, "agent", client_encoding="LATIN1")
+    try:
+        c.run(_q(b"BEGIN"))
+        got = c.run(_parse(b"", select), _msg(b"B", b"\xe9\x00\x00\x00\x00\x00\x00\x00\x00"),
+                    _msg(b"E", b"\xe9\x00\x00\x00\x00\x01"), SYNC)
+        assert any(t == b"D" for t, _ in got)
+        rows = c.run(_q('FETCH 3 FROM "\xe9"'.encode("latin-1")))
+        assert_no_secret(repr(rows), raw)
+        assert any(t == b"E" and b"42501" in body for t, body in rows)
+        c.run(_q(b"ROLLBACK"))
+    finally:
+        c.close()

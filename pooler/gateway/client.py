@@ -1026,7 +1026,7 @@ class ClientConn(asyncio.Protocol):
         if self.mask_portals:
             for f in verdict.facts:
                 if f.command in ("FETCH", "MOVE") and f.prepared_name is not None:
-                    if f.prepared_name.encode() in self.mask_portals:
+                    if f.prepared_name.encode(self.codec) in self.mask_portals:  # names as the client sent them
                         return ("42501", f'refused by the gateway: portal "{f.prepared_name}" reads masked columns; '
                                          "FETCH of it could not be masked (use Execute with a row limit)")
         ctx = None
@@ -1329,16 +1329,16 @@ class ClientConn(asyncio.Protocol):
         """The client's protocol-level statement that ``DEALLOCATE name`` names, if any.
         PostgreSQL keeps SQL-level and protocol-level statements in one namespace."""
         try:
-            text = sql.decode()
+            text = sql.decode(self.codec)
         except UnicodeDecodeError:
             return None
         mt = _DEALLOCATE_RE.match(text)
         if not mt:
             return None
         if mt.group(1) is not None:
-            name = mt.group(1).replace('""', '"').encode()
+            name = mt.group(1).replace('""', '"').encode(self.codec)
         else:
-            name = mt.group(2).lower().encode()
+            name = mt.group(2).lower().encode(self.codec)
             if name == b"all":
                 return None  # forwarded; its CommandComplete clears our state
         return name if name in self.stmts else None

@@ -314,13 +314,16 @@ def scrub_message(type_byte: bytes, body: bytes) -> bytes:
     pattern can undo: ``"***"james#example.com"``, a number out of range, a RAISE)."""
     fields = m.parse_error_fields(body)
     inside_function = "W" in fields  # raised in a function: dynamic SQL may quote row values
+    # an error about the statement's text points into it; class 42 raised while rows are read
+    # has no position and may quote a row value (``ssn::regclass``: relation "..." does not exist)
+    at_text = "P" in fields
     for k in _DROP_FIELDS:
         fields.pop(k, None)
     code = fields.get("C", "")
-    if type_byte == b"E" and code[:2] == "42" and not inside_function:
+    if type_byte == b"E" and code[:2] == "42" and at_text and not inside_function:
         # about the statement's own text (an unknown column, a syntax error): useful, value-free
         msg, _ = detect_text(fields.get("M", ""))
-    elif type_byte == b"E" and code[:2] in _SAFE_CLASSES:
+    elif type_byte == b"E" and code[:2] in _SAFE_CLASSES and code[:2] != "42":
         msg = _QUOTED.sub('"***"', fields.get("M", ""))
         msg, _ = detect_text(msg)
         msg += " (values hidden by the gateway: the statement reads masked columns)"
