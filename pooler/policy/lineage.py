@@ -289,8 +289,8 @@ def _figure(node) -> tuple[str | None, int]:
         return None, 0
     k, v = next(iter(node.items()))
     if k == "ColumnRef":
-        f = _strings(v.get("fields"))
-        if f and f[-1] != "*":
+        f = [x for x in _strings(v.get("fields")) if x != "*"]  # the last name, ignoring "*": p.*::text is "p"
+        if f:
             return f[-1], 2
         return None, 0
     if k == "FuncCall":
@@ -842,10 +842,11 @@ def _rel_key(rel: _Rel):
 
 
 def _combine(results: list[_Result]) -> Cols | None:
-    """Position-wise union of set-operation branches / VALUES rows."""
-    known = [r.cols for r in results if r.cols is not None]
-    if not known:
+    """Position-wise union of set-operation branches / VALUES rows, named as the first (left)
+    one: when its columns are not known, neither are the result's."""
+    if results[0].cols is None:
         return None
+    known = [r.cols for r in results if r.cols is not None]
     width = len(known[0])
     if any(len(c) != width for c in known):
         return None
@@ -914,7 +915,9 @@ def _function_columns(kind: str, v: dict, alias: str | None) -> list[str] | None
             return None
         if fname == "unnest":
             n = len(fc.get("args") or ())
-            names += ["unnest"] * n if n > 1 else [alias if alias and len(funcs) == 1 else "unnest"]
+            if n <= 1:
+                return None  # an array of a composite type expands to that type's columns
+            names += ["unnest"] * n
         elif fname in _SETOF_SCALAR:
             names.append(alias if alias and len(funcs) == 1 else fname)
         elif fname in _SETOF_MULTI:
