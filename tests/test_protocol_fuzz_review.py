@@ -11,6 +11,17 @@ client that sends Sync later passed there too, and guard the fix:
 3. a CopyData cut off at the end of a read was half forwarded, then its server released: the
    next client's bytes became the rest of it;
 4. an SSLRequest in the middle of a session was taken for a message of 2052 bytes to wait for.
+
+A second run of the harness on the fixes found:
+
+5. a simple Query sent while the server skipped to Sync (after an error in a batch ended by
+   Flush) is ignored by PostgreSQL; the gateway took the Sync's ReadyForQuery for its answer,
+   and every later reply was matched with the request before it (see
+   test_sql_reading_review.py for the masking this broke);
+6. a Flush with a body fails on PostgreSQL (which then skips to Sync): in session pooling the
+   reset query at disconnect was skipped and the pool slot lost;
+7. Parse/Bind/Execute + Flush, then a simple Query (which commits them): the server stayed tied
+   to its client until a Sync that may never come (from the first fix).
 """
 
 from __future__ import annotations
@@ -197,3 +208,42 @@ def test_an_ssl_request_in_a_session_is_refused_at_once(pg, gw_factory):
     except OSError:
         pass
     assert ask(gw, "SELECT 51") == (51,)
+
+
+# --------------------------------------------------------------------------- 5-7. second run
+
+
+def test_a_query_skipped_while_the_server_waits_for_sync_keeps_replies_in_order(pg, gw_factory):
+    gw = one_pool(gw_factory, pg)
+    a = Raw(gw, "postgres", "postgres")
+    a.send(P("SELECT 1/0"), BIND, EXECUTE, FLUSH)
+    assert b"22012" in until(a, b"E")[-1][1]
+    kinds = [t for t, _ in a.run(Q("SELECT 1"), SYNC)]  # the Query is skipped, the Sync answered
+    assert kinds == [b"Z"]
+    rows = a.run(Q("SELECT 'after'"))
+    assert [t for t, _ in rows] == [b"T", b"D", b"C", b"Z"]
+    assert rows[1][1].endswith(b"after")
+    assert ask(gw, "SELECT 52") == (52,)  # nothing is left outstanding: the only server is free
+    a.close()
+
+
+def test_a_flush_with_a_body_is_refused_and_the_pool_slot_survives(pg, gw_factory):
+    gw = one_pool(gw_factory, pg, mode="session")
+    a = Raw(gw, "postgres", "postgres")
+    a.send(_msg(b"H", b"junk"))
+    closed_with(a, b"08P01")
+    assert ask(gw, "SELECT 53") == (53,)
+    assert ask(gw, "SELECT 54") == (54,)
+
+
+def test_a_query_after_flush_commits_and_frees_the_server(pg, gw_factory, table):
+    gw = gw_factory(settings={"pool_mode": "transaction", "default_pool_size": 1, "query_wait_timeout": 10},
+                    databases={"postgres": upstream_entry(pg)})
+    a = Raw(gw, "postgres", "postgres")
+    a.send(P("UPDATE fz SET v = 6 WHERE id = 1"), BIND, EXECUTE, FLUSH)
+    until(a, b"C")
+    rows = a.run(Q("SELECT 2"))
+    assert rows[-1] == (b"Z", b"I")
+    assert pg.psql("SELECT v FROM fz WHERE id = 1").strip() == "6"  # committed by the Query
+    assert ask(gw, "SELECT 55") == (55,)  # the only server is free again while A stays connected
+    a.close()

@@ -335,3 +335,29 @@ def test_computed_columns_are_traced_to_the_right_relation(agw, raw, sql):  # no
             return
     assert rows
     assert_no_secret(repr(rows), raw)
+
+
+# --------------------------------------------------------------------------- 8. replies kept in order
+
+
+def test_a_skipped_query_does_not_shift_masking_to_the_wrong_reply(agw, raw):  # noqa: F811
+    """After an error in a batch ended by Flush, PostgreSQL skips a simple Query up to the Sync;
+    the gateway took the Sync's ReadyForQuery for the Query's, and the next masked result met
+    the Sync's queue entry: no masking plan, rows in clear."""
+    bind = _msg(b"B", b"\x00\x00" + b"\x00\x00" * 3)
+    execute = _msg(b"E", b"\x00\x00\x00\x00\x00")
+    c = Raw(agw, "agent")
+    try:
+        c.send(_parse(b"", "SELECT 1/0"), bind, execute, _msg(b"H", b""))
+        while c.read()[0] != b"E":
+            pass
+        c.run(_q(b"SELECT 1"), SYNC)
+        rows = c.run(_q(b"SELECT email, full_name FROM customers ORDER BY id LIMIT 3"))
+        assert sum(1 for t, _ in rows if t == b"D") == 3
+        assert_no_secret(repr(rows), raw)
+        rows = c.run(_parse(b"", "SELECT email, full_name FROM customers ORDER BY id LIMIT 3"), bind,
+                     _msg(b"D", b"P\x00"), execute, SYNC)
+        assert sum(1 for t, _ in rows if t == b"T") == 1
+        assert_no_secret(repr(rows), raw)
+    finally:
+        c.close()

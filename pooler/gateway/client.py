@@ -91,8 +91,11 @@ _MIN_LENGTH = {ord("P"): 8, ord("B"): 12, ord("D"): 6, ord("E"): 9, ord("Q"): 5,
                ord("f"): 5}
 # every message type a client may send once logged in
 _FRONTEND_TYPES = frozenset(b"QPBDECHSXFdcf")
-# extended-protocol requests: the server's state is settled again only by the next Sync
+# extended-protocol requests: the server's state is settled again only by the next Sync (or a
+# simple Query that the server runs: it commits what they did)
 _NEEDS_SYNC = frozenset(b"PBDEC")
+# messages without a body: PostgreSQL fails one that has one (and then skips to Sync)
+_BODYLESS = frozenset(b"HSXc")
 _WAIT_CATALOG = ("", "")  # _govern: the catalog must be loaded before this message is judged
 
 
@@ -307,11 +310,11 @@ class ClientConn(asyncio.Protocol):
         if srv.state == S_CLOSED:
             return
         if (srv.queue or srv.tx_status != m.TX_IDLE or srv.in_copy or srv.skip or srv.rbuf or srv.pending_sync
-                or self.cskip):
+                or srv.awaiting_sync or self.cskip):
             if srv.queue:
                 self.gw.send_cancel(srv)  # stop the running query so its locks go at once
             srv.close("client disconnected mid-transaction" if srv.tx_status != m.TX_IDLE else
-                      "client disconnected before Sync" if srv.pending_sync else
+                      "client disconnected before Sync" if srv.pending_sync or srv.awaiting_sync else
                       "client disconnected mid-message" if self.cskip else
                       "client disconnected while a query was running")
             self.pool.active.discard(srv)
@@ -708,7 +711,7 @@ class ClientConn(asyncio.Protocol):
                     return False
                 kinds.append(R_PARSE)
                 first = end
-            elif t == T_SYNC and end == n:
+            elif t == T_SYNC and end == n and length == 4:
                 kinds.append(R_SYNC)
             else:
                 return False
@@ -757,7 +760,7 @@ class ClientConn(asyncio.Protocol):
             queue = srv.queue
             for k in kinds:
                 queue.append((k, None))
-            srv.pending_sync = False  # the unit ends with Sync
+        srv.pending_sync = False  # the unit ends with Sync, or is a Query (see _pump)
         srv.query_start = self.last_active
         if out:
             out.append(data)
@@ -792,10 +795,10 @@ class ClientConn(asyncio.Protocol):
                 end = pos + 1 + length
                 if t not in _FRONTEND_TYPES:
                     raise m.ProtocolError(f"invalid frontend message type {t}")
-                if length < _MIN_LENGTH.get(t, 4) or length > self.max_packet:
+                if length < _MIN_LENGTH.get(t, 4) or length > self.max_packet or (length != 4 and t in _BODYLESS):
                     raise m.ProtocolError(
                         f"invalid message length {length} (max_packet_size is {self.max_packet})"
-                        if length >= 4 else "invalid message length")
+                        if length > self.max_packet else f"invalid message length {length} for message type {chr(t)}")
                 if end > n:
                     if t == T_COPY_DATA and srv is not None and not self.skip_until_sync:
                         out.append(data[pos:])  # stream large COPY data through
@@ -855,8 +858,8 @@ class ClientConn(asyncio.Protocol):
                     self._link(srv, out)
                 if t in _NEEDS_SYNC:
                     srv.pending_sync = True
-                elif t == T_SYNC:
-                    srv.pending_sync = False
+                elif t == T_SYNC or t == T_QUERY:
+                    srv.pending_sync = False  # a Query the server runs commits; one it skips leaves awaiting_sync
                 if t == T_QUERY or t == T_FUNCTION:
                     if self.rewrite and t == T_QUERY and data[pos + 5] in b"dD \t\r\n":
                         if self._sql_deallocate(srv, data[pos + 5 : end - 1], out):

@@ -105,7 +105,8 @@ class Pool:
         if srv.state == S_CLOSED:
             self.active.discard(srv)
             return
-        if srv.queue or srv.tx_status != 73 or srv.in_copy or srv.dirty or srv.skip or srv.rbuf or srv.pending_sync:
+        if (srv.queue or srv.tx_status != 73 or srv.in_copy or srv.dirty or srv.skip or srv.rbuf or srv.pending_sync
+                or srv.awaiting_sync):
             self.active.discard(srv)
             srv.close("not clean at release")
             return

@@ -149,6 +149,7 @@ class ServerConn(asyncio.Protocol):
         self.reset_waiter: asyncio.Future | None = None  # connect_query in flight
         self.parked = False  # released while a cancel request was in flight
         self.pending_sync = False  # extended-protocol requests sent since the last Sync
+        self.awaiting_sync = False  # an error made the server skip every request up to a Sync not yet queued
         self.query_start = 0.0
         self.peer = ""
 
@@ -336,7 +337,8 @@ class ServerConn(asyncio.Protocol):
                 self._idle_data(data)
             return
         queue = self.queue
-        if (queue and len(data) <= FAST_REPLY_MAX and not (self.skip or self.rbuf or self.masking or self.ddl_pending or self.in_copy)
+        if (queue and len(data) <= FAST_REPLY_MAX
+                and not (self.skip or self.rbuf or self.masking or self.ddl_pending or self.in_copy or self.awaiting_sync)
                 and not client.mask_portals):
             # the fast lane: a whole small reply that needs only forwarding (see _PLAIN_REPLIES);
             # anything else, or a reply cut short, goes to the general loop below from the start
@@ -438,6 +440,12 @@ class ServerConn(asyncio.Protocol):
                     head = queue[0][0] if queue else 0
             if t == T_READY:
                 self.tx_status = data[pos + 5]
+                if self.awaiting_sync:
+                    # the Sync ending the skip: whatever was sent before it (a Query too) was
+                    # skipped unanswered, so this ReadyForQuery is the Sync's
+                    self.awaiting_sync = False
+                    self._error_skips_to_sync((R_SYNC,))
+                    head = queue[0][0] if queue else 0
                 if head not in _READY_HEADS:
                     # requests sent after an error but before its Sync reached the server while it
                     # was skipping to Sync: they were never answered, so they are dropped here
@@ -576,6 +584,10 @@ class ServerConn(asyncio.Protocol):
                     fwd = end
                 if head and head != R_QUERY and head != R_SYNC and head != R_QUERY_REFUSAL:
                     self._error_skips_to_sync()
+                    if not queue:
+                        self.awaiting_sync = True  # requests sent from now on are skipped too
+                elif not head:
+                    self.awaiting_sync = True  # an error nothing asked for (a malformed message)
             elif t == T_EMPTY or t == T_SUSPENDED:
                 if plan is not None:
                     self._plan_done(client)
@@ -817,4 +829,5 @@ class ServerConn(asyncio.Protocol):
             and not self.skip
             and not self.rbuf
             and not self.pending_sync
+            and not self.awaiting_sync
         )
