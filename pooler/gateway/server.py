@@ -149,7 +149,7 @@ class ServerConn(asyncio.Protocol):
         self.reset_waiter: asyncio.Future | None = None  # connect_query in flight
         self.parked = False  # released while a cancel request was in flight
         self.pending_sync = False  # extended-protocol requests sent since the last Sync
-        self.awaiting_sync = False  # an error made the server skip every request up to a Sync not yet queued
+        self.awaiting_sync = False  # an extended-protocol error: the server skips every request up to a Sync not yet queued
         self.query_start = 0.0
         self.peer = ""
 
@@ -586,8 +586,6 @@ class ServerConn(asyncio.Protocol):
                     self._error_skips_to_sync()
                     if not queue:
                         self.awaiting_sync = True  # requests sent from now on are skipped too
-                elif not head:
-                    self.awaiting_sync = True  # an error nothing asked for (a malformed message)
             elif t == T_EMPTY or t == T_SUSPENDED:
                 if plan is not None:
                     self._plan_done(client)
