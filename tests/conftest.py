@@ -36,6 +36,18 @@ def pg(pg_bin):
 from tests.gwproc import GatewayProc  # noqa: E402
 
 
+def send_until_closed(gw, data: bytes, timeout: float = 20) -> bytes:
+    """Send raw bytes to a gateway; everything it answers until it closes the connection."""
+    import socket
+
+    out = b""
+    with socket.create_connection((gw.host, gw.port), timeout=timeout) as s:
+        s.sendall(data)
+        while chunk := s.recv(65536):
+            out += chunk
+    return out
+
+
 def upstream_entry(pg, dbname: str = "postgres") -> str:
     """A [databases] connection string to the test cluster as its superuser."""
     return f"host=127.0.0.1 port={pg.port} dbname={dbname} user={pg.superuser} password={pg.password}"

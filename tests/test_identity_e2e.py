@@ -17,7 +17,7 @@ import psycopg
 import pytest
 
 from pooler.tls import make_self_signed
-from tests.conftest import upstream_entry
+from tests.conftest import send_until_closed, upstream_entry
 from tests.idp import AUDIENCE, ISSUER, Idp, JwksServer, SigningKey
 
 RULES = '''
@@ -333,16 +333,10 @@ def test_plaintext_after_sslrequest_is_refused(gw_factory, certs):
     import struct
     g = gw_factory(settings={"client_tls_sslmode": "prefer", "client_tls_cert_file": certs["cert"],
                              "client_tls_key_file": certs["key"]})
-    with socket.create_connection((g.host, g.port), timeout=10) as s:
-        startup = b"\x00\x03\x00\x00user\x00postgres\x00database\x00postgres\x00\x00"
-        # SSLRequest and, without waiting for the answer, a plaintext StartupMessage
-        s.sendall(struct.pack("!ii", 8, 80877103) + struct.pack("!i", len(startup) + 4) + startup)
-        data = b""
-        while True:
-            chunk = s.recv(4096)
-            if not chunk:
-                break
-            data += chunk
+    startup = b"\x00\x03\x00\x00user\x00postgres\x00database\x00postgres\x00\x00"
+    # SSLRequest and, without waiting for the answer, a plaintext StartupMessage
+    data = send_until_closed(g, struct.pack("!ii", 8, 80877103) + struct.pack("!i", len(startup) + 4) + startup,
+                             timeout=10)
     assert data.startswith(b"E") and b"unexpected data after encryption request" in data
     assert b"R\x00" not in data  # never authenticated
 

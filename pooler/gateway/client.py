@@ -86,11 +86,10 @@ _NO_LINEAGE = StatementLineage(None, frozenset((UNKNOWN,)))
 # what a server passing to another identity runs first (then the database's connect_query):
 # everything of the previous session goes, prepared statements (and their texts) included
 IDENTITY_RESET = "DISCARD ALL"
-# the shortest well-formed message of each type the gateway reads (the length field included)
+# every message type a client may send once logged in -> its shortest well-formed length (the
+# length field included)
 _MIN_LENGTH = {ord("P"): 8, ord("B"): 12, ord("D"): 6, ord("E"): 9, ord("Q"): 5, ord("C"): 6, ord("F"): 14,
-               ord("f"): 5}
-# every message type a client may send once logged in
-_FRONTEND_TYPES = frozenset(b"QPBDECHSXFdcf")
+               ord("f"): 5, ord("H"): 4, ord("S"): 4, ord("X"): 4, ord("c"): 4, ord("d"): 4}
 # extended-protocol requests: the server's state is settled again only by the next Sync (or a
 # simple Query that the server runs: it commits what they did)
 _NEEDS_SYNC = frozenset(b"PBDEC")
@@ -793,9 +792,10 @@ class ClientConn(asyncio.Protocol):
                 t = data[pos]
                 (length,) = _unpack_len(data, pos + 1)
                 end = pos + 1 + length
-                if t not in _FRONTEND_TYPES:
+                shortest = _MIN_LENGTH.get(t)
+                if shortest is None:
                     raise m.ProtocolError(f"invalid frontend message type {t}")
-                if length < _MIN_LENGTH.get(t, 4) or length > self.max_packet or (length != 4 and t in _BODYLESS):
+                if length < shortest or length > self.max_packet or (length != 4 and t in _BODYLESS):
                     raise m.ProtocolError(
                         f"invalid message length {length} (max_packet_size is {self.max_packet})"
                         if length > self.max_packet else f"invalid message length {length} for message type {chr(t)}")
@@ -921,8 +921,6 @@ class ClientConn(asyncio.Protocol):
                         out = []
                     self._close_now()
                     return
-                else:
-                    raise m.ProtocolError(f"invalid frontend message type {t}")
                 pos = end
         except m.ProtocolError as e:
             if out and srv is not None and srv is self.server:
