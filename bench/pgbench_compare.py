@@ -251,6 +251,46 @@ class PgBouncerProc:
             self._out.close()
 
 
+class FloorProc:
+    """bench/floor_pooler.py: the least a Python/uvloop transaction pooler can do (the floor
+    under the gateway's own cost); upstream logins need trust (see main)."""
+
+    def __init__(self, pg: PgCluster, workdir: Path, pool_size: int) -> None:
+        self.host = "127.0.0.1"
+        self.port = free_port()
+        self.logpath = workdir / "floor.log"
+        argv = [sys.executable, str(REPO / "bench" / "floor_pooler.py"), str(self.port), pg.host,
+                str(pg.port), pg.superuser, "bench", str(pool_size)]
+        self._out = open(self.logpath, "ab")
+        self.proc = subprocess.Popen(argv, stdout=self._out, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, start_new_session=True, env=clean_env())
+        try:
+            wait_port(self.host, self.port, self.proc)
+        except Exception:
+            self.stop()
+            raise RuntimeError(f"floor_pooler.py failed to start:\n{self.log()}")
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log(self) -> str:
+        try:
+            return self.logpath.read_text(errors="replace")[-3000:]
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self._out.close()
+
+
 # --------------------------------------------------------------------------- pgbench
 
 def pgbench_bin(bindir: str) -> str:
@@ -306,6 +346,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--rules", metavar="DIR", help="start the gateway with rules_dir = DIR (default: no rules)")
     g.add_argument("--compare-rules", action="store_true",
                    help=f"two gateway targets: without rules and with the shipped rules ({REPO / 'rules'})")
+    ap.add_argument("--floor", action="store_true",
+                    help="add bench/floor_pooler.py, the least a Python/uvloop pooler can do, as a target "
+                         "(PostgreSQL then trusts 127.0.0.1 logins to database bench)")
     ap.add_argument("--no-pgbouncer", action="store_true", help="skip PgBouncer even where it is installed")
     ap.add_argument("--pgbouncer", default=None, help="pgbouncer binary (default: $PATH, /usr/sbin, /usr/local/sbin)")
     a = ap.parse_args(argv)
@@ -359,6 +402,11 @@ def report(targets: list[Target], args: argparse.Namespace) -> None:
         ratios.append((f"{gwn}/direct", gwn, "direct"))
     if "gateway+rules" in by and "gateway" in by:
         ratios.append(("rules/no-rules", "gateway+rules", "gateway"))
+    if "floor" in by:
+        if "pgbouncer" in by:
+            ratios.append(("floor/pgbouncer", "floor", "pgbouncer"))
+        if "gateway" in by:
+            ratios.append(("gateway/floor", "gateway", "floor"))
     if "pgbouncer" in by:
         ratios.append(("pgbouncer/direct", "pgbouncer", "direct"))
 
@@ -460,6 +508,8 @@ def main(argv: list[str] | None = None) -> int:
         if r.returncode != 0:
             raise RuntimeError(f"pgbench -i failed:\n{r.stdout}{r.stderr}")
         pg.execute("VACUUM ANALYZE", dbname="bench")
+        if args.floor:  # the floor pooler logs in upstream without a password
+            pg.set_hba([f"host bench {pg.superuser} 127.0.0.1/32 trust", *PgCluster.default_hba()])
 
         targets = [Target("direct", pg.host, pg.port, password=pg.password)]
         empty_rules = tmp / "no-rules"
@@ -488,6 +538,14 @@ def main(argv: list[str] | None = None) -> int:
             pgb.start()
             started.append(pgb)
             targets.append(Target("pgbouncer", pgb.host, pgb.port, cpu_pid=pgb.pid, proc=pgb))
+
+        if args.floor:
+            wd = tmp / "floor"
+            wd.mkdir()
+            log("starting the floor pooler (bench/floor_pooler.py)")
+            fl = FloorProc(pg, wd, args.pool_size)
+            started.append(fl)
+            targets.append(Target("floor", fl.host, fl.port, cpu_pid=fl.pid, proc=fl))
 
         ncpu = os.cpu_count() or 1
         if args.warmup > 0:
