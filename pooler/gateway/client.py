@@ -33,7 +33,7 @@ from ..auth.passwords import ScramError, ScramSecret, ScramServer, is_md5, is_sc
 from ..policy.engine import SessionInfo
 from ..policy.lexing import SETTINGS as LEXING_SETTINGS, codec as reading_codec, unsafe_session, unsafe_value
 from ..protocol import messages as m
-from .pool import TRACKED_LOWER, Pool
+from .pool import TRACKED_LOWER, Pool, canonical
 from .server import (
     R_BIND, R_CLOSE, R_CLOSE_SKIP, R_DESCRIBE, R_EXECUTE, R_FAKE_CLOSE, R_FAKE_PARSE, R_PARSE,
     R_PARSE_SKIP, R_QUERY, R_QUERY_SKIP, R_SYNC, R_BIND_SKIP, R_EXECUTE_REFUSAL, R_FAKE_DONE,
@@ -95,6 +95,10 @@ _MIN_LENGTH = {ord("P"): 8, ord("B"): 12, ord("D"): 6, ord("E"): 9, ord("Q"): 5,
 _NEEDS_SYNC = frozenset(b"PBDEC")
 # messages without a body: PostgreSQL fails one that has one (and then skips to Sync)
 _BODYLESS = frozenset(b"HSXc")
+# the queue entries of a fast-lane unit, made once (entries are tuples, never changed in place)
+_E_PARSE, _E_BIND, _E_DESCRIBE, _E_EXECUTE, _E_SYNC, _E_QUERY = (
+    (k, None) for k in (R_PARSE, R_BIND, R_DESCRIBE, R_EXECUTE, R_SYNC, R_QUERY))
+_TX_IDLE = m.TX_IDLE
 _WAIT_CATALOG = ("", "")  # _govern: the catalog must be loaded before this message is judged
 
 
@@ -696,22 +700,22 @@ class ClientConn(asyncio.Protocol):
             if t == T_BIND:
                 if data[pos + 5] or data[pos + 6]:
                     return False
-                kinds.append(R_BIND)
+                kinds.append(_E_BIND)
             elif t == T_EXECUTE:
                 if data[pos + 5]:
                     return False
-                kinds.append(R_EXECUTE)
+                kinds.append(_E_EXECUTE)
             elif t == T_DESCRIBE:
                 if data[pos + 6]:
                     return False
-                kinds.append(R_DESCRIBE)
+                kinds.append(_E_DESCRIBE)
             elif t == T_PARSE:
                 if pos or data[5]:
                     return False
-                kinds.append(R_PARSE)
+                kinds.append(_E_PARSE)
                 first = end
             elif t == T_SYNC and end == n and length == 4:
-                kinds.append(R_SYNC)
+                kinds.append(_E_SYNC)
             else:
                 return False
             pos = end
@@ -753,19 +757,18 @@ class ClientConn(asyncio.Protocol):
 
     def _send_unit(self, srv: ServerConn, data: bytes, kinds: list | None, out: list) -> None:
         """Send a governed fast-lane unit after ``out`` (what _link put first)."""
-        if kinds is None:
-            self._queue_query(srv)
+        if kinds is not None:
+            srv.queue.extend(kinds)
+        elif self.cur_mask is None:
+            srv.queue.append(_E_QUERY)
         else:
-            queue = srv.queue
-            for k in kinds:
-                queue.append((k, None))
+            self._queue_query(srv)
         srv.pending_sync = False  # the unit ends with Sync, or is a Query (see _pump)
         srv.query_start = self.last_active
         if out:
             out.append(data)
-            srv.send(b"".join(out))
-        else:
-            srv.send(data)
+            data = b"".join(out)
+        srv.transport.write(data)
 
     def _queue_query(self, srv: ServerConn) -> None:
         """The queue entry of a Query (or FunctionCall) being sent, with its masks if any."""
@@ -1405,14 +1408,15 @@ class ClientConn(asyncio.Protocol):
             srv.pause_reading()
         identity = self._identity
         if identity is None:
-            identity = self._identity = (self.user, self.groups)
+            identity = self._identity = canonical((self.user, self.groups))
         # a server that served another identity is reset first (in transaction and statement
         # pooling a server is handed over without DISCARD ALL), so settings, temp tables, held
         # cursors, LISTENs, advisory locks and prepared statement texts one identity left on it
         # (a pii-reader's set_config of a value, say) never reach another (an agent)
-        reset = srv.owner is not None and srv.owner != identity
+        owner = srv.owner
+        reset = owner is not None and owner is not identity and owner != identity
         srv.owner = identity
-        if reset or srv.param_key != self.param_key:
+        if reset or (srv.param_key is not self.param_key and srv.param_key != self.param_key):
             base = (self.pool.welcome or srv.params) if reset else srv.params
             parts = []
             if reset:
@@ -1479,7 +1483,7 @@ class ClientConn(asyncio.Protocol):
         to its pool (and to the next waiting client) before the reply is written, so the server
         is busy again while this client wakes up."""
         self.tx_status = status
-        if status != m.TX_IDLE or self.mode == "session" or srv.client is not self or srv.pending_sync or self.cskip:
+        if status != _TX_IDLE or self.mode == "session" or srv.client is not self or srv.pending_sync or self.cskip:
             # kept: a transaction, session pooling, extended-protocol requests not yet ended by
             # Sync (an implicit transaction, or an error that skips to Sync), or a message the
             # client is still sending
@@ -1501,8 +1505,8 @@ class ClientConn(asyncio.Protocol):
         if self.writing_paused:
             srv.resume_reading()
         self.pool.release(srv)
-        if reply:
-            self.write(reply)
+        if reply and not self.closed:
+            self.transport.write(reply)
         if self.rbuf and not self.waiting:
             self._pump()
 

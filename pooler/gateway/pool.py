@@ -35,6 +35,21 @@ TRACKED_PARAMS = (
 TRACKED_LOWER = {p.lower(): p for p in TRACKED_PARAMS}
 
 
+_CANONICAL: dict[tuple, tuple] = {}
+
+
+def canonical(key: tuple) -> tuple:
+    """One object for equal keys (parameter keys, client identities), so that comparing a
+    server's key with a client's on every hand-over is mostly an ``is``. Bounded: clients choose
+    some of the values (application_name)."""
+    c = _CANONICAL.get(key)
+    if c is None:
+        if len(_CANONICAL) >= 4096:
+            _CANONICAL.clear()
+        c = _CANONICAL[key] = key
+    return c
+
+
 class Pool:
     tracked_params = frozenset(TRACKED_PARAMS)
 
@@ -69,7 +84,7 @@ class Pool:
 
     @staticmethod
     def param_key_of(params: dict[str, str]) -> tuple:
-        return tuple(params.get(p) for p in TRACKED_PARAMS)
+        return canonical(tuple(params.get(p) for p in TRACKED_PARAMS))
 
     def total(self) -> int:
         return len(self.idle) + len(self.active) + self.connecting
@@ -110,9 +125,8 @@ class Pool:
             self.active.discard(srv)
             srv.close("not clean at release")
             return
-        now = time.monotonic()
         lifetime = self.gw.config.server_lifetime
-        if self.obsolete or self.gw.stopping == "SIGINT" or (lifetime and now - srv.created_at > lifetime):
+        if self.obsolete or self.gw.stopping == "SIGINT" or (lifetime and time.monotonic() - srv.created_at > lifetime):
             self.active.discard(srv)
             srv.close("closing" if self.obsolete or self.gw.stopping else "server_lifetime")
             self._grow()
@@ -136,7 +150,7 @@ class Pool:
             return
         srv.state = S_IDLE
         self.active.discard(srv)
-        srv.last_used = now
+        srv.last_used = time.monotonic()
         self.idle.append(srv)
         if self.gw.limits_in_use:
             self.gw.pool_has_idle(self)

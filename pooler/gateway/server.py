@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import itertools
 import logging
 import struct
 import time
@@ -76,7 +75,14 @@ _READY_HEADS = frozenset((0,) + _READY_ENDS)  # what a ReadyForQuery may answer 
 
 def _only_plain(queue) -> bool:
     """Is every entry but the last one a request that plain replies answer?"""
-    return all(kind in _PLAIN_REQUESTS for kind, _ in itertools.islice(queue, len(queue) - 1))
+    left = len(queue) - 1
+    for kind, _ in queue:
+        if not left:
+            return True
+        if kind not in _PLAIN_REQUESTS:
+            return False
+        left -= 1
+    return True
 
 
 def _masked_info(info) -> bool:
