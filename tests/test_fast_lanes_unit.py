@@ -199,6 +199,16 @@ def test_a_short_message_in_a_batch_is_left_to_the_general_loop(wired, bad):
     assert not log and not srv.queue and a.server is None
 
 
+@pytest.mark.parametrize("tail", [b"", msg(b"B", b"\0\0\0\0\0\0\0\0") + msg(b"E", b"\0\0\0\0\0"),
+                                  msg(b"S", b"x"), msg(b"P", b"\0SELECT 2\0\0\0") + S])
+def test_only_a_batch_ended_by_one_sync_is_a_unit(wired, tail):
+    srv, (a, _, _), log = wired
+    # without its Sync the server waits for one in an implicit transaction: _pump follows that
+    # (end to end in test_protocol_fuzz_review.py::test_an_unsynced_batch_in_one_read_...)
+    assert a._unnamed_batch(P(b"SELECT 1") + tail) is False
+    assert not log and not srv.queue and a.server is None
+
+
 def test_deallocate_is_not_taken_by_the_fast_lane(wired):
     srv, (a, _, _), log = wired
     a.stmts[b"s1"] = (b"S_1", b"body")

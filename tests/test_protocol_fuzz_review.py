@@ -119,6 +119,21 @@ def test_an_unsynced_write_of_a_vanished_client_is_never_committed(pg, gw_factor
 
 
 @pytest.mark.parametrize("mode", ["transaction", "session"])
+def test_an_unsynced_batch_in_one_read_is_never_committed_either(pg, gw_factory, table, mode):
+    """The same, with Parse/Bind/Execute arriving in one read (the fast lanes' shape, which
+    took it for a unit ended by Sync) and the Flush after it."""
+    gw = one_pool(gw_factory, pg, mode)
+    a = Raw(gw, "postgres", "postgres")
+    a.send(P("UPDATE fz SET v = 999 WHERE id = 1"), BIND, EXECUTE)
+    a.send(FLUSH)
+    assert until(a, b"C")[-1][1].startswith(b"UPDATE 1")
+    a.s.close()
+    assert ask(gw, "SELECT 42") == (42,)
+    assert pg.psql("SELECT v FROM fz WHERE id = 1").strip() == "1"
+    pg.execute("SET lock_timeout = '5s'; UPDATE fz SET v = 2 WHERE id = 1")
+
+
+@pytest.mark.parametrize("mode", ["transaction", "session"])
 def test_a_server_skipping_to_sync_is_not_given_to_the_next_client(pg, gw_factory, mode):
     gw = one_pool(gw_factory, pg, mode)
     a = Raw(gw, "postgres", "postgres")

@@ -684,42 +684,41 @@ class ClientConn(asyncio.Protocol):
     def _unnamed_batch(self, data: bytes) -> bool:
         """Parse of the unnamed statement, then Binds, Describes and Executes of the unnamed
         statement and portal, then Sync, alone in ``data`` (what pgbench -M extended and many
-        drivers send for a one-off statement)."""
-        if self.mask_portals:
-            return False
+        drivers send for a one-off statement). Without the Sync at its end a batch leaves the
+        server waiting for one (an implicit transaction): _pump follows that (pending_sync)."""
         n = len(data)
+        if n < 9 or self.mask_portals:
+            return False
         max_packet = self.max_packet
-        kinds = []
-        pos = 0
+        (length,) = _unpack_len(data, 1)  # the caller saw 'P'
+        if length < 8 or length > max_packet or data[5]:
+            return False  # a named statement, or something _pump reports
+        first = pos = length + 1
+        kinds = [_E_PARSE]
         while n - pos >= 5:
             t = data[pos]
             (length,) = _unpack_len(data, pos + 1)
             end = pos + 1 + length
-            if length < _MIN_LENGTH.get(t, 4) or end > n or length > max_packet:
-                return False  # _pump reports what is wrong with it
+            if end > n or length > max_packet:
+                return False
             if t == T_BIND:
-                if data[pos + 5] or data[pos + 6]:
+                if length < 12 or data[pos + 5] or data[pos + 6]:
                     return False
                 kinds.append(_E_BIND)
             elif t == T_EXECUTE:
-                if data[pos + 5]:
+                if length < 9 or data[pos + 5]:
                     return False
                 kinds.append(_E_EXECUTE)
             elif t == T_DESCRIBE:
-                if data[pos + 6]:
+                if length < 6 or data[pos + 6]:
                     return False
                 kinds.append(_E_DESCRIBE)
-            elif t == T_PARSE:
-                if pos or data[5]:
-                    return False
-                kinds.append(_E_PARSE)
-                first = end
             elif t == T_SYNC and end == n and length == 4:
                 kinds.append(_E_SYNC)
             else:
-                return False
+                return False  # anything else (and a short or bodied message) goes to _pump
             pos = end
-        if pos != n or len(kinds) < 2:
+        if pos != n or kinds[-1] is not _E_SYNC:
             return False
         return self._fast_unit(data, first, kinds)
 
