@@ -1,6 +1,8 @@
-"""Microbenchmark of the proxy loop's Python work for one simple-protocol transaction
-(client Query -> server RowDescription/DataRow/CommandComplete/ReadyForQuery), with
-in-memory transports: no sockets, no event loop. Run: python bench/hotpath_micro.py"""
+"""Microbenchmark of the proxy loop's Python work for one transaction (simple: client Query ->
+server RowDescription/DataRow/CommandComplete/ReadyForQuery; extended: Parse/Bind/Describe/
+Execute/Sync -> their replies), with in-memory transports: no sockets, no event loop. First one
+client on an idle server, then two clients taking turns on one server (the waiting path: what
+most transactions take at 50 clients on a pool of 8). Run: python bench/hotpath_micro.py"""
 import asyncio
 import tempfile
 import time
@@ -77,6 +79,28 @@ def main():
         srv.data_received(eresp)
     dt = time.perf_counter() - t0
     print(f"extended-protocol transaction, gateway Python work: {dt / n * 1e6:.2f} us")
+    waiting_path(q, resp, ext, eresp)
+
+
+def waiting_path(q, resp, ext, eresp, n=100_000):
+    """Two clients on one server (pool size 1): every request waits for the server and every
+    reply hands the server to the other client, as at 50 clients on a pool of 8."""
+    gw, pool, srv, (a, b) = setup(clients=2)
+    pool.db.pool_size = 1
+    for name, req, rep in (("simple", q, resp), ("extended", ext, eresp)):
+        a.data_received(req)  # a holds the server
+        b.data_received(req)  # b waits
+        t0 = time.perf_counter()
+        for _ in range(n // 2):
+            srv.data_received(rep)  # a's reply: the server goes to b, b's request is sent
+            a.data_received(req)  # a waits
+            srv.data_received(rep)
+            b.data_received(req)
+        dt = time.perf_counter() - t0
+        srv.data_received(rep)
+        srv.data_received(rep)
+        assert srv.client is None and not pool.waiters
+        print(f"{name}-protocol transaction, waiting for a server, gateway Python work: {dt / n * 1e6:.2f} us")
 
 
 if __name__ == "__main__":
