@@ -22,6 +22,14 @@ A second run of the harness on the fixes found:
    reset query at disconnect was skipped and the pool slot lost;
 7. Parse/Bind/Execute + Flush, then a simple Query (which commits them): the server stayed tied
    to its client until a Sync that may never come (from the first fix).
+
+A differential run (each request whole in one read, the fast lanes' shape, against the same
+bytes one at a time) found:
+
+8. while PostgreSQL skipped to Sync after an error, the gateway still answered what it answers
+   itself in transaction pooling (Close and re-Parse of a named statement, DEALLOCATE): a
+   CloseComplete (or a ReadyForQuery too many) PostgreSQL never sends, and a statement the
+   gateway forgot while PostgreSQL kept it.
 """
 
 from __future__ import annotations
@@ -47,6 +55,18 @@ BIND = _msg(b"B", b"\x00\x00" + b"\x00\x00" * 3)
 EXECUTE = _msg(b"E", b"\x00\x00\x00\x00\x00")
 FLUSH = _msg(b"H", b"")
 SYNC = _msg(b"S", b"")
+
+
+def PN(name: str, sql: str) -> bytes:
+    return _msg(b"P", name.encode() + b"\x00" + sql.encode() + b"\x00\x00\x00")
+
+
+def BN(name: str) -> bytes:
+    return _msg(b"B", b"\x00" + name.encode() + b"\x00" + b"\x00\x00" * 3)
+
+
+def CLOSE_S(name: str) -> bytes:
+    return _msg(b"C", b"S" + name.encode() + b"\x00")
 
 
 def Q(sql: str) -> bytes:
@@ -261,4 +281,53 @@ def test_a_query_after_flush_commits_and_frees_the_server(pg, gw_factory, table)
     assert rows[-1] == (b"Z", b"I")
     assert pg.psql("SELECT v FROM fz WHERE id = 1").strip() == "6"  # committed by the Query
     assert ask(gw, "SELECT 55") == (55,)  # the only server is free again while A stays connected
+    a.close()
+
+
+# --------------------------------------------------------------------------- 8. skipped to Sync
+
+
+DIV0 = "SELECT 1 / (random() * 0)::int"  # fails when executed (1/0 would fail at Bind, when planned)
+
+
+def kinds(replies) -> bytes:
+    return b"".join(t for t, _ in replies)
+
+
+def still_there(c: Raw, name: str) -> None:
+    """``name`` still exists for the client, as in PostgreSQL: running it fails with its own
+    division by zero, not with 26000 (no such statement)."""
+    c.send(BN(name), EXECUTE, SYNC)
+    got = until(c, b"Z")
+    assert kinds(got) == b"2EZ", got
+    assert b"22012" in got[1][1], got
+
+
+@pytest.mark.parametrize("request_", ["close", "deallocate", "parse"])
+def test_what_the_gateway_answers_itself_is_skipped_like_postgresql_after_an_error(pg, gw_factory, request_):
+    gw = one_pool(gw_factory, pg)
+    a = Raw(gw, "postgres", "postgres")
+    a.send(PN("s1", DIV0), BN("s1"), EXECUTE, FLUSH)
+    assert kinds(until(a, b"E")) == b"12E"  # the server now ignores everything up to Sync
+    a.send({"close": CLOSE_S("s1"), "deallocate": Q("DEALLOCATE s1"),
+            "parse": PN("s2", DIV0)}[request_])
+    a.send(SYNC)
+    assert kinds(until(a, b"Z")) == b"Z"  # nothing for the skipped request: only the Sync's answer
+    still_there(a, "s1")
+    if request_ == "parse":  # never created
+        a.send(BN("s2"), EXECUTE, SYNC)
+        got = until(a, b"Z")
+        assert kinds(got) == b"EZ" and b"26000" in got[0][1], got
+    a.close()
+    assert ask(gw, "SELECT 44") == (44,)
+
+
+def test_a_close_pipelined_behind_an_error_keeps_the_statement(pg, gw_factory):
+    gw = one_pool(gw_factory, pg)
+    a = Raw(gw, "postgres", "postgres")
+    a.send(PN("s1", DIV0), SYNC)
+    assert kinds(until(a, b"Z")) == b"1Z"
+    a.send(BN("s1"), EXECUTE, CLOSE_S("s1"), SYNC)  # the Close is queued before the error arrives
+    assert kinds(until(a, b"Z")) == b"2EZ"
+    still_there(a, "s1")
     a.close()

@@ -646,7 +646,7 @@ class ClientConn(asyncio.Protocol):
         t = data[0]
         if (t == T_QUERY or t == T_PARSE) and not (self.rbuf or self.cskip or self.waiting or self.skip_until_sync):
             srv = self.server
-            if srv is None or not srv.queue:
+            if srv is None or not (srv.queue or srv.awaiting_sync):
                 if self._lone_query(data) if t == T_QUERY else self._unnamed_batch(data):
                     return
         skip = self.cskip
@@ -807,8 +807,10 @@ class ClientConn(asyncio.Protocol):
                         self.cskip = end - n
                         pos = n
                     break
-                if self.skip_until_sync:
-                    # after an error the gateway made up, PostgreSQL ignores all up to Sync
+                if self.skip_until_sync or (srv is not None and srv.awaiting_sync):
+                    # after an error (one the gateway made up, or one the server sent in the
+                    # extended protocol) PostgreSQL ignores all up to Sync: so does the gateway,
+                    # what it would answer itself (Close, Parse, DEALLOCATE) included
                     if t == T_SYNC:
                         self.skip_until_sync = False
                         if srv is None:
@@ -907,8 +909,7 @@ class ClientConn(asyncio.Protocol):
                 elif t == T_CLOSE:
                     if self.rewrite and data[pos + 5] == 83 and data[pos + 6] != 0:
                         # the gateway forgets the name now: a Bind of it is refused from here on
-                        self._forget_statement(data[pos + 6 : end - 1])
-                        srv.queue.append((R_FAKE_CLOSE, None))
+                        srv.queue.append((R_FAKE_CLOSE, self._forget_until_done(data[pos + 6 : end - 1])))
                     else:
                         out.append(data[pos:end])
                         if self.mask_stmts or self.mask_portals:
@@ -1351,13 +1352,13 @@ class ClientConn(asyncio.Protocol):
         if name is None:
             return False
         sname = self.stmts[name][0]
-        self._forget_statement(name)
+        undo = self._forget_until_done(name)
         if sname in srv.prepared:
             del srv.prepared[sname]
             out.append(m.query(f'DEALLOCATE "{sname.decode()}"'))
             srv.queue.append((R_QUERY, None))
         else:
-            srv.queue.append((R_FAKE_DONE, "DEALLOCATE"))
+            srv.queue.append((R_FAKE_DONE, undo))
         return True
 
     def _refuse_in_order(self, srv: ServerConn, sqlstate: str, message: str, out: list) -> None:
@@ -1393,6 +1394,21 @@ class ClientConn(asyncio.Protocol):
         """The client's statement ``name`` is gone (Close, DEALLOCATE, a failed Parse)."""
         self.stmts.pop(name, None)
         self.mask_stmts.pop(name, None)
+
+    def _forget_until_done(self, name: bytes) -> tuple:
+        """Forget the client's statement ``name`` now (a Close or DEALLOCATE the gateway answers
+        itself); what restore_statement needs should the server skip that request (an error
+        earlier in the same batch makes PostgreSQL ignore everything up to Sync)."""
+        undo = (name, self.stmts.get(name), self.mask_stmts.get(name))
+        self._forget_statement(name)
+        return undo
+
+    def restore_statement(self, name: bytes, stmt, mask) -> None:
+        """A Close or DEALLOCATE of ``name`` that PostgreSQL skipped: the statement stays."""
+        if stmt is not None and name not in self.stmts:
+            self.stmts[name] = stmt
+            if mask is not None:
+                self.mask_stmts[name] = mask
 
     def forget_all_statements(self) -> None:
         self.stmts.clear()

@@ -48,8 +48,8 @@ R_SYNC = 8           # ends at 'Z'
 R_QUERY = 9          # simple Query or FunctionCall: ends at 'Z'
 R_QUERY_SKIP = 10    # internal query (parameter sync, reset): swallowed up to and incl. 'Z'
 R_FAKE_PARSE = 11    # gateway emits ParseComplete; info = (server_name, client_name) to undo
-R_FAKE_CLOSE = 12    # gateway emits CloseComplete
-R_FAKE_DONE = 13     # gateway emits CommandComplete(info) + ReadyForQuery (a local SQL reply)
+R_FAKE_CLOSE = 12    # gateway emits CloseComplete; info = (name, statement, masks) to restore if skipped
+R_FAKE_DONE = 13     # gateway emits CommandComplete DEALLOCATE + ReadyForQuery; info as R_FAKE_CLOSE
 R_BIND_SKIP = 14     # '2' swallowed (injected refusal)
 R_EXECUTE_REFUSAL = 15  # injected refusal: its ErrorResponse is forwarded without CONTEXT
 R_QUERY_REFUSAL = 16    # simple-Query refusal: ErrorResponse forwarded without CONTEXT, ends at 'Z'
@@ -690,7 +690,7 @@ class ServerConn(asyncio.Protocol):
             elif kind == R_FAKE_CLOSE:
                 out.append(m.CLOSE_COMPLETE)
             else:
-                out.append(m.command_complete(info))
+                out.append(m.command_complete("DEALLOCATE"))
                 out.append(m.ready_for_query(self.tx_status))
 
     def _error_skips_to_sync(self, stops=(R_SYNC,)) -> None:
@@ -712,6 +712,12 @@ class ServerConn(asyncio.Protocol):
                 self.prepared.pop(info, None)
             elif kind == R_FAKE_PARSE and client is not None and info is not None:
                 client.undo_statement(info[1], info[0])
+            elif (kind == R_FAKE_CLOSE or kind == R_FAKE_DONE) and client is not None and info is not None:
+                client.restore_statement(*info)
+            elif kind == R_QUERY:
+                # a Query pipelined behind the error, skipped: the gateway may have acted on it
+                # already (a DEALLOCATE of a statement this server has): never reuse the server
+                self.dirty = True
 
     def _param(self, body: bytes, client: "ClientConn", forward: bool) -> None:
         k, v = m.parse_parameter_status(body)
