@@ -450,3 +450,22 @@ def test_session_tracking_fails_closed(pg, pgw):
             await c.close()
     asyncio.run(over_parse())
     assert count(pg, "SELECT count(*) FROM products WHERE price = 0") == 0
+
+
+@pytest.mark.parametrize("one_read", [True, False])
+def test_a_malformed_parse_is_answered_alike_in_one_read_or_in_pieces(pgw, one_read):
+    """A Parse whose query text lacks its terminator, then Sync: in one read (the fast lane)
+    as in pieces (the general loop) the client gets 08P01 before the connection closes (the
+    fast lane let the error escape: no ErrorResponse, a traceback in the log)."""
+    c = Raw(pgw, "ann")
+    data = msg(b"P", b"\x00SELECT 1") + msg(b"S", b"")
+    if one_read:
+        c.send(data)
+    else:
+        c.s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for i in range(len(data)):
+            c.send(data[i:i + 1])
+    t, body = c.read()
+    assert t == b"E" and b"08P01" in body and b"invalid Parse message" in body, (t, body)
+    assert psql(pgw, "SELECT 1", "ann").stdout.strip() == "1"
+    assert "Traceback" not in pgw.log()

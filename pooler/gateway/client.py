@@ -730,7 +730,11 @@ class ClientConn(asyncio.Protocol):
             self.unnamed_ok = kinds is not None
             refusal = None
         else:
-            refusal = self._govern(data[0], data, 0, first)
+            try:
+                refusal = self._govern(data[0], data, 0, first)
+            except (m.ProtocolError, ClientError) as e:  # as _pump answers a malformed message
+                self.fatal(e.sqlstate, str(e))
+                return True
         if refusal is not None or (kinds is not None and (self.mask_stmts or self.mask_portals)):
             # a refusal, a catalog to wait for, or masks to follow: _pump takes it from here
             self.rbuf = data
