@@ -331,3 +331,20 @@ def test_a_close_pipelined_behind_an_error_keeps_the_statement(pg, gw_factory):
     assert kinds(until(a, b"Z")) == b"2EZ"
     still_there(a, "s1")
     a.close()
+
+
+def test_an_eviction_the_server_skips_keeps_the_statement_on_the_books(pg, gw_factory):
+    """max_prepared_statements = 1: each new text evicts the last one (a Close the client never
+    sees). Pipelined behind an error, that Close is skipped by the server, which keeps the
+    statement: preparing the text again must not collide with it (42P05)."""
+    gw = gw_factory(settings={"pool_mode": "transaction", "default_pool_size": 1, "max_prepared_statements": 1},
+                    databases={"postgres": upstream_entry(pg)})
+    a = Raw(gw, "postgres", "postgres")
+    a.send(PN("x", DIV0), BN("x"), EXECUTE, PN("s2", "SELECT 2"), SYNC)  # s2's eviction of x is skipped
+    assert kinds(until(a, b"Z")) == b"12EZ"
+    a.close()
+    b = Raw(gw, "postgres", "postgres")
+    b.send(PN("y", DIV0), BN("y"), EXECUTE, SYNC)
+    got = until(b, b"Z")
+    assert kinds(got) == b"12EZ" and b"22012" in got[2][1], got
+    b.close()

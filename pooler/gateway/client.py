@@ -1289,7 +1289,7 @@ class ClientConn(asyncio.Protocol):
         while len(prepared) >= limit:
             old, _ = prepared.popitem(last=False)
             out.append(m.close_statement(old))
-            srv.queue.append((R_CLOSE_SKIP, None))
+            srv.queue.append((R_CLOSE_SKIP, old))
 
     def _parse(self, srv: ServerConn, body: bytes, out: list) -> None:
         name, p = m.read_cstr(body, 0)

@@ -43,7 +43,7 @@ R_BIND = 3
 R_DESCRIBE = 4       # 't' then 'T' | 'n'
 R_EXECUTE = 5        # ends at 'C' | 'I' | 's' (or 'E')
 R_CLOSE = 6
-R_CLOSE_SKIP = 7     # '3' swallowed (eviction of a prepared statement)
+R_CLOSE_SKIP = 7     # '3' swallowed (eviction of a prepared statement); info = its server name
 R_SYNC = 8           # ends at 'Z'
 R_QUERY = 9          # simple Query or FunctionCall: ends at 'Z'
 R_QUERY_SKIP = 10    # internal query (parameter sync, reset): swallowed up to and incl. 'Z'
@@ -710,6 +710,10 @@ class ServerConn(asyncio.Protocol):
                     client.undo_statement(cname, sname)
             elif kind == R_PARSE_SKIP:
                 self.prepared.pop(info, None)
+            elif kind == R_CLOSE_SKIP and info is not None and info not in self.prepared:
+                # an eviction the server skipped: it still has the statement (evicted next)
+                self.prepared[info] = None
+                self.prepared.move_to_end(info, last=False)
             elif kind == R_FAKE_PARSE and client is not None and info is not None:
                 client.undo_statement(info[1], info[0])
             elif (kind == R_FAKE_CLOSE or kind == R_FAKE_DONE) and client is not None and info is not None:
