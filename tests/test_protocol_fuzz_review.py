@@ -47,22 +47,24 @@ def _msg(t: bytes, body: bytes) -> bytes:
     return t + struct.pack("!i", len(body) + 4) + body
 
 
-def P(sql: str) -> bytes:
-    return _msg(b"P", b"\x00" + sql.encode() + b"\x00\x00\x00")
-
-
-BIND = _msg(b"B", b"\x00\x00" + b"\x00\x00" * 3)
-EXECUTE = _msg(b"E", b"\x00\x00\x00\x00\x00")
-FLUSH = _msg(b"H", b"")
-SYNC = _msg(b"S", b"")
-
-
 def PN(name: str, sql: str) -> bytes:
+    """Parse of statement ``name`` ("" the unnamed one), no parameter types."""
     return _msg(b"P", name.encode() + b"\x00" + sql.encode() + b"\x00\x00\x00")
 
 
+def P(sql: str) -> bytes:
+    return PN("", sql)
+
+
 def BN(name: str) -> bytes:
+    """Bind of statement ``name`` to the unnamed portal, no parameters."""
     return _msg(b"B", b"\x00" + name.encode() + b"\x00" + b"\x00\x00" * 3)
+
+
+BIND = BN("")
+EXECUTE = _msg(b"E", b"\x00\x00\x00\x00\x00")
+FLUSH = _msg(b"H", b"")
+SYNC = _msg(b"S", b"")
 
 
 def CLOSE_S(name: str) -> bytes:

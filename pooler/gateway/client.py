@@ -98,7 +98,6 @@ _BODYLESS = frozenset(b"HSXc")
 # the queue entries of a fast-lane unit, made once (entries are tuples, never changed in place)
 _E_PARSE, _E_BIND, _E_DESCRIBE, _E_EXECUTE, _E_SYNC, _E_QUERY = (
     (k, None) for k in (R_PARSE, R_BIND, R_DESCRIBE, R_EXECUTE, R_SYNC, R_QUERY))
-_TX_IDLE = m.TX_IDLE
 _WAIT_CATALOG = ("", "")  # _govern: the catalog must be loaded before this message is judged
 
 
@@ -312,13 +311,13 @@ class ClientConn(asyncio.Protocol):
         srv.client = None
         if srv.state == S_CLOSED:
             return
-        if (srv.queue or srv.tx_status != m.TX_IDLE or srv.in_copy or srv.skip or srv.rbuf or srv.pending_sync
-                or srv.awaiting_sync or self.cskip):
+        if not srv.clean() or self.cskip:
             if srv.queue:
                 self.gw.send_cancel(srv)  # stop the running query so its locks go at once
             srv.close("client disconnected mid-transaction" if srv.tx_status != m.TX_IDLE else
                       "client disconnected before Sync" if srv.pending_sync or srv.awaiting_sync else
                       "client disconnected mid-message" if self.cskip else
+                      "not reusable" if srv.dirty else
                       "client disconnected while a query was running")
             self.pool.active.discard(srv)
             return
@@ -1502,7 +1501,7 @@ class ClientConn(asyncio.Protocol):
         to its pool (and to the next waiting client) before the reply is written, so the server
         is busy again while this client wakes up."""
         self.tx_status = status
-        if status != _TX_IDLE or self.mode == "session" or srv.client is not self or srv.pending_sync or self.cskip:
+        if status != m.TX_IDLE or self.mode == "session" or srv.client is not self or srv.pending_sync or self.cskip:
             # kept: a transaction, session pooling, extended-protocol requests not yet ended by
             # Sync (an implicit transaction, or an error that skips to Sync), or a message the
             # client is still sending

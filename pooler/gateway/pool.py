@@ -120,8 +120,7 @@ class Pool:
         if srv.state == S_CLOSED:
             self.active.discard(srv)
             return
-        if (srv.queue or srv.tx_status != 73 or srv.in_copy or srv.dirty or srv.skip or srv.rbuf or srv.pending_sync
-                or srv.awaiting_sync):
+        if not srv.clean():
             self.active.discard(srv)
             srv.close("not clean at release")
             return

@@ -834,6 +834,7 @@ class ServerConn(asyncio.Protocol):
         self.transport.write(data)
 
     def clean(self) -> bool:
+        """May this server serve another client (or another transaction) as it is?"""
         return (
             self.state != S_CLOSED
             and not self.queue
