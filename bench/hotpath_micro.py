@@ -10,7 +10,7 @@ from pathlib import Path
 
 from pooler.config import Config, DatabaseConfig
 from pooler.gateway.app import Gateway
-from pooler.gateway.client import C_READY, ClientConn
+from pooler.gateway.session import C_READY, ClientSession
 from pooler.gateway.server import S_IDLE, ServerConn
 from pooler.protocol import messages as m
 
@@ -45,7 +45,7 @@ def setup(mode="transaction", clients=1):
     pool.idle.append(srv)
     cs = []
     for _ in range(clients):
-        c = ClientConn(gw)
+        c = ClientSession(gw)
         c.transport = T()
         c.state = C_READY
         c.pool = pool

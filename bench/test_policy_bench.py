@@ -24,9 +24,9 @@ from pathlib import Path
 
 import pytest
 
-from pooler.policy.analyzer import analyze
+from pooler.sql.analyzer import analyze
 from pooler.policy.engine import Policy, SessionInfo
-from pooler.policy.rules import load_rules
+from pooler.policy.bundle import load_rules
 
 RULES = Path(__file__).resolve().parent.parent / "rules"
 

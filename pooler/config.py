@@ -90,6 +90,8 @@ class Config:
     log_connections: bool = True
     log_disconnections: bool = True
     log_pooler_errors: bool = True
+    log_stats: bool = True
+    stats_period: float = 60.0
     verbose: int = 0
     application_name_add_host: bool = False
     rules_dir: str | None = None  # None: "rules/" beside the config file, when it exists
@@ -314,6 +316,8 @@ SETTINGS = {
     "log_connections": ("log_connections", _bool),
     "log_disconnections": ("log_disconnections", _bool),
     "log_pooler_errors": ("log_pooler_errors", _bool),
+    "log_stats": ("log_stats", _bool),
+    "stats_period": ("stats_period", _seconds),
     "verbose": ("verbose", _nonneg_int),
     "application_name_add_host": ("application_name_add_host", _bool),
     "rules_dir": ("rules_dir", _opt_str),
@@ -359,9 +363,9 @@ PGBOUNCER_IGNORED = {
     "server_fast_close", "server_round_robin", "disable_pqexec", "dns_max_ttl", "dns_nxdomain_ttl",
     "dns_zone_check_period", "pkt_buf", "sbuf_loopcnt", "tcp_defer_accept", "tcp_socket_buffer",
     "tcp_keepalive", "tcp_keepcnt", "tcp_keepidle", "tcp_keepintvl", "tcp_user_timeout",
-    "so_reuseport", "stats_period", "syslog", "syslog_ident", "syslog_facility", "user", "listen_backlog",
+    "so_reuseport", "syslog", "syslog_ident", "syslog_facility", "user", "listen_backlog",
     "suspend_timeout", "track_extra_parameters", "peer_id", "max_db_client_connections",
-    "client_tls_ecdhcurve", "client_tls_dheparams", "log_stats", "log_failed_connections",
+    "client_tls_ecdhcurve", "client_tls_dheparams", "log_failed_connections",
     "cancel_wait_timeout", "query_wait_notify", "service_name", "job_name", "conffile",
     "autodb_idle_timeout", "server_reset_query_always_is_deprecated", "unix_socket_group",
     "idle_transaction_timeout_is_set", "scram_iterations", "resolv_conf", "auth_ident_file",

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from . import config as config_mod
-from .cli import _new_loop, load_config_or_exit, setup_logging
+from .runtime import load_config_or_exit, new_event_loop, setup_logging
 
 REPO_CONF = Path(__file__).resolve().parent.parent / "conf" / "gateway.ini"
 
@@ -161,7 +161,7 @@ def run_demo(args: argparse.Namespace) -> int:
             gw.install_signal_handlers()
             await gw.stopped.wait()
 
-        with asyncio.Runner(loop_factory=_new_loop) as runner:
+        with asyncio.Runner(loop_factory=new_event_loop) as runner:
             try:
                 runner.run(main())
             except OSError as e:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from pooler.policy.analyzer import AnalysisError, analyze
+from pooler.sql.analyzer import AnalysisError, analyze
 
 
 def one(sql, search_path=("public",)):

@@ -13,9 +13,9 @@ import pytest
 
 from pooler.config import Config, DatabaseConfig
 from pooler.gateway.app import Gateway
-from pooler.gateway.client import C_READY, ClientConn
-from pooler.gateway.server import (FAST_REPLY_MAX, R_BIND, R_DESCRIBE, R_EXECUTE, R_PARSE, R_QUERY,
-                                   R_SYNC, S_IDLE, ServerConn)
+from pooler.gateway.interfaces import R_BIND, R_DESCRIBE, R_EXECUTE, R_PARSE, R_QUERY, R_SYNC
+from pooler.gateway.server import FAST_REPLY_MAX, S_IDLE, ServerConn
+from pooler.gateway.session import C_READY, ClientSession
 from pooler.protocol import messages as m
 
 
@@ -59,7 +59,7 @@ def wired(tmp_path: Path):
     pool.idle.append(srv)
     clients = []
     for i in range(3):
-        c = ClientConn(gw)
+        c = ClientSession(gw)
         c.transport = Transport(f"client{i}", log)
         c.state = C_READY
         c.pool = pool
@@ -158,13 +158,13 @@ def test_parameter_status_in_a_small_reply_is_followed(wired):
 @pytest.mark.parametrize("tag", ["DEALLOCATE ALL", "DISCARD ALL", "PREPARE", "COMMIT"])
 def test_command_tags_the_gateway_acts_on_leave_the_fast_lane(wired, tag):
     srv, (a, _, _), log = wired
-    a.stmts[b"s1"] = (b"S_1", b"body")
+    a.book.stmts[b"s1"] = (b"S_1", b"body")
     a.data_received(m.query("SELECT 1"))
     srv.data_received(m.command_complete(tag) + READY_I)
     if tag in ("DEALLOCATE ALL", "DISCARD ALL"):
-        assert not a.stmts  # _check_tag saw it: the client's statements are gone
+        assert not a.book.stmts  # _check_tag saw it: the client's statements are gone
     else:
-        assert a.stmts
+        assert a.book.stmts
     assert srv.client is None
 
 
@@ -211,9 +211,9 @@ def test_only_a_batch_ended_by_one_sync_is_a_unit(wired, tail):
 
 def test_deallocate_is_not_taken_by_the_fast_lane(wired):
     srv, (a, _, _), log = wired
-    a.stmts[b"s1"] = (b"S_1", b"body")
+    a.book.stmts[b"s1"] = (b"S_1", b"body")
     a.data_received(m.query("DEALLOCATE s1"))
     # answered by the gateway itself (the client's view of its statements): no server involved
     assert not any(who == "server" for who, _ in log)
     assert b"".join(d for _, d in log) == m.command_complete("DEALLOCATE") + READY_I
-    assert b"s1" not in a.stmts
+    assert b"s1" not in a.book.stmts

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 
 from pooler.gateway.app import Gateway
-from pooler.masking.catalog import CatalogHolder
+from pooler.gateway.catalogs import CatalogHolder
 from tests.test_masking_review import SYNC, Raw, _bind, _msg, _parse, assert_no_secret, raw  # noqa: F401
 from tests.test_masking_review2 import _gw
 from tests.test_masking_review4 import shop  # noqa: F401 - fixture
@@ -49,12 +49,12 @@ def test_portal_bound_before_an_earlier_ready_for_query_stays_masked(pg, shop, g
 
 
 def test_reparsing_a_masked_statement_name_keeps_its_key_flat(pg, shop, gw_factory, raw):
-    """ClientConn._govern stored _either(old, ctx) on each Parse of a name already in
+    """Governor.decide stored _either(old, ctx) on each Parse of a name already in
     mask_stmts, and its key nested the old key: 300,000 re-Parses (each failing with 42P05)
     built a tuple so deep that hashing it in plan_for overflowed CPython's C stack and the
     gateway process died with every session. The merged key is flat now, and a name parsed
     again and again still runs masked."""
-    from pooler.gateway.client import _either
+    from pooler.gateway.governor import _either
     from pooler.masking.plan import MaskCtx
 
     ctx = MaskCtx((("public.customers.email", "email"),), None, None, "r", ("sql", ("public",)), {})
@@ -104,7 +104,7 @@ def _fake_pool(release: asyncio.Event, obsolete=False):
 
 def test_catalog_invalidated_during_a_load_still_wakes_its_sessions():
     """CatalogHolder._load wakes its waiters inside its own finally. A RELOAD (SIGHUP) or a DDL
-    commit during the load left stale=True, so the woken session (ClientConn._catalog_ready ->
+    commit during the load left stale=True, so the woken session (ClientSession._hold_ended ->
     _govern) waits again; holder.wait -> _start sees self.loading not done (we are still in it)
     and starts nothing, and tick() only refreshes when not stale: the session hangs for good."""
 

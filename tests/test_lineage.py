@@ -1,10 +1,10 @@
-"""Column lineage (pooler.policy.lineage): pure unit tests, no database."""
+"""Column lineage (pooler.sql.lineage): pure unit tests, no database."""
 
 from __future__ import annotations
 
 import pytest
 
-from pooler.policy.lineage import UNKNOWN, OutputColumn, StatementLineage, statement_lineage
+from pooler.sql.lineage import UNKNOWN, OutputColumn, StatementLineage, statement_lineage
 
 CATALOG = {
     "public.customers": ["id", "full_name", "email", "phone", "card_number", "ssn", "birth_date", "created_at"],

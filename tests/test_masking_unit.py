@@ -9,7 +9,7 @@ import pytest
 
 from pooler.masking.catalog import Catalog
 from pooler.masking.plan import MaskCtx, MaskingError, build_template, plan_for, scrub_message
-from pooler.policy.analyzer import analyze
+from pooler.sql.analyzer import analyze
 from pooler.protocol import messages as m
 
 CUSTOMERS = ["id", "full_name", "email", "phone", "card_number", "ssn", "birth_date", "city"]

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from pooler.policy.engine import Policy, SessionInfo
-from pooler.policy.rules import RuleLoadError, load_rules
+from pooler.policy.bundle import load_rules
+from pooler.policy.rules import RuleLoadError
 
 REPO = Path(__file__).resolve().parent.parent
 

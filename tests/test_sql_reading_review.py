@@ -28,8 +28,8 @@ from __future__ import annotations
 import psycopg
 import pytest
 
-from pooler.policy.analyzer import analyze
-from pooler.policy.lexing import codec, unsafe_session, unsafe_value
+from pooler.sql.analyzer import analyze
+from pooler.sql.lexing import codec, unsafe_session, unsafe_value
 from tests.conftest import send_until_closed
 from tests.test_masking_review import Raw, _msg, _parse, assert_no_secret, raw  # noqa: F401
 from tests.test_masking_review2 import _gw

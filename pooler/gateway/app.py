@@ -15,23 +15,34 @@ from .. import config as config_mod
 from ..auth.jwt import JwtAuthenticator
 from ..auth.passwords import ScramSecret, is_scram
 from ..config import Config, DatabaseConfig
-from ..masking.catalog import CatalogHolder
+from ..policy.bundle import load_rules
 from ..policy.engine import Policy
-from ..policy.rules import RuleLoadError, load_rules
+from ..policy.rules import RuleLoadError
 from ..protocol import messages as m
-from .client import ClientConn
+from .catalogs import CatalogHolder
+from .events import Events
+from .observers import SessionLog, Stats
 from .pool import Pool
 from .server import ServerConn
+from .session import C_READY, ClientSession
 
 log = logging.getLogger("pooler")
 
 
 class Gateway:
+    """The process: listeners, pools, the policy, observers, cancel routing, timers, signals.
+    It is each session's SessionHost and each pool's PoolHost (interfaces.py)."""
+
     def __init__(self, config: Config) -> None:
         self.config = config
+        self.events = Events()  # observers of what happens (events.py)
+        self.session_log = SessionLog(self)
+        self.stats = Stats(self)
+        self.events.subscribe(self.session_log)
+        self.events.subscribe(self.stats)
         self.pools: dict[tuple, Pool] = {}
-        self.clients: set[ClientConn] = set()
-        self.cancel_keys: dict[tuple[int, int], ClientConn] = {}
+        self.clients: set[ClientSession] = set()
+        self.cancel_keys: dict[tuple[int, int], ClientSession] = {}
         self.listeners: list[asyncio.base_events.Server] = []
         self._scram_cache: dict[tuple[str, str], ScramSecret] = {}
         self._janitor: asyncio.Task | None = None
@@ -54,14 +65,14 @@ class Gateway:
         if cfg.listen_addr:
             for addr in [a.strip() for a in cfg.listen_addr.split(",") if a.strip()]:
                 host = None if addr == "*" else addr
-                srv = await loop.create_server(lambda: ClientConn(self), host, cfg.listen_port,
+                srv = await loop.create_server(lambda: ClientSession(self), host, cfg.listen_port,
                                                reuse_address=True, backlog=512)
                 self.listeners.append(srv)
         if cfg.unix_socket_dir:
             path = os.path.join(cfg.unix_socket_dir, f".s.PGSQL.{cfg.listen_port}")
             if os.path.exists(path):
                 os.unlink(path)
-            srv = await loop.create_unix_server(lambda: ClientConn(self, unix=True), path, backlog=512)
+            srv = await loop.create_unix_server(lambda: ClientSession(self, unix=True), path, backlog=512)
             os.chmod(path, cfg.unix_socket_mode)
             self.unix_path = path
             self.listeners.append(srv)
@@ -73,6 +84,7 @@ class Gateway:
             with open(cfg.pidfile, "w") as f:
                 f.write(f"{os.getpid()}\n")
         self._janitor = loop.create_task(self._janitor_loop())
+        self.stats.start()
         where = [f"{cfg.listen_addr}:{cfg.listen_port}"] if cfg.listen_addr else []
         if self.unix_path:
             where.append(self.unix_path)
@@ -134,6 +146,7 @@ class Gateway:
                 pass
         if self._janitor:
             self._janitor.cancel()
+        self.stats.stop()
         self.stopped.set()
 
     def catalog_for(self, pool: Pool) -> CatalogHolder:
@@ -143,6 +156,11 @@ class Gateway:
             # an obsolete pool keep the existing holder (never a fresh, unloaded one each time)
             holder = self.catalogs[pool.catalog_key] = CatalogHolder(pool)
         return holder
+
+    def catalog_changed(self, catalog_key: tuple) -> None:
+        holder = self.catalogs.get(catalog_key)
+        if holder is not None:
+            holder.invalidate()
 
     def reload(self) -> None:
         """SIGHUP: load the config again; pools adjust, sessions survive. A broken file is
@@ -205,7 +223,7 @@ class Gateway:
 
     # ------------------------------------------------------------------ clients
 
-    def client_arrived(self, c: ClientConn) -> bool:
+    def client_arrived(self, c: ClientSession) -> bool:
         if self.stopping is not None:
             return False
         if self.config.max_client_conn and len(self.clients) >= self.config.max_client_conn:
@@ -214,17 +232,14 @@ class Gateway:
         self.clients.add(c)
         return True
 
-    def client_left(self, c: ClientConn, logged_in: bool) -> None:
+    def client_left(self, c: ClientSession, logged_in: bool) -> None:
         self.clients.discard(c)
         if c.pid:
             self.cancel_keys.pop((c.pid, c.key), None)
-        if logged_in and self.config.log_disconnections:
-            log.info("disconnect: %s db=%s user=%s age=%.1fs", c.addr, c.database, c.user,
-                     time.monotonic() - c.connected_at)
         if self.stopping:
             self._check_stopped()
 
-    def register_cancel_key(self, c: ClientConn) -> tuple[int, int]:
+    def register_cancel_key(self, c: ClientSession) -> tuple[int, int]:
         while True:
             pid = secrets.randbelow(2**31 - 2) + 1
             key = secrets.randbits(32) - 2**31
@@ -232,7 +247,7 @@ class Gateway:
                 self.cancel_keys[(pid, key)] = c
                 return pid, key
 
-    def auth_failed(self, c: ClientConn, reason: str) -> float:
+    def auth_failed(self, c: ClientSession, reason: str) -> float:
         """Log a failed login; -> seconds to wait before refusing it. After
         ``auth_fail_delay_after`` failures from one address within a minute, each further one waits
         twice as long as the last (up to ``auth_fail_max_delay``)."""
@@ -251,6 +266,9 @@ class Gateway:
             delay = min(cfg.auth_fail_max_delay, 0.1 * 2 ** (count - cfg.auth_fail_delay_after - 1))
         log.warning("authentication failed: %s user=%s db=%s (%s)%s", c.addr, c.login_name or c.user, c.database,
                     reason, f"; failure {count} from {host} in a row, answering in {delay:.2f}s" if delay else "")
+        ev = self.events.login_failed
+        if ev is not None:
+            ev(c, reason)
         return delay
 
     def scram_secret(self, user: str, secret: str) -> ScramSecret:
@@ -379,7 +397,7 @@ class Gateway:
             holder.tick(now)  # the catalog's background refresh (mask_catalog_ttl)
         if cfg.client_idle_timeout or cfg.idle_transaction_timeout or cfg.query_timeout:
             for c in list(self.clients):
-                if c.closed or c.state != 1:
+                if c.closed or c.state != C_READY:
                     continue
                 srv = c.server
                 if cfg.query_timeout and srv is not None and srv.queue and now - srv.query_start > cfg.query_timeout:

@@ -13,48 +13,25 @@ import collections
 import logging
 import socket
 import time
-from typing import TYPE_CHECKING
 
 from ..config import DatabaseConfig
-from .server import S_CLOSED, S_ACTIVE, S_IDLE, ServerConn, ServerLoginError
-
-if TYPE_CHECKING:
-    from .app import Gateway
-    from .client import ClientConn
+from ..protocol import messages as m
+from .interfaces import PoolHost, Waiter
+from .server import S_ACTIVE, S_CLOSED, S_IDLE, ServerConn, ServerLoginError
 
 log = logging.getLogger("pooler.pool")
 
-TRACKED_PARAMS = (
-    "client_encoding",
-    "DateStyle",
-    "TimeZone",
-    "IntervalStyle",
-    "standard_conforming_strings",
-    "application_name",
-)
-TRACKED_LOWER = {p.lower(): p for p in TRACKED_PARAMS}
-
-
-_CANONICAL: dict[tuple, tuple] = {}
-
-
-def canonical(key: tuple) -> tuple:
-    """One object for equal keys (parameter keys, client identities), so that comparing a
-    server's key with a client's on every hand-over is mostly an ``is``. Bounded: clients choose
-    some of the values (application_name)."""
-    c = _CANONICAL.get(key)
-    if c is None:
-        if len(_CANONICAL) >= 4096:
-            _CANONICAL.clear()
-        c = _CANONICAL[key] = key
-    return c
-
 
 class Pool:
-    tracked_params = frozenset(TRACKED_PARAMS)
+    __slots__ = (
+        "gw", "events", "db", "name", "server_user", "server_password", "server_dbname", "catalog_key", "idle",
+        "active", "connecting", "waiters", "welcome", "welcome_waiters", "last_connect_error", "clients",
+        "obsolete",
+    )
 
-    def __init__(self, gw: "Gateway", db: DatabaseConfig, server_user: str, password: str | None):
+    def __init__(self, gw: PoolHost, db: DatabaseConfig, server_user: str, password: str | None):
         self.gw = gw
+        self.events = gw.events
         self.db = db
         self.name = f"{db.name}/{server_user}"
         self.server_user = server_user
@@ -64,7 +41,7 @@ class Pool:
         self.idle: collections.deque[ServerConn] = collections.deque()
         self.active: set[ServerConn] = set()
         self.connecting = 0
-        self.waiters: collections.deque["ClientConn"] = collections.deque()
+        self.waiters: collections.deque[Waiter] = collections.deque()
         self.welcome: dict[str, str] | None = None
         self.welcome_waiters: list[asyncio.Future] = []
         self.last_connect_error: tuple[float, str, str] | None = None
@@ -82,16 +59,26 @@ class Pool:
         cfg = self.gw.config
         return self.db.min_pool_size if self.db.min_pool_size is not None else cfg.min_pool_size
 
-    @staticmethod
-    def param_key_of(params: dict[str, str]) -> tuple:
-        return canonical(tuple(params.get(p) for p in TRACKED_PARAMS))
-
     def total(self) -> int:
         return len(self.idle) + len(self.active) + self.connecting
 
+    # ------------------------------------------------------------------ what its servers ask (interfaces.ServerHome)
+
+    def startup_params(self) -> dict[str, str]:
+        params = {"user": self.server_user, "database": self.server_dbname}
+        if self.db.application_name:
+            params["application_name"] = self.db.application_name
+        return params
+
+    def mask_key(self) -> bytes:
+        return self.gw.config.mask_key
+
+    def catalog_changed(self) -> None:
+        self.gw.catalog_changed(self.catalog_key)
+
     # ------------------------------------------------------------------ handing out
 
-    def acquire(self, client: "ClientConn") -> ServerConn | None:
+    def acquire(self, client: Waiter) -> ServerConn | None:
         idle = self.idle
         while idle:
             srv = idle.pop()  # LIFO: the warmest connection
@@ -105,7 +92,7 @@ class Pool:
             self._grow()
         return None
 
-    def cancel_wait(self, client: "ClientConn") -> None:
+    def cancel_wait(self, client: Waiter) -> None:
         try:
             self.waiters.remove(client)
         except ValueError:
@@ -141,11 +128,9 @@ class Pool:
                 client.server_assigned(srv)
             except Exception:  # noqa: BLE001 - a bug in one session must not reach the caller's (another session's server)
                 log.exception("client %s: internal error while taking a server; closing it", client.describe())
-                if client.server is srv:
-                    client.server = None
                 srv.client = None
                 srv.close("internal error in a client session")
-                client.fatal("XX000", "internal error in the gateway")
+                client.server_failed(srv, "XX000", "internal error in the gateway")
             return
         srv.state = S_IDLE
         self.active.discard(srv)
@@ -252,8 +237,6 @@ class Pool:
     async def _connect_tls(self, host: str, cfg, side: bool = False):
         """server_tls_sslmode: send SSLRequest; on 'S' wrap the socket in TLS, on 'N' go on in
         plaintext unless the mode requires TLS."""
-        from ..protocol import messages as m
-
         loop = asyncio.get_running_loop()
         port = self.db.port
         sock = None
@@ -288,8 +271,6 @@ class Pool:
             raise
 
     async def _run_connect_query(self, srv: ServerConn) -> None:
-        from ..protocol import messages as m
-
         fut = asyncio.get_running_loop().create_future()
         srv.resetting = True
         srv.reset_waiter = fut

@@ -21,41 +21,21 @@ import collections
 import logging
 import struct
 import time
-from typing import TYPE_CHECKING
 
 import scramp
 
 from ..masking.plan import MaskCtx, MaskingError, QueryMask, plan_for, scrub_message
 from ..protocol import messages as m
-
-if TYPE_CHECKING:
-    from .client import ClientConn
-    from .pool import Pool
+from .interfaces import (
+    FAKE_FIRST, FAKE_LAST, R_BIND, R_BIND_SKIP, R_CLOSE, R_CLOSE_SKIP, R_DESCRIBE, R_DESCRIBE_MASK,
+    R_EXECUTE, R_EXECUTE_REFUSAL, R_FAKE_CLOSE, R_FAKE_DONE, R_FAKE_PARSE, R_PARSE, R_PARSE_SKIP,
+    R_QUERY, R_QUERY_REFUSAL, R_QUERY_SKIP, R_SYNC, ClientSide, ServerHome,
+)
+from .params import TRACKED, param_key_of
 
 log = logging.getLogger("pooler.server")
 
 _unpack_len = struct.Struct("!i").unpack_from
-
-# Reply kinds in the outstanding-request queue.
-R_PARSE = 1          # '1' forwarded; info = (server_name, client_name) to undo on error
-R_PARSE_SKIP = 2     # '1' swallowed (injected Parse); info = server_name
-R_BIND = 3
-R_DESCRIBE = 4       # 't' then 'T' | 'n'
-R_EXECUTE = 5        # ends at 'C' | 'I' | 's' (or 'E')
-R_CLOSE = 6
-R_CLOSE_SKIP = 7     # '3' swallowed (eviction of a prepared statement); info = its server name
-R_SYNC = 8           # ends at 'Z'
-R_QUERY = 9          # simple Query or FunctionCall: ends at 'Z'
-R_QUERY_SKIP = 10    # internal query (parameter sync, reset): swallowed up to and incl. 'Z'
-R_FAKE_PARSE = 11    # gateway emits ParseComplete; info = (server_name, client_name) to undo
-R_FAKE_CLOSE = 12    # gateway emits CloseComplete; info = (name, statement, masks) to restore if skipped
-R_FAKE_DONE = 13     # gateway emits CommandComplete DEALLOCATE + ReadyForQuery; info as R_FAKE_CLOSE
-R_BIND_SKIP = 14     # '2' swallowed (injected refusal)
-R_EXECUTE_REFUSAL = 15  # injected refusal: its ErrorResponse is forwarded without CONTEXT
-R_QUERY_REFUSAL = 16    # simple-Query refusal: ErrorResponse forwarded without CONTEXT, ends at 'Z'
-R_DESCRIBE_MASK = 17    # injected Describe of a masked portal: 'T' | 'n' swallowed, builds the row plan
-
-FAKE_FIRST, FAKE_LAST = R_FAKE_PARSE, R_FAKE_DONE
 
 # first bytes of the CommandComplete tags _check_tag looks at: DEALLOCATE/DISCARD/DROP,
 # CREATE/COMMENT, ALTER, PREPARE
@@ -119,8 +99,20 @@ class ServerLoginError(Exception):
 
 
 class ServerConn(asyncio.Protocol):
-    def __init__(self, pool: "Pool", side: bool = False) -> None:
+
+    # every attribute is declared: slot access is what the hot path reads most
+    __slots__ = (
+        "awaiting_sync", "cancels_in_flight", "client", "close_reason", "collect_error",
+        "collect_waiter", "collected", "created_at", "ddl_pending", "dirty", "events", "in_copy",
+        "key", "last_used", "login_waiter", "masking", "owner", "param_key", "params", "parked",
+        "peer", "pending_sync", "pid", "pool", "prepared", "query_start", "queue", "rbuf",
+        "reading_paused", "received", "reset_waiter", "resetting", "rneed", "rowplan", "scram",
+        "sent", "side", "skip", "state", "transport", "tx_status", "w_bytes", "w_start",
+        "writing_paused",
+    )
+    def __init__(self, pool: ServerHome, side: bool = False) -> None:
         self.pool = pool
+        self.events = pool.events
         self.side = side  # the gateway's own connection (catalog reads): not pooled
         self.collected: list | None = None  # side connections: result sets of run_query
         self.collect_waiter: asyncio.Future | None = None
@@ -133,7 +125,7 @@ class ServerConn(asyncio.Protocol):
         self.state = S_CONNECTING
         self.rbuf = b""
         self.skip = 0  # bytes of a passed-through message still to come
-        self.client: ClientConn | None = None
+        self.client: ClientSide | None = None
         self.queue: collections.deque = collections.deque()
         self.params: dict[str, str] = {}
         self.param_key: tuple = ()
@@ -156,19 +148,22 @@ class ServerConn(asyncio.Protocol):
         self.parked = False  # released while a cancel request was in flight
         self.pending_sync = False  # extended-protocol requests sent since the last Sync
         self.awaiting_sync = False  # an extended-protocol error: the server skips every request up to a Sync not yet queued
-        self.query_start = 0.0
+        self.query_start = 0.0  # when the client's requests now outstanding were sent
         self.peer = ""
+        # this round's bytes (the session reads and resets them at ReadyForQuery: events.ready)
+        self.sent = 0
+        self.received = 0
+        # events.completed/failed (events.watching): server bytes and start of the statement
+        # whose result is streaming
+        self.w_bytes = 0
+        self.w_start = 0.0
 
     # ------------------------------------------------------------------ transport callbacks
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self.state = S_LOGIN
-        params = {"user": self.pool.server_user, "database": self.pool.server_dbname}
-        app = self.pool.db.application_name
-        if app:
-            params["application_name"] = app
-        transport.write(m.startup_message(params))  # type: ignore[attr-defined]
+        transport.write(m.startup_message(self.pool.startup_params()))  # type: ignore[attr-defined]
 
     def connection_lost(self, exc: Exception | None) -> None:
         prev = self.state
@@ -310,7 +305,7 @@ class ServerConn(asyncio.Protocol):
         elif t == T_READY:
             self.state = S_IDLE
             self.tx_status = body[0] if body else m.TX_IDLE
-            self.param_key = self.pool.param_key_of(self.params)
+            self.param_key = param_key_of(self.params)
             w = self.login_waiter
             if w is not None and not w.done():
                 w.set_result(None)
@@ -342,10 +337,11 @@ class ServerConn(asyncio.Protocol):
             elif self.state != S_CLOSED:
                 self._idle_data(data)
             return
+        self.received += len(data)
         queue = self.queue
         if (queue and len(data) <= FAST_REPLY_MAX
                 and not (self.skip or self.rbuf or self.masking or self.ddl_pending or self.in_copy or self.awaiting_sync)
-                and not client.mask_portals):
+                and not client.book.mask_portals and not self.events.watching):
             # the fast lane: a whole small reply that needs only forwarding (see _PLAIN_REPLIES);
             # anything else, or a reply cut short, goes to the general loop below from the start
             n = len(data)
@@ -367,9 +363,12 @@ class ServerConn(asyncio.Protocol):
                         client.server_ready(self, status, data)
                         return
                 break
+        watching = self.events.watching
         skip = self.skip
         if skip:
             n = len(data)
+            if watching:
+                self.w_bytes += min(skip, n)
             if skip >= n:
                 self.skip = skip - n
                 client.write(data)
@@ -394,6 +393,7 @@ class ServerConn(asyncio.Protocol):
         out = None  # pieces, once a message is swallowed, replaced or a fake reply inserted
         plan = self.rowplan
         masking = self.masking
+        wfrom = 0  # watching: where the bytes of the statement being answered begin in data
         while n - pos >= 5:
             t = data[pos]
             (length,) = _unpack_len(data, pos + 1)
@@ -466,9 +466,9 @@ class ServerConn(asyncio.Protocol):
                         self.masking = masking = False
                 if self.ddl_pending and self.tx_status == m.TX_IDLE:
                     self._ddl_committed()
-                if client.mask_portals and self.tx_status == m.TX_IDLE and len(queue) <= 1:
+                if client.book.mask_portals and self.tx_status == m.TX_IDLE and len(queue) <= 1:
                     # every portal ends with its transaction (not those bound after this Sync)
-                    client.mask_portals.clear()
+                    client.book.mask_portals.clear()
                 if head == R_QUERY_SKIP:
                     reset = queue.popleft()[1]  # "reset": an identity reset, the SETs follow
                     if out is None:
@@ -482,6 +482,9 @@ class ServerConn(asyncio.Protocol):
                     queue.popleft()
                 self.in_copy = False
                 pos = end
+                if watching:
+                    self.w_bytes = 0  # a round ended: the next statement's bytes start here
+                    wfrom = end
                 if not queue:
                     # nothing outstanding: forward, then the server may go back to its pool
                     if out is None:
@@ -495,6 +498,7 @@ class ServerConn(asyncio.Protocol):
                     if self.rbuf:
                         rest = self.rbuf
                         self.rbuf = b""
+                        self.received -= len(rest)  # counted again as the next round's
                         self.data_received(rest)
                     return
                 continue
@@ -505,7 +509,8 @@ class ServerConn(asyncio.Protocol):
                     self.dirty = True
                     if client.pending_param_sync:
                         # the client's own parameters could not be applied: report and close it
-                        client.fatal(f.get("C", "08P01"), f.get("M", "could not apply session parameters"))
+                        self._give_up(client, "could not apply the client's session parameters",
+                                      f.get("C", "08P01"), f.get("M", "could not apply session parameters"))
                         return
                 elif t == T_PARAM:
                     self._param(data[pos + 5 : end], client, forward=False)
@@ -523,6 +528,9 @@ class ServerConn(asyncio.Protocol):
             if t == T_COMPLETE:
                 if data[pos + 5] in _TAG_FIRST:  # statements that forget or change things
                     self._check_tag(data, pos, end, client)
+                if watching:
+                    self._watch_completed(client, data[pos + 5 : end - 1], self.w_bytes + end - wfrom)
+                    self.w_bytes, wfrom = 0, end
                 if head == R_EXECUTE:
                     queue.popleft()
                 if masking:
@@ -558,7 +566,7 @@ class ServerConn(asyncio.Protocol):
                 elif head == R_CLOSE:
                     info = queue.popleft()[1]
                     if info is not None:
-                        client.mask_close_confirmed(info)
+                        client.book.close_confirmed(info)
                 elif head == R_PARSE_SKIP or head == R_CLOSE_SKIP or head == R_BIND_SKIP:
                     queue.popleft()
                     if out is None:
@@ -571,12 +579,13 @@ class ServerConn(asyncio.Protocol):
                 if plan is not None:
                     self._plan_done(client)
                     plan = None
+                scrubbed = None
                 if masking and queue and _masked_info(queue[0][1]):
                     # an error of a masked statement may quote a row value
                     if out is None:
                         out = []
                     out.append(data[fwd:pos])
-                    out.append(scrub_message(b"E", data[pos + 5 : end]))
+                    out.append(scrubbed := scrub_message(b"E", data[pos + 5 : end]))
                     fwd = end
                 if head == R_EXECUTE_REFUSAL or head == R_QUERY_REFUSAL or head == R_PARSE_SKIP:
                     # an error the gateway asked for: drop PL/pgSQL's CONTEXT and position
@@ -588,6 +597,10 @@ class ServerConn(asyncio.Protocol):
                     fields.pop("P", None)
                     out.append(m.build_error_from_fields(fields))
                     fwd = end
+                if watching and head != R_EXECUTE_REFUSAL and head != R_QUERY_REFUSAL:
+                    # (the gateway's own refusals are reported as events.refused)
+                    self._watch_failed(client, scrubbed[5:] if scrubbed is not None else data[pos + 5 : end])
+                    self.w_bytes, wfrom = 0, end
                 if head and head != R_QUERY and head != R_SYNC and head != R_QUERY_REFUSAL:
                     self._error_skips_to_sync()
                     if not queue:
@@ -600,6 +613,9 @@ class ServerConn(asyncio.Protocol):
                     queue.popleft()
                 elif masking and head == R_QUERY and t == T_EMPTY and queue[0][1] is not None:
                     queue[0][1].index += 1
+                if watching and t == T_EMPTY:
+                    self._watch_completed(client, b"", self.w_bytes + end - wfrom)
+                    self.w_bytes, wfrom = 0, end
             elif t == T_NOTICE:
                 if masking and queue and _masked_info(queue[0][1]):
                     if out is None:
@@ -615,6 +631,8 @@ class ServerConn(asyncio.Protocol):
                 self.in_copy = True
             # 't' ParameterDescription, 'c' CopyDone, 'V' FunctionCallResponse, 'N', 'A': as is
             pos = end
+        if watching:
+            self.w_bytes += pos - wfrom
         # forward everything scanned so far; keep an incomplete message for later
         if out is None:
             if pos == n and fwd == 0:
@@ -631,15 +649,35 @@ class ServerConn(asyncio.Protocol):
             self._emit_fakes(pieces)
             client.write(b"".join(pieces))
 
-    def _check_tag(self, data: bytes, pos: int, end: int, client: "ClientConn") -> None:
+    # -- events.completed / events.failed (only while someone listens: events.watching)
+
+    def _watch_completed(self, client: ClientSide, tag: bytes, nbytes: int) -> None:
+        now = time.monotonic()
+        start = self.w_start if self.w_start > self.query_start else self.query_start
+        self.w_start = now
+        text = tag.decode("utf-8", "replace")
+        head, _, last = text.rpartition(" ")
+        rows = int(last) if head and last.isdigit() else None
+        ev = self.events.completed
+        if ev is not None:
+            ev(client, self, text, rows, nbytes, now - start)
+
+    def _watch_failed(self, client: ClientSide, body: bytes) -> None:
+        self.w_start = time.monotonic()
+        ev = self.events.failed
+        if ev is not None:
+            f = m.parse_error_fields(body)
+            ev(client, self, f.get("C", ""), f.get("M", ""))
+
+    def _check_tag(self, data: bytes, pos: int, end: int, client: ClientSide) -> None:
         tag = data[pos + 5 : end - 1]
         if tag == b"DEALLOCATE ALL" or tag == b"DISCARD ALL":
             self.prepared.clear()
-            client.forget_all_statements()
+            client.book.all_discarded()
         elif tag == b"PREPARE":
             info = self.queue[0][1] if self.queue and self.queue[0][0] == R_QUERY else None
             if type(info) is QueryMask and info.prepares:
-                client.sql_prepare_confirmed(*info.prepares.pop(0))
+                client.book.sql_prepare_confirmed(*info.prepares.pop(0))
         elif tag.startswith((b"CREATE", b"ALTER", b"DROP", b"COMMENT")):
             # the catalog the masking plans rely on changed (visible to others at commit)
             self.ddl_pending = True
@@ -648,16 +686,14 @@ class ServerConn(asyncio.Protocol):
     def _ddl_committed(self) -> None:
         if self.tx_status == m.TX_IDLE:
             self.ddl_pending = False
-        holder = self.pool.gw.catalogs.get(self.pool.catalog_key)
-        if holder is not None:
-            holder.invalidate()
+        self.pool.catalog_changed()
 
     # -- masking
 
-    def _make_plan(self, client: "ClientConn", ctx, index: int, body: bytes):
+    def _make_plan(self, client: ClientSide, ctx, index: int, body: bytes):
         """The RowPlan for a result of a masked statement; False when the session was ended."""
         try:
-            plan = plan_for(ctx, index, body, self.pool.gw.config.mask_key)
+            plan = plan_for(ctx, index, body, self.pool.mask_key())
         except Exception as e:  # noqa: BLE001 - a result that cannot be planned is never forwarded
             log.exception("masking plan failed")
             self._masking_failed(client, f"cannot plan the masking of this result ({type(e).__name__})")
@@ -665,21 +701,27 @@ class ServerConn(asyncio.Protocol):
         self.rowplan = plan
         return plan
 
-    def _plan_done(self, client: "ClientConn") -> None:
+    def _plan_done(self, client: ClientSide) -> None:
         plan = self.rowplan
         self.rowplan = None
         if plan is not None:
-            client.masked(plan.report())
+            ev = self.events.masked
+            if ev is not None:
+                ev(client, plan.report())
 
-    def _masking_failed(self, client: "ClientConn", why: str) -> None:
+    def _masking_failed(self, client: ClientSide, why: str) -> None:
         """Fail closed: nothing more of this result reaches the client; both sessions end."""
         log.error("server %s: masking failed, closing the session: %s", self.describe(), why)
         self.rowplan = None
+        self._give_up(client, f"masking failed: {why}", "XX000",
+                      f"the gateway could not mask this result ({why}); the session is closed")
+
+    def _give_up(self, client: ClientSide, reason: str, sqlstate: str, message: str) -> None:
+        """The reply side cannot go on safely: close this server, end the client's session."""
         self.dirty = True
         self.client = None
-        client.server = None
-        self.close(f"masking failed: {why}")
-        client.fatal("XX000", f"the gateway could not mask this result ({why}); the session is closed")
+        self.close(reason)
+        client.server_failed(self, sqlstate, message)
 
     def _emit_fakes(self, out: list) -> None:
         q = self.queue
@@ -707,7 +749,7 @@ class ServerConn(asyncio.Protocol):
                 sname, cname = info
                 self.prepared.pop(sname, None)
                 if client is not None and cname is not None:
-                    client.undo_statement(cname, sname)
+                    client.book.parse_skipped(cname, sname)
             elif kind == R_PARSE_SKIP:
                 self.prepared.pop(info, None)
             elif kind == R_CLOSE_SKIP and info is not None and info not in self.prepared:
@@ -715,19 +757,19 @@ class ServerConn(asyncio.Protocol):
                 self.prepared[info] = None
                 self.prepared.move_to_end(info, last=False)
             elif kind == R_FAKE_PARSE and client is not None and info is not None:
-                client.undo_statement(info[1], info[0])
+                client.book.parse_skipped(info[1], info[0])
             elif (kind == R_FAKE_CLOSE or kind == R_FAKE_DONE) and client is not None and info is not None:
-                client.restore_statement(*info)
+                client.book.close_skipped(info)
             elif kind == R_QUERY:
                 # a Query pipelined behind the error, skipped: the gateway may have acted on it
                 # already (a DEALLOCATE of a statement this server has): never reuse the server
                 self.dirty = True
 
-    def _param(self, body: bytes, client: "ClientConn", forward: bool) -> None:
+    def _param(self, body: bytes, client: ClientSide, forward: bool) -> None:
         k, v = m.parse_parameter_status(body)
         self.params[k] = v
-        if k in self.pool.tracked_params:
-            self.param_key = self.pool.param_key_of(self.params)
+        if k in TRACKED:
+            self.param_key = param_key_of(self.params)
             if forward:
                 client.param_changed(k, v)
 
@@ -750,7 +792,7 @@ class ServerConn(asyncio.Protocol):
             if t == T_PARAM:
                 k, v = m.parse_parameter_status(body)
                 self.params[k] = v
-                self.param_key = self.pool.param_key_of(self.params)
+                self.param_key = param_key_of(self.params)
             elif resetting and t == T_READY:
                 self.resetting = False
                 self.tx_status = body[0]
@@ -831,6 +873,7 @@ class ServerConn(asyncio.Protocol):
     # ------------------------------------------------------------------ requests
 
     def send(self, data: bytes) -> None:
+        self.sent += len(data)
         self.transport.write(data)
 
     def clean(self) -> bool:

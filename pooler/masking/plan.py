@@ -1,7 +1,7 @@
 """Masking plans: which output columns of a result carry masked data, and the DataRow rewriter.
 
 Rules this module keeps:
-- Pure: a plan is built from the rules' masks, the statement's lineage (policy/lineage.py), the
+- Pure: a plan is built from the rules' masks, the statement's lineage (sql/lineage.py), the
   catalog and a RowDescription; no I/O.
 - Fail closed. A column is masked when any of its sources matches a mask, when its origin is
   unknown (a table OID the catalog does not know, a computed column without lineage, a call to a
@@ -20,7 +20,7 @@ import re
 import struct
 from dataclasses import dataclass, field
 
-from ..policy.lineage import UNKNOWN, StatementLineage
+from ..sql.lineage import UNKNOWN, StatementLineage
 from ..protocol import messages as m
 from .catalog import Catalog
 from .methods import KIND_TEXT, TEXT_TYPE_OIDS, Method, detect_text, kind_of, parse_method

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 from pglast.parser import ParseError, normalize
 
-from .analyzer import AnalysisError, StatementFacts, analyze
-from .lexing import SETTINGS as LEXING_SETTINGS
+from ..sql.analyzer import AnalysisError, StatementFacts, analyze
+from ..sql.lexing import SETTINGS as LEXING_SETTINGS
 from .rules import Decision, RuleSet, combine, evaluate
 
 CACHE_MAX = 50_000
@@ -149,46 +149,3 @@ def _session_work(facts: tuple[StatementFacts, ...]) -> bool:
                 or not LEXING_SETTINGS.isdisjoint(f.guc_writes)):
             return True
     return False
-
-
-# --------------------------------------------------------------------------- rule tests
-
-
-@dataclass(slots=True)
-class TestResult:
-    case: dict
-    ok: bool
-    got: Decision | None
-    message: str
-
-    def describe(self) -> str:
-        name = self.case.get("name") or self.case["sql"][:60]
-        return f"{self.case['_file']} test #{self.case['_index']} ({name}): {self.message}"
-
-
-def run_rule_tests(rules: RuleSet) -> list[TestResult]:
-    policy = Policy(rules)
-    results = []
-    for case in rules.tests:
-        s = case.get("session", {}) or {}
-        session = SessionInfo(
-            user=str(s.get("user", "agent")), database=str(s.get("database", "postgres")),
-            groups=tuple(s.get("groups", ())), application_name=str(s.get("application_name", "")),
-            client_addr=str(s.get("client_addr", "127.0.0.1")), in_transaction=bool(s.get("in_transaction", False)),
-            search_path=tuple(s.get("search_path", ("public",))))
-        v = policy._evaluate(case["sql"], session)
-        d = v.decision
-        problems = []
-        if d.action != case["expect"]:
-            problems.append(f"expected {case['expect']}, got {d.action}" + (f" ({d.rule}: {d.reason})" if d.reason else ""))
-        want_reason = case.get("reason")
-        if want_reason and want_reason not in d.reason:
-            problems.append(f"reason {d.reason!r} does not contain {want_reason!r}")
-        want_masks = case.get("masks")
-        if want_masks:
-            got = dict(d.masks)
-            for col, method in want_masks.items():
-                if got.get(col) != method:
-                    problems.append(f"expected mask {col} = {method}, got {got.get(col)}")
-        results.append(TestResult(case, not problems, d, "; ".join(problems) or "ok"))
-    return results

@@ -1,0 +1,138 @@
+"""What happened in the gateway, told to observers the core does not know (the log lines, the
+counters behind the stats log and the console, recordings, metrics).
+
+Rules this module keeps:
+- One hub per gateway (``Events``); each event is an attribute that is ``None`` while nobody
+  listens, so the core pays one attribute load and an ``is None`` test for an event nobody
+  wants: ``ev = self.events.ready; if ev is not None: ev(...)``.
+- An observer subclasses ``Observer`` and defines the events it wants, as methods with the
+  signatures below; only those are called.
+- An observer's exception is logged and swallowed: it never breaks the session that reported
+  the event. An observer whose failure must stop traffic (a recorder that cannot write) says so
+  through the gateway, not by raising here. The gateway's own observers (``trusted = True``:
+  counters and log lines, pinned by tests) are called without that guard, one Python call less
+  on the hot path.
+- Events are reported synchronously on the event loop: an observer that does I/O buffers and
+  hands it to a thread.
+
+The events, in a session's order (``session`` is the ClientSession, ``server`` the ServerConn):
+
+    login(session)                                   logged in; identity, groups, database known
+    login_failed(session, reason)                    a login refused (reason for the log only)
+    decided(session, kind, sql, decision)            a Query ('Q') or Parse ('P') judged; decision
+                                                     is the policy's Decision (None: no rules)
+    refused(session, sqlstate, message)              the gateway refused a request itself
+    server_assigned(session, server, waited)         a server linked to the session (waited: seconds
+                                                     spent waiting for it, 0.0 if none)
+    forwarded(session, server, nbytes)               request bytes sent to the server
+    completed(session, server, tag, rows, nbytes, seconds)
+                                                     one statement's result ended (CommandComplete or
+                                                     EmptyQueryResponse): its tag, rows from the tag
+                                                     (None where it has none), server bytes, duration
+    failed(session, server, sqlstate, message)       the server answered a request with an error
+    masked(session, report)                          a masked result ended: [(column, values masked)]
+    ready(session, server, status, started, sent, received)
+                                                     ReadyForQuery with nothing outstanding: a round
+                                                     ended (status I/T/E; started: monotonic time of
+                                                     its first request; bytes both ways)
+    server_released(session, server)                 the server went back to its pool (or closed)
+    logout(session, reason)                          the session ended
+
+``completed`` and ``failed`` make every server take the reply loop that reads each message (the
+fast lane forwards small replies without looking at their tags): subscribe to them only where
+they are needed.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+log = logging.getLogger("pooler.events")
+
+EVENTS = ("login", "login_failed", "decided", "refused", "server_assigned", "forwarded", "completed",
+          "failed", "masked", "ready", "server_released", "logout")
+
+
+class Observer:
+    """Base class of observers: override the events you want (signatures in the module doc)."""
+
+    trusted = False  # True only for the gateway's own observers: called without a guard
+
+    def login(self, session) -> None: ...
+    def login_failed(self, session, reason: str) -> None: ...
+    def decided(self, session, kind: str, sql: str, decision) -> None: ...
+    def refused(self, session, sqlstate: str, message: str) -> None: ...
+    def server_assigned(self, session, server, waited: float) -> None: ...
+    def forwarded(self, session, server, nbytes: int) -> None: ...
+    def completed(self, session, server, tag: str, rows: int | None, nbytes: int, seconds: float) -> None: ...
+    def failed(self, session, server, sqlstate: str, message: str) -> None: ...
+    def masked(self, session, report: list[tuple[str, int]]) -> None: ...
+    def ready(self, session, server, status: int, started: float, sent: int, received: int) -> None: ...
+    def server_released(self, session, server) -> None: ...
+    def logout(self, session, reason: str) -> None: ...
+
+
+def _dispatcher(name: str, handlers: list[Callable], trusted: bool) -> Callable:
+    if len(handlers) == 1 and trusted:
+        return handlers[0]
+    if len(handlers) == 1:
+        (h,) = handlers
+
+        def one(*args: Any) -> None:
+            try:
+                h(*args)
+            except Exception:  # noqa: BLE001 - an observer never breaks the session
+                log.exception("observer %r failed on %s", h, name)
+        return one
+
+    def fan_out(*args: Any) -> None:
+        for h in handlers:
+            try:
+                h(*args)
+            except Exception:  # noqa: BLE001
+                log.exception("observer %r failed on %s", h, name)
+    return fan_out
+
+
+class Events:
+    """The hub: ``subscribe(observer)``; each event attribute is None or a callable."""
+
+    __slots__ = EVENTS + ("observers", "watching")
+
+    login: Callable | None
+    login_failed: Callable | None
+    decided: Callable | None
+    refused: Callable | None
+    server_assigned: Callable | None
+    forwarded: Callable | None
+    completed: Callable | None
+    failed: Callable | None
+    masked: Callable | None
+    ready: Callable | None
+    server_released: Callable | None
+    logout: Callable | None
+
+    def __init__(self) -> None:
+        self.observers: list[Observer] = []
+        self.watching = False  # completed/failed wanted: replies are read message by message
+        self._build()
+
+    def subscribe(self, observer: Observer) -> None:
+        if observer not in self.observers:
+            self.observers.append(observer)
+            self._build()
+
+    def unsubscribe(self, observer: Observer) -> None:
+        if observer in self.observers:
+            self.observers.remove(observer)
+            self._build()
+
+    def _build(self) -> None:
+        for name in EVENTS:
+            base = getattr(Observer, name)
+            wanted = [o for o in self.observers if getattr(type(o), name, base) is not base]
+            handlers = [getattr(o, name) for o in wanted]
+            trusted = all(o.trusted for o in wanted)
+            setattr(self, name, _dispatcher(name, handlers, trusted) if handlers else None)
+        self.watching = self.completed is not None or self.failed is not None

@@ -1,0 +1,379 @@
+"""The decide stage: one client's statements judged by the rules before any server sees them.
+
+Rules this module keeps:
+- Every message that carries SQL or runs a statement is judged here (``Governor.decide``):
+  a simple Query (the whole string, every statement in it), Parse, and SQL-level EXECUTE as
+  the statement it runs; FunctionCall is refused while rules are active; Bind and Describe of
+  the unnamed statement only if this client parsed it on its current server.
+- Fail closed: SQL the gateway cannot read as the server will (policy.lexing), text that is
+  not valid in the client's encoding, a statement that cannot be analyzed, a rule error: the
+  message is refused. A name already prepared is refused as PostgreSQL refuses it, so EXECUTE
+  is never judged as text the server does not run; the search_path the rules see only grows.
+- A decision to mask plans what the reply side needs (masking.plan.MaskCtx): kept per
+  statement and portal in the client's statement book, or handed to forwarding for the Query
+  being sent (``query_mask``). Statements whose masked values would leave another way (COPY,
+  cursors, writes that copy them) are refused.
+- Decisions are cached by the policy engine (rules version, exact text, session attributes);
+  this stage keeps the session attributes' key ready (``session_info``).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any, Protocol
+
+from ..masking.plan import MaskCtx, QueryMask, compile_masks, method_for
+from ..policy.engine import SessionInfo
+from ..policy.rules import Decision
+from ..protocol import messages as m
+from ..protocol.frontend import T_BIND, T_DESCRIBE, T_FUNCTION, T_PARSE, T_QUERY
+from ..sql.lexing import SETTINGS as LEXING_SETTINGS, codec as reading_codec, unsafe_session, unsafe_value
+from ..sql.lineage import UNKNOWN, StatementLineage
+
+log = logging.getLogger("pooler.client")
+
+Refusal = tuple[str, str]
+WAIT_CATALOG: Refusal = ("", "")  # not a refusal: the catalog must be loaded before this message is judged
+
+_SEARCH_PATH_ITEM = re.compile(r'\s*(?:"((?:[^"]|"")*)"|([^,\s]+))\s*(?:,|$)')
+_NO_LINEAGE = StatementLineage(None, frozenset((UNKNOWN,)))
+
+
+class GovernedSession(Protocol):
+    """What the decide stage reads of its session (session.ClientSession)."""
+
+    gw: Any  # interfaces.SessionHost
+    user: str
+    database: str
+    groups: tuple[str, ...]
+    addr: str
+    params: dict[str, str]
+    tx_status: int
+    rewrite: bool
+    pool: Any
+    book: Any  # statements.StatementBook
+
+    def describe(self) -> str: ...
+
+
+class Governor:
+    def __init__(self, session: GovernedSession) -> None:
+        self.session = session
+        self.book = session.book
+        self.events = session.gw.events
+        self.lexing: str | None = None  # why the gateway cannot read this session's SQL (sql.lexing)
+        self.codec = "utf-8"  # how it reads the SQL text: as the server converts it from client_encoding
+        self.search_path: tuple[str, ...] = ("public",)
+        self.query_mask: QueryMask | None = None  # masks/PREPAREs of the Query just accepted, for forwarding
+        self._prep_new: list[tuple[str, str]] | tuple = ()  # PREPAREs of the message being judged
+        self._sinfo: list = [None, None]  # SessionInfo outside / inside a transaction
+        self._skey: list = [None, None]
+        self._holder = None  # the CatalogHolder of this session's database (rules that mask)
+
+    # ------------------------------------------------------------------ what the rules see of the session
+
+    def reading_changed(self, params: dict[str, str]) -> None:
+        """client_encoding or standard_conforming_strings changed: how SQL text is read."""
+        self.lexing = unsafe_session(params)
+        self.codec = reading_codec(params.get("client_encoding"))
+
+    def session_changed(self) -> None:
+        """An attribute the rules read changed (application_name, search_path)."""
+        self._sinfo = [None, None]
+        self._skey = [None, None]
+
+    def session_info(self) -> SessionInfo:
+        s = self.session
+        in_tx = s.tx_status != m.TX_IDLE
+        si = self._sinfo[in_tx]
+        if si is None:
+            si = SessionInfo(s.user, s.database, s.groups, s.params.get("application_name", ""),
+                             s.addr.rsplit(":", 1)[0], in_tx, self.search_path)
+            self._sinfo[in_tx] = si
+            self._skey[in_tx] = si.key()
+        return si
+
+    # ------------------------------------------------------------------ deciding
+
+    def decide(self, t: int, data: bytes, pos: int, end: int) -> Refusal | None:
+        """Judge the message ``data[pos:end]`` of type ``t``: None if it may pass, WAIT_CATALOG
+        if it must wait for masking's catalog (then judged again), else (sqlstate, message) of
+        the refusal. Raises ProtocolError for a malformed Parse."""
+        policy = self.session.gw.policy
+        book = self.book
+        if t == T_BIND or t == T_DESCRIBE:
+            # the unnamed statement must be one this client parsed on this server
+            if t == T_BIND:
+                if data[pos + 5] == 0 and data[pos + 6] == 0 and not book.unnamed_ok:
+                    return ("26000", "unnamed prepared statement does not exist")
+            elif data[pos + 5] == 83 and data[pos + 6] == 0 and not book.unnamed_ok:
+                return ("26000", "unnamed prepared statement does not exist")
+            return None
+        if t == T_FUNCTION:
+            if policy is None:
+                return None
+            return ("42501", "refused by the gateway: the FunctionCall protocol message is not allowed; use a SQL statement")
+        if t == T_QUERY:
+            book.unnamed_ok = False  # a simple Query destroys the unnamed statement
+            raw = data[pos + 5 : end - 1]
+            if policy is None:
+                if self.events.decided is not None:
+                    self._unjudged("Q", raw)
+                return None
+            if self.lexing is not None:
+                return ("0A000", f"refused by the gateway: {self.lexing}")
+        else:  # Parse
+            if policy is None and data[pos + 5] == 0 and self.events.decided is None:
+                book.unnamed_ok = True  # the server checks the rest of the message
+                return None
+            body = data[pos + 5 : end]
+            name_end = body.find(b"\x00")
+            q_end = body.find(b"\x00", name_end + 1)
+            if name_end < 0 or q_end < 0:
+                raise m.ProtocolError("invalid Parse message")
+            raw = body[name_end + 1 : q_end]
+            if name_end == 0:
+                book.unnamed_ok = False
+            if policy is None:
+                if name_end == 0:
+                    book.unnamed_ok = True  # the server checks the rest of the message
+                if self.events.decided is not None:
+                    self._unjudged("P", raw)
+                return None
+            if self.lexing is not None:
+                return ("0A000", f"refused by the gateway: {self.lexing}")
+        try:
+            sql = raw.decode(self.codec)
+        except UnicodeDecodeError:
+            return ("42501", f"refused by the gateway: statement text is not valid "
+                             f"{self.session.params.get('client_encoding') or 'UTF8'}")
+        si = self.session_info()
+        catalog = holder = None
+        if policy.rules.may_mask:
+            holder = self._holder
+            if holder is None or holder.pool.obsolete:
+                holder = self._holder = self.session.gw.catalog_for(self.session.pool)
+            if holder.stale:
+                return WAIT_CATALOG
+            catalog = holder.catalog
+        self._prep_new = ()  # _session_work fills it; committed only if this message is accepted
+        verdict = policy.decide(sql, si, self._skey[si.in_transaction], catalog)
+        d = verdict.decision
+        if verdict.unknown_tables and catalog is not None:
+            holder.saw_unknown()
+        if not d.refused and verdict.session_work:  # Query and Parse alike: EXECUTE can come either way
+            d = self._session_work(policy, verdict, si, catalog)
+            if isinstance(d, tuple):
+                return d
+        ev = self.events.decided
+        if ev is not None:
+            ev(self.session, "Q" if t == T_QUERY else "P", sql, d)
+        if d.refused:
+            return refusal_text(d)
+        if book.mask_portals:
+            for f in verdict.facts:
+                if f.command in ("FETCH", "MOVE") and f.prepared_name is not None:
+                    if f.prepared_name.encode(self.codec) in book.mask_portals:  # names as the client sent them
+                        return ("42501", f'refused by the gateway: portal "{f.prepared_name}" reads masked columns; '
+                                         "FETCH of it could not be masked (use Execute with a row limit)")
+        ctx = None
+        if d.action == "mask":
+            ctx = self._mask_ctx(d, verdict, sql, si)
+            if isinstance(ctx, tuple):
+                return ctx
+        if t == T_PARSE:
+            if self._prep_new:
+                return ("42501", "refused by the gateway: send SQL-level PREPARE as a simple query (the "
+                                 "gateway follows what it prepares only there); drivers' protocol-level "
+                                 "prepared statements need no PREPARE")
+            if name_end == 0:
+                book.unnamed_ok = True
+                if ctx is not None:
+                    book.mask_stmts[b""] = ctx
+                elif book.mask_stmts:
+                    book.mask_stmts.pop(b"", None)
+            else:
+                name = data[pos + 5 : pos + 5 + name_end]
+                old = book.mask_stmts.get(name)
+                if self.session.rewrite and name in book.stmts:
+                    pass  # the gateway refuses this Parse (42P05): the old statement stays as it is
+                elif old is not None and (ctx is None or old.key != ctx.key):
+                    # the name exists (a Parse reusing it fails on the server) or existed: which
+                    # text runs cannot be told here, so mask what either would, by column origin
+                    book.mask_stmts[name] = _either(old, ctx)
+                elif ctx is not None:
+                    book.mask_stmts[name] = ctx
+        elif ctx is not None or self._prep_new:
+            # the Query's PREPAREs are recorded as the server confirms each one (CommandComplete
+            # PREPARE, in order); a PREPARE that fails never makes EXECUTE judged as its text
+            self.query_mask = QueryMask(ctx, prepares=list(self._prep_new) if self._prep_new else None)
+        else:
+            self.query_mask = None
+        return None
+
+    def _unjudged(self, kind: str, raw: bytes) -> None:
+        """events.decided without rules: the statement as the session's encoding reads it."""
+        self.events.decided(self.session, kind, raw.decode(self.codec, "replace"), None)
+
+    def _session_work(self, policy, verdict, si, catalog=None):
+        """SQL-level PREPARE/EXECUTE/DEALLOCATE and search_path: EXECUTE is judged as the
+        statement it runs. Returns a Decision, or (sqlstate, message) of a refusal.
+
+        Fail closed: a name already prepared is refused as PostgreSQL refuses it (otherwise a
+        failing re-PREPARE would let EXECUTE be judged as text the server does not run), and the
+        search_path the rules see only grows: a SET that is rolled back, a SET LOCAL, or a
+        server given to another transaction can then never hide a schema from the rules."""
+        d = verdict.decision
+        prepared = self.book.sql_prepared
+        self._prep_new = []
+        local: dict[str, str] = {}  # prepared earlier in this same message
+        for f in verdict.facts:
+            cmd = f.command
+            if cmd == "EXECUTE":
+                name = f.prepared_name or ""
+                inner_sql = local.get(name) or prepared.get(name)
+                if inner_sql is None:
+                    return ("26000", f'prepared statement "{f.prepared_name}" does not exist')
+                inner = policy.decide(inner_sql, si, None, catalog).decision
+                if inner.refused:
+                    return inner
+                if inner.action == "mask":
+                    d = _merge_masks(d, inner)
+            elif cmd == "PREPARE" and f.prepared_name and f.inner is not None:
+                name = f.prepared_name
+                if name in prepared or name in local:
+                    return ("42P05", f'prepared statement "{name}" already exists')
+                if name.startswith("pooler_"):
+                    return ("42501", "refused by the gateway: prepared statement names starting with "
+                                     "pooler_ are reserved for the gateway")
+                local[name] = f.inner.sql
+                # recorded when the server confirms it (CommandComplete PREPARE): a PREPARE that
+                # fails there must never make the rules judge EXECUTE as text the server does not run
+                self._prep_new.append((name, f.inner.sql))
+            elif cmd == "DEALLOCATE":
+                prepared.pop(f.prepared_name or "", None)
+            elif cmd in ("DEALLOCATE ALL", "DISCARD ALL"):
+                if cmd == "DISCARD ALL" and (why := unsafe_session(self.session.pool.welcome or {})) is not None:
+                    return ("0A000", f"refused by the gateway: {why}")  # it resets to the server's defaults
+                prepared.clear()
+            elif cmd in ("SET", "RESET") and (f.set_name in LEXING_SETTINGS or f.set_name == "all"):
+                # the server would read the following statements otherwise than the gateway does
+                if f.set_name in LEXING_SETTINGS and f.set_value is not None:
+                    why = unsafe_value(f.set_name, f.set_value)
+                else:  # RESET, SET ... TO DEFAULT, RESET ALL: the server's default
+                    why = unsafe_session(self.session.pool.welcome or {})
+                if why is not None:
+                    return ("0A000", f"refused by the gateway: {why}")
+            elif cmd == "SET" and f.set_name == "search_path" and f.set_value is not None:
+                path = tuple(a or b for a, b in _SEARCH_PATH_ITEM.findall(f.set_value) if (a or b))
+                path = tuple(dict.fromkeys(p for p in path + self.search_path if p != "$user"))
+                if path != self.search_path:
+                    self.search_path = path
+                    self.session_changed()
+            elif cmd not in ("SET", "RESET") and ("search_path" in f.guc_writes or "?" in f.guc_writes):
+                return ("42501", "refused by the gateway: set_config() of search_path (or of a computed "
+                                 "setting name) cannot be followed by the rules; use SET search_path")
+            elif cmd not in ("SET", "RESET") and not LEXING_SETTINGS.isdisjoint(f.guc_writes):
+                return ("0A000", "refused by the gateway: set_config() of standard_conforming_strings or "
+                                 "client_encoding is not supported through this gateway; use SET")
+        return d
+
+    # ------------------------------------------------------------------ planning masks
+
+    def _mask_ctx(self, d, verdict, sql: str, si) -> "MaskCtx | Refusal":
+        """What the reply side needs to mask this statement's results; or a refusal for the
+        statements whose masked values would leave by another way (COPY, cursors, writes)."""
+        holder = self._holder or self.session.gw.catalog_for(self.session.pool)
+        cat = holder.catalog
+        where = d.rule or "the rules"
+        lineages = self._lineage(holder, sql, si.search_path)
+        inners = []  # the statements EXECUTE runs: part of the plan cache key
+        if lineages is not None:
+            lineages = list(lineages)
+            prepared_here = dict(self._prep_new)  # PREPAREd earlier in this same message
+            for i, f in enumerate(verdict.facts):
+                if f.command == "EXECUTE" and i < len(lineages):
+                    name = f.prepared_name or ""
+                    inner = prepared_here.get(name) or self.book.sql_prepared.get(name)
+                    inners.append(inner)
+                    got = self._lineage(holder, inner, si.search_path) if inner is not None else None
+                    lineages[i] = got[0] if got else _NO_LINEAGE
+        patterns = compile_masks(d.masks)
+        for i, f in enumerate(verdict.facts):
+            cmd = f.command
+            if cmd == "COPY" or (cmd == "EXPLAIN" and f.inner is not None and f.inner.command == "COPY"):
+                return ("42501", f"refused by the gateway: COPY would include columns that {where} masks; "
+                                 "use SELECT, whose results are masked")
+            if cmd == "DECLARE CURSOR":
+                return ("42501", f"refused by the gateway: a cursor over columns that {where} masks cannot be "
+                                 "masked; use SELECT (or the extended protocol's row limit) instead")
+            # (for EXECUTE, lineages[i] is the prepared statement's: what it writes counts)
+            lin = lineages[i] if lineages is not None and i < len(lineages) else None
+            if not f.read_only:
+                ws = lin.write_sources if lin is not None else None
+                if ws is None or any(s == UNKNOWN or method_for(s, patterns) for s in ws):
+                    return ("42501", f"refused by the gateway: this {cmd} would copy values of columns that "
+                                     f"{where} masks into data that is not masked")
+        key = (sql, si.search_path, tuple(inners), lineages is None)
+        ctx = MaskCtx(d.masks, lineages, cat, where, key, holder.plan_cache, holder)
+        if self.session.gw.config.verbose:
+            log.info("masking %s for %s: %s", where, self.session.describe(), ", ".join(f"{c}={mt}" for c, mt in d.masks))
+        return ctx
+
+    @staticmethod
+    def _lineage(holder, sql: str, search_path):
+        key = (sql, search_path)
+        cache = holder.lineage_cache
+        got = cache.get(key)
+        if got is None:
+            try:
+                got = holder.catalog.lineage(sql, search_path)  # loaded: decide waited for it
+            except Exception as e:  # noqa: BLE001 - no lineage: every computed column is masked
+                log.debug("lineage of a masked statement failed: %s", e)
+                got = ()
+            if len(sql) <= 20_000:  # a giant statement is analyzed again rather than kept
+                if len(cache) > 5_000:
+                    cache.clear()
+                cache[key] = got
+        return got or None
+
+    def wait_for_catalog(self, wake) -> None:
+        """The hold stage's wait for masking's catalog: ``wake`` is called when it is there."""
+        self._holder.wait(wake)
+
+
+def refusal_text(d: Decision) -> Refusal:
+    where = d.rule or "default_action"
+    if d.action == "deny":
+        msg = f"refused by {where}: {d.reason}"
+    elif d.action == "require_approval":
+        msg = (f"approval required by {where}: {d.reason} "
+               "(this gateway cannot hold statements for approval yet, so it is refused)")
+    else:
+        cols = ", ".join(f"{c} ({meth})" for c, meth in d.masks)
+        msg = (f"masking required by {where} for {cols}"
+               + (f": {d.reason}" if d.reason else "")
+               + " (this gateway cannot mask results yet, so the statement is refused)")
+    return ("42501", msg)
+
+
+def _either(old, new):
+    """Masks for a statement name whose text is one of two: the union of their masks, planned
+    by column origin alone (no positions from either text)."""
+    masks = dict(old.masks)
+    if new is not None:
+        masks.update(new.masks)
+    merged = tuple(sorted(masks.items()))
+    # a flat key: re-Parsing a name again and again never nests it (hashing stays cheap)
+    return MaskCtx(merged, None, old.catalog, old.rule, ("either", merged), old.cache, old.holder)
+
+
+def _merge_masks(d, other):
+    """``d`` with the masks of ``other`` added (EXECUTE runs its prepared statement's masks)."""
+    if d.action != "mask":
+        return other
+    merged = dict(other.masks)
+    merged.update(d.masks)
+    rule = ", ".join(sorted({r for r in (d.rule, other.rule) if r}))
+    return Decision("mask", "; ".join(r for r in (d.reason, other.reason) if r), rule, tuple(sorted(merged.items())))
