@@ -4,6 +4,7 @@
     .venv/bin/python bench/pgbench_compare.py [--seconds 10] [--rounds 3] [--clients 10,50]
         [--modes simple,extended] [--pool-size 8] [--rules DIR | --compare-rules]
     ./dev.sh bench [same options]          # installs what is missing (pgbouncer too) first
+    .venv/bin/python bench/pgbench_compare.py --baseline DIR   # + the gateway of another checkout
 
 Starts a throwaway PostgreSQL (pooler.pgcluster.PgCluster), ``pgbench -i -s SCALE`` on database
 ``bench``, the gateway (``python -m pooler run INI``, transaction pooling, trust auth) and, when
@@ -130,7 +131,8 @@ class Target:
     preempt: dict[tuple[str, int], list[float]] = field(default_factory=dict)  # per 1000 xacts
 
 
-def start_gateway(pg: PgCluster, workdir: Path, pool_size: int, rules_dir: Path) -> GatewayProc:
+def start_gateway(pg: PgCluster, workdir: Path, pool_size: int, rules_dir: Path,
+                  repo: Path | None = None) -> GatewayProc:
     db = (f"host={pg.host} port={pg.port} dbname=bench user={pg.superuser} "
           f"password={pg.password}")
     gw = GatewayProc({"bench": db}, settings={
@@ -140,7 +142,7 @@ def start_gateway(pg: PgCluster, workdir: Path, pool_size: int, rules_dir: Path)
         "rules_dir": str(rules_dir),
         "log_connections": 0,
         "log_disconnections": 0,
-    }, workdir=str(workdir))
+    }, workdir=str(workdir), repo=repo)
     gw.start()
     return gw
 
@@ -349,6 +351,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--floor", action="store_true",
                     help="add bench/floor_pooler.py, the least a Python/uvloop pooler can do, as a target "
                          "(PostgreSQL then trusts 127.0.0.1 logins to database bench)")
+    ap.add_argument("--baseline", metavar="DIR",
+                    help="add the gateway of another checkout (e.g. `git worktree add DIR REV`) as target "
+                         "gateway@base, with the same rules: before/after a change in the same run")
     ap.add_argument("--no-pgbouncer", action="store_true", help="skip PgBouncer even where it is installed")
     ap.add_argument("--pgbouncer", default=None, help="pgbouncer binary (default: $PATH, /usr/sbin, /usr/local/sbin)")
     a = ap.parse_args(argv)
@@ -366,6 +371,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ap.error("--seconds, --rounds and --pool-size must be >= 1")
     if a.rules and not Path(a.rules).is_dir():
         ap.error(f"--rules: {a.rules} is not a directory")
+    if a.baseline and not (Path(a.baseline) / "pooler" / "__main__.py").is_file():
+        ap.error(f"--baseline: {a.baseline} is not a checkout of this project")
     return a
 
 
@@ -400,6 +407,8 @@ def report(targets: list[Target], args: argparse.Namespace) -> None:
         if "pgbouncer" in by:
             ratios.append((f"{gwn}/pgbouncer", gwn, "pgbouncer"))
         ratios.append((f"{gwn}/direct", gwn, "direct"))
+        if f"{gwn}@base" in by:
+            ratios.append((f"{gwn}/base", gwn, f"{gwn}@base"))
     if "gateway+rules" in by and "gateway" in by:
         ratios.append(("rules/no-rules", "gateway+rules", "gateway"))
     if "floor" in by:
@@ -521,11 +530,14 @@ def main(argv: list[str] | None = None) -> int:
             gw_specs = [("gateway+rules", Path(args.rules).resolve())]
         else:
             gw_specs = [("gateway", empty_rules)]
-        for name, rules in gw_specs:
-            wd = tmp / name.replace("+", "-")
+        specs = [(name, rules, None) for name, rules in gw_specs]
+        if args.baseline:
+            specs.insert(1, (f"{gw_specs[0][0]}@base", gw_specs[0][1], Path(args.baseline).resolve()))
+        for name, rules, repo in specs:
+            wd = tmp / name.replace("+", "-").replace("@", "-")
             wd.mkdir()  # no rules/ beside the ini: rules_dir decides
-            log(f"starting {name} (rules_dir = {rules})")
-            gw = start_gateway(pg, wd, args.pool_size, rules)
+            log(f"starting {name} (rules_dir = {rules}{f', from {repo}' if repo else ''})")
+            gw = start_gateway(pg, wd, args.pool_size, rules, repo)
             started.append(gw)
             targets.append(Target(name, gw.host, gw.port, cpu_pid=gw.proc.pid, proc=gw))
         if pgb_bin:
