@@ -47,6 +47,7 @@ class Gateway:
         self._scram_cache: dict[tuple[str, str], ScramSecret] = {}
         self._janitor: asyncio.Task | None = None
         self.stopping: str | None = None
+        self.clock = time.monotonic()  # advanced every second by the janitor (interfaces.PoolHost)
         self.stopped = asyncio.Event()
         self._signals_seen = 0
         self.unix_path: str | None = None
@@ -385,7 +386,8 @@ class Gateway:
         while True:
             await asyncio.sleep(1.0)
             try:
-                self._janitor_tick(time.monotonic())
+                self.clock = now = time.monotonic()
+                self._janitor_tick(now)
             except Exception:
                 log.exception("janitor failed")
 

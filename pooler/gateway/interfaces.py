@@ -157,6 +157,7 @@ class PoolHost(Protocol):
     stopping: str | None
     limits_in_use: bool
     events: Any
+    clock: float  # monotonic time, advanced by the janitor every second (idle and lifetime limits)
 
     def may_open_server(self, pool: Any) -> bool: ...
 

@@ -112,7 +112,9 @@ class Pool:
             srv.close("not clean at release")
             return
         lifetime = self.gw.config.server_lifetime
-        if self.obsolete or self.gw.stopping == "SIGINT" or (lifetime and time.monotonic() - srv.created_at > lifetime):
+        # the janitor's clock (a second's resolution, like PgBouncer's cached time): no clock
+        # read per release for limits counted in minutes
+        if self.obsolete or self.gw.stopping == "SIGINT" or (lifetime and self.gw.clock - srv.created_at > lifetime):
             self.active.discard(srv)
             srv.close("closing" if self.obsolete or self.gw.stopping else "server_lifetime")
             self._grow()
@@ -134,7 +136,7 @@ class Pool:
             return
         srv.state = S_IDLE
         self.active.discard(srv)
-        srv.last_used = time.monotonic()
+        srv.last_used = self.gw.clock
         self.idle.append(srv)
         if self.gw.limits_in_use:
             self.gw.pool_has_idle(self)
