@@ -1,7 +1,7 @@
 """The proxy loop's fast lanes, in memory: a client session and a server connection of a real
 Gateway wired to recording transports (no sockets, no PostgreSQL), so that what reaches each
 side, in which order, and what the gateway keeps track of can be checked byte for byte.
-The same paths run end to end in test_pooling_review.py (scenario "fast_lanes")."""
+The same paths run end to end in test_protocol_replies.py (scenario "fast_lanes")."""
 
 from __future__ import annotations
 
@@ -194,7 +194,7 @@ def test_large_replies_take_the_general_loop(wired):
 def test_a_short_message_in_a_batch_is_left_to_the_general_loop(wired, bad):
     srv, (a, _, _), log = wired
     # the fast lane neither reads past the message nor acts: _pump reports it (end to end in
-    # test_pooling_review.py::test_malformed_message_in_a_batch_closes_only_that_session)
+    # test_protocol_replies.py::test_malformed_message_in_a_batch_closes_only_that_session)
     assert a._unnamed_batch(P(b"SELECT 1") + bad + S) is False
     assert not log and not srv.queue and a.server is None
 
@@ -204,7 +204,7 @@ def test_a_short_message_in_a_batch_is_left_to_the_general_loop(wired, bad):
 def test_only_a_batch_ended_by_one_sync_is_a_unit(wired, tail):
     srv, (a, _, _), log = wired
     # without its Sync the server waits for one in an implicit transaction: _pump follows that
-    # (end to end in test_protocol_fuzz_review.py::test_an_unsynced_batch_in_one_read_...)
+    # (end to end in test_protocol_fuzz.py::test_an_unsynced_batch_in_one_read_...)
     assert a._unnamed_batch(P(b"SELECT 1") + tail) is False
     assert not log and not srv.queue and a.server is None
 

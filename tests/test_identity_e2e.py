@@ -591,3 +591,36 @@ def test_jwt_for_one_user_entry(gw_factory, idp, certs, pg):
         assert conn.execute("SELECT 1").fetchone() == (1,)
     with psycopg.connect(g.dsn(user="someone")) as conn:  # everyone else: trust
         assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+# --------------------------------------------------------------------------- a token's identity
+
+
+def test_a_password_users_groups_do_not_go_to_a_token_of_the_same_name(jgw, idp, pg):
+    """A token whose user claim carries the name of a password user's [users] entry does not get
+    that entry's groups (and so cannot do what only those groups may)."""
+    # the database takes tokens only; "analyst" is also a person who logs in with a password elsewhere
+    g = jgw(users={"analyst": "groups=writers auth_type=scram-sha-256", "svc-w": "groups=writers"},
+            databases={"postgres": upstream_entry(pg) + " auth_type=jwt"})
+    tok = idp.token(sub="analyst", groups=[])
+    with psycopg.connect(tls_dsn(g, "analyst", tok), autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege) as ei:
+            conn.execute("INSERT INTO idnotes (body) VALUES ('x')")
+        assert "user analyst, groups )" in str(ei.value)
+    # an identity's own [users] entry (no auth_type, or jwt) still adds its groups
+    tok = idp.token(sub="svc-w", groups=[])
+    with psycopg.connect(tls_dsn(g, "svc-w", tok), autocommit=True) as conn:
+        conn.execute("INSERT INTO idnotes (body) VALUES ('from svc-w')")
+
+
+@pytest.mark.parametrize("claim", ["exp", "nbf", "iat"])
+def test_time_claims_must_be_numbers(jgw, idp, claim):
+    """A token with ``"exp": "<digits>"`` (a string) passes PyJWT's checks, but its session would
+    never end: exp, nbf and iat must be numbers."""
+    g = jgw()
+    now = int(time.time())
+    value = str(now + 3) if claim == "exp" else str(now - 10)
+    tok = idp.token(sub="agent-s", groups=["agents"], **{claim: value})
+    with pytest.raises(psycopg.OperationalError) as ei:
+        psycopg.connect(tls_dsn(g, "agent-s", tok)).close()
+    assert f"token claim '{claim}' is not a number" in str(ei.value)

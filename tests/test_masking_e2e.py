@@ -310,7 +310,7 @@ def test_masked_counts_logged_at_debug(pg, shop, gw_factory, raw):
 def test_raw_extended_protocol_without_describe(pg, shop, gw_factory, raw, mode):
     """Bind/Execute with no Describe from the client (a driver that cached the row description),
     a reused statement name, and a binary result format: every row arrives masked."""
-    from tests.test_policy_e2e import SYNC, Raw, bind, execute, msg, parse
+    from tests.wire import SYNC, Raw, bind, execute, msg, parse
 
     gw = gw_factory(settings={"rules_dir": str(REPO / "rules"), "pool_mode": mode}, users=USERS,
                     databases={"shop": upstream_entry(pg, shop)})
@@ -321,7 +321,7 @@ def test_raw_extended_protocol_without_describe(pg, shop, gw_factory, raw, mode)
         # reusing the name fails on the server; the masked statement stays what runs
         c.send(parse(b"s1", "SELECT 'harmless'::text, 1"), SYNC)
         assert any(t == b"E" for t, _ in c.until_ready())
-        c.send(bind(b"s1"), execute(), SYNC)
+        c.send(bind(stmt=b"s1"), execute(), SYNC)
         rows = [body for t, body in c.until_ready() if t == b"D"]
         assert len(rows) == 3
         assert_no_secret(repr(rows), raw)
@@ -337,7 +337,7 @@ def test_raw_extended_protocol_without_describe(pg, shop, gw_factory, raw, mode)
         assert_no_secret(repr(rows), raw)
         # closing and re-preparing the name with an unmasked statement unmasks it (no stale masks)
         c.send(msg(b"C", b"Ss1\x00"), parse(b"s1", "SELECT city FROM customers ORDER BY id LIMIT 1"),
-               bind(b"s1"), execute(), SYNC)
+               bind(stmt=b"s1"), execute(), SYNC)
         rows = [body for t, body in c.until_ready() if t == b"D"]
         assert len(rows) == 1 and b"***" not in rows[0]
     finally:

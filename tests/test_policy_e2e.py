@@ -16,8 +16,8 @@ import psycopg
 import pytest
 
 from pooler.pgcluster import seed_demo
-from pooler.protocol import messages as m
 from tests.conftest import upstream_entry
+from tests.wire import SYNC, Raw, bind, errors, execute, msg, parse
 
 REPO = Path(__file__).resolve().parent.parent
 USERS = {"agent": "groups=agents", "ann": "groups=analysts", "dba": "groups=admins,pii-readers"}
@@ -46,76 +46,6 @@ def psql(gw, sql, user):
     env.pop("PGPASSWORD", None)
     return subprocess.run(["psql", "-X", "-At", "-v", "ON_ERROR_STOP=1", "-d", gw.dsn(user=user, dbname="shop"),
                            "-c", sql], capture_output=True, text=True, env=env, timeout=60)
-
-
-# --------------------------------------------------------------------------- raw protocol
-
-
-class Raw:
-    """A bare protocol-3 client, to send what libraries never would."""
-
-    def __init__(self, gw, user: str, database: str = "shop", **params: str) -> None:
-        self.s = socket.create_connection((gw.host, gw.port), timeout=20)
-        self.s.sendall(m.startup_message({"user": user, "database": database, **params}))
-        self.buf = b""
-        self.until_ready()
-
-    def send(self, *msgs: bytes) -> None:
-        self.s.sendall(b"".join(msgs))
-
-    def read(self) -> tuple[bytes, bytes]:
-        while True:
-            if len(self.buf) >= 5:
-                (n,) = struct.unpack("!I", self.buf[1:5])
-                if len(self.buf) >= n + 1:
-                    t, body = self.buf[:1], self.buf[5 : n + 1]
-                    self.buf = self.buf[n + 1 :]
-                    return t, body
-            chunk = self.s.recv(65536)
-            assert chunk, "connection closed"
-            self.buf += chunk
-
-    def until_ready(self) -> list[tuple[bytes, bytes]]:
-        out = []
-        while True:
-            t, body = self.read()
-            out.append((t, body))
-            if t == b"Z":
-                return out
-
-    def run(self, *msgs: bytes) -> list[tuple[bytes, bytes]]:
-        """Send the messages, read up to ReadyForQuery."""
-        self.send(*msgs)
-        return self.until_ready()
-
-    def close(self) -> None:
-        try:
-            self.s.sendall(b"X\x00\x00\x00\x04")
-        finally:
-            self.s.close()
-
-
-def msg(t: bytes, body: bytes) -> bytes:
-    return t + struct.pack("!I", len(body) + 4) + body
-
-
-def parse(name: bytes, sql: str) -> bytes:
-    return msg(b"P", name + b"\x00" + sql.encode() + b"\x00" + b"\x00\x00")
-
-
-def bind(stmt: bytes = b"") -> bytes:
-    return msg(b"B", b"\x00" + stmt + b"\x00" + b"\x00\x00" + b"\x00\x00" + b"\x00\x00")
-
-
-def execute() -> bytes:
-    return msg(b"E", b"\x00\x00\x00\x00\x00")
-
-
-SYNC = msg(b"S", b"")
-
-
-def errors(replies) -> list[dict]:
-    return [m.parse_error_fields(body) for t, body in replies if t == b"E"]
 
 
 # --------------------------------------------------------------------------- simple query
@@ -216,7 +146,7 @@ def test_bind_and_execute_of_a_refused_parse_fail_too(pg, pgw):
     # named: the refused name never exists
     c.send(parse(b"wipe", "DELETE FROM order_items"), SYNC)
     assert errors(c.until_ready())[0]["C"] == "42501"
-    c.send(bind(b"wipe"), execute(), SYNC)
+    c.send(bind(stmt=b"wipe"), execute(), SYNC)
     assert errors(c.until_ready())[0]["C"] == "26000"
     c.close()
     assert count(pg, "SELECT count(*) FROM order_items") > 0

@@ -1,7 +1,7 @@
-"""Fifth review of streaming masking, the plan side and value encoding: when a statement is
-masked, can a raw value of a masked column (or personal data a ``detect`` rule should find)
-still reach the client through the type or format its value is sent in? The test failed before
-its fix: "detect" now redacts types that can carry text inside (arrays, records, json, bytea)."""
+"""``detect`` on values of every type: when a statement is masked, personal data a ``detect``
+rule should find (a card number, an IBAN, an e-mail address in free text) does not reach the
+client through the type or format its value is sent in. "detect" redacts types that can carry
+text inside (arrays, records, json, bytea), in text (psycopg) and binary (asyncpg) results."""
 
 from __future__ import annotations
 
@@ -10,20 +10,10 @@ import asyncio
 import asyncpg
 import pytest
 
-from pooler.pgcluster import seed_demo
-from tests.test_masking_review import conn, raw  # noqa: F401 - raw is a fixture
-from tests.test_masking_review2 import _gw
-
-DB = "mask_review5"
+from tests.masking_helpers import conn, masking_gw
 
 
-@pytest.fixture(scope="module")
-def shop(pg):
-    seed_demo(pg, DB)
-    return DB
-
-
-# --------------------------------------------------------------------------- 1. detect and non-text types
+# --------------------------------------------------------------------------- detect and non-text types
 
 # a rule set that masks the named personal columns and finds personal data in everything else
 DETECT_RULES = '''
@@ -42,13 +32,13 @@ FREE_TEXT = f"card {CARD} iban {IBAN} mail {MAIL}"
 
 
 @pytest.fixture
-def detect_gw(pg, shop, gw_factory, tmp_path):
+def detect_gw(pg, demo_shop, gw_factory, tmp_path):
     d = tmp_path / "rules"
     d.mkdir()
     (d / "50_detect.star").write_text(DETECT_RULES)
-    gw = _gw(pg, shop, gw_factory, rules_dir=str(d))
+    gw = masking_gw(pg, demo_shop, gw_factory, rules_dir=str(d))
     # free text of an unlisted column that happens to hold a card number, an IBAN and an address
-    pg.execute(f"UPDATE customers SET city = '{FREE_TEXT}' WHERE id = 3", dbname=shop)
+    pg.execute(f"UPDATE customers SET city = '{FREE_TEXT}' WHERE id = 3", dbname=demo_shop)
     return gw
 
 
@@ -61,8 +51,8 @@ def _assert_detected(got) -> None:
         assert secret.encode().hex() not in text, f"{secret!r} (hex) reached the client: {text[:300]}"
 
 
-# the plain column is detected ("card [card] iban [iban] mail [email]"); the same value
-# converted to a type detect does not read passes unchanged
+# the plain column is detected ("card [card] iban [iban] mail [email]"); each of these sends the
+# same value as a type that carries the text inside, where detect must find it too
 DETECT_BYPASSES = [
     "SELECT ARRAY[city] FROM customers WHERE id = 3",
     "SELECT array_agg(city) FROM customers WHERE id = 3",
