@@ -337,14 +337,14 @@ class ServerConn(asyncio.Protocol):
             elif self.state != S_CLOSED:
                 self._idle_data(data)
             return
-        self.received += len(data)
+        n = len(data)
+        self.received += n
         queue = self.queue
-        if (queue and len(data) <= FAST_REPLY_MAX
+        if (queue and n <= FAST_REPLY_MAX
                 and not (self.skip or self.rbuf or self.masking or self.ddl_pending or self.in_copy or self.awaiting_sync)
                 and not client.book.mask_portals and not self.events.watching):
             # the fast lane: a whole small reply that needs only forwarding (see _PLAIN_REPLIES);
             # anything else, or a reply cut short, goes to the general loop below from the start
-            n = len(data)
             pos = 0
             while n - pos >= 5:
                 t = data[pos]
@@ -366,7 +366,6 @@ class ServerConn(asyncio.Protocol):
         watching = self.events.watching
         skip = self.skip
         if skip:
-            n = len(data)
             if watching:
                 self.w_bytes += min(skip, n)
             if skip >= n:

@@ -469,11 +469,12 @@ class ClientSession(asyncio.Protocol):
         if out:
             out.append(data)
             data = b"".join(out)
-        srv.sent += len(data)
+        n = len(data)
+        srv.sent += n
         srv.transport.write(data)
         ev = self.events.forwarded
         if ev is not None:
-            ev(self, srv, len(data))
+            ev(self, srv, n)
 
     def _queue_query(self, srv: ServerConn) -> None:
         """The queue entry of a Query (or FunctionCall) being sent, with its masks if any."""
