@@ -55,16 +55,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_token(args: argparse.Namespace) -> int:
     """``pooler token SUBJECT --groups a,b``: a token signed with the demo's own key (demo only)."""
-    from pathlib import Path
+    from .demo import demo_config, mint_demo_token
 
-    from .demo import REPO_CONF, ensure_demo_material, mint_demo_token
-
-    path = Path(args.config) if args.config else REPO_CONF
-    if not path.exists():
-        print(f"pooler token: {path} not found (pass --config)", file=sys.stderr)
+    found = demo_config(args.config, "token")
+    if found is None:
         return 1
-    ensure_demo_material(path.resolve().parent)
-    cfg = load_config_or_exit(str(path))
+    path, cfg = found
     if not config_mod.jwt_in_use(cfg):
         print(f"pooler token: {path} does not use auth_type = jwt anywhere", file=sys.stderr)
         return 1

@@ -89,13 +89,22 @@ def mint_demo_token(cfg, subject: str, groups: list[str], ttl: float) -> str:
     return jwt.encode(claims, key, algorithm="ES256", headers={"kid": kid})
 
 
-def run_demo(args: argparse.Namespace) -> int:
-    path = Path(args.config) if args.config else REPO_CONF
+def demo_config(config: str | None, command: str) -> tuple[Path, config_mod.Config] | None:
+    """The demo's ini (``config``, or conf/gateway.ini) with its keys and certificate made, loaded;
+    None (after saying why) when it is missing."""
+    path = Path(config) if config else REPO_CONF
     if not path.exists():
-        print(f"pooler demo: {path} not found (pass --config)", file=sys.stderr)
-        return 1
+        print(f"pooler {command}: {path} not found (pass --config)", file=sys.stderr)
+        return None
     ensure_demo_material(path.resolve().parent)
-    cfg = load_config_or_exit(str(path))
+    return path, load_config_or_exit(str(path))
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    found = demo_config(args.config, "demo")
+    if found is None:
+        return 1
+    path, cfg = found
     setup_logging(cfg.verbose, cfg.logfile)
     log = logging.getLogger("pooler.demo")
     for w in cfg.warnings:
