@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Developer entry point for a fresh Debian/Ubuntu machine (run as root or as a sudo user).
 #
-#   ./dev.sh setup [--with-pgbouncer]   install what is missing (OS packages, .venv); idempotent
-#   ./dev.sh test  [pytest args]        setup, then run the test suite
+#   ./dev.sh setup [--with-pgbouncer] [--with-exporter]
+#                                       install what is missing (OS packages, .venv); idempotent
+#   ./dev.sh test  [pytest args]        setup (with the exporter the tests drive), then run the test suite
 #   ./dev.sh demo  [args]               setup, then `pooler demo`
 #   ./dev.sh bench [args]               setup (with pgbouncer), then bench/pgbench_compare.py
 #
@@ -100,6 +101,13 @@ ensure_postgres() {
   PG_BINDIR=$bindir
 }
 
+# Debian's prometheus-pgbouncer-exporter: tests/test_admin_console.py scrapes the console with it
+ensure_exporter() {
+  command -v prometheus-pgbouncer-exporter >/dev/null 2>&1 && return 0
+  apt_install prometheus-pgbouncer-exporter
+  command -v prometheus-pgbouncer-exporter >/dev/null 2>&1 || die "prometheus-pgbouncer-exporter not found after installing it"
+}
+
 ensure_pgbouncer() {
   export PATH="$PATH:/usr/sbin:/usr/local/sbin"
   command -v pgbouncer >/dev/null 2>&1 || apt_install pgbouncer
@@ -152,16 +160,18 @@ ensure_venv() {
 }
 
 setup() {
-  local with_pgbouncer=0 a
+  local with_pgbouncer=0 with_exporter=0 a
   for a in "$@"; do
     case "$a" in
       --with-pgbouncer) with_pgbouncer=1 ;;
+      --with-exporter) with_exporter=1 ;;
       *) die "setup: unknown option $a" ;;
     esac
   done
   find_python >/dev/null
   ensure_postgres
   if [ "$with_pgbouncer" -eq 1 ]; then ensure_pgbouncer; fi
+  if [ "$with_exporter" -eq 1 ]; then ensure_exporter; fi
   ensure_venv
   log "ready (PostgreSQL: $PG_BINDIR, Python: $("$VENV/bin/python" --version 2>&1))"
 }
@@ -172,7 +182,7 @@ cmd=${1:-help}
 if [ $# -gt 0 ]; then shift; fi
 case "$cmd" in
   setup) setup "$@" ;;
-  test)  setup; exec "$VENV/bin/python" -m pytest -q "$@" ;;
+  test)  setup --with-exporter; exec "$VENV/bin/python" -m pytest -q "$@" ;;
   demo)  setup; exec "$VENV/bin/pooler" demo "$@" ;;
   bench) setup --with-pgbouncer; exec "$VENV/bin/python" bench/pgbench_compare.py "$@" ;;
   help|-h|--help) usage ;;

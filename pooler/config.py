@@ -92,6 +92,9 @@ class Config:
     log_pooler_errors: bool = True
     log_stats: bool = True
     stats_period: float = 60.0
+    admin_users: tuple[str, ...] = ()  # may run every console command
+    stats_users: tuple[str, ...] = ()  # may run the console's SHOW commands
+    admin_legacy_columns: bool = False  # SHOW STATS/DATABASES also carry pre-1.8 names (old exporters)
     verbose: int = 0
     application_name_add_host: bool = False
     rules_dir: str | None = None  # None: "rules/" beside the config file, when it exists
@@ -317,6 +320,9 @@ SETTINGS = {
     "log_disconnections": ("log_disconnections", _bool),
     "log_pooler_errors": ("log_pooler_errors", _bool),
     "log_stats": ("log_stats", _bool),
+    "admin_users": ("admin_users", _list),
+    "stats_users": ("stats_users", _list),
+    "admin_legacy_columns": ("admin_legacy_columns", _bool),
     "stats_period": ("stats_period", _seconds),
     "verbose": ("verbose", _nonneg_int),
     "application_name_add_host": ("application_name_add_host", _bool),
@@ -358,7 +364,7 @@ SETTINGS = {
 
 # PgBouncer settings this gateway accepts but does not act on (yet); a warning says so.
 PGBOUNCER_IGNORED = {
-    "admin_users", "stats_users", "auth_hba_file", "auth_query", "auth_user", "auth_dbname",
+    "auth_hba_file", "auth_query", "auth_user", "auth_dbname",
     "reserve_pool_size", "reserve_pool_timeout", "server_check_query", "server_check_delay",
     "server_fast_close", "server_round_robin", "disable_pqexec", "dns_max_ttl", "dns_nxdomain_ttl",
     "dns_zone_check_period", "pkt_buf", "sbuf_loopcnt", "tcp_defer_accept", "tcp_socket_buffer",
@@ -654,14 +660,21 @@ def load(path: str | os.PathLike) -> Config:
             cfg.users[key] = u
     if not settings_seen:
         raise ConfigError(f"{path}: no [gateway] (or [pgbouncer]) section")
+    _complete(cfg, path)
+    if not cfg.databases:
+        cfg.warnings.append(f"{path}: no [databases] entries; every login will be refused")
+    return cfg
+
+
+def _complete(cfg: Config, path: Path) -> None:
+    """What follows from the settings, checked: the auth_file, TLS contexts, token settings,
+    the rules directory, the masking key. Raises ConfigError."""
     if cfg.auth_file:
         cfg.auth_users = parse_auth_file(cfg.resolve(cfg.auth_file))
     elif cfg.auth_type in ("md5", "scram-sha-256", "plain"):
         raise ConfigError(f"{path}: auth_type = {cfg.auth_type} needs auth_file")
     _check_tls(cfg)
     _check_jwt(cfg)
-    if not cfg.databases:
-        cfg.warnings.append(f"{path}: no [databases] entries; every login will be refused")
     if cfg.rules_dir and not cfg.resolve(cfg.rules_dir).is_dir():
         raise ConfigError(f"{path}: rules_dir {cfg.rules_dir} is not a directory")
     if not 0 < cfg.rule_timeout <= 10:
@@ -669,4 +682,59 @@ def load(path: str | os.PathLike) -> Config:
     _resolve_mask_key(cfg, path)
     if not cfg.listen_addr and not cfg.unix_socket_dir:
         raise ConfigError(f"{path}: neither listen_addr nor unix_socket_dir is set")
-    return cfg
+
+
+# settings a running gateway cannot take (they are read once, at start)
+RESTART_KEYS = frozenset({"listen_addr", "listen_port", "unix_socket_dir", "unix_socket_mode", "pidfile",
+                          "logfile", "max_packet_size"})
+# settings whose values are never shown (SHOW CONFIG, SHOW <setting>)
+SECRET_KEYS = frozenset({"mask_hash_key"})
+
+
+def with_setting(cfg: Config, key: str, value: str) -> Config:
+    """A copy of ``cfg`` with one setting changed, checked as load() checks a file (the admin
+    console's SET). Raises ConfigError."""
+    import dataclasses
+
+    k = key.lower()
+    if k not in SETTINGS:
+        raise ConfigError(f"unknown setting {key}")
+    if k in RESTART_KEYS:
+        raise ConfigError(f"{k} cannot be changed while the gateway runs (restart it)")
+    attr, parser = SETTINGS[k]
+    try:
+        parsed = parser(value)
+    except ValueError as e:
+        raise ConfigError(f"invalid value for {k}: {e}") from None
+    new = dataclasses.replace(cfg, warnings=[])
+    setattr(new, attr, parsed)
+    _complete(new, new.path)
+    return new
+
+
+def _shown(v) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, bool):
+        return "1" if v else "0"
+    if isinstance(v, float):
+        return str(int(v)) if v == int(v) else repr(v)
+    if isinstance(v, tuple):
+        return ",".join(v)
+    return str(v)
+
+
+def describe(cfg: Config) -> list[tuple[str, str, str, str]]:
+    """(key, value, default, changeable) of every setting, as PgBouncer's SHOW CONFIG."""
+    defaults = Config(path=cfg.path)
+    rows = []
+    for key in sorted(SETTINGS):
+        attr, _ = SETTINGS[key]
+        value, default = getattr(cfg, attr), getattr(defaults, attr)
+        if key == "unix_socket_mode":
+            value, default = oct(value)[2:].rjust(4, "0"), oct(default)[2:].rjust(4, "0")
+        shown = _shown(value)
+        if key in SECRET_KEYS and value:
+            shown = "********"
+        rows.append((key, shown, _shown(default), "no" if key in RESTART_KEYS else "yes"))
+    return rows

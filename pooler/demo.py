@@ -137,7 +137,7 @@ def run_demo(args: argparse.Namespace) -> int:
                 f"GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO {_quote_ident(db.user)};",
                 dbname=dbname)
         log.info("loaded the shop schema into database %r", dbname)
-        users = sorted(u for u in cfg.auth_users)
+        users = sorted(u for u in cfg.auth_users if u not in cfg.admin_users and u not in cfg.stats_users)
         example = users[0] if users else "postgres"
         pw = cfg.auth_users.get(example, "")
         hint = f"PGPASSWORD={pw} " if pw and not pw.startswith(("md5", "SCRAM-SHA-256$")) else ""
@@ -154,11 +154,19 @@ def run_demo(args: argparse.Namespace) -> int:
                 "the rules see):\n\n"
                 f"    PGPASSWORD=$({cmd} agent-42 --groups agents) psql "
                 f"'host={host} port={cfg.listen_port} dbname={db.name} user=agent-42 sslmode=require'\n\n")
+        console_hint = ""
+        admins = [u for u in cfg.admin_users if u in cfg.auth_users]
+        if admins:
+            apw = cfg.auth_users[admins[0]]
+            ahint = f"PGPASSWORD={apw} " if not apw.startswith(("md5", "SCRAM-SHA-256$")) else ""
+            console_hint = ("  PgBouncer's admin console (docs/operations.md):\n\n"
+                            f"    {ahint}psql 'host={host} port={cfg.listen_port} dbname=pgbouncer "
+                            f"user={admins[0]}' -c 'SHOW POOLS'\n\n")
         print(
             "\n  The gateway is ready. Connect with:\n\n"
             f"    {hint}psql 'host={host} port={cfg.listen_port} "
             f"dbname={db.name} user={example}'\n\n"
-            + token_hint +
+            + token_hint + console_hint +
             f"  Client logins are in {cfg.resolve(cfg.auth_file) if cfg.auth_file else '(trust)'}; "
             "press Ctrl-C to stop and remove everything.\n",
             file=sys.stderr, flush=True)

@@ -162,8 +162,8 @@ def test_pool_counters_count_as_pgbouncer_does(live):
             conn.execute("SELECT 2")
         for i in range(2):
             conn.execute("SELECT %s::int", (i,), prepare=True)
-    name = next(iter(g.gw.pools.values())).name
-    c = g.call(g.gw.stats.counters, name)
+    key = next(iter(g.gw.pools.values())).key
+    c = g.call(g.gw.stats.counters, key)
     # autocommit: 3 one-round transactions; BEGIN / SELECT / COMMIT: one transaction of 3 rounds;
     # psycopg prepares in a round of its own (Parse, Sync), then Bind/Execute/Sync: 2 + 1 rounds
     assert (c.xact_count, c.query_count) == (7, 9)
@@ -171,5 +171,5 @@ def test_pool_counters_count_as_pgbouncer_does(live):
     assert (c.client_parse_count, c.server_parse_count, c.bind_count) == (1, 1, 2)
     assert c.client_login_count == 1
     assert c.client_bytes > 0 and c.server_bytes > 0 and c.xact_time > 0 and c.query_time > 0
-    line = g.call(g.gw.stats.averages_line)
+    line = g.call(g.gw.stats.rotate)
     assert line.startswith("stats: ") and " xacts/s, " in line and " wait " in line

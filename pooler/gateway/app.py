@@ -19,9 +19,10 @@ from ..policy.bundle import load_rules
 from ..policy.engine import Policy
 from ..policy.rules import RuleLoadError
 from ..protocol import messages as m
+from .admin import Console, ready, timestamp
 from .catalogs import CatalogHolder
 from .events import Events
-from .observers import SessionLog, Stats
+from .observers import Decisions, SessionLog, Stats
 from .pool import Pool
 from .server import ServerConn
 from .session import C_READY, ClientSession
@@ -40,6 +41,12 @@ class Gateway:
         self.stats = Stats(self)
         self.events.subscribe(self.session_log)
         self.events.subscribe(self.stats)
+        self.decisions = Decisions()  # subscribed while a rule set is active (_policy_loaded)
+        self.console = Console(self)  # the admin console (admin.py)
+        self.pause_mode = "none"  # "none" | "pause" | "suspend": SHOW STATE, PAUSE, SUSPEND
+        self.paused_dbs: set[str] = set()  # PAUSE db, KILL db
+        self.disabled_dbs: set[str] = set()  # DISABLE db: new logins refused
+        self._admin_waits: list[tuple] = []  # (console session, command, database): PAUSE, SUSPEND, WAIT_CLOSE
         self.pools: dict[tuple, Pool] = {}
         self.clients: set[ClientSession] = set()
         self.cancel_keys: dict[tuple[int, int], ClientSession] = {}
@@ -53,6 +60,8 @@ class Gateway:
         self.unix_path: str | None = None
         self.limits_in_use = self._limits_in_use(config)
         self.policy: Policy | None = load_policy(config)
+        self.policy_loaded_at = time.time()
+        self._policy_loaded()
         self.jwt: JwtAuthenticator | None = make_jwt(config)
         self._jwks_task: asyncio.Task | None = None
         self.auth_failures: collections.OrderedDict[str, tuple[int, float]] = collections.OrderedDict()
@@ -99,10 +108,12 @@ class Gateway:
         loop.add_signal_handler(signal.SIGTERM, lambda: self.shutdown("SIGTERM"))
         loop.add_signal_handler(signal.SIGUSR1, lambda: log.info("state:\n%s", dump_state(self)))
 
-    def shutdown(self, how: str) -> None:
-        """SIGINT: stop after servers finish their transactions. SIGTERM: stop after clients
-        leave. A second signal stops at once."""
-        self._signals_seen += 1
+    def shutdown(self, how: str, count: bool = True) -> None:
+        """SIGINT (SHUTDOWN WAIT_FOR_SERVERS): stop after servers finish their transactions.
+        SIGTERM (SHUTDOWN WAIT_FOR_CLIENTS): stop after clients leave. A second signal stops at
+        once (``count``: signals count, console commands do not)."""
+        if count:
+            self._signals_seen += 1
         if self.stopping is not None or self._signals_seen > 1:
             log.info("%s again: shutting down immediately", how)
             self._finish()
@@ -121,7 +132,7 @@ class Gateway:
         if self.stopping == "SIGINT":
             busy = any(p.active for p in self.pools.values())
         else:
-            busy = bool(self.clients)
+            busy = any(not c.console for c in self.clients)  # console sessions do not hold it up
         if not busy:
             self._finish()
 
@@ -163,14 +174,28 @@ class Gateway:
         if holder is not None:
             holder.invalidate()
 
-    def reload(self) -> None:
-        """SIGHUP: load the config again; pools adjust, sessions survive. A broken file is
-        refused with a log line and the running config keeps serving."""
+    def reload(self) -> bool:
+        """SIGHUP, RELOAD: load the config again; pools adjust, sessions survive. A broken file
+        is refused with a log line and the running config keeps serving (-> False)."""
         try:
             new = config_mod.load(self.config.path)
         except config_mod.ConfigError as e:
             log.error("reload failed, keeping the running configuration: %s", e)
-            return
+            return False
+        return self._apply(new, reload_rules=True)
+
+    def set_setting(self, key: str, value: str) -> str | None:
+        """The console's SET: the running config with one setting changed, applied as a reload
+        applies a file (until the next RELOAD re-reads the file). -> why it was refused, or None."""
+        try:
+            new = config_mod.with_setting(self.config, key, value)
+        except config_mod.ConfigError as e:
+            return str(e)
+        if not self._apply(new, reload_rules=key.lower() in ("rules_dir", "default_action", "rule_timeout")):
+            return "the new value could not be applied (see the log)"
+        return None
+
+    def _apply(self, new: Config, reload_rules: bool) -> bool:
         new_jwt = self.jwt
         if config_mod.jwt_in_use(new):
             if self.jwt is None or self.jwt.settings != config_mod.jwt_settings(new):
@@ -179,21 +204,24 @@ class Gateway:
                 except config_mod.ConfigError as e:
                     # never keep trusting the old issuer/keys under a config that changed them
                     log.error("reload failed, keeping the running configuration: %s", e)
-                    return
+                    return False
         else:
             new_jwt = None
         for w in new.warnings:
             log.warning("%s", w)
         old = self.config
-        try:
-            policy = load_policy(new)
-        except RuleLoadError as e:
-            log.error("rules not reloaded, the running rule set keeps serving: %s", e)
-            policy = self.policy
-        else:
-            if policy is not None:
-                log.info("rules loaded: %d file(s), version %s", len(policy.rules.files), policy.rules.version)
-        self.policy = policy
+        if reload_rules:
+            try:
+                policy = load_policy(new)
+            except RuleLoadError as e:
+                log.error("rules not reloaded, the running rule set keeps serving: %s", e)
+                policy = self.policy
+            else:
+                if policy is not None:
+                    log.info("rules loaded: %d file(s), version %s", len(policy.rules.files), policy.rules.version)
+                self.policy_loaded_at = time.time()
+            self.policy = policy
+            self._policy_loaded()
         for holder in self.catalogs.values():
             holder.invalidate()  # RELOAD re-reads the catalog before the next masked statement
         if new_jwt is not None and new_jwt is self.jwt:
@@ -221,6 +249,13 @@ class Gateway:
         self.config = new
         self.limits_in_use = self._limits_in_use(new)
         log.info("configuration reloaded from %s", new.path)
+        return True
+
+    def _policy_loaded(self) -> None:
+        if self.policy is not None:
+            self.events.subscribe(self.decisions)
+        else:
+            self.events.unsubscribe(self.decisions)
 
     # ------------------------------------------------------------------ clients
 
@@ -237,6 +272,11 @@ class Gateway:
         self.clients.discard(c)
         if c.pid:
             self.cancel_keys.pop((c.pid, c.key), None)
+        if c.console:
+            self._admin_waits = [w for w in self._admin_waits if w[0] is not c]
+            if self.pause_mode == "suspend" and not self.console_sessions():
+                log.info("admin disappeared when suspended, doing RESUME")
+                self.resume(None)
         if self.stopping:
             self._check_stopped()
 
@@ -345,12 +385,171 @@ class Gateway:
                 p._grow()
                 break
 
+    # ------------------------------------------------------------------ the admin console's view and commands
+
+    def console_sessions(self) -> int:
+        return sum(1 for c in self.clients if c.console and not c.closed)
+
+    def listening_sockets(self) -> list:
+        return [sock for s in self.listeners for sock in (s.sockets or ())]
+
+    def database_names(self) -> list[str]:
+        """Configured databases, those made from the "*" entry since, and the console's."""
+        names = {n for n in self.config.databases if n != "*"}
+        names |= {p.db.name for p in self.pools.values()}
+        names.add("pgbouncer")
+        return sorted(names)
+
+    def config_rows(self, key: str | None = None) -> list[tuple]:
+        rows = config_mod.describe(self.config)
+        return rows if key is None else [r for r in rows if r[0] == key]
+
+    def pool_paused(self, dbname: str) -> bool:
+        return self.pause_mode != "none" or dbname in self.paused_dbs
+
+    def _pools_of(self, dbname: str | None) -> list[Pool]:
+        return [p for p in self.pools.values() if dbname is None or p.db.name == dbname]
+
+    def pause(self, dbname: str | None) -> None:
+        """PAUSE [db]: no server is handed out; idle servers close, linked ones close when their
+        clients are done with them; waiting clients wait (RESUME hands them servers)."""
+        if dbname is None:
+            self.pause_mode = "pause"
+        else:
+            self.paused_dbs.add(dbname)
+        for p in self._pools_of(dbname):
+            p.paused = True
+            p.close_all("pause mode")
+
+    def resume(self, dbname: str | None) -> None:
+        if dbname is None:
+            was = self.pause_mode
+            self.pause_mode = "none"
+            if was == "suspend":
+                for c in self.clients:
+                    if not c.console:
+                        c.resume_reading()
+                for p in self.pools.values():
+                    for srv in p.servers():
+                        srv.resume_reading()
+        else:
+            self.paused_dbs.discard(dbname)
+        for p in self.pools.values():
+            if p.paused and not self.pool_paused(p.db.name):
+                p.paused = False
+                p._grow()  # the clients that waited meanwhile get servers
+
+    def suspend(self) -> None:
+        """SUSPEND: stop reading from every client and server socket; answered once what was
+        in flight is written out. RESUME (or the console session leaving) undoes it."""
+        self.pause_mode = "suspend"
+        for c in self.clients:
+            if not c.console:
+                c.pause_reading()
+        for p in self.pools.values():
+            for srv in p.servers():
+                srv.pause_reading()
+
+    def reconnect(self, dbname: str | None) -> None:
+        """RECONNECT [db]: every server of the database(s) is replaced: idle ones close now,
+        linked ones when their clients release them."""
+        for p in self._pools_of(dbname):
+            p.close_all("reconnect")
+            for srv in p.servers():
+                srv.close_needed = srv.dirty = True
+
+    def kill(self, dbname: str | None) -> None:
+        """KILL [db]: the database(s) paused, every client and server of them closed now."""
+        for name in ({dbname} if dbname else {p.db.name for p in self.pools.values()}):
+            self.paused_dbs.add(name)
+        for key, p in list(self.pools.items()):
+            if dbname is not None and p.db.name != dbname:
+                continue
+            p.paused = True
+            for c in list(self.clients):
+                if c.pool is p and not c.closed:
+                    c.fatal("08P01", "database removed")
+            p.close_all("database removed")
+            for srv in p.servers():
+                srv.close("database removed")
+
+    def kill_client(self, ident: int) -> bool:
+        for c in self.clients:
+            if c.id == ident and not c.closed:
+                c.fatal("08P01", "admin forced disconnect")
+                return True
+        return False
+
+    def shutdown_now(self) -> None:
+        self.stopping = self.stopping or "SHUTDOWN"
+        asyncio.get_running_loop().call_soon(self._finish)
+
+    def admin_wait(self, s, command: str, dbname: str | None) -> bytes | None:
+        """A console command that answers when the gateway gets there: now (-> the reply) or
+        later (-> None; admin_progress answers)."""
+        if self._arrived(command, dbname):
+            return ready(command)
+        self._admin_waits.append((s, command, dbname))
+        return None
+
+    def admin_progress(self) -> None:
+        if not self._admin_waits:
+            return
+        done = [w for w in self._admin_waits if self._arrived(w[1], w[2])]
+        if done:
+            self._admin_waits = [w for w in self._admin_waits if w not in done]
+            for s, command, _ in done:
+                s.console_reply(ready(command))
+
+    def _arrived(self, command: str, dbname: str | None) -> bool:
+        pools = self._pools_of(dbname)
+        if command == "PAUSE":
+            return not any(p.active or p.connecting for p in pools)
+        if command == "SUSPEND":
+            return not any(c.has_buffered() for c in self.clients if not c.console) and not any(
+                srv.has_buffered() for p in pools for srv in p.servers())
+        return not any(srv.close_needed for p in pools for srv in p.servers())  # WAIT_CLOSE
+
+    def admin_cancel(self, s) -> None:
+        """Ctrl-C on a console session whose command waits: PgBouncer resumes."""
+        self._admin_waits = [w for w in self._admin_waits if w[0] is not s]
+        if self.stopping is None and self.pause_mode != "none":
+            self.resume(None)
+        s.console_reply(m.error_response("57014", "canceling statement due to user request") + m.ready_for_query())
+
+    def rule_rows(self) -> list[tuple]:
+        if self.policy is None:
+            return []
+        rs = self.policy.rules
+        counts: dict[str, dict[str, int]] = {}
+        for (rule, action), (n, _, _) in self.decisions.by_rule.items():
+            for name in (rule or "(default_action)").split(", "):
+                name = name.rsplit(":", 1)[0] if name.endswith(tuple("0123456789")) else name
+                per = counts.setdefault(name, {})
+                per[action] = per.get(action, 0) + n
+        rows = []
+        names = [rf.name for rf in rs.files] + ["(default_action)"]
+        names += sorted(n for n in counts if n not in names)  # "analysis": statements that cannot be read
+        for name in names:
+            per = counts.get(name, {})
+            rows.append((name, rs.version, timestamp(self.policy_loaded_at), sum(per.values()),
+                         per.get("allow", 0), per.get("deny", 0), per.get("mask", 0), per.get("require_approval", 0)))
+        return rows
+
+    def decision_rows(self) -> list[tuple]:
+        return [(rule or "(default_action)", action, n, timestamp(last), reason)
+                for (rule, action), (n, last, reason) in sorted(self.decisions.by_rule.items())]
+
     # ------------------------------------------------------------------ cancel requests
 
     def cancel_request(self, pid: int, key: int) -> None:
         c = self.cancel_keys.get((pid, key))
         if c is None:
             log.info("cancel request with an unknown key ignored")
+            return
+        if c.console:
+            if c.console_waiting:
+                self.admin_cancel(c)
             return
         srv = c.server
         if srv is None or not srv.queue:
@@ -393,6 +592,7 @@ class Gateway:
 
     def _janitor_tick(self, now: float) -> None:
         cfg = self.config
+        self.admin_progress()
         for p in list(self.pools.values()):
             p.janitor(now)
         for holder in self.catalogs.values():

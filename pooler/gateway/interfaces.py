@@ -19,7 +19,12 @@ queue, the same rule).
 
 from __future__ import annotations
 
+import itertools
 from typing import Any, Protocol
+
+# ids of client sessions and server connections (SHOW CLIENTS/SERVERS' id, KILL_CLIENT), one
+# sequence for both as in PgBouncer
+next_socket_id = itertools.count(1).__next__
 
 # ---------------------------------------------------------------- the outstanding-request queue
 # kinds of queue entries (what reply each request sent to a server expects)
@@ -167,6 +172,12 @@ class PoolHost(Protocol):
 
     def catalog_changed(self, catalog_key: tuple) -> None:
         """DDL committed on that database: masking's catalog of it must be read again."""
+
+    def pool_paused(self, dbname: str) -> bool:
+        """Is the database paused (PAUSE, KILL): a new pool of it starts paused."""
+
+    def admin_progress(self) -> None:
+        """A server went back or closed: console commands that wait for that may answer."""
 
 
 # ---------------------------------------------------------------- session -> gateway

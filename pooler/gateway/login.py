@@ -28,6 +28,7 @@ from ..auth.passwords import (ScramError, ScramSecret, ScramServer, is_md5, is_s
                               verify_md5)
 from ..protocol import messages as m
 from ..protocol.frontend import T_PASSWORD
+from .admin import ADMIN_DATABASES, WELCOME
 from .params import TRACKED_LOWER, TRACKED_PARAMS, param_key_of
 
 MAX_STARTUP_PACKET = 10000
@@ -174,9 +175,14 @@ class Login:
                 continue
             else:
                 raise ClientError("08P01", f"unsupported startup parameter: {k}")
+        if s.database in ADMIN_DATABASES:
+            await self._console_login(user)
+            return
         db = cfg.database(s.database)
         if db is None:
             raise ClientError("3D000", f'no such database: {s.database}')
+        if db.name in s.gw.disabled_dbs:
+            raise ClientError("08P01", f'database "{db.name}" is disabled')
         ucfg = cfg.users.get(user)
         auth_type = cfg.auth_type_for(db, user)
         s.auth_method = auth_type
@@ -210,6 +216,33 @@ class Login:
         out = [m.authentication_ok()]
         for k, v in view.items():
             out.append(m.parameter_status(k, v))
+        out.append(m.backend_key_data(s.pid, s.key))
+        out.append(m.ready_for_query(m.TX_IDLE))
+        s.transport.write(b"".join(out))
+
+    async def _console_login(self, user: str) -> None:
+        """The admin console's virtual database: admin_users and stats_users, authenticated as
+        everyone is (the user's auth_type, or the global one), then PgBouncer's welcome."""
+        s = self.session
+        cfg = s.gw.config
+        ucfg = cfg.users.get(user)
+        auth_type = (ucfg.auth_type if ucfg else None) or cfg.auth_type
+        s.auth_method = auth_type
+        if auth_type == "jwt":
+            await self._authenticate_jwt(None)
+            user = s.user
+        else:
+            await self._authenticate(auth_type)
+            s.groups = tuple(ucfg.groups) if ucfg else ()
+        if user not in cfg.admin_users and user not in cfg.stats_users:
+            await self._refuse(f"{user!r} is in neither admin_users nor stats_users",
+                               ClientError("08P01", "not allowed"))
+        s.console = True
+        s.admin_user = user in cfg.admin_users
+        s.params = dict(WELCOME)
+        s.pid, s.key = s.gw.register_cancel_key(s)
+        out = [m.authentication_ok()]
+        out += [m.parameter_status(k, v) for k, v in WELCOME]
         out.append(m.backend_key_data(s.pid, s.key))
         out.append(m.ready_for_query(m.TX_IDLE))
         s.transport.write(b"".join(out))
@@ -248,7 +281,7 @@ class Login:
             raise ClientError("28000", "token login requires an encrypted connection: connect with sslmode=require")
         if jwt_auth is None:  # auth_type = jwt arrived by a reload whose key set failed to load
             raise ClientError("28000", "token login is not configured (the gateway has no key set)")
-        if not db.user:
+        if db is not None and not db.user:
             raise ClientError("28000", f"database {db.name} names no upstream user for token logins")
         s.transport.write(m.authentication_cleartext())
         limit = jwt_auth.settings.max_token_size + 5

@@ -75,59 +75,91 @@ class Counters:
 
 
 class Stats(Observer):
-    """Counters per pool (``pool.name``, i.e. database/user), as PgBouncer counts them: a query
-    is a round ending at ReadyForQuery with nothing outstanding, a transaction one ending at 'I'.
-    Named-statement counts are read from the live sessions' statement books when asked for (no
-    work per message). With ``log_stats`` on, every ``stats_period`` seconds a ``stats:`` line
-    with the averages over the period, in PgBouncer's format."""
+    """Counters per pool (``pool.key``: database, upstream user), as PgBouncer counts them: a
+    query is a round ending at ReadyForQuery with nothing outstanding, a transaction one ending
+    at 'I'. Named-statement counts are read from the live sessions' statement books when asked
+    for (no work per message). Averages are PgBouncer's: the change since the snapshot taken one
+    ``stats_period`` before the last, per second (counts, bytes) or per event (times, in
+    microseconds). With ``log_stats`` on, every ``stats_period`` seconds a ``stats:`` line for the
+    last period, in PgBouncer 1.25's format."""
 
     trusted = True
 
     def __init__(self, gw) -> None:
         self.gw = gw
-        self.pools: dict[str, Counters] = {}
+        self.pools: dict[tuple[str, str], Counters] = {}
         self._open: dict[object, float] = {}  # session -> start of its open transaction
-        self._live: dict[object, str] = {}  # logged-in session -> its pool's name
-        self._old = Counters()
-        self._old_at = time.monotonic()
+        self._live: dict[object, tuple[str, str]] = {}  # logged-in session -> its pool's key
+        now = time.monotonic()
+        # PgBouncer's older/newer snapshots, taken every stats_period
+        self._older: dict[tuple[str, str], Counters] = {}
+        self._newer: dict[tuple[str, str], Counters] = {}
+        self._old_stamp, self._new_stamp = now - 1.0, now
         self._timer: asyncio.TimerHandle | None = None
 
-    def counters(self, pool_name: str) -> Counters:
-        """The totals of one pool, with its live sessions' named-statement counts."""
-        c = self._pool(pool_name).copy()
-        for s, name in self._live.items():
-            if name == pool_name:
-                _add_book(c, s.book)
-        return c
+    # -- reading the counters
+
+    def current(self) -> dict[tuple[str, str], Counters]:
+        """Every pool's totals now, its live sessions' named-statement counts included."""
+        out = {k: c.copy() for k, c in self.pools.items()}
+        for s, key in self._live.items():
+            c = out.get(key)
+            if c is None:
+                c = out[key] = Counters()
+            _add_book(c, s.book)
+        return out
+
+    def counters(self, pool_key: tuple[str, str]) -> Counters:
+        return self.current().get(pool_key) or Counters()
 
     def totals(self) -> Counters:
         t = Counters()
-        for c in self.pools.values():
+        for c in self.current().values():
             t.add(c)
-        for s in self._live:
-            _add_book(t, s.book)
         return t
 
-    def _pool(self, name: str) -> Counters:
-        c = self.pools.get(name)
+    def by_database(self) -> list[tuple[str, Counters, Counters]]:
+        """(database, totals, averages) per database, in name order (SHOW STATS)."""
+        cur, old = _per_db(self.current()), _per_db(self._older)
+        dur = time.monotonic() - self._old_stamp
+        return [(db, c, averages(c, old.get(db) or Counters(), dur)) for db, c in sorted(cur.items())]
+
+    def overall(self) -> tuple[Counters, Counters]:
+        """(totals, averages) over every pool (SHOW TOTALS)."""
+        cur, old = Counters(), Counters()
+        for c in self.current().values():
+            cur.add(c)
+        for c in self._older.values():
+            old.add(c)
+        return cur, averages(cur, old, time.monotonic() - self._old_stamp)
+
+    def _pool(self, key: tuple[str, str]) -> Counters:
+        c = self.pools.get(key)
         if c is None:
-            c = self.pools[name] = Counters()
+            c = self.pools[key] = Counters()
         return c
+
+    def console_command(self) -> None:
+        """A command of the admin console: PgBouncer counts it on its pgbouncer pool."""
+        c = self._pool(("pgbouncer", "pgbouncer"))
+        c.query_count += 1
+        c.xact_count += 1
 
     # -- events
 
     def login(self, s) -> None:
-        self._live[s] = s.pool.name
-        self._pool(s.pool.name).client_login_count += 1
+        key = ("pgbouncer", "pgbouncer") if s.pool is None else s.pool.key
+        self._live[s] = key
+        self._pool(key).client_login_count += 1
 
     def server_assigned(self, s, srv, waited: float) -> None:
-        c = self.pools.get(s.pool.name) or self._pool(s.pool.name)
+        c = self.pools.get(s.pool.key) or self._pool(s.pool.key)
         c.server_assignment_count += 1
         c.wait_time += waited
 
     def ready(self, s, srv, status: int, started: float, sent: int, received: int) -> None:
         now = time.monotonic()
-        c = self.pools.get(s.pool.name) or self._pool(s.pool.name)
+        c = self.pools.get(s.pool.key) or self._pool(s.pool.key)
         c.query_count += 1
         c.query_time += now - started
         c.client_bytes += sent
@@ -140,11 +172,11 @@ class Stats(Observer):
 
     def logout(self, s, reason: str) -> None:
         self._open.pop(s, None)
-        name = self._live.pop(s, None)
-        if name is not None:
-            _add_book(self._pool(name), s.book)
+        key = self._live.pop(s, None)
+        if key is not None:
+            _add_book(self._pool(key), s.book)
 
-    # -- the periodic log line
+    # -- the periodic snapshot and log line
 
     def start(self) -> None:
         self._schedule()
@@ -160,31 +192,76 @@ class Stats(Observer):
 
     def _tick(self) -> None:
         try:
+            line = self.rotate()
             if self.gw.config.log_stats and self.gw.config.stats_period > 0:
-                gateway_log.info("%s", self.averages_line())
+                gateway_log.info("%s", line)
         finally:
             self._schedule()
 
-    def averages_line(self) -> str:
-        """PgBouncer's ``stats:`` line for the time since the last one (and start the next)."""
+    def rotate(self) -> str:
+        """Take the period's snapshot; -> PgBouncer's ``stats:`` line for the period just ended."""
         now = time.monotonic()
-        cur, old = self.totals(), self._old
-        dur = now - self._old_at
-        self._old, self._old_at = cur.copy(), now
+        cur = self.current()
+        self._older, self._newer = self._newer, cur
+        self._old_stamp, self._new_stamp = self._new_stamp, now
+        total, old = Counters(), Counters()
+        for c in cur.values():
+            total.add(c)
+        for c in self._older.values():
+            old.add(c)
+        a = averages(total, old, now - self._old_stamp)
+        return (f"stats: {int(a.xact_count)} xacts/s, {int(a.query_count)} queries/s, "
+                f"{int(a.client_parse_count)} client parses/s, {int(a.server_parse_count)} server parses/s, "
+                f"{int(a.bind_count)} binds/s, in {int(a.client_bytes)} B/s, out {int(a.server_bytes)} B/s, "
+                f"xact {int(a.xact_time * 1e6)} us, query {int(a.query_time * 1e6)} us, "
+                f"wait {int(a.wait_time * 1e6)} us")
 
-        def rate(name: str) -> int:
-            return int((getattr(cur, name) - getattr(old, name)) / dur) if dur > 0 else 0
 
-        def per(time_name: str, count_name: str) -> int:
-            n = getattr(cur, count_name) - getattr(old, count_name)
-            return int((getattr(cur, time_name) - getattr(old, time_name)) * 1e6 / n) if n > 0 else 0
+def averages(cur: Counters, old: Counters, dur: float) -> Counters:
+    """PgBouncer's calc_average: counts and bytes per second over ``dur``; times per transaction,
+    query and assignment (still in seconds here)."""
+    a = Counters()
+    if dur <= 0:
+        return a
+    for name in ("server_assignment_count", "xact_count", "query_count", "client_bytes", "server_bytes",
+                 "client_parse_count", "server_parse_count", "bind_count", "client_login_count"):
+        setattr(a, name, int((getattr(cur, name) - getattr(old, name)) / dur))
+    for t, n in (("xact_time", "xact_count"), ("query_time", "query_count"),
+                 ("wait_time", "server_assignment_count")):
+        count = getattr(cur, n) - getattr(old, n)
+        if count > 0:
+            setattr(a, t, (getattr(cur, t) - getattr(old, t)) / count)
+    return a
 
-        return (f"stats: {rate('xact_count')} xacts/s, {rate('query_count')} queries/s, "
-                f"{rate('client_parse_count')} client parses/s, {rate('server_parse_count')} server parses/s, "
-                f"{rate('bind_count')} binds/s, {rate('client_login_count')} client logins/s, "
-                f"in {rate('client_bytes')} B/s, out {rate('server_bytes')} B/s, "
-                f"xact {per('xact_time', 'xact_count')} us, query {per('query_time', 'query_count')} us, "
-                f"wait {per('wait_time', 'server_assignment_count')} us")
+
+def _per_db(per_pool: dict[tuple[str, str], Counters]) -> dict[str, Counters]:
+    out: dict[str, Counters] = {}
+    for (db, _), c in per_pool.items():
+        t = out.get(db)
+        if t is None:
+            t = out[db] = Counters()
+        t.add(c)
+    return out
+
+
+class Decisions(Observer):
+    """The rules' decisions by rule and action (SHOW RULES, SHOW DECISIONS); subscribed while a
+    rule set is active (the decide stage then runs anyway)."""
+
+    trusted = True
+
+    def __init__(self) -> None:
+        self.by_rule: dict[tuple[str, str], list] = {}  # (rule, action) -> [count, last wall time, last reason]
+
+    def decided(self, s, kind: str, sql: str, d) -> None:
+        if d is None:
+            return
+        e = self.by_rule.get((d.rule, d.action))
+        if e is None:
+            e = self.by_rule[(d.rule, d.action)] = [0, 0.0, ""]
+        e[0] += 1
+        e[1] = time.time()
+        e[2] = d.reason
 
 
 def _add_book(c: Counters, book) -> None:

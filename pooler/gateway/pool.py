@@ -24,7 +24,7 @@ log = logging.getLogger("pooler.pool")
 
 class Pool:
     __slots__ = (
-        "gw", "events", "db", "name", "server_user", "server_password", "server_dbname", "catalog_key", "idle",
+        "gw", "events", "db", "name", "key", "paused", "server_user", "server_password", "server_dbname", "catalog_key", "idle",
         "active", "connecting", "waiters", "welcome", "welcome_waiters", "last_connect_error", "clients",
         "obsolete",
     )
@@ -34,6 +34,8 @@ class Pool:
         self.events = gw.events
         self.db = db
         self.name = f"{db.name}/{server_user}"
+        self.key = (db.name, server_user)  # as the gateway's pools dict and the counters key it
+        self.paused = gw.pool_paused(db.name)  # PAUSE/KILL from the console: no server handed out
         self.server_user = server_user
         self.server_password = password
         self.server_dbname = db.dbname or db.name
@@ -80,7 +82,7 @@ class Pool:
 
     def acquire(self, client: Waiter) -> ServerConn | None:
         idle = self.idle
-        while idle:
+        while idle and not self.paused:
             srv = idle.pop()  # LIFO: the warmest connection
             if srv.state == S_IDLE:
                 srv.state = S_ACTIVE
@@ -88,7 +90,7 @@ class Pool:
                 return srv
         client.wait_started = time.monotonic()
         self.waiters.append(client)
-        if len(self.waiters) > self.connecting and len(self.active) + self.connecting < self.size:
+        if len(self.waiters) > self.connecting and len(self.active) + self.connecting < self.size and not self.paused:
             self._grow()
         return None
 
@@ -107,9 +109,11 @@ class Pool:
         if srv.state == S_CLOSED:
             self.active.discard(srv)
             return
-        if not srv.clean():
+        if not srv.clean() or self.paused:
             self.active.discard(srv)
-            srv.close("not clean at release")
+            srv.close("pause mode" if self.paused else "reconnect" if srv.close_needed else "not clean at release")
+            if self.paused:
+                self.gw.admin_progress()
             return
         lifetime = self.gw.config.server_lifetime
         # the janitor's clock (a second's resolution, like PgBouncer's cached time): no clock
@@ -150,13 +154,14 @@ class Pool:
         self.gw.server_closed(self)
         if self.waiters:
             self._grow()
+        self.gw.admin_progress()
 
     # ------------------------------------------------------------------ connecting
 
     def _grow(self) -> None:
         """Open connections for waiting clients, within the pool and database limits."""
-        if self.gw.stopping == "SIGINT":
-            return  # paused: no new servers while waiting for transactions to finish
+        if self.gw.stopping == "SIGINT" or self.paused:
+            return  # no new servers while waiting for transactions to finish, or paused
         want = len(self.waiters) - self.connecting
         while want > 0 and self.total() < self.size:
             if not self.gw.may_open_server(self):
@@ -166,7 +171,7 @@ class Pool:
             asyncio.get_running_loop().create_task(self._connect())
 
     def ensure_min(self) -> None:
-        while self.total() < self.min_size and self.gw.may_open_server(self):
+        while self.total() < self.min_size and not self.paused and self.gw.may_open_server(self):
             self.connecting += 1
             asyncio.get_running_loop().create_task(self._connect())
 
@@ -332,3 +337,7 @@ class Pool:
         for srv in list(self.idle):
             srv.close(reason)
         self.idle.clear()
+
+    def servers(self) -> list[ServerConn]:
+        """Every open server connection of the pool (linked ones first)."""
+        return list(self.active) + list(self.idle)

@@ -29,7 +29,7 @@ from ..protocol import messages as m
 from .interfaces import (
     FAKE_FIRST, FAKE_LAST, R_BIND, R_BIND_SKIP, R_CLOSE, R_CLOSE_SKIP, R_DESCRIBE, R_DESCRIBE_MASK,
     R_EXECUTE, R_EXECUTE_REFUSAL, R_FAKE_CLOSE, R_FAKE_DONE, R_FAKE_PARSE, R_PARSE, R_PARSE_SKIP,
-    R_QUERY, R_QUERY_REFUSAL, R_QUERY_SKIP, R_SYNC, ClientSide, ServerHome,
+    R_QUERY, R_QUERY_REFUSAL, R_QUERY_SKIP, R_SYNC, ClientSide, ServerHome, next_socket_id,
 )
 from .params import TRACKED, param_key_of
 
@@ -92,6 +92,73 @@ T_COPY_BOTH = ord("W")
 S_CONNECTING, S_LOGIN, S_IDLE, S_ACTIVE, S_CLOSED = range(5)
 
 
+def _addr(info) -> tuple[str | None, int]:
+    if isinstance(info, tuple) and len(info) >= 2:
+        return str(info[0]), int(info[1])
+    return ("unix", 0) if info is not None else (None, 0)
+
+
+def _write_buffered(transport) -> bool:
+    try:
+        return bool(transport is not None and transport.get_write_buffer_size())
+    except Exception:  # noqa: BLE001 - a closing transport
+        return False
+
+
+def _fd_of(transport) -> int | None:
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    try:
+        return sock.fileno() if sock is not None else None
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def tls_info(transport) -> str:
+    """PgBouncer's tls column: protocol/cipher (empty without TLS)."""
+    ssl_obj = transport.get_extra_info("ssl_object") if transport is not None else None
+    if ssl_obj is None:
+        return ""
+    cipher = ssl_obj.cipher()
+    return f"{ssl_obj.version()}/{cipher[0] if cipher else ''}"
+
+
+def socket_row(kind: str, user: str, database: str, state: str, transport, connect_wall: float,
+               request_wall: float, wait: float, close_needed: bool, me, link, remote_pid: int,
+               app_name: str, prepared: int, ident: int, debug: bool, pending: int) -> tuple:
+    """A row of SHOW CLIENTS/SERVERS/SOCKETS (admin.COLUMNS["clients"] and, with ``debug``, the
+    buffer columns)."""
+    from time import localtime, strftime
+
+    def ts(t: float) -> str:
+        return strftime("%Y-%m-%d %H:%M:%S %Z", localtime(t))
+
+    addr, port = _addr(transport.get_extra_info("peername") if transport is not None else None)
+    laddr, lport = _addr(transport.get_extra_info("sockname") if transport is not None else None)
+    row = (kind, user or "(nouser)", database or "(nodb)", "none", state, addr, port, laddr, lport,
+           ts(connect_wall), ts(request_wall), int(wait), int((wait % 1) * 1e6), int(close_needed),
+           f"0x{id(me):x}", f"0x{id(link):x}" if link is not None else "", remote_pid, tls_info(transport),
+           app_name, prepared, ident)
+    if debug:
+        out = 0
+        try:
+            out = transport.get_write_buffer_size() if transport is not None else 0
+        except Exception:  # noqa: BLE001
+            pass
+        row += (pending, 0, 0, 0, 0, pending, out)
+    return row
+
+
+def fd_row(transport, task: str, user: str, database: str, cancel: int, link, params: dict) -> tuple | None:
+    fd = _fd_of(transport)
+    if fd is None or transport.get_extra_info("ssl_object") is not None:
+        return None
+    addr, port = _addr(transport.get_extra_info("peername"))
+    link_fd = _fd_of(getattr(link, "transport", None)) if link is not None else 0
+    return (fd, task, user, database, addr, port, cancel, link_fd or 0, params.get("client_encoding"),
+            params.get("standard_conforming_strings"), params.get("DateStyle"), params.get("TimeZone"),
+            None, None, None)
+
+
 class ServerLoginError(Exception):
     def __init__(self, message: str, sqlstate: str = "08006") -> None:
         super().__init__(message)
@@ -108,11 +175,15 @@ class ServerConn(asyncio.Protocol):
         "peer", "pending_sync", "pid", "pool", "prepared", "query_start", "queue", "rbuf",
         "reading_paused", "received", "reset_waiter", "resetting", "rneed", "rowplan", "scram",
         "sent", "side", "skip", "state", "transport", "tx_status", "w_bytes", "w_start",
-        "writing_paused",
+        "writing_paused", "id", "connected_wall", "close_needed",
     )
+
     def __init__(self, pool: ServerHome, side: bool = False) -> None:
         self.pool = pool
         self.events = pool.events
+        self.id = next_socket_id()
+        self.connected_wall = time.time()
+        self.close_needed = False  # RECONNECT: closed when it comes back (dirty is set too)
         self.side = side  # the gateway's own connection (catalog reads): not pooled
         self.collected: list | None = None  # side connections: result sets of run_query
         self.collect_waiter: asyncio.Future | None = None
@@ -209,6 +280,26 @@ class ServerConn(asyncio.Protocol):
 
     def describe(self) -> str:
         return f"{self.pool.name} pid={self.pid}"
+
+    # ------------------------------------------------------------------ what the console shows
+
+    def socket_row(self, debug: bool) -> tuple:
+        """This server as a row of SHOW SERVERS/SOCKETS."""
+        c = self.client
+        state = "active" if self.state == S_ACTIVE else "idle" if self.state == S_IDLE else "login"
+        wall_used = time.time() - (time.monotonic() - self.last_used) if self.last_used else self.connected_wall
+        return socket_row("S", self.pool.server_user, self.pool.db.name, state, self.transport,
+                          self.connected_wall, wall_used, 0.0, self.close_needed, self, c,
+                          self.pid, self.params.get("application_name", ""), len(self.prepared), self.id,
+                          debug, len(self.rbuf))
+
+    def fd_row(self) -> tuple | None:
+        """This server as a row of SHOW FDS (None: no socket, or TLS, which PgBouncer skips too)."""
+        return fd_row(self.transport, "server", self.pool.server_user, self.pool.db.name,
+                      (self.pid << 32) | (self.key & 0xFFFFFFFF), self.client, self.params)
+
+    def has_buffered(self) -> bool:
+        return bool(self.rbuf) or _write_buffered(self.transport)
 
     def close(self, reason: str = "", terminate: bool = True) -> None:
         if self.state == S_CLOSED:

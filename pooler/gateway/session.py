@@ -44,10 +44,10 @@ from ..protocol.frontend import (BODYLESS, GOVERNED, MIN_LENGTH, NEEDS_SYNC, T_B
 from .governor import WAIT_CATALOG, Governor
 from .interfaces import (FAKE_FIRST, FAKE_LAST, R_BIND, R_BIND_SKIP, R_CLOSE, R_DESCRIBE, R_DESCRIBE_MASK,
                          R_EXECUTE, R_EXECUTE_REFUSAL, R_FAKE_CLOSE, R_PARSE, R_PARSE_SKIP, R_QUERY,
-                         R_QUERY_REFUSAL, R_QUERY_SKIP, R_SYNC, SessionHost)
+                         R_QUERY_REFUSAL, R_QUERY_SKIP, R_SYNC, SessionHost, next_socket_id)
 from .login import ClientError, Login, TlsFailed
 from .params import TRACKED_PARAMS, canonical, param_key_of, quote_literal, sync_sql
-from .server import S_CLOSED, ServerConn, ServerLoginError
+from .server import S_CLOSED, ServerConn, ServerLoginError, fd_row, socket_row
 from .statements import StatementBook
 
 log = logging.getLogger("pooler.client")
@@ -55,7 +55,7 @@ log = logging.getLogger("pooler.client")
 _unpack_len = struct.Struct("!i").unpack_from
 
 # states
-C_LOGIN, C_READY, C_CLOSED = range(3)
+C_LOGIN, C_READY, C_CLOSED, C_CONSOLE = range(4)
 
 # message types the gateway may answer itself while no server is linked
 _LOCAL_CANDIDATES = frozenset(b"SHCdcfQ")
@@ -78,11 +78,17 @@ class ClientSession(asyncio.Protocol):
         "param_key", "params", "pending_param_sync", "pid", "pool", "rbuf", "reading_paused",
         "ready_query", "ready_unit", "rewrite", "server", "skip_until_sync", "state", "tls",
         "token_expiry", "transport", "tx_status", "unix", "user", "wait_started", "waiting",
-        "writing_paused",
+        "writing_paused", "id", "connected_wall", "console", "admin_user", "console_waiting",
     )
+
     def __init__(self, gw: SessionHost, unix: bool = False) -> None:
         self.gw = gw
         self.events = gw.events
+        self.id = next_socket_id()
+        self.connected_wall = time.time()
+        self.console = False  # a session of the admin console (admin.py), not of a database
+        self.admin_user = False  # ... of an admin_users user (else stats_users: SHOW only)
+        self.console_waiting = False  # its command waits (PAUSE, SUSPEND, WAIT_CLOSE)
         self.unix = unix
         self.transport: asyncio.Transport | None = None
         self.state = C_LOGIN
@@ -153,6 +159,8 @@ class ClientSession(asyncio.Protocol):
         elif self.state == C_LOGIN:
             if not self.login.feed(data):
                 self._close_now("too much data during login")
+        elif self.state == C_CONSOLE:
+            self._console_data(data)
 
     def eof_received(self) -> bool:
         if self.login is not None:
@@ -160,7 +168,7 @@ class ClientSession(asyncio.Protocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
-        was_ready = self.state == C_READY
+        was_ready = self.state == C_READY or self.state == C_CONSOLE
         self.state = C_CLOSED
         self.closed = True
         self._let_go("client disconnected")
@@ -326,14 +334,88 @@ class ClientSession(asyncio.Protocol):
             return
         # logged in: anything the client already sent is processed now
         login, self.login = self.login, None
-        self.state = C_READY
+        self.state = C_CONSOLE if self.console else C_READY
         ev = self.events.login
         if ev is not None:
             ev(self)
         if login.buf:
-            self._client_data(bytes(login.buf))
+            self.data_received(bytes(login.buf))
         elif login.eof:
             self._close_now("client disconnected")
+
+    # ------------------------------------------------------------------ the admin console
+
+    def _console_data(self, data: bytes) -> None:
+        """A console session's messages: simple queries only, one command each (admin.py)."""
+        buf = self.rbuf + data if self.rbuf else data
+        pos, n = 0, len(buf)
+        while n - pos >= 5 and not self.console_waiting and not self.closed:
+            t = buf[pos]
+            (length,) = _unpack_len(buf, pos + 1)
+            end = pos + 1 + length
+            if length < 4 or length > self.max_packet:
+                self.fatal("08P01", f"invalid message length {length}")
+                return
+            if end > n:
+                break
+            if t == T_QUERY:
+                sql = bytes(buf[pos + 5 : end]).rstrip(b"\x00").decode("utf-8", "replace")
+                reply = self.gw.console.execute(self, sql)
+                if reply is None:
+                    self.console_waiting = True  # answered by console_reply
+                else:
+                    self.write(reply)
+            elif t == T_TERMINATE:
+                self._close_now("client terminated the session")
+                return
+            elif t in (T_PARSE, T_BIND, T_EXECUTE):
+                self.fatal("08P01", "extended query protocol not supported by admin console")
+                return
+            else:
+                self.fatal("08P01", f"unsupported packet type for admin console: {chr(t)!r}")
+                return
+            pos = end
+        self.rbuf = buf[pos:]
+
+    def console_reply(self, reply: bytes) -> None:
+        """The answer of a console command that waited."""
+        self.console_waiting = False
+        if not self.closed:
+            self.write(reply)
+            if self.rbuf:
+                rest, self.rbuf = self.rbuf, b""
+                self._console_data(rest)
+
+    # ------------------------------------------------------------------ what the console shows of a session
+
+    def state_name(self) -> str:
+        if self.state == C_LOGIN:
+            return "login"
+        if self.waiting:
+            return "waiting"
+        return "active" if self.server is not None else "idle"
+
+    def socket_row(self, debug: bool) -> tuple:
+        now = time.monotonic()
+        wait = now - self.wait_started if self.waiting else 0.0
+        return socket_row("C", self.user or self.login_name, self.database, self.state_name(), self.transport,
+                          self.connected_wall, time.time() - (now - self.last_active), wait, False, self,
+                          self.server, 0, self.params.get("application_name", self.app_name),
+                          len(self.book.stmts), self.id, debug, len(self.rbuf))
+
+    def fd_row(self) -> tuple | None:
+        if self.state == C_LOGIN or self.closed:
+            return None
+        return fd_row(self.transport, "client", self.user, self.database,
+                      (self.pid << 32) | (self.key & 0xFFFFFFFF), self.server, self.params)
+
+    def has_buffered(self) -> bool:
+        if self.rbuf or self.cskip:
+            return True
+        try:
+            return bool(self.transport is not None and self.transport.get_write_buffer_size())
+        except Exception:  # noqa: BLE001 - a closing transport
+            return False
 
     # ------------------------------------------------------------------ the client -> server loop
 

@@ -341,3 +341,36 @@ def parse_data_row(body: bytes | memoryview) -> list[bytes | None]:
 
 def describe_portal(name: bytes) -> bytes:
     return message(b"D", b"P" + name + b"\x00")
+
+
+# --------------------------------------------------------------------------- result sets the gateway makes
+# Column types as PgBouncer's console sends them (its tupdesc letters): 's' text, 'i' int4,
+# 'q' int8, 'N' numeric, 'T' a timestamp sent as text, 'b' bytea (values given as bytes).
+_COLUMN_TYPES = {"s": (25, -1), "T": (25, -1), "i": (23, 4), "q": (20, 8), "N": (1700, -1), "b": (17, -1)}
+_COLUMN = struct.Struct("!ihihih")
+
+
+def row_description(columns: list[tuple[str, str]]) -> bytes:
+    """RowDescription of ``(name, type letter)`` columns (no table, text format)."""
+    out = [_I16.pack(len(columns))]
+    for name, kind in columns:
+        oid, size = _COLUMN_TYPES[kind]
+        out.append(cstr(name) + _COLUMN.pack(0, 0, oid, size, -1, 0))
+    return message(b"T", b"".join(out))
+
+
+def data_row(values) -> bytes:
+    """DataRow of text values: str, int, bool (as 0/1) or bytes (bytea, as \\x hex); None is NULL."""
+    out = [_I16.pack(len(values))]
+    for v in values:
+        if v is None:
+            out.append(b"\xff\xff\xff\xff")
+            continue
+        if isinstance(v, bytes):
+            b = b"\\x" + v.hex().encode()
+        elif isinstance(v, bool):
+            b = b"1" if v else b"0"
+        else:
+            b = str(v).encode()
+        out.append(_I32.pack(len(b)) + b)
+    return message(b"D", b"".join(out))
