@@ -94,7 +94,8 @@ class Config:
     stats_period: float = 60.0
     admin_users: tuple[str, ...] = ()  # may run every console command
     stats_users: tuple[str, ...] = ()  # may run the console's SHOW commands
-    admin_legacy_columns: bool = False  # SHOW STATS/DATABASES also carry pre-1.8 names (old exporters)
+    admin_legacy_columns: bool = False
+    metrics_listen: str | None = None  # host:port of the Prometheus endpoint (/metrics, /healthz, /readyz)  # SHOW STATS/DATABASES also carry pre-1.8 names (old exporters)
     verbose: int = 0
     application_name_add_host: bool = False
     rules_dir: str | None = None  # None: "rules/" beside the config file, when it exists
@@ -280,6 +281,16 @@ def _jwt_algorithms(v: str) -> tuple[str, ...]:
     return tuple(out)
 
 
+def _listen(v: str) -> str | None:
+    v = v.strip()
+    if not v:
+        return None
+    host, sep, port = v.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"expected host:port (or :port for every address), got {v!r}")
+    return v
+
+
 def _claim(v: str) -> str:
     v = v.strip()
     if not v:
@@ -323,6 +334,7 @@ SETTINGS = {
     "admin_users": ("admin_users", _list),
     "stats_users": ("stats_users", _list),
     "admin_legacy_columns": ("admin_legacy_columns", _bool),
+    "metrics_listen": ("metrics_listen", _listen),
     "stats_period": ("stats_period", _seconds),
     "verbose": ("verbose", _nonneg_int),
     "application_name_add_host": ("application_name_add_host", _bool),
@@ -686,7 +698,7 @@ def _complete(cfg: Config, path: Path) -> None:
 
 # settings a running gateway cannot take (they are read once, at start)
 RESTART_KEYS = frozenset({"listen_addr", "listen_port", "unix_socket_dir", "unix_socket_mode", "pidfile",
-                          "logfile", "max_packet_size"})
+                          "logfile", "max_packet_size", "metrics_listen"})
 # settings whose values are never shown (SHOW CONFIG, SHOW <setting>)
 SECRET_KEYS = frozenset({"mask_hash_key"})
 

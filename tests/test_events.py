@@ -105,8 +105,8 @@ def test_masked_results_report_what_was_masked_and_errors_stay_scrubbed(live, pg
             conn.execute("SELECT ssn::int FROM customers ORDER BY id LIMIT 1")
         assert ssn not in str(err.value)
     masked = rec.of("masked", s)  # the SELECT's result, then the failing one's (no row masked)
-    assert masked[0][2] == [("public.customers.email", 3)]
-    assert [n for _, n in masked[1][2]] == [0]
+    assert masked[0][2] == [("public.customers.email", "email", 3)]
+    assert [n for _, _, n in masked[1][2]] == [0]
     (decided,) = [e for e in rec.of("decided", s) if "email" in e[3]]
     assert decided[4].action == "mask" and dict(decided[4].masks)["public.customers.email"] == "email"
     (failed,) = rec.of("failed", s)

@@ -329,7 +329,6 @@ def test_client_tls_require_refuses_plaintext_password_logins(gw_factory, certs)
 
 
 def test_plaintext_after_sslrequest_is_refused(gw_factory, certs):
-    import socket
     import struct
     g = gw_factory(settings={"client_tls_sslmode": "prefer", "client_tls_cert_file": certs["cert"],
                              "client_tls_key_file": certs["key"]})

@@ -22,7 +22,7 @@ LAYERS = [
 # inside the asyncio shell, bottom up: each module imports only modules listed before it
 GATEWAY_ORDER = [
     "interfaces", "params", "events", "server", "pool", "catalogs", "statements", "governor",
-    "admin", "login", "session", "observers", "app",
+    "admin", "login", "session", "observers", "metrics", "app",
 ]
 
 

@@ -22,6 +22,7 @@ from ..protocol import messages as m
 from .admin import Console, ready, timestamp
 from .catalogs import CatalogHolder
 from .events import Events
+from .metrics import Metrics
 from .observers import Decisions, SessionLog, Stats
 from .pool import Pool
 from .server import ServerConn
@@ -43,6 +44,10 @@ class Gateway:
         self.events.subscribe(self.stats)
         self.decisions = Decisions()  # subscribed while a rule set is active (_policy_loaded)
         self.console = Console(self)  # the admin console (admin.py)
+        self.metrics: Metrics | None = None  # metrics_listen: Prometheus, /healthz, /readyz (metrics.py)
+        if config.metrics_listen:
+            self.metrics = Metrics(self)
+            self.events.subscribe(self.metrics)
         self.pause_mode = "none"  # "none" | "pause" | "suspend": SHOW STATE, PAUSE, SUSPEND
         self.paused_dbs: set[str] = set()  # PAUSE db, KILL db
         self.disabled_dbs: set[str] = set()  # DISABLE db: new logins refused
@@ -95,6 +100,8 @@ class Gateway:
                 f.write(f"{os.getpid()}\n")
         self._janitor = loop.create_task(self._janitor_loop())
         self.stats.start()
+        if self.metrics is not None:
+            self.metrics.start(cfg.metrics_listen)
         where = [f"{cfg.listen_addr}:{cfg.listen_port}"] if cfg.listen_addr else []
         if self.unix_path:
             where.append(self.unix_path)
@@ -159,6 +166,8 @@ class Gateway:
         if self._janitor:
             self._janitor.cancel()
         self.stats.stop()
+        if self.metrics is not None:
+            self.metrics.stop()
         self.stopped.set()
 
     def catalog_for(self, pool: Pool) -> CatalogHolder:
@@ -216,7 +225,11 @@ class Gateway:
             except RuleLoadError as e:
                 log.error("rules not reloaded, the running rule set keeps serving: %s", e)
                 policy = self.policy
+                if self.metrics is not None:
+                    self.metrics.rule_reloads.labels("failed").inc()
             else:
+                if self.metrics is not None:
+                    self.metrics.rule_reloads.labels("ok").inc()
                 if policy is not None:
                     log.info("rules loaded: %d file(s), version %s", len(policy.rules.files), policy.rules.version)
                 self.policy_loaded_at = time.time()

@@ -30,7 +30,8 @@ The events, in a session's order (``session`` is the ClientSession, ``server`` t
                                                      EmptyQueryResponse): its tag, rows from the tag
                                                      (None where it has none), server bytes, duration
     failed(session, server, sqlstate, message)       the server answered a request with an error
-    masked(session, report)                          a masked result ended: [(column, values masked)]
+    masked(session, report)                          a masked result ended: [(column, method, values
+                                                     masked)]
     ready(session, server, status, started, sent, received)
                                                      ReadyForQuery with nothing outstanding: a round
                                                      ended (status I/T/E; started: monotonic time of
@@ -74,8 +75,15 @@ class Observer:
 
 
 def _dispatcher(name: str, handlers: list[Callable], trusted: bool) -> Callable:
-    if len(handlers) == 1 and trusted:
+    if trusted and len(handlers) == 1:
         return handlers[0]
+    if trusted and len(handlers) == 2:
+        first, second = handlers
+
+        def both(*args: Any) -> None:
+            first(*args)
+            second(*args)
+        return both
     if len(handlers) == 1:
         (h,) = handlers
 

@@ -39,7 +39,7 @@ class SessionLog(Observer):
 
     def masked(self, s, report) -> None:
         if client_log.isEnabledFor(logging.DEBUG):
-            client_log.debug("masked %s: %s", s.describe(), ", ".join(f"{c}={n}" for c, n in report))
+            client_log.debug("masked %s: %s", s.describe(), ", ".join(f"{c}={n}" for c, _, n in report))
 
     def logout(self, s, reason: str) -> None:
         if self.gw.config.log_disconnections:

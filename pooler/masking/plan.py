@@ -291,8 +291,9 @@ class RowPlan:
         body = b"".join(parts)
         return b"D" + _pack_i32(len(body) + 4) + body
 
-    def report(self) -> list[tuple[str, int]]:
-        return [(c.name, n) for c, n in zip(self.tpl.columns, self.counts)]
+    def report(self) -> list[tuple[str, str, int]]:
+        """(column, masking method, values masked) of each masked column of the result."""
+        return [(c.name, c.method.name, n) for c, n in zip(self.tpl.columns, self.counts)]
 
 
 # --------------------------------------------------------------------------- errors and notices
