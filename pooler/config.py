@@ -44,6 +44,7 @@ class DatabaseConfig:
     timezone: str | None = None
     application_name: str | None = None
     auth_type: str | None = None
+    approver_groups: tuple[str, ...] = ()  # who approves this database's held statements (else the global)
 
 
 @dataclass(slots=True)
@@ -95,7 +96,17 @@ class Config:
     admin_users: tuple[str, ...] = ()  # may run every console command
     stats_users: tuple[str, ...] = ()  # may run the console's SHOW commands
     admin_legacy_columns: bool = False
-    metrics_listen: str | None = None  # host:port of the Prometheus endpoint (/metrics, /healthz, /readyz)  # SHOW STATS/DATABASES also carry pre-1.8 names (old exporters)
+    metrics_listen: str | None = None  # host:port of the Prometheus endpoint (/metrics, /healthz, /readyz)
+    # approvals (docs/approvals.md): statements a rule holds for a human's decision
+    approval_timeout: float = 300.0  # refused if nobody decides within this (0: wait for ever)
+    approver_groups: tuple[str, ...] = ()  # token groups whose members may decide (console admins always may)
+    approvals_required: int = 1  # distinct reviewers who must approve
+    approval_holds_transaction: bool = False  # a hold inside a transaction counts against idle_transaction_timeout
+    approval_max_grant: float = 3600.0  # longest APPROVE ... FOR interval
+    approvals_listen: str | None = None  # host:port of the reviewers' HTTP API and page
+    approval_url: str | None = None  # the page's address as reviewers reach it (notices show it)
+    approval_webhook: str | None = None  # POST each new/decided request as JSON here
+    approvals_store: str = "memory"
     verbose: int = 0
     application_name_add_host: bool = False
     rules_dir: str | None = None  # None: "rules/" beside the config file, when it exists
@@ -291,6 +302,30 @@ def _listen(v: str) -> str | None:
     return v
 
 
+def _positive_int(v: str) -> int:
+    n = _int(v)
+    if n < 1:
+        raise ValueError(f"must be at least 1, got {n}")
+    return n
+
+
+def _http_url(v: str) -> str | None:
+    v = v.strip()
+    if not v:
+        return None
+    if not re.match(r"^https?://[^/\s]+", v):
+        raise ValueError(f"expected an http:// or https:// URL, got {v!r}")
+    return v
+
+
+def _approvals_store(v: str) -> str:
+    v = v.strip()
+    if v != "memory":
+        raise ValueError("only 'memory' is supported: requests and grants live in this gateway; a store "
+                         "shared by several gateways (a PostgreSQL connection string) is not built yet")
+    return v
+
+
 def _claim(v: str) -> str:
     v = v.strip()
     if not v:
@@ -334,6 +369,15 @@ SETTINGS = {
     "admin_users": ("admin_users", _list),
     "stats_users": ("stats_users", _list),
     "admin_legacy_columns": ("admin_legacy_columns", _bool),
+    "approval_timeout": ("approval_timeout", _seconds),
+    "approver_groups": ("approver_groups", _list),
+    "approvals_required": ("approvals_required", _positive_int),
+    "approval_holds_transaction": ("approval_holds_transaction", _bool),
+    "approval_max_grant": ("approval_max_grant", _seconds),
+    "approvals_listen": ("approvals_listen", _listen),
+    "approval_url": ("approval_url", _opt_str),
+    "approval_webhook": ("approval_webhook", _http_url),
+    "approvals_store": ("approvals_store", _approvals_store),
     "metrics_listen": ("metrics_listen", _listen),
     "stats_period": ("stats_period", _seconds),
     "verbose": ("verbose", _nonneg_int),
@@ -395,6 +439,7 @@ DB_KEYS = {
     "max_db_connections": _nonneg_int, "connect_query": _str, "client_encoding": _str,
     "datestyle": _str, "timezone": _str, "application_name": _str,
     "auth_type": _choice(*AUTH_TYPES), "password_file": _str, "password_env": _str,
+    "approver_groups": _list,
 }
 DB_IGNORED = {"auth_user", "auth_query", "auth_dbname", "reserve_pool", "reserve_pool_size",
               "server_lifetime", "max_db_client_connections"}
@@ -698,7 +743,8 @@ def _complete(cfg: Config, path: Path) -> None:
 
 # settings a running gateway cannot take (they are read once, at start)
 RESTART_KEYS = frozenset({"listen_addr", "listen_port", "unix_socket_dir", "unix_socket_mode", "pidfile",
-                          "logfile", "max_packet_size", "metrics_listen"})
+                          "logfile", "max_packet_size", "metrics_listen", "approvals_listen", "approval_webhook",
+                          "approvals_store", "approval_max_grant"})
 # settings whose values are never shown (SHOW CONFIG, SHOW <setting>)
 SECRET_KEYS = frozenset({"mask_hash_key"})
 

@@ -33,7 +33,9 @@ def shop(pg):
 
 @pytest.fixture
 def pgw(pg, shop, gw_factory):
-    return gw_factory(settings={"rules_dir": str(REPO / "rules")}, users=USERS,
+    # a statement held for approval that nobody decides is refused after approval_timeout
+    # (tests/test_approvals.py decides them)
+    return gw_factory(settings={"rules_dir": str(REPO / "rules"), "approval_timeout": "0.2"}, users=USERS,
                       databases={"shop": upstream_entry(pg, shop)})
 
 

@@ -22,6 +22,7 @@ import time
 from typing import Any
 
 from .. import __version__
+from ..approvals.book import ApprovalError, parse_interval
 from ..protocol import messages as m
 
 log = logging.getLogger("pooler.admin")
@@ -35,6 +36,9 @@ _WORD = r'("(?:[^"]|"")*"|[0-9a-z_]+)'
 _CMD = re.compile(rf"^\s*{_WORD}(?:\s+{_WORD})?\s*(?:;\s*)?$", re.I | re.S)
 _SET_WORD = re.compile(rf"^\s*set\s+{_WORD}\s*(?:=|to)\s*{_WORD}\s*(?:;\s*)?$", re.I | re.S)
 _SET_STR = re.compile(rf"^\s*set\s+{_WORD}\s*(?:=|to)\s*('(?:[^']|'')*')\s*(?:;\s*)?$", re.I | re.S)
+# the gateway's approval commands: APPROVE id [FOR interval]; DENY id 'reason'
+_APPROVE = re.compile(r"^\s*approve\s+([0-9a-z_]+)(?:\s+for\s+(?:'([^']*)'|([0-9a-z_. ]+?)))?\s*(?:;\s*)?$", re.I | re.S)
+_DENY = re.compile(r"^\s*deny\s+([0-9a-z_]+)(?:\s+'((?:[^']|'')*)')?\s*(?:;\s*)?$", re.I | re.S)
 
 # "some silly clients start actively messing with server parameters": PgBouncer fakes these
 FAKE_PARAMS = {"client_encoding": "UTF-8", "default_transaction_isolation": "read committed",
@@ -50,7 +54,10 @@ HELP = ("\n\tSHOW HELP|CONFIG|DATABASES|POOLS|CLIENTS|SERVERS|USERS|VERSION\n"
         "\tSHOW FDS|SOCKETS|ACTIVE_SOCKETS|LISTS|MEM|STATE\n"
         "\tSHOW DNS_HOSTS|DNS_ZONES\n"
         "\tSHOW STATS|STATS_TOTALS|STATS_AVERAGES|TOTALS\n"
-        "\tSHOW RULES|DECISIONS\n"
+        "\tSHOW RULES|DECISIONS|APPROVALS|GRANTS\n"
+        "\tAPPROVE <id> [FOR <interval>]\n"
+        "\tDENY <id> '<reason>'\n"
+        "\tREVOKE <grant_id>\n"
         "\tSET key = arg\n"
         "\tRELOAD\n"
         "\tPAUSE [<db>]\n"
@@ -123,6 +130,13 @@ COLUMNS = {
     "rules": [("file", "s"), ("version", "s"), ("loaded", "T"), ("decisions", "q"), ("allow", "q"),
               ("deny", "q"), ("mask", "q"), ("require_approval", "q")],
     "decisions": [("rule", "s"), ("action", "s"), ("count", "q"), ("last", "T"), ("last_reason", "s")],
+    "approvals": [("id", "s"), ("state", "s"), ("user", "s"), ("groups", "s"), ("database", "s"),
+                  ("client_addr", "s"), ("application_name", "s"), ("rule", "s"), ("reason", "s"),
+                  ("statement", "s"), ("params", "s"), ("tables_read", "s"), ("tables_written", "s"),
+                  ("justification", "s"), ("created", "T"), ("waited", "q"), ("approvals", "s"),
+                  ("decided_by", "s"), ("outcome", "s"), ("grant", "s")],
+    "grants": [("id", "s"), ("user", "s"), ("database", "s"), ("statement", "s"), ("granted_by", "s"),
+               ("created", "T"), ("until", "T"), ("uses", "q"), ("active", "s"), ("revoked_by", "s")],
 }
 # the counters of a SHOW STATS row, in its column order (observers.Counters attribute, scale)
 STAT_FIELDS = (("server_assignment_count", 1), ("xact_count", 1), ("query_count", 1), ("client_bytes", 1),
@@ -177,7 +191,7 @@ class Console:
             "show": self.show, "select": self.show, "reload": self.reload, "pause": self.pause,
             "resume": self.resume, "suspend": self.suspend, "disable": self.disable, "enable": self.enable,
             "reconnect": self.reconnect, "kill": self.kill, "kill_client": self.kill_client,
-            "shutdown": self.shutdown, "wait_close": self.wait_close,
+            "shutdown": self.shutdown, "wait_close": self.wait_close, "revoke": self.revoke,
         }
         self.shows = {
             "help": self.show_help, "version": self.show_version, "config": self.show_config,
@@ -188,6 +202,7 @@ class Console:
             "dns_hosts": self.show_empty, "dns_zones": self.show_empty, "stats": self.show_stats,
             "stats_totals": self.show_stats_totals, "stats_averages": self.show_stats_averages,
             "totals": self.show_totals, "rules": self.show_rules, "decisions": self.show_decisions,
+            "approvals": self.show_approvals, "grants": self.show_grants,
         }
 
     # ------------------------------------------------------------------ dispatch
@@ -206,6 +221,12 @@ class Console:
         return reply
 
     def _dispatch(self, s, sql: str) -> bytes | None:
+        mt = _APPROVE.match(sql)
+        if mt:
+            return self.approve(s, mt.group(1), mt.group(2) or mt.group(3))
+        mt = _DENY.match(sql)
+        if mt:
+            return self.deny(s, mt.group(1), _unquote(f"'{mt.group(2)}'", "'") if mt.group(2) is not None else "")
         mt = _CMD.match(sql)
         if mt:
             cmd, arg = _unquote(mt.group(1)), _unquote(mt.group(2))
@@ -407,6 +428,59 @@ class Console:
 
     def show_decisions(self, s) -> bytes:
         return result("decisions", self.gw.decision_rows())
+
+    def show_approvals(self, s) -> bytes:
+        now = time.time()
+        rows = []
+        for r in self.gw.approvals.book.listing():
+            params = ", ".join(f"${i + 1} = " + ("NULL" if v is None else "'" + v.replace("'", "''") + "'")
+                               for i, v in enumerate(r.params))
+            rows.append((r.id, r.state, r.user, ",".join(r.groups), r.database, r.client_addr, r.application_name,
+                         r.rule, r.reason, r.pretty_sql, params, ",".join(r.tables_read), ",".join(r.tables_written),
+                         r.justification, timestamp(r.created), int((r.decided_at or now) - r.created),
+                         f"{len(r.approvals)}/{r.required}", r.decided_by, r.outcome, r.grant_id))
+        return result("approvals", rows)
+
+    def show_grants(self, s) -> bytes:
+        now = time.time()
+        rows = [(g.id, g.user, g.database, g.sql, g.granted_by, timestamp(g.created), timestamp(g.until), g.uses,
+                 "yes" if g.active(now) else "no", g.revoked_by) for g in self.gw.approvals.book.grant_listing()]
+        return result("grants", rows)
+
+    # ------------------------------------------------------------------ approvals
+
+    def approve(self, s, rid: str, interval: str | None) -> bytes:
+        self._need_admin(s)
+        desk = self.gw.approvals
+        try:
+            seconds = parse_interval(interval) if interval else None
+            r = desk.book.approve(rid, desk.console_reviewer(s), seconds)
+        except ApprovalError as e:
+            raise AdminError(f"APPROVE failed: {e}", "42501") from None
+        log.info("APPROVE %s by %s%s", rid, s.user, f" for {interval}" if interval else "")
+        if r.state != "approved":
+            return m.notice_response("00000", f"request {rid} has {len(r.approvals)} of {r.required} approvals") + ready("APPROVE")
+        return ready("APPROVE")
+
+    def deny(self, s, rid: str, reason: str) -> bytes:
+        self._need_admin(s)
+        desk = self.gw.approvals
+        try:
+            desk.book.deny(rid, desk.console_reviewer(s), reason)
+        except ApprovalError as e:
+            raise AdminError(f"DENY failed: {e}", "42501") from None
+        log.info("DENY %s by %s: %s", rid, s.user, reason)
+        return ready("DENY")
+
+    def revoke(self, s, gid: str) -> bytes:
+        self._need_admin(s)
+        desk = self.gw.approvals
+        try:
+            desk.book.revoke(gid, desk.console_reviewer(s))
+        except ApprovalError as e:
+            raise AdminError(f"REVOKE failed: {e}", "42501") from None
+        log.info("REVOKE %s by %s", gid, s.user)
+        return ready("REVOKE")
 
     # ------------------------------------------------------------------ commands
 

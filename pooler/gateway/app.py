@@ -20,6 +20,7 @@ from ..policy.engine import Policy
 from ..policy.rules import RuleLoadError
 from ..protocol import messages as m
 from .admin import Console, ready, timestamp
+from .holds import ApprovalDesk
 from .catalogs import CatalogHolder
 from .events import Events
 from .metrics import Metrics
@@ -44,6 +45,7 @@ class Gateway:
         self.events.subscribe(self.stats)
         self.decisions = Decisions()  # subscribed while a rule set is active (_policy_loaded)
         self.console = Console(self)  # the admin console (admin.py)
+        self.approvals = ApprovalDesk(self)  # statements held for approval (holds.py)
         self.metrics: Metrics | None = None  # metrics_listen: Prometheus, /healthz, /readyz (metrics.py)
         if config.metrics_listen:
             self.metrics = Metrics(self)
@@ -166,6 +168,7 @@ class Gateway:
         if self._janitor:
             self._janitor.cancel()
         self.stats.stop()
+        self.approvals.stop()
         if self.metrics is not None:
             self.metrics.stop()
         self.stopped.set()
@@ -564,6 +567,9 @@ class Gateway:
             if c.console_waiting:
                 self.admin_cancel(c)
             return
+        if c.held is not None:  # waiting for approval: the request is withdrawn (57014)
+            self.approvals.withdraw(c.held, "canceled by the client")
+            return
         srv = c.server
         if srv is None or not srv.queue:
             return  # nothing of this client is running: nothing to cancel
@@ -613,6 +619,14 @@ class Gateway:
         if cfg.client_idle_timeout or cfg.idle_transaction_timeout or cfg.query_timeout:
             for c in list(self.clients):
                 if c.closed or c.state != C_READY:
+                    continue
+                if c.held is not None:
+                    # waiting for a human: approval_timeout is its limit; idle_transaction_timeout
+                    # too only if approval_holds_transaction says so
+                    if cfg.approval_holds_transaction and cfg.idle_transaction_timeout and c.tx_status != m.TX_IDLE \
+                            and now - c.last_active > cfg.idle_transaction_timeout:
+                        c.fatal("25P03", "idle_transaction_timeout: transaction idle too long (held for approval "
+                                         "longer than idle_transaction_timeout; approval_holds_transaction = on)")
                     continue
                 srv = c.server
                 if cfg.query_timeout and srv is not None and srv.queue and now - srv.query_start > cfg.query_timeout:

@@ -22,6 +22,8 @@ The events, in a session's order (``session`` is the ClientSession, ``server`` t
     decided(session, kind, sql, decision)            a Query ('Q') or Parse ('P') judged; decision
                                                      is the policy's Decision (None: no rules)
     refused(session, sqlstate, message)              the gateway refused a request itself
+    held(session, request)                           a statement waits for approval (approvals.book.Request)
+    hold_ended(session, request)                     ... and its request ended (request.state says how)
     server_assigned(session, server, waited)         a server linked to the session (waited: seconds
                                                      spent waiting for it, 0.0 if none)
     forwarded(session, server, nbytes)               request bytes sent to the server
@@ -51,7 +53,7 @@ from typing import Any, Callable
 
 log = logging.getLogger("pooler.events")
 
-EVENTS = ("login", "login_failed", "decided", "refused", "server_assigned", "forwarded", "completed",
+EVENTS = ("login", "login_failed", "decided", "refused", "held", "hold_ended", "server_assigned", "forwarded", "completed",
           "failed", "masked", "ready", "server_released", "logout")
 
 
@@ -64,6 +66,8 @@ class Observer:
     def login_failed(self, session, reason: str) -> None: ...
     def decided(self, session, kind: str, sql: str, decision) -> None: ...
     def refused(self, session, sqlstate: str, message: str) -> None: ...
+    def held(self, session, request) -> None: ...
+    def hold_ended(self, session, request) -> None: ...
     def server_assigned(self, session, server, waited: float) -> None: ...
     def forwarded(self, session, server, nbytes: int) -> None: ...
     def completed(self, session, server, tag: str, rows: int | None, nbytes: int, seconds: float) -> None: ...
@@ -112,6 +116,8 @@ class Events:
     login_failed: Callable | None
     decided: Callable | None
     refused: Callable | None
+    held: Callable | None
+    hold_ended: Callable | None
     server_assigned: Callable | None
     forwarded: Callable | None
     completed: Callable | None

@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import logging
 import re
+import struct
 from typing import Any, Protocol
 
+from ..approvals.present import bind_parts, justification_in, shown_params
 from ..masking.plan import MaskCtx, QueryMask, compile_masks, method_for
 from ..policy.engine import SessionInfo
 from ..policy.rules import Decision
@@ -30,12 +32,16 @@ from ..protocol import messages as m
 from ..protocol.frontend import T_BIND, T_DESCRIBE, T_FUNCTION, T_PARSE, T_QUERY
 from ..sql.lexing import SETTINGS as LEXING_SETTINGS, codec as reading_codec, unsafe_session, unsafe_value
 from ..sql.lineage import UNKNOWN, StatementLineage
+from .holds import Need
 
 log = logging.getLogger("pooler.client")
 
 Refusal = tuple[str, str]
 WAIT_CATALOG: Refusal = ("", "")  # not a refusal: the catalog must be loaded before this message is judged
+WAIT_APPROVAL: Refusal = ("", "approval")  # not a refusal: held for approval (Governor.need says what)
 
+_unpack_len = struct.Struct("!i").unpack_from
+struct_error = struct.error
 _SEARCH_PATH_ITEM = re.compile(r'\s*(?:"((?:[^"]|"")*)"|([^,\s]+))\s*(?:,|$)')
 _NO_LINEAGE = StatementLineage(None, frozenset((UNKNOWN,)))
 
@@ -70,6 +76,11 @@ class Governor:
         self._sinfo: list = [None, None]  # SessionInfo outside / inside a transaction
         self._skey: list = [None, None]
         self._holder = None  # the CatalogHolder of this session's database (rules that mask)
+        # approvals: what the message held now needs (decide returned WAIT_APPROVAL), the
+        # approved message that may now pass once (exact bytes), the agent's justification
+        self.need: Need | None = None
+        self.ticket: bytes | None = None
+        self.justification = ""  # SET pooler.justification
 
     # ------------------------------------------------------------------ what the rules see of the session
 
@@ -103,6 +114,10 @@ class Governor:
         policy = self.session.gw.policy
         book = self.book
         if t == T_BIND or t == T_DESCRIBE:
+            if t == T_BIND and book.gated:
+                held = self._gated_bind(data, pos, end)
+                if held is not None:
+                    return held
             # the unnamed statement must be one this client parsed on this server
             if t == T_BIND:
                 if data[pos + 5] == 0 and data[pos + 6] == 0 and not book.unnamed_ok:
@@ -167,7 +182,17 @@ class Governor:
             if isinstance(d, tuple):
                 return d
         ev = self.events.decided
-        if ev is not None:
+        if t == T_PARSE and book.gated:
+            book.gated.pop(data[pos + 5 : pos + 5 + name_end], None)  # the name gets a new text
+        if d.action == "require_approval":
+            replay = self.ticket is not None
+            got = self._approval(t, d, sql, verdict, data, pos, end)
+            if ev is not None and not (replay and self.ticket is None):
+                ev(self.session, "Q" if t == T_QUERY else "P", sql, d)  # (not again when it runs approved)
+            if isinstance(got, tuple):
+                return got
+            d = got
+        elif ev is not None:
             ev(self.session, "Q" if t == T_QUERY else "P", sql, d)
         if d.refused:
             return refusal_text(d)
@@ -211,6 +236,71 @@ class Governor:
         else:
             self.query_mask = None
         return None
+
+    # ------------------------------------------------------------------ approvals
+
+    def _approval(self, t: int, d: Decision, sql: str, verdict, data: bytes, pos: int, end: int):
+        """A statement the rules send for approval: the Decision it runs under once approved,
+        WAIT_APPROVAL (``need`` says what waits), or a refusal. A Query waits whole; a Parse
+        passes (nothing runs at Parse) and each Bind of its statement waits, with its parameters,
+        unless the Bind is already here and no server is linked: then the Parse waits too, so that
+        no server is taken while a human decides."""
+        if d.justification and not (justification_in(sql) or self.justification):
+            where = d.rule or "default_action"
+            return ("42501", f"approval required by {where}: {d.reason}; this rule asks for a justification "
+                             "first: add a comment /* justification: why this is needed */ to the statement, or "
+                             "SET pooler.justification = 'why this is needed', and send it again")
+        approved = Decision("mask", d.reason, d.rule, d.masks) if d.masks else Decision("allow", d.reason, d.rule)
+        route = "execute" if any(f.command == "EXECUTE" for f in verdict.facts) else (
+            "simple" if t == T_QUERY else "extended")
+        desk = self.session.gw.approvals
+        if t == T_QUERY:
+            msg = data[pos:end]
+            if self.ticket is not None and self.ticket == msg:
+                self.ticket = None
+                return approved
+            need = Need(d, sql, verdict.facts, route, (), msg)
+            if desk.granted(self.session, need) is not None:
+                return approved
+            self.need = need
+            return WAIT_APPROVAL
+        body = data[pos + 5 : end]
+        name = body[: body.find(b"\x00")]
+        self.book.gated[name] = Need(d, sql, verdict.facts, route)
+        if self.session.server is None:
+            bind = _next_bind(data, end, name)
+            if bind is not None and bind != self.ticket:
+                try:
+                    _, _, values, formats = bind_parts(bind[5:])
+                except (ValueError, IndexError, struct_error):
+                    return approved  # a malformed Bind: the Bind stage refuses it (_gated_bind)
+                need = Need(d, sql, verdict.facts, route, shown_params(values, formats, self.codec), bind)
+                if desk.granted(self.session, need) is not None:
+                    self.ticket = bind  # its Bind passes too
+                    return approved
+                self.need = need
+                return WAIT_APPROVAL
+        return approved
+
+    def _gated_bind(self, data: bytes, pos: int, end: int) -> Refusal | None:
+        """A Bind of a statement that needs approval: None if it may pass, else WAIT_APPROVAL."""
+        body = data[pos + 5 : end]
+        try:
+            _, stmt, values, formats = bind_parts(body)
+        except (ValueError, IndexError, struct_error):
+            raise m.ProtocolError("invalid Bind message") from None
+        gated = self.book.gated.get(stmt)
+        if gated is None:
+            return None
+        msg = data[pos:end]
+        if self.ticket is not None and self.ticket == msg:
+            self.ticket = None
+            return None
+        need = Need(gated.decision, gated.sql, gated.facts, gated.route, shown_params(values, formats, self.codec), msg)
+        if self.session.gw.approvals.granted(self.session, need) is not None:
+            return None
+        self.need = need
+        return WAIT_APPROVAL
 
     def _unjudged(self, kind: str, raw: bytes) -> None:
         """events.decided without rules: the statement as the session's encoding reads it."""
@@ -265,6 +355,8 @@ class Governor:
                     why = unsafe_session(self.session.pool.welcome or {})
                 if why is not None:
                     return ("0A000", f"refused by the gateway: {why}")
+            elif cmd in ("SET", "RESET") and f.set_name == "pooler.justification":
+                self.justification = (f.set_value or "") if cmd == "SET" else ""
             elif cmd == "SET" and f.set_name == "search_path" and f.set_value is not None:
                 path = tuple(a or b for a, b in _SEARCH_PATH_ITEM.findall(f.set_value) if (a or b))
                 path = tuple(dict.fromkeys(p for p in path + self.search_path if p != "$user"))
@@ -343,13 +435,36 @@ class Governor:
         self._holder.wait(wake)
 
 
+def _next_bind(data: bytes, pos: int, name: bytes) -> bytes | None:
+    """The first Bind of statement ``name`` after ``pos`` and before the next Sync, if it is in
+    ``data`` whole."""
+    n = len(data)
+    while n - pos >= 5:
+        t = data[pos]
+        (length,) = _unpack_len(data, pos + 1)
+        end = pos + 1 + length
+        if length < 4 or end > n or t == 83:  # 'S'ync
+            return None
+        if t == 66:  # 'B'ind: portal name, then statement name
+            body = data[pos + 5 : end]
+            p_end = body.find(b"\x00")
+            s_end = body.find(b"\x00", p_end + 1)
+            if p_end >= 0 and s_end >= 0 and body[p_end + 1 : s_end] == name:
+                return data[pos:end]
+        elif t == 80:  # 'P'arse of the same name replaces it
+            body = data[pos + 5 : end]
+            if body[: body.find(b"\x00")] == name:
+                return None
+        pos = end
+    return None
+
+
 def refusal_text(d: Decision) -> Refusal:
     where = d.rule or "default_action"
     if d.action == "deny":
         msg = f"refused by {where}: {d.reason}"
     elif d.action == "require_approval":
-        msg = (f"approval required by {where}: {d.reason} "
-               "(this gateway cannot hold statements for approval yet, so it is refused)")
+        msg = f"approval required by {where}: {d.reason}"
     else:
         cols = ", ".join(f"{c} ({meth})" for c, meth in d.masks)
         msg = (f"masking required by {where} for {cols}"

@@ -5,8 +5,8 @@ A request's stages (docs/architecture.md), each found here by its name:
     frame    ``_pump``'s scan of the client's bytes in place (protocol.frontend.frame_error)
     decide   ``Governor.decide`` (governor.py): the rules judge it; a refusal is answered by
              ``_refuse`` as PostgreSQL answers a failing request, no server touched
-    hold     ``_hold``: a request that cannot go on yet waits here without taking a server
-             (today: for masking's catalog of the database; approvals join here)
+    hold     ``_hold``: a request that cannot go on yet waits here without taking a server: for
+             masking's catalog of the database, or for a human's approval (holds.py)
     acquire  ``_acquire``: a server from the pool (or the wait for one), linked by ``_attach``
              (identity reset and the client's parameters applied first)
     forward  ``_forward``: the request rewritten where the client's view differs (statements.py)
@@ -41,7 +41,8 @@ from ..sql.lexing import SETTINGS as LEXING_SETTINGS
 from ..protocol.frontend import (BODYLESS, GOVERNED, MIN_LENGTH, NEEDS_SYNC, T_BIND, T_CLOSE, T_COPY_DATA,
                                  T_COPY_DONE, T_COPY_FAIL, T_DESCRIBE, T_EXECUTE, T_FLUSH, T_FUNCTION,
                                  T_PARSE, T_QUERY, T_SYNC, T_TERMINATE, frame_error)
-from .governor import WAIT_CATALOG, Governor
+from .governor import WAIT_APPROVAL, WAIT_CATALOG, Governor
+from .holds import refusal_of
 from .interfaces import (FAKE_FIRST, FAKE_LAST, R_BIND, R_BIND_SKIP, R_CLOSE, R_DESCRIBE, R_DESCRIBE_MASK,
                          R_EXECUTE, R_EXECUTE_REFUSAL, R_FAKE_CLOSE, R_PARSE, R_PARSE_SKIP, R_QUERY,
                          R_QUERY_REFUSAL, R_QUERY_SKIP, R_SYNC, SessionHost, next_socket_id)
@@ -79,6 +80,7 @@ class ClientSession(asyncio.Protocol):
         "ready_query", "ready_unit", "rewrite", "server", "skip_until_sync", "state", "tls",
         "token_expiry", "transport", "tx_status", "unix", "user", "wait_started", "waiting",
         "writing_paused", "id", "connected_wall", "console", "admin_user", "console_waiting",
+        "held", "held_ticket",
     )
 
     def __init__(self, gw: SessionHost, unix: bool = False) -> None:
@@ -132,6 +134,8 @@ class ClientSession(asyncio.Protocol):
         self.writing_paused = False
         self.max_packet = gw.config.max_packet_size
         self.tx_status = m.TX_IDLE
+        self.held = None  # approvals.book.Request of the statement waiting for approval
+        self.held_ticket = b""  # the message that runs once it is approved
         # the stages' own state
         self.book = StatementBook(gw)
         self.governor = Governor(self)
@@ -185,6 +189,8 @@ class ClientSession(asyncio.Protocol):
         if self._left:
             return
         self._left = True
+        if self.held is not None:
+            self.gw.approvals.withdraw(self.held, "the client disconnected")
         if was_ready:
             ev = self.events.logout
             if ev is not None:
@@ -515,7 +521,8 @@ class ClientSession(asyncio.Protocol):
             except (m.ProtocolError, ClientError) as e:  # as _pump answers a malformed message
                 self.fatal(e.sqlstate, str(e))
                 return True
-        if refusal is not None or (kinds is not None and (self.book.mask_stmts or self.book.mask_portals)):
+        if refusal is not None or (kinds is not None and (self.book.mask_stmts or self.book.mask_portals
+                                                          or self.book.gated)):
             # a refusal, a hold, or masks to follow: _pump takes it from here
             self.rbuf = data
             if refusal is None:
@@ -613,7 +620,7 @@ class ClientSession(asyncio.Protocol):
                 if t in GOVERNED:
                     if pos == 0 and (ready or first_refusal):
                         refusal = first_refusal  # decided before (None: accepted)
-                    elif self.book.unnamed_ok and (t == T_BIND or t == T_DESCRIBE):
+                    elif self.book.unnamed_ok and (t == T_BIND or t == T_DESCRIBE) and not self.book.gated:
                         refusal = None  # Bind and Describe are checked for a missing unnamed statement only
                     else:
                         refusal = self.governor.decide(t, data, pos, end)
@@ -621,6 +628,9 @@ class ClientSession(asyncio.Protocol):
                         # -- hold
                         if refusal is WAIT_CATALOG:
                             self._hold(n - pos)
+                            break
+                        if refusal is WAIT_APPROVAL:
+                            self._hold_for_approval(n - pos)
                             break
                         self._refuse(srv, t, refusal, out)
                         pos = end
@@ -695,34 +705,67 @@ class ClientSession(asyncio.Protocol):
             self.resume_reading()
             self._pump()
 
+    def _hold_for_approval(self, pending: int) -> None:
+        """The message at the head of rbuf waits for reviewers (holds.ApprovalDesk); a server
+        linked already (a transaction) stays linked, none is taken."""
+        self.waiting = True
+        if pending > 65536:
+            self.pause_reading()
+        need = self.governor.need
+        self.governor.need = None
+        self.governor.ticket = None
+        self.held = self.gw.approvals.hold(self, need)
+        self.held_ticket = need.ticket
+
+    def approval_decided(self, req) -> None:
+        """The desk's word on the held statement: approved, it runs exactly as sent (decided again,
+        with the approval as its ticket); otherwise it is refused as PostgreSQL refuses a failing
+        statement."""
+        if self.held is not req:
+            return
+        self.held = None
+        ticket = self.held_ticket
+        self.held_ticket = b""
+        if self.closed:
+            return
+        self.waiting = False
+        if req.state == "approved":
+            self.governor.ticket = ticket
+        else:
+            self.first_refusal = refusal_of(req)
+        self.resume_reading()
+        self._pump()
+
     # -- refusals
 
     def _refuse(self, srv: ServerConn | None, t: int, refusal: tuple[str, str], out: list) -> None:
         """Answer a refused message as PostgreSQL would answer a failing one. With a server
         linked the server raises the error, so it arrives in order and fails an open
         transaction; otherwise the gateway answers by itself."""
-        sqlstate, message = refusal
+        sqlstate, message = refusal[0], refusal[1]
+        detail, hint = (refusal[2], refusal[3]) if len(refusal) > 2 else ("", "")
         ev = self.events.refused
         if ev is not None:
             ev(self, sqlstate, message)
         if srv is None:
             if t == T_QUERY or t == T_FUNCTION:
-                self.write(m.error_response(sqlstate, message) + m.ready_for_query(m.TX_IDLE))
+                self.write(m.error_response(sqlstate, message, detail=detail, hint=hint) + m.ready_for_query(m.TX_IDLE))
             else:
-                self.write(m.error_response(sqlstate, message))
+                self.write(m.error_response(sqlstate, message, detail=detail, hint=hint))
                 self.skip_until_sync = True
             return
         if t == T_QUERY or t == T_FUNCTION:
-            out.append(m.query(refusal_sql(sqlstate, message)))
+            out.append(m.query(refusal_sql(sqlstate, message, detail, hint)))
             srv.queue.append((R_QUERY_REFUSAL, None))
         else:
-            self._refuse_in_order(srv, sqlstate, message, out)
+            self._refuse_in_order(srv, sqlstate, message, out, detail, hint)
 
-    def _refuse_in_order(self, srv: ServerConn, sqlstate: str, message: str, out: list) -> None:
+    def _refuse_in_order(self, srv: ServerConn, sqlstate: str, message: str, out: list, detail: str = "",
+                         hint: str = "") -> None:
         """An error the gateway makes up while a server is linked: the server raises it for us,
         so it arrives in protocol order and fails an open transaction exactly as PostgreSQL
         would. Everything the client sends up to Sync is then ignored."""
-        body = b"\x00" + refusal_sql(sqlstate, message).encode() + b"\x00\x00\x00"
+        body = b"\x00" + refusal_sql(sqlstate, message, detail, hint).encode() + b"\x00\x00\x00"
         out.append(m.message(b"P", body))
         out.append(m.message(b"B", b"\x00\x00\x00\x00\x00\x00\x00\x00"))
         out.append(m.message(b"E", b"\x00\x00\x00\x00\x00"))
@@ -1007,9 +1050,11 @@ class ClientSession(asyncio.Protocol):
         self.fatal(sqlstate, message)
 
 
-def refusal_sql(sqlstate: str, message: str) -> str:
+def refusal_sql(sqlstate: str, message: str, detail: str = "", hint: str = "") -> str:
     """A statement that makes the server raise exactly this error."""
     tag = "pooler_refusal"
+    more = "".join(f", {key} = {quote_literal(text.replace(f'${tag}$', ''))}"
+                   for key, text in (("DETAIL", detail), ("HINT", hint)) if text)
     msg = message.replace(f"${tag}$", "")
     return (f"DO ${tag}$ BEGIN RAISE EXCEPTION USING ERRCODE = '{sqlstate}', "
-            f"MESSAGE = {quote_literal(msg)}; END ${tag}$")
+            f"MESSAGE = {quote_literal(msg)}{more}; END ${tag}$")

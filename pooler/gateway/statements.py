@@ -55,6 +55,8 @@ class StatementBook:
         self.mask_portals: dict[bytes, Any] = {}  # portal name -> MaskCtx of its results
         self.sql_prepared: dict[str, str] = {}  # SQL-level PREPARE name -> statement text (confirmed)
         self.unnamed_ok = False  # this client parsed the unnamed statement on its current server
+        # client statement name -> holds.Need of a statement whose every Bind waits for approval
+        self.gated: dict[bytes, Any] = {}
         # named statements as PgBouncer counts them (SHOW STATS, the stats log line)
         self.parse_count = 0  # Parse of a named statement from the client
         self.server_parse_count = 0  # Parse of one the gateway sent a server

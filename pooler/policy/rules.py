@@ -34,10 +34,14 @@ def deny(reason):
         fail("deny() needs a non-empty reason string")
     return {"pooler_action": "deny", "reason": reason}
 
-def require_approval(reason):
+def require_approval(reason, justification = False, preview = False):
     if type(reason) != "string" or not reason:
         fail("require_approval() needs a non-empty reason string")
-    return {"pooler_action": "require_approval", "reason": reason}
+    if type(justification) != "bool":
+        fail("require_approval(justification = ...) must be True or False")
+    if preview:
+        fail("require_approval(preview = True): dry runs for reviewers are not available in this gateway yet")
+    return {"pooler_action": "require_approval", "reason": reason, "justification": justification}
 
 def mask(columns, reason = ""):
     if type(columns) != "dict" or not columns:
@@ -82,6 +86,7 @@ class Decision:
     reason: str = ""
     rule: str = ""  # the file that decided ("" for default_action)
     masks: tuple[tuple[str, str], ...] = ()  # (column pattern, method)
+    justification: bool = False  # require_approval(justification=True): refused at once without one
 
     @property
     def refused(self) -> bool:
@@ -229,6 +234,8 @@ def _parse_result(rf: RuleFile, result) -> Decision | None:
                 return Decision("deny", f"rule error: mask() key {col!r} is not schema.table.column "
                                 "(parts may be *)", where)
         return Decision("mask", reason, rf.name, tuple(sorted(cols.items())))
+    if action == "require_approval":
+        return Decision(action, reason, rf.name, (), bool(result.get("justification")))
     return Decision(action, reason, rf.name)
 
 
@@ -281,15 +288,17 @@ def combine(decisions: list[Decision], default_action: str) -> Decision:
     for d in decisions:
         if d.action == "deny":
             return d
+    masks = [d for d in decisions if d.action == "mask"]
+    merged: dict[str, str] = {}
+    for d in masks:
+        for col, method in d.masks:
+            merged.setdefault(col, method)
     for d in decisions:
         if d.action == "require_approval":
-            return d
-    masks = [d for d in decisions if d.action == "mask"]
+            # once approved the statement runs with the masks the other rules ask for
+            need = any(x.justification for x in decisions if x.action == "require_approval")
+            return Decision(d.action, d.reason, d.rule, tuple(sorted(merged.items())), need)
     if masks:
-        merged: dict[str, str] = {}
-        for d in masks:
-            for col, method in d.masks:
-                merged.setdefault(col, method)
         rules = ", ".join(sorted({d.rule for d in masks}))
         return Decision("mask", "; ".join(d.reason for d in masks if d.reason), rules, tuple(sorted(merged.items())))
     for d in decisions:

@@ -113,8 +113,13 @@ def error_response(
     return message(b"E", body + b"\x00")
 
 
-def notice_response(sqlstate: str, text: str, severity: str = "NOTICE") -> bytes:
+def notice_response(sqlstate: str, text: str, severity: str = "NOTICE", detail: str | None = None,
+                    hint: str | None = None) -> bytes:
     body = b"S" + cstr(severity) + b"V" + cstr(severity) + b"C" + cstr(sqlstate) + b"M" + cstr(text)
+    if detail:
+        body += b"D" + cstr(detail)
+    if hint:
+        body += b"H" + cstr(hint)
     return message(b"N", body + b"\x00")
 
 
