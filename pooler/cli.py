@@ -1,4 +1,5 @@
-"""Command line: ``pooler run CONFIG``, ``pooler demo``."""
+"""Command line: ``pooler run CONFIG``, ``pooler demo``, ``pooler token``, ``pooler rules``,
+``pooler approvals`` (cli_approvals.py)."""
 
 from __future__ import annotations
 
@@ -134,5 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     ru.add_argument("dir", help="rules directory")
     ru.add_argument("--default-action", default="allow", choices=["allow", "deny"])
     ru.set_defaults(func=cmd_rules)
+    from .cli_approvals import add_parser as add_approvals
+
+    add_approvals(sub)
     args = p.parse_args(argv)
     return args.func(args)

@@ -162,6 +162,11 @@ def run_demo(args: argparse.Namespace) -> int:
             console_hint = ("  PgBouncer's admin console (docs/operations.md):\n\n"
                             f"    {ahint}psql 'host={host} port={cfg.listen_port} dbname=pgbouncer "
                             f"user={admins[0]}' -c 'SHOW POOLS'\n\n")
+            if cfg.approvals_listen:
+                page = cfg.approval_url or f"http://{cfg.approvals_listen.replace('0.0.0.0', '127.0.0.1')}/"
+                console_hint += ("  Statements held for approval (docs/approvals.md): "
+                                 f"{ahint}psql ... dbname=pgbouncer user={admins[0]} -c 'SHOW APPROVALS', "
+                                 f"then -c 'APPROVE <id>'; or the page {page}\n\n")
         print(
             "\n  The gateway is ready. Connect with:\n\n"
             f"    {hint}psql 'host={host} port={cfg.listen_port} "

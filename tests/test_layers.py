@@ -16,13 +16,13 @@ LAYERS = [
     {"pooler.policy", "pooler.config", "pooler.approvals"},
     {"pooler.gateway"},
     {"pooler.runtime", "pooler.pgcluster"},
-    {"pooler.cli", "pooler.demo", "pooler.__main__"},
+    {"pooler.cli", "pooler.demo", "pooler.__main__", "pooler.cli_approvals"},
 ]
 
 # inside the asyncio shell, bottom up: each module imports only modules listed before it
 GATEWAY_ORDER = [
     "interfaces", "params", "events", "server", "pool", "catalogs", "statements", "holds", "governor",
-    "admin", "login", "session", "observers", "metrics", "app",
+    "admin", "login", "session", "observers", "metrics", "approvals_http", "app",
 ]
 
 

@@ -37,6 +37,21 @@ def verify_md5(user: str, secret: str, salt: bytes, response: bytes) -> bool:
     return hmac.compare_digest(expected, response)
 
 
+def verify_password(user: str, password: str, secret: str) -> bool:
+    """A plaintext password (HTTP Basic of the approvals API) against an auth_file secret:
+    plain, md5 or SCRAM-SHA-256."""
+    if is_scram(secret):
+        try:
+            want = ScramSecret.parse(secret)
+        except ValueError:
+            return False
+        got = ScramSecret.from_password(password, want.iterations, want.salt)
+        return hmac.compare_digest(got.stored_key, want.stored_key)
+    if is_md5(secret):
+        return hmac.compare_digest(md5_secret(user, password), secret)
+    return bool(secret) and hmac.compare_digest(password.encode(), secret.encode())
+
+
 @dataclass(frozen=True, slots=True)
 class ScramSecret:
     iterations: int

@@ -20,6 +20,7 @@ from ..policy.engine import Policy
 from ..policy.rules import RuleLoadError
 from ..protocol import messages as m
 from .admin import Console, ready, timestamp
+from .approvals_http import ApprovalsHttp
 from .holds import ApprovalDesk
 from .catalogs import CatalogHolder
 from .events import Events
@@ -46,6 +47,8 @@ class Gateway:
         self.decisions = Decisions()  # subscribed while a rule set is active (_policy_loaded)
         self.console = Console(self)  # the admin console (admin.py)
         self.approvals = ApprovalDesk(self)  # statements held for approval (holds.py)
+        # approvals_listen: the reviewers' HTTP API and page (approvals_http.py)
+        self.approvals_http = ApprovalsHttp(self) if config.approvals_listen else None
         self.metrics: Metrics | None = None  # metrics_listen: Prometheus, /healthz, /readyz (metrics.py)
         if config.metrics_listen:
             self.metrics = Metrics(self)
@@ -104,6 +107,11 @@ class Gateway:
         self.stats.start()
         if self.metrics is not None:
             self.metrics.start(cfg.metrics_listen)
+        if self.approvals_http is not None:
+            try:
+                await self.approvals_http.start(cfg.approvals_listen)
+            except OSError as e:
+                raise RuntimeError(f"approvals_listen {cfg.approvals_listen}: {e.strerror or e}") from None
         where = [f"{cfg.listen_addr}:{cfg.listen_port}"] if cfg.listen_addr else []
         if self.unix_path:
             where.append(self.unix_path)
@@ -169,6 +177,8 @@ class Gateway:
             self._janitor.cancel()
         self.stats.stop()
         self.approvals.stop()
+        if self.approvals_http is not None:
+            asyncio.get_running_loop().create_task(self.approvals_http.stop())
         if self.metrics is not None:
             self.metrics.stop()
         self.stopped.set()
@@ -650,8 +660,8 @@ def make_jwt(cfg: Config) -> JwtAuthenticator | None:
     """The token authenticator of ``cfg`` (None when no login uses auth_type = jwt). A JWKS file
     is read now, so a broken one stops startup (and is refused by a reload) with a clear error;
     an https JWKS is fetched at the first token login (and refreshed as its settings say)."""
-    if not config_mod.jwt_in_use(cfg):
-        return None
+    if not (config_mod.jwt_in_use(cfg) or (cfg.approvals_listen and cfg.jwt_jwks)):
+        return None  # (the approvals API verifies reviewers' tokens with it too)
     a = JwtAuthenticator(config_mod.jwt_settings(cfg), str(cfg.path.parent))
     if a.source.path is not None:
         try:
