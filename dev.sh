@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Developer entry point for a fresh Debian/Ubuntu machine (run as root or as a sudo user).
 #
-#   ./dev.sh setup [--with-pgbouncer] [--with-exporter]
+#   ./dev.sh setup [--with-pgbouncer] [--with-exporter] [--with-browser]
 #                                       install what is missing (OS packages, .venv); idempotent
-#   ./dev.sh test  [pytest args]        setup (with the exporter the tests drive), then run the test suite
+#   ./dev.sh test  [pytest args]        setup (with the exporter and browser the tests drive), then run the tests
 #   ./dev.sh demo  [args]               setup, then `pooler demo`
 #   ./dev.sh bench [args]               setup (with pgbouncer), then bench/pgbench_compare.py
 #
@@ -108,6 +108,13 @@ ensure_exporter() {
   command -v prometheus-pgbouncer-exporter >/dev/null 2>&1 || die "prometheus-pgbouncer-exporter not found after installing it"
 }
 
+# Debian's chromium and chromedriver: tests/test_approvals_page.py drives the approvals page headless
+ensure_browser() {
+  if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then return 0; fi
+  apt_install chromium chromium-driver
+  command -v chromedriver >/dev/null 2>&1 || die "chromedriver not found after installing chromium-driver"
+}
+
 ensure_pgbouncer() {
   export PATH="$PATH:/usr/sbin:/usr/local/sbin"
   command -v pgbouncer >/dev/null 2>&1 || apt_install pgbouncer
@@ -160,11 +167,12 @@ ensure_venv() {
 }
 
 setup() {
-  local with_pgbouncer=0 with_exporter=0 a
+  local with_pgbouncer=0 with_exporter=0 with_browser=0 a
   for a in "$@"; do
     case "$a" in
       --with-pgbouncer) with_pgbouncer=1 ;;
       --with-exporter) with_exporter=1 ;;
+      --with-browser) with_browser=1 ;;
       *) die "setup: unknown option $a" ;;
     esac
   done
@@ -172,6 +180,7 @@ setup() {
   ensure_postgres
   if [ "$with_pgbouncer" -eq 1 ]; then ensure_pgbouncer; fi
   if [ "$with_exporter" -eq 1 ]; then ensure_exporter; fi
+  if [ "$with_browser" -eq 1 ]; then ensure_browser; fi
   ensure_venv
   log "ready (PostgreSQL: $PG_BINDIR, Python: $("$VENV/bin/python" --version 2>&1))"
 }
@@ -182,7 +191,7 @@ cmd=${1:-help}
 if [ $# -gt 0 ]; then shift; fi
 case "$cmd" in
   setup) setup "$@" ;;
-  test)  setup --with-exporter; exec "$VENV/bin/python" -m pytest -q "$@" ;;
+  test)  setup --with-exporter --with-browser; exec "$VENV/bin/python" -m pytest -q "$@" ;;
   demo)  setup; exec "$VENV/bin/pooler" demo "$@" ;;
   bench) setup --with-pgbouncer; exec "$VENV/bin/python" bench/pgbench_compare.py "$@" ;;
   help|-h|--help) usage ;;

@@ -452,3 +452,25 @@ def test_the_webhook_hears_new_and_decided_requests(pg, shop, make_gw):
         assert "password" not in json.dumps(got)
     finally:
         srv.shutdown()
+
+
+def test_prometheus_counts_held_and_decided_requests(pg, shop, make_gw):
+    from tests.gwproc import free_port
+    from tests.test_metrics import scrape, value
+
+    port = free_port()
+    g = make_gw(metrics_listen=f"127.0.0.1:{port}")
+    job = Background(lambda: psycopg.connect(g.dsn(user="ann", dbname="shop"), autocommit=True).execute(
+        "DELETE FROM order_items"))
+    req = pending(g)[0]
+    m = scrape(port)
+    assert value(m, "pooler_approvals_pending") == 1
+    assert value(m, "pooler_decisions_total", rule="rules/30_bulk_writes.star", action="require_approval") == 1
+    with console(g) as c:
+        c.execute(f"DENY {req['id']} 'no'")
+    with pytest.raises(psycopg.errors.InsufficientPrivilege):
+        job.result()
+    m = scrape(port)
+    assert value(m, "pooler_approvals_pending") == 0
+    assert value(m, "pooler_approval_requests_total", outcome="denied") == 1
+    assert value(m, "pooler_approval_wait_seconds_count") == 1

@@ -35,23 +35,25 @@ log = logging.getLogger("pooler.metrics")
 # seconds; query/transaction durations and waits of a pooler span 100 us to minutes
 BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
            10.0, 30.0, 60.0)
+APPROVAL_BUCKETS = (1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)  # a human decides
 MAX_REASONS = 50  # distinct failed-login reasons kept as labels; the rest count as "other"
 
 
 class _Hist:
-    __slots__ = ("counts", "total")
+    __slots__ = ("bounds", "counts", "total")
 
-    def __init__(self) -> None:
-        self.counts = [0] * (len(BUCKETS) + 1)
+    def __init__(self, bounds: tuple[float, ...] = BUCKETS) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
         self.total = 0.0
 
     def observe(self, v: float) -> None:
-        self.counts[bisect.bisect_left(BUCKETS, v)] += 1
+        self.counts[bisect.bisect_left(self.bounds, v)] += 1
         self.total += v
 
     def buckets(self) -> list[tuple[str, int]]:
         out, acc = [], 0
-        for bound, n in zip((*(str(b) for b in BUCKETS), "+Inf"), self.counts):
+        for bound, n in zip((*(str(b) for b in self.bounds), "+Inf"), self.counts):
             acc += n
             out.append((bound, acc))
         return out
@@ -79,6 +81,10 @@ class Metrics(Observer):
         self._failed = Counter("pooler_failed_logins_total", "Failed logins, by reason", ["reason"], registry=r)
         self.rule_reloads = Counter("pooler_rule_reloads_total", "Rule set loads after start, by result",
                                     ["result"], registry=r)
+        self._approvals = Counter("pooler_approval_requests_total",
+                                  "Statements held for approval, by how their request ended "
+                                  "(approved, denied, expired, withdrawn)", ["outcome"], registry=r)
+        self._approval_wait = _Hist(APPROVAL_BUCKETS)  # seconds from held to decided
         Gauge("pooler_info", "The gateway's version", ["version"], registry=r).labels(__version__).set(1)
         self._children: dict[tuple, object] = {}
         self._reasons: set[str] = set()
@@ -140,6 +146,10 @@ class Metrics(Observer):
     def logout(self, s, reason: str) -> None:
         self._open.pop(s, None)
 
+    def hold_ended(self, s, request) -> None:
+        self._child(self._approvals, request.state).inc()
+        self._approval_wait.observe(max(0.0, request.decided_at - request.created))
+
     # -- what only the loop may read
 
     def _snapshot(self) -> dict:
@@ -157,7 +167,10 @@ class Metrics(Observer):
         hist = {k: tuple((h.buckets(), h.total) for h in v) for k, v in self._hist.items()}
         decisions = {k: v[0] for k, v in gw.decisions.by_rule.items()}  # observers.Decisions counts them
         return {"pools": pools, "counters": gw.stats.current(), "hist": hist, "decisions": decisions,
-                "clients": len(gw.clients), "stopping": gw.stopping is not None}
+                "clients": len(gw.clients), "stopping": gw.stopping is not None,
+                "approvals_pending": len(gw.approvals.book.pending),
+                "grants_active": sum(1 for g in gw.approvals.book.grants.values() if g.active(time.time())),
+                "approval_wait": (self._approval_wait.buckets(), self._approval_wait.total)}
 
     def _on_loop(self, fn, timeout: float = 2.0):
         fut: concurrent.futures.Future = concurrent.futures.Future()
@@ -295,3 +308,10 @@ class _PoolCollector:
         yield decisions
         yield GaugeMetricFamily("pooler_client_connections", "Client connections, logging in included",
                                 value=snap["clients"])
+        yield GaugeMetricFamily("pooler_approvals_pending", "Statements waiting for approval now",
+                                value=snap["approvals_pending"])
+        yield GaugeMetricFamily("pooler_approval_grants_active", "Grants (APPROVE ... FOR) in force now",
+                                value=snap["grants_active"])
+        wait = HistogramMetricFamily("pooler_approval_wait_seconds", "Time held statements waited for their decision")
+        wait.add_metric([], *snap["approval_wait"])
+        yield wait
