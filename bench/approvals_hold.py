@@ -28,7 +28,7 @@ from tests.gwproc import GatewayProc  # noqa: E402
 
 
 def pending(gw) -> list[str]:
-    with psycopg.connect(gw.dsn(user="postgres", dbname="pgbouncer"), autocommit=True, prepare_threshold=None) as c:
+    with psycopg.connect(gw.dsn(user="reviewer", dbname="pgbouncer"), autocommit=True, prepare_threshold=None) as c:
         cur = c.execute("SHOW APPROVALS")
         names = [d.name for d in cur.description]
         return [r[names.index("id")] for r in cur.fetchall() if r[names.index("state")] == "pending"]
@@ -57,7 +57,7 @@ def main() -> int:
         db = f"host={pg.host} port={pg.port} dbname=bench user={pg.superuser} password={pg.password}"
         gw = GatewayProc({"bench": db}, settings={
             "pool_mode": "transaction", "default_pool_size": args.pool_size, "max_client_conn": 500,
-            "rules_dir": str(REPO / "rules"), "admin_users": "postgres", "approval_timeout": "0",
+            "rules_dir": str(REPO / "rules"), "admin_users": "reviewer", "approval_timeout": "0",
             "log_connections": 0, "log_disconnections": 0}, workdir=str(tmp))
         gw.start()
         t = Target("gateway", gw.host, gw.port, cpu_pid=gw.proc.pid, proc=gw)
@@ -81,7 +81,7 @@ def main() -> int:
                 results[label].append(tps)
                 log(f"round {rnd + 1}: {label}: {tps:.0f} tps")
                 if holders:
-                    with psycopg.connect(gw.dsn(user="postgres", dbname="pgbouncer"), autocommit=True,
+                    with psycopg.connect(gw.dsn(user="reviewer", dbname="pgbouncer"), autocommit=True,
                                          prepare_threshold=None) as c:
                         for rid in pending(gw):
                             c.execute(f"DENY {rid} 'benchmark round over'")
