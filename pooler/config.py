@@ -103,6 +103,7 @@ class Config:
     approvals_required: int = 1  # distinct reviewers who must approve
     approval_holds_transaction: bool = False  # a hold inside a transaction counts against idle_transaction_timeout
     approval_max_grant: float = 3600.0  # longest APPROVE ... FOR interval
+    approval_preview_timeout: float = 5.0  # a dry run (require_approval(preview=True)) is cut off after this
     approvals_listen: str | None = None  # host:port of the reviewers' HTTP API and page
     approval_url: str | None = None  # the page's address as reviewers reach it (notices show it)
     approval_webhook: str | None = None  # POST each new/decided request as JSON here
@@ -374,6 +375,7 @@ SETTINGS = {
     "approvals_required": ("approvals_required", _positive_int),
     "approval_holds_transaction": ("approval_holds_transaction", _bool),
     "approval_max_grant": ("approval_max_grant", _seconds),
+    "approval_preview_timeout": ("approval_preview_timeout", _seconds),
     "approvals_listen": ("approvals_listen", _listen),
     "approval_url": ("approval_url", _opt_str),
     "approval_webhook": ("approval_webhook", _http_url),

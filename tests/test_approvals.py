@@ -474,3 +474,91 @@ def test_prometheus_counts_held_and_decided_requests(pg, shop, make_gw):
     assert value(m, "pooler_approvals_pending") == 0
     assert value(m, "pooler_approval_requests_total", outcome="denied") == 1
     assert value(m, "pooler_approval_wait_seconds_count") == 1
+
+
+# --------------------------------------------------------------------------- dry runs for reviewers
+
+PREVIEW_RULE = ("def on_statement(stmt, session):\n"
+                "    if stmt.command in ('UPDATE', 'DELETE') and stmt.has_where == False:\n"
+                "        return require_approval('bulk change', preview = True)\n")
+
+
+@pytest.fixture
+def preview_gw(make_gw, tmp_path):
+    rules = tmp_path / "preview-rules"
+    rules.mkdir()
+    (rules / "40_pii.star").write_text((REPO / "rules" / "40_pii.star").read_text())
+    (rules / "50_preview.star").write_text(PREVIEW_RULE)
+    return make_gw(rules_dir=str(rules), approval_preview_timeout="2")
+
+
+def preview_of(g, rid: str, timeout: float = 20.0) -> str:
+    deadline = time.monotonic() + timeout
+    with console(g) as c:
+        while True:
+            r = next(r for r in rows(c, "APPROVALS") if r["id"] == rid)
+            if r["preview"] and r["preview"] != "dry run in progress":
+                return r["preview"]
+            assert time.monotonic() < deadline, "the dry run never ended"
+            time.sleep(0.05)
+
+
+def test_a_dry_run_shows_the_rows_a_write_would_change_masked_and_changes_nothing(pg, shop, preview_gw):
+    raw_name = pg.psql("SELECT full_name FROM customers ORDER BY id LIMIT 1", dbname=shop).strip()
+    total = int(pg.psql("SELECT count(*) FROM customers", dbname=shop))
+    job = Background(lambda: psycopg.connect(preview_gw.dsn(user="ann", dbname="shop"), autocommit=True).execute(
+        "UPDATE customers SET email = 'changed+' || id || '@example.org'").rowcount)
+    req = pending(preview_gw)[0]
+    shown = preview_of(preview_gw, req["id"])
+    assert shown.startswith(f"{total} row(s) would change: (id, full_name, email"), shown
+    assert "***@example.org" in shown and raw_name not in shown  # masked as ann would see them
+    assert "changed+" not in shown
+    # the dry run was rolled back
+    assert pg.psql("SELECT count(*) FROM customers WHERE email LIKE 'changed+%'", dbname=shop).strip() == "0"
+    with console(preview_gw) as c:
+        c.execute(f"DENY {req['id']} 'no'")
+    with pytest.raises(psycopg.errors.InsufficientPrivilege):
+        job.result()
+    assert pg.psql("SELECT count(*) FROM customers WHERE email LIKE 'changed+%'", dbname=shop).strip() == "0"
+
+
+def test_a_dry_run_binds_the_held_parameters(pg, shop, preview_gw):
+    n = int(pg.psql("SELECT count(*) FROM products", dbname=shop))
+    job = Background(lambda: psycopg.connect(preview_gw.dsn(user="ann", dbname="shop"), autocommit=True).execute(
+        "UPDATE products SET name = name || %s", ["-preview"]).rowcount)
+    req = pending(preview_gw)[0]
+    shown = preview_of(preview_gw, req["id"])
+    assert shown.startswith(f"{n} row(s) would change") and "-preview" in shown, shown
+    with console(preview_gw) as c:
+        c.execute(f"APPROVE {req['id']}")
+    assert job.result() == n
+    pg.psql("UPDATE products SET name = left(name, -8) WHERE name LIKE '%-preview'", dbname=shop)
+
+
+def test_what_a_rollback_cannot_undo_is_never_dry_run(pg, shop, preview_gw):
+    job = Background(lambda: psycopg.connect(preview_gw.dsn(user="ann", dbname="shop"), autocommit=True).execute(
+        "UPDATE products SET name = name || pg_backend_pid()"))
+    req = pending(preview_gw)[0]
+    assert preview_of(preview_gw, req["id"]).startswith("not dry-run: it calls pg_backend_pid")
+    with console(preview_gw) as c:
+        c.execute(f"DENY {req['id']} 'no'")
+    with pytest.raises(psycopg.errors.InsufficientPrivilege):
+        job.result()
+
+
+def test_a_dry_run_that_waits_on_a_lock_gives_up_and_says_so(pg, shop, preview_gw):
+    locker = psycopg.connect(pg.dsn(dbname=shop))
+    locker.execute("LOCK TABLE order_items IN ACCESS EXCLUSIVE MODE")
+    try:
+        job = Background(lambda: psycopg.connect(preview_gw.dsn(user="ann", dbname="shop"), autocommit=True).execute(
+            "DELETE FROM order_items"))
+        req = pending(preview_gw)[0]
+        assert preview_of(preview_gw, req["id"]).startswith("dry run failed: canceling statement due to lock timeout")
+    finally:
+        locker.rollback()
+        locker.close()
+    with console(preview_gw) as c:
+        c.execute(f"DENY {req['id']} 'no'")
+    with pytest.raises(psycopg.errors.InsufficientPrivilege):
+        job.result()
+    assert pg.psql("SELECT count(*) FROM order_items", dbname=shop).strip() != "0"

@@ -102,6 +102,8 @@ class Request:
     outcome: str = ""  # the reviewer's reason, "timed out", "canceled by the client", ...
     grant_id: str = ""
     timeout: float = 0.0  # seconds it may wait
+    # the dry run's result when the rule asked for one: {"state": running|done|skipped|failed, ...}
+    preview: dict | None = None
 
     def as_dict(self, now: float) -> dict:
         return {
@@ -116,7 +118,7 @@ class Request:
             "in_transaction": self.in_transaction, "justification": self.justification,
             "required": self.required, "approvals": [{"by": b, "at": t} for b, t in self.approvals],
             "decided_by": self.decided_by, "decided_at": self.decided_at or None,
-            "outcome": self.outcome, "grant": self.grant_id or None,
+            "outcome": self.outcome, "grant": self.grant_id or None, "preview": self.preview,
         }
 
 
@@ -277,6 +279,11 @@ class ApprovalBook:
         while len(self.decided) > HISTORY:
             self.decided.popitem(last=False)
         self._tell(state, r)
+
+    def previewed(self, r: Request, preview: dict) -> None:
+        """A dry run of ``r`` ended (or was skipped): reviewers are told."""
+        r.preview = preview
+        self._tell("preview", r)
 
     def listing(self) -> list[Request]:
         """Pending first (oldest first), then the decided, newest first."""

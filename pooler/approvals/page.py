@@ -48,6 +48,15 @@ function params(r) {
   return r.params.length ? r.params.map((v, i) => "$" + (i + 1) + " = " + (v === null ? "NULL" : "'" + v + "'")).join("\n") : "";
 }
 function waited(r) { const s = Math.max(0, Math.round(r.waited)); return s < 120 ? s + " s" : Math.round(s / 60) + " min"; }
+function preview(p) {
+  if (!p) return "";
+  if (p.state === "running") return '<p class="preview meta">dry run in progress\u2026</p>';
+  if (p.state === "skipped") return '<p class="preview meta">not dry-run: ' + esc(p.why) + '</p>';
+  if (p.state === "failed") return '<p class="preview err">dry run failed: ' + esc(p.error) + '</p>';
+  return '<div class="preview"><p><b>dry run: ' + esc(p.rows) + ' row(s) would change</b> <span class="meta">(' + esc(p.note) + ')</span></p>' +
+    '<table><tr>' + p.columns.map(c => '<td><b>' + esc(c) + '</b></td>').join("") + '</tr>' +
+    p.sample.map(row => '<tr>' + row.map(v => '<td>' + (v === null ? '<i>NULL</i>' : esc(v)) + '</td>').join("") + '</tr>').join("") + '</table></div>';
+}
 function card(r) {
   const rows = [["who", r.user + (r.groups.length ? " (" + r.groups.join(", ") + ")" : "")],
     ["from", r.client_addr + (r.application_name ? " \u00b7 " + r.application_name : "")], ["database", r.database],
@@ -58,7 +67,8 @@ function card(r) {
   if (r.state !== "pending") rows.push(["outcome", r.state + (r.decided_by ? " by " + r.decided_by : "") + (r.outcome ? ": " + r.outcome : "") + (r.grant ? " (grant " + r.grant + ")" : "")]);
   let html = '<div class="card" id="req-' + esc(r.id) + '"><h2>request ' + esc(r.id) + ' <span class="state">' + esc(r.state) + '</span></h2>' +
     '<table>' + rows.filter(x => x[1]).map(x => '<tr><td>' + esc(x[0]) + '</td><td>' + esc(x[1]) + '</td></tr>').join("") + '</table>' +
-    '<pre class="sql">' + esc(r.pretty_sql) + '</pre>' + (r.params.length ? '<pre class="params">' + esc(params(r)) + '</pre>' : "");
+    '<pre class="sql">' + esc(r.pretty_sql) + '</pre>' + (r.params.length ? '<pre class="params">' + esc(params(r)) + '</pre>' : "") +
+    preview(r.preview);
   if (r.state === "pending") {
     html += '<p><button class="approve" data-id="' + esc(r.id) + '">Approve</button> <select class="grant" data-id="' + esc(r.id) + '">' +
       '<option value="">once</option><option>10 minutes</option><option>1 hour</option></select> ' +

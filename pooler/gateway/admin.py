@@ -134,7 +134,7 @@ COLUMNS = {
                   ("client_addr", "s"), ("application_name", "s"), ("rule", "s"), ("reason", "s"),
                   ("statement", "s"), ("params", "s"), ("tables_read", "s"), ("tables_written", "s"),
                   ("justification", "s"), ("created", "T"), ("waited", "q"), ("approvals", "s"),
-                  ("decided_by", "s"), ("outcome", "s"), ("grant", "s")],
+                  ("decided_by", "s"), ("outcome", "s"), ("grant", "s"), ("preview", "s")],
     "grants": [("id", "s"), ("user", "s"), ("database", "s"), ("statement", "s"), ("granted_by", "s"),
                ("created", "T"), ("until", "T"), ("uses", "q"), ("active", "s"), ("revoked_by", "s")],
 }
@@ -172,6 +172,20 @@ def result(name: str, rows, tag: str = "SHOW", columns=None) -> bytes:
 
 def ready(tag: str) -> bytes:
     return m.command_complete(tag) + m.ready_for_query()
+
+
+def preview_text(p: dict | None) -> str:
+    """A dry run's result in one line of SHOW APPROVALS."""
+    if not p:
+        return ""
+    if p["state"] == "done":
+        sample = "; ".join("(" + ", ".join("NULL" if v is None else v for v in row) + ")" for row in p["sample"])
+        return f"{p['rows']} row(s) would change: ({', '.join(p['columns'])}) {sample}"
+    if p["state"] == "skipped":
+        return f"not dry-run: {p['why']}"
+    if p["state"] == "failed":
+        return f"dry run failed: {p['error']}"
+    return "dry run in progress"
 
 
 def _unquote(word: str | None, q: str = '"') -> str:
@@ -438,7 +452,8 @@ class Console:
             rows.append((r.id, r.state, r.user, ",".join(r.groups), r.database, r.client_addr, r.application_name,
                          r.rule, r.reason, r.pretty_sql, params, ",".join(r.tables_read), ",".join(r.tables_written),
                          r.justification, timestamp(r.created), int((r.decided_at or now) - r.created),
-                         f"{len(r.approvals)}/{r.required}", r.decided_by, r.outcome, r.grant_id))
+                         f"{len(r.approvals)}/{r.required}", r.decided_by, r.outcome, r.grant_id,
+                         preview_text(r.preview)))
         return result("approvals", rows)
 
     def show_grants(self, s) -> bytes:

@@ -185,6 +185,10 @@ class Governor:
         if t == T_PARSE and book.gated:
             book.gated.pop(data[pos + 5 : pos + 5 + name_end], None)  # the name gets a new text
         if d.action == "require_approval":
+            if d.masks:  # a statement that could never run masked is refused now, not after a review
+                early = self._mask_ctx(Decision("mask", d.reason, d.rule, d.masks), verdict, sql, si)
+                if isinstance(early, tuple):
+                    return early
             replay = self.ticket is not None
             got = self._approval(t, d, sql, verdict, data, pos, end)
             if ev is not None and not (replay and self.ticket is None):

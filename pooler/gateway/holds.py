@@ -21,7 +21,8 @@ from typing import Any
 
 from ..approvals.book import APPROVED, DENIED, EXPIRED, PENDING, WITHDRAWN, ApprovalBook, Request, Reviewer
 from ..approvals.book import describe_interval
-from ..approvals.present import fingerprint, justification_in, pretty
+from ..approvals.present import bind_parts, fingerprint, justification_in, pretty
+from ..approvals.preview import masked_sample, note_for, preview_sql, why_not
 from ..approvals.webhook import Webhook
 from ..protocol import messages as m
 
@@ -52,6 +53,7 @@ class ApprovalDesk:
         if self.webhook is not None:
             self.book.listeners.append(self.webhook.changed)
         self.url = ""  # the page, once approvals_listen serves it (approvals_http.py)
+        self.previews: set[asyncio.Task] = set()  # dry runs in progress
 
     # ------------------------------------------------------------------ holding
 
@@ -84,6 +86,8 @@ class ApprovalDesk:
         log.info("statement held for approval: request %s for %s (%s: %s)", req.id, session.describe(),
                  req.rule, req.reason)
         session.write(self.notice(req))
+        if d.preview:
+            self._start_preview(req, session, need)
         ev = self.gw.events.held
         if ev is not None:
             ev(session, req)
@@ -110,6 +114,73 @@ class ApprovalDesk:
                    "Cancel (Ctrl-C) withdraws the request.",
             hint="Decide with " + ", or at ".join(where))
 
+    # ------------------------------------------------------------------ dry runs
+
+    def _start_preview(self, req: Request, session, need: Need) -> None:
+        why = why_not(need.facts)
+        if why is None and session.pool is None:
+            why = "no pool to run it on"
+        if why is not None:
+            self.book.previewed(req, {"state": "skipped", "why": why})
+            return
+        # the rows are shown as the agent would see them: the rules judge reading them (RETURNING *)
+        try:
+            sql = preview_sql(need.sql)
+            gov = session.governor
+            holder = gov._holder
+            seen = self.gw.policy.decide(sql, gov.session_info(), None,
+                                         holder.catalog if holder is not None else None).decision
+        except Exception as e:  # noqa: BLE001 - no preview rather than an unjudged one
+            self.book.previewed(req, {"state": "skipped", "why": f"it cannot be rewritten to show its rows ({e})"})
+            return
+        masks = seen.masks if seen.action in ("mask", "require_approval") else ()
+        req.preview = {"state": "running"}
+        task = asyncio.get_running_loop().create_task(
+            self._preview(req, session.pool, need, sql, masks, seen.action != "deny", session.governor.codec))
+        self.previews.add(task)
+        task.add_done_callback(self.previews.discard)
+
+    async def _preview(self, req: Request, pool, need: Need, sql: str, masks, show_rows: bool, codec: str) -> None:
+        """Run the statement inside a transaction that is rolled back, on a side connection of
+        the pool (its upstream user), with its own timeout; show what it would change."""
+        cfg = self.gw.config
+        limit = cfg.approval_preview_timeout
+        srv = None
+        try:
+            async with asyncio.timeout(limit + (cfg.server_connect_timeout or 15)):
+                srv = await pool.open_connection(side=True)
+                ms = max(1, int(limit * 1000))
+                await srv.run_query(f"BEGIN; SET LOCAL statement_timeout = {ms}; "
+                                    f"SET LOCAL lock_timeout = {max(1, ms // 2)}; "
+                                    "SET LOCAL idle_in_transaction_session_timeout = 0")
+                if need.ticket[:1] == b"B":  # the held Bind's values, as the client bound them
+                    _, _, values, formats = bind_parts(need.ticket[5:])
+                    payload = (m.parse(b"", sql.encode(codec) + b"\x00\x00\x00") + m.bind(b"", b"", values, formats)
+                               + m.describe_portal(b"") + m.execute() + m.SYNC)
+                    rows = await srv.run_messages(payload)
+                else:
+                    rows = await srv.run_query(sql)
+                names = srv.collected_names[-1] if srv.collected_names else []
+                await srv.run_query("ROLLBACK")
+            table = next((t for f in need.facts for t in f.tables_written), "")
+            count, cols, sample = masked_sample(table, names, rows[-1] if rows else [], masks, cfg.mask_key, codec)
+            note = note_for(need.facts)
+            if not show_rows:  # the rules would not let the agent read them: the count only
+                cols, sample = [], []
+                note += "; rows not shown: the rules do not let this identity read them"
+            result = {"state": "done", "rows": count, "columns": cols, "sample": sample, "note": note}
+        except TimeoutError:
+            result = {"state": "failed", "error": f"the dry run took longer than approval_preview_timeout ({limit:g} s)"}
+        except Exception as e:  # noqa: BLE001 - a failed dry run is shown, never fatal
+            result = {"state": "failed", "error": str(e) or type(e).__name__}
+        finally:
+            if srv is not None:
+                srv.close("dry run over")  # never reused: its transaction ends with it
+        if req.state == PENDING:
+            self.book.previewed(req, result)
+        else:
+            req.preview = result
+
     # ------------------------------------------------------------------ outcomes
 
     def withdraw(self, req: Request, why: str) -> None:
@@ -135,6 +206,8 @@ class ApprovalDesk:
         """The gateway stops: every pending request is refused to its client."""
         for rid in list(self.book.pending):
             self.book.withdraw(rid, "the gateway is shutting down")
+        for task in list(self.previews):
+            task.cancel()
         if self.webhook is not None:
             self.webhook.stop()
 

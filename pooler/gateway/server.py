@@ -170,7 +170,7 @@ class ServerConn(asyncio.Protocol):
     # every attribute is declared: slot access is what the hot path reads most
     __slots__ = (
         "awaiting_sync", "cancels_in_flight", "client", "close_reason", "collect_error",
-        "collect_waiter", "collected", "created_at", "ddl_pending", "dirty", "events", "in_copy",
+        "collect_waiter", "collected", "collected_names", "created_at", "ddl_pending", "dirty", "events", "in_copy",
         "key", "last_used", "login_waiter", "masking", "owner", "param_key", "params", "parked",
         "peer", "pending_sync", "pid", "pool", "prepared", "query_start", "queue", "rbuf",
         "reading_paused", "received", "reset_waiter", "resetting", "rneed", "rowplan", "scram",
@@ -921,10 +921,17 @@ class ServerConn(asyncio.Protocol):
     async def run_query(self, sql: str) -> list[list[list[bytes | None]]]:
         """Run a simple Query on a side connection; returns the rows of each result set (text
         values as bytes). An ErrorResponse raises."""
+        return await self.run_messages(m.query(sql))
+
+    async def run_messages(self, payload: bytes) -> list[list[list[bytes | None]]]:
+        """Send ``payload`` (a Query, or extended-protocol messages ending with Sync) on a side
+        connection and wait for its ReadyForQuery; the rows of each result set (the column names
+        of each are in ``collected_names``). An ErrorResponse raises."""
         self.collected = []
+        self.collected_names: list[list[str]] = []
         self.collect_error: str | None = None
         self.collect_waiter = asyncio.get_running_loop().create_future()
-        self.transport.write(m.query(sql))
+        self.transport.write(payload)
         await self.collect_waiter
         if self.collect_error:
             raise RuntimeError(self.collect_error)
@@ -945,6 +952,8 @@ class ServerConn(asyncio.Protocol):
             if self.collected is not None:
                 if t == T_ROWDESC:
                     self.collected.append([])
+                    fields = m.parse_row_description(buf[pos + 5 : end])
+                    self.collected_names.append([f.name.decode("utf-8", "replace") for f in fields])
                 elif t == T_DATAROW and self.collected:
                     self.collected[-1].append(m.parse_data_row(buf[pos + 5 : end]))
                 elif t == T_ERROR and not self.collect_error:

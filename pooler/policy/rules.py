@@ -39,9 +39,10 @@ def require_approval(reason, justification = False, preview = False):
         fail("require_approval() needs a non-empty reason string")
     if type(justification) != "bool":
         fail("require_approval(justification = ...) must be True or False")
-    if preview:
-        fail("require_approval(preview = True): dry runs for reviewers are not available in this gateway yet")
-    return {"pooler_action": "require_approval", "reason": reason, "justification": justification}
+    if type(preview) != "bool":
+        fail("require_approval(preview = ...) must be True or False")
+    return {"pooler_action": "require_approval", "reason": reason, "justification": justification,
+            "preview": preview}
 
 def mask(columns, reason = ""):
     if type(columns) != "dict" or not columns:
@@ -87,6 +88,7 @@ class Decision:
     rule: str = ""  # the file that decided ("" for default_action)
     masks: tuple[tuple[str, str], ...] = ()  # (column pattern, method)
     justification: bool = False  # require_approval(justification=True): refused at once without one
+    preview: bool = False  # require_approval(preview=True): reviewers see a dry run's changed rows
 
     @property
     def refused(self) -> bool:
@@ -235,7 +237,7 @@ def _parse_result(rf: RuleFile, result) -> Decision | None:
                                 "(parts may be *)", where)
         return Decision("mask", reason, rf.name, tuple(sorted(cols.items())))
     if action == "require_approval":
-        return Decision(action, reason, rf.name, (), bool(result.get("justification")))
+        return Decision(action, reason, rf.name, (), bool(result.get("justification")), bool(result.get("preview")))
     return Decision(action, reason, rf.name)
 
 
@@ -296,8 +298,9 @@ def combine(decisions: list[Decision], default_action: str) -> Decision:
     for d in decisions:
         if d.action == "require_approval":
             # once approved the statement runs with the masks the other rules ask for
-            need = any(x.justification for x in decisions if x.action == "require_approval")
-            return Decision(d.action, d.reason, d.rule, tuple(sorted(merged.items())), need)
+            held = [x for x in decisions if x.action == "require_approval"]
+            return Decision(d.action, d.reason, d.rule, tuple(sorted(merged.items())),
+                            any(x.justification for x in held), any(x.preview for x in held))
     if masks:
         rules = ", ".join(sorted({d.rule for d in masks}))
         return Decision("mask", "; ".join(d.reason for d in masks if d.reason), rules, tuple(sorted(merged.items())))

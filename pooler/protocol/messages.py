@@ -158,6 +158,20 @@ def parse(name: bytes, query_and_types: bytes) -> bytes:
     return message(b"P", name + b"\x00" + query_and_types)
 
 
+def bind(portal: bytes, statement: bytes, values: list, formats: list[int], result_formats: tuple = ()) -> bytes:
+    """Bind ``values`` (bytes, None for NULL) with one format code per value."""
+    body = portal + b"\x00" + statement + b"\x00" + _I16.pack(len(formats))
+    body += b"".join(_I16.pack(f) for f in formats) + _I16.pack(len(values))
+    for v in values:
+        body += _I32.pack(-1) if v is None else _I32.pack(len(v)) + v
+    body += _I16.pack(len(result_formats)) + b"".join(_I16.pack(f) for f in result_formats)
+    return message(b"B", body)
+
+
+def execute(portal: bytes = b"", max_rows: int = 0) -> bytes:
+    return message(b"E", portal + b"\x00" + _I32.pack(max_rows))
+
+
 def describe_statement(name: bytes) -> bytes:
     return message(b"D", b"S" + name + b"\x00")
 
