@@ -17,7 +17,7 @@ from pglast.parser import ParseError, normalize
 
 from ..sql.analyzer import AnalysisError, StatementFacts, analyze
 from ..sql.lexing import SETTINGS as LEXING_SETTINGS
-from .rules import Decision, RuleSet, combine, evaluate
+from .rules import Decision, RuleSet, combine, evaluate, evaluate_shadow
 
 CACHE_MAX = 50_000
 
@@ -49,6 +49,7 @@ class Verdict:
     session_work: bool  # PREPARE/EXECUTE/DEALLOCATE/DISCARD/search_path writes: the client tracks these
     sqlstate: str = "42501"
     unknown_tables: bool = False  # a statement names a relation the catalog does not know
+    shadow: Decision | None = None  # what the MODE = "shadow" files would decide (never enforced)
 
 
 # commands whose effect on the session the client must track
@@ -131,16 +132,29 @@ class Policy:
             return Verdict(Decision("deny", f"statement could not be analyzed ({type(e).__name__})", "analysis"), (), False)
         unknown = any(f.unknown_tables for f in facts)
         sess = session.to_dict()
+        stmts = [f.to_dict() for f in facts]
+        shadow = self._shadow(stmts, sess) if self.rules.shadow_entry is not None else None
         decisions = []
-        for f in facts:
-            d = evaluate(self.rules, f.to_dict(), sess)
+        for stmt in stmts:
+            d = evaluate(self.rules, stmt, sess)
             if d.action == "deny":
-                return Verdict(d, facts, _session_work(facts), unknown_tables=unknown)
+                return Verdict(d, facts, _session_work(facts), unknown_tables=unknown, shadow=shadow)
             decisions.append(d)
         if not facts:
             decisions.append(Decision("allow"))  # empty query: nothing to govern
         return Verdict(combine(decisions, "allow") if decisions else Decision("allow"), facts, _session_work(facts),
-                       unknown_tables=unknown)
+                       unknown_tables=unknown, shadow=shadow)
+
+    def _shadow(self, stmts: list[dict], sess: dict) -> Decision | None:
+        """The shadow files' opinion of the whole message (None: no opinion). Never raises."""
+        opinions = []
+        for stmt in stmts:
+            d = evaluate_shadow(self.rules, stmt, sess)
+            if d is not None:
+                if d.action == "deny":
+                    return d  # (an error too: counted as one, never enforced)
+                opinions.append(d)
+        return combine(opinions, "allow") if opinions else None
 
 
 def _session_work(facts: tuple[StatementFacts, ...]) -> bool:

@@ -9,6 +9,9 @@ Rules this module keeps:
   ``rule_timeout``, a Rust panic) becomes a *deny* naming the file and line: fail closed.
 - Across files: any deny wins, then require_approval, then masks (their union), then allow; with
   no opinion at all, ``default_action`` applies.
+- A file that sets ``MODE = "shadow"`` is evaluated but never enforced: its own entry module,
+  its opinions combined among the shadow files only (``evaluate_shadow``); an error in it is a
+  decision marked ``error``, never a refusal. ``MODE = "enforce"`` (or no MODE) enforces.
 """
 
 from __future__ import annotations
@@ -89,6 +92,7 @@ class Decision:
     masks: tuple[tuple[str, str], ...] = ()  # (column pattern, method)
     justification: bool = False  # require_approval(justification=True): refused at once without one
     preview: bool = False  # require_approval(preview=True): reviewers see a dry run's changed rows
+    error: bool = False  # the rule failed (a refusal for enforced rules; counted, never enforced, in shadow)
 
     @property
     def refused(self) -> bool:
@@ -102,6 +106,7 @@ class RuleFile:
     name: str  # path relative to the rules dir's parent, for messages ("rules/agents.star")
     frozen: object | None
     def_line: int
+    mode: str = "enforce"  # MODE = "shadow": decisions computed, counted, audited, never enforced
 
 
 @dataclass(slots=True)
@@ -114,8 +119,10 @@ class RuleSet:
     literal_blind: bool
     tests: list[dict] = field(default_factory=list)
     may_mask: bool = False  # some file mentions mask(): masked statements need the catalog
-    entry: object | None = None  # frozen module calling every file's on_statement
+    entry: object | None = None  # frozen module calling every enforced file's on_statement
     entry_files: list[RuleFile] = field(default_factory=list)
+    shadow_entry: object | None = None  # ... and every shadow file's (MODE = "shadow")
+    shadow_files: list[RuleFile] = field(default_factory=list)
 
     @property
     def active(self) -> bool:
@@ -150,6 +157,7 @@ def compile_file(path: Path, directory: Path, timeout: float = 1.0) -> RuleFile:
         sl.eval(mod, _PRELUDE_AST, _GLOBALS)
         sl.eval_with(_deadline_options(timeout), mod, ast, _GLOBALS)
         has_entry = re.search(r"^def on_statement\s*\(", src, re.M) is not None
+        mode = mod["MODE"]
         frozen = mod.freeze()
     except sl.StarlarkError as e:
         raise RuleLoadError(f"{name}: {e}") from None
@@ -157,7 +165,11 @@ def compile_file(path: Path, directory: Path, timeout: float = 1.0) -> RuleFile:
         if isinstance(e, (KeyboardInterrupt, SystemExit)):
             raise
         raise RuleLoadError(f"{name}: {type(e).__name__}: {e}") from None
-    return RuleFile(path, name, frozen if has_entry else None, _line_of_def(src))
+    if mode is None:
+        mode = "enforce"
+    if mode not in ("enforce", "shadow"):
+        raise RuleLoadError(f'{name}: MODE must be "enforce" or "shadow", got {mode!r}')
+    return RuleFile(path, name, frozen if has_entry else None, _line_of_def(src), mode)
 
 
 def compile_rules(directory: Path | None, default_action: str = "allow", timeout: float = 0.05) -> RuleSet:
@@ -178,9 +190,10 @@ def compile_rules(directory: Path | None, default_action: str = "allow", timeout
             text = src.decode("utf-8", "replace")
             if _LITERAL_FIELDS.search(text):
                 literal_blind = False
-            if re.search(r"\bmask\b", text):
-                may_mask = True
-            files.append(compile_file(path, directory))
+            rf = compile_file(path, directory)
+            if rf.mode == "enforce" and re.search(r"\bmask\b", text):
+                may_mask = True  # (shadow files see the facts the enforced ones get: no catalog of their own)
+            files.append(rf)
         for path in sorted(directory.rglob("*.test.toml")):
             name = _display_name(path, directory)
             try:
@@ -194,9 +207,12 @@ def compile_rules(directory: Path | None, default_action: str = "allow", timeout
                     raise RuleLoadError(f"{name}: test #{i}: expect must be one of {', '.join(ACTIONS)}")
                 tests.append(dict(case, _file=name, _index=i))
     rs = RuleSet(directory, files, default_action, timeout, digest.hexdigest()[:16], literal_blind, tests, may_mask)
-    rs.entry_files = [rf for rf in files if rf.frozen is not None]
+    rs.entry_files = [rf for rf in files if rf.frozen is not None and rf.mode == "enforce"]
     if rs.entry_files:
         rs.entry = _build_entry(rs.entry_files)
+    rs.shadow_files = [rf for rf in files if rf.frozen is not None and rf.mode == "shadow"]
+    if rs.shadow_files:
+        rs.shadow_entry = _build_entry(rs.shadow_files)
     return rs
 
 
@@ -220,7 +236,7 @@ def _parse_result(rf: RuleFile, result) -> Decision | None:
         return None
     if not isinstance(result, dict) or "pooler_action" not in result:
         return Decision("deny", f"rule error: on_statement returned {str(result)[:80]!r}; expected None, "
-                        "allow(), deny(reason), require_approval(reason) or mask({...})", where)
+                        "allow(), deny(reason), require_approval(reason) or mask({...})", where, error=True)
     action = result["pooler_action"]
     reason = result.get("reason") or ""
     if action == "mask":
@@ -231,10 +247,10 @@ def _parse_result(rf: RuleFile, result) -> Decision | None:
             try:
                 parse_method(spec)
             except MethodError as e:
-                return Decision("deny", f"rule error: mask() of {col}: {e}", where)
+                return Decision("deny", f"rule error: mask() of {col}: {e}", where, error=True)
             if col.count(".") > 2 or not col or any(not part for part in col.split(".")):
                 return Decision("deny", f"rule error: mask() key {col!r} is not schema.table.column "
-                                "(parts may be *)", where)
+                                "(parts may be *)", where, error=True)
         return Decision("mask", reason, rf.name, tuple(sorted(cols.items())))
     if action == "require_approval":
         return Decision(action, reason, rf.name, (), bool(result.get("justification")), bool(result.get("preview")))
@@ -242,39 +258,63 @@ def _parse_result(rf: RuleFile, result) -> Decision | None:
 
 
 def evaluate(rs: RuleSet, stmt: dict, session: dict) -> Decision:
-    """Run every rule file on one statement and combine their opinions."""
-    stmt_json = orjson.dumps(stmt).decode()
-    session_json = orjson.dumps(session).decode()
-    opts = _deadline_options(rs.timeout)
-    decisions: list[Decision] = []
+    """Run every enforced rule file on one statement and combine their opinions."""
     if rs.entry is None:
-        return combine(decisions, rs.default_action)
-    first = rs.entry_files[0]
+        return combine([], rs.default_action)
+    got = _run(rs.entry, rs.entry_files, rs.timeout, orjson.dumps(stmt).decode(), orjson.dumps(session).decode())
+    if isinstance(got, Decision):
+        return got
+    decisions: list[Decision] = []
+    for d in got:
+        if d.action == "deny":
+            return d
+        decisions.append(d)
+    return combine(decisions, rs.default_action)
+
+
+def evaluate_shadow(rs: RuleSet, stmt: dict, session: dict) -> Decision | None:
+    """The shadow files' combined opinion of one statement (None: none has one). A failing
+    shadow rule gives a Decision with ``error`` set: the caller counts it, never enforces it."""
+    if rs.shadow_entry is None:
+        return None
+    got = _run(rs.shadow_entry, rs.shadow_files, rs.timeout, orjson.dumps(stmt).decode(),
+               orjson.dumps(session).decode())
+    if isinstance(got, Decision):
+        return got
+    for d in got:
+        if d.action == "deny":
+            return d
+    return combine(got, "allow") if got else None
+
+
+def _run(entry, files: list[RuleFile], timeout: float, stmt_json: str, session_json: str) -> list[Decision] | Decision:
+    """Call one entry module: every file's opinion (None left out), or the error Decision."""
+    opts = _deadline_options(timeout)
+    first = files[0]
     try:
-        results = rs.entry.call_with(opts, "pooler_entry", stmt_json, session_json).value
+        results = entry.call_with(opts, "pooler_entry", stmt_json, session_json).value
     except sl.StarlarkError as e:
         msg = str(e)
-        names = {rf.name for rf in rs.entry_files}
+        names = {rf.name for rf in files}
         loc = re.search(r"--> (\S+):(\d+):\d+", msg)
         if loc and loc.group(1) in names:
             where = f"{loc.group(1)}:{loc.group(2)}"
         else:
-            where = _frame_of(msg, rs.entry_files) or f"{first.name}:{first.def_line}"
+            where = _frame_of(msg, files) or f"{first.name}:{first.def_line}"
         if "cancel" in msg.lower():
-            return Decision("deny", f"rule error: exceeded rule_timeout ({rs.timeout * 1000:.0f} ms)", where)
+            return Decision("deny", f"rule error: exceeded rule_timeout ({timeout * 1000:.0f} ms)", where, error=True)
         err = next((ln.strip() for ln in msg.splitlines() if ln.startswith("error:")), msg.splitlines()[-1] if msg else "error")
-        return Decision("deny", f"rule error: {err.removeprefix('error: ')}", where)
+        return Decision("deny", f"rule error: {err.removeprefix('error: ')}", where, error=True)
     except BaseException as e:  # noqa: BLE001 - a panic in the interpreter is a refusal too
         if isinstance(e, (KeyboardInterrupt, SystemExit)):
             raise
-        return Decision("deny", f"rule error: {type(e).__name__}", f"{first.name}:{first.def_line}")
-    for rf, result in zip(rs.entry_files, results):
+        return Decision("deny", f"rule error: {type(e).__name__}", f"{first.name}:{first.def_line}", error=True)
+    out = []
+    for rf, result in zip(files, results):
         d = _parse_result(rf, result)
         if d is not None:
-            if d.action == "deny":
-                return d
-            decisions.append(d)
-    return combine(decisions, rs.default_action)
+            out.append(d)
+    return out
 
 
 def _frame_of(msg: str, files: list[RuleFile]) -> str | None:
