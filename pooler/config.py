@@ -13,6 +13,8 @@ import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .audit.syslog import FACILITIES, parse_target
+
 POOL_MODES = ("session", "transaction", "statement")
 AUTH_TYPES = ("trust", "md5", "scram-sha-256", "plain", "any", "jwt")
 SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
@@ -108,6 +110,21 @@ class Config:
     approval_url: str | None = None  # the page's address as reviewers reach it (notices show it)
     approval_webhook: str | None = None  # POST each new/decided request as JSON here
     approvals_store: str = "memory"
+    # the audit stream (docs/audit.md): ECS JSON events to a file, syslog and/or an HTTP endpoint
+    audit_file: str | None = None  # JSON lines appended here
+    audit_syslog: str | None = None  # udp://host:port | tcp://host:port | unix:/path (RFC 5424)
+    audit_syslog_facility: str = "local0"
+    audit_http_url: str | None = None  # batches POSTed here
+    audit_http_format: str = "ndjson"  # ndjson | json (an array per batch)
+    audit_http_batch: int = 100  # events per request at most
+    audit_http_flush: float = 1.0  # a batch waits at most this long for more events
+    audit_http_retries: int = 3  # tries after the first, doubling pauses from 0.5 s
+    audit_http_timeout: float = 5.0
+    audit_http_token_file: str | None = None  # the Authorization token, read from this file ...
+    audit_http_token_env: str | None = None  # ... or this environment variable
+    audit_http_auth_scheme: str = "Bearer"  # Authorization: <scheme> <token> (Splunk HEC: Splunk)
+    audit_queue_size: int = 10000  # events waiting per destination; more are dropped and counted
+    audit_http_token: str = ""  # resolved from audit_http_token_file/env; never shown or logged
     verbose: int = 0
     application_name_add_host: bool = False
     rules_dir: str | None = None  # None: "rules/" beside the config file, when it exists
@@ -327,6 +344,14 @@ def _approvals_store(v: str) -> str:
     return v
 
 
+def _syslog_target(v: str) -> str | None:
+    v = v.strip()
+    if not v:
+        return None
+    parse_target(v)
+    return v
+
+
 def _claim(v: str) -> str:
     v = v.strip()
     if not v:
@@ -381,6 +406,19 @@ SETTINGS = {
     "approval_webhook": ("approval_webhook", _http_url),
     "approvals_store": ("approvals_store", _approvals_store),
     "metrics_listen": ("metrics_listen", _listen),
+    "audit_file": ("audit_file", _opt_str),
+    "audit_syslog": ("audit_syslog", _syslog_target),
+    "audit_syslog_facility": ("audit_syslog_facility", _choice(*FACILITIES)),
+    "audit_http_url": ("audit_http_url", _http_url),
+    "audit_http_format": ("audit_http_format", _choice("ndjson", "json")),
+    "audit_http_batch": ("audit_http_batch", _positive_int),
+    "audit_http_flush": ("audit_http_flush", _seconds),
+    "audit_http_retries": ("audit_http_retries", _nonneg_int),
+    "audit_http_timeout": ("audit_http_timeout", _seconds),
+    "audit_http_token_file": ("audit_http_token_file", _opt_str),
+    "audit_http_token_env": ("audit_http_token_env", _opt_str),
+    "audit_http_auth_scheme": ("audit_http_auth_scheme", _str),
+    "audit_queue_size": ("audit_queue_size", _positive_int),
     "stats_period": ("stats_period", _seconds),
     "verbose": ("verbose", _nonneg_int),
     "application_name_add_host": ("application_name_add_host", _bool),
@@ -572,6 +610,29 @@ def _resolve_mask_key(cfg: Config, path) -> None:
         cfg.mask_key = _PROCESS_MASK_KEY
 
 
+def _resolve_audit_token(cfg: Config, path) -> None:
+    """audit_http_token_file / audit_http_token_env -> cfg.audit_http_token. Errors name the
+    file or variable, never the token."""
+    if cfg.audit_http_token_file and cfg.audit_http_token_env:
+        raise ConfigError(f"{path}: give only one of audit_http_token_file, audit_http_token_env")
+    token = ""
+    if cfg.audit_http_token_file:
+        f = cfg.resolve(cfg.audit_http_token_file)
+        try:
+            token = f.read_text().strip()
+        except OSError as e:
+            raise ConfigError(f"{path}: audit_http_token_file: cannot read {f}: {e.strerror}") from None
+        if not token or "\n" in token:
+            raise ConfigError(f"{path}: audit_http_token_file {f} must hold one line")
+    elif cfg.audit_http_token_env:
+        token = os.environ.get(cfg.audit_http_token_env, "").strip()
+        if not token:
+            raise ConfigError(f"{path}: environment variable {cfg.audit_http_token_env} (audit_http_token_env) is not set")
+    if token and not cfg.audit_http_url:
+        raise ConfigError(f"{path}: an audit_http token is given but audit_http_url is not set")
+    cfg.audit_http_token = token
+
+
 def _resolve_db_secret(cfg: Config, db: DatabaseConfig, where: str) -> None:
     """password_file / password_env -> db.password (read at every load, so a reload rotates it).
     Errors name the file or variable, never a secret."""
@@ -739,6 +800,7 @@ def _complete(cfg: Config, path: Path) -> None:
     if not 0 < cfg.rule_timeout <= 10:
         raise ConfigError(f"{path}: rule_timeout must be between 0 and 10 seconds")
     _resolve_mask_key(cfg, path)
+    _resolve_audit_token(cfg, path)
     if not cfg.listen_addr and not cfg.unix_socket_dir:
         raise ConfigError(f"{path}: neither listen_addr nor unix_socket_dir is set")
 
@@ -746,7 +808,8 @@ def _complete(cfg: Config, path: Path) -> None:
 # settings a running gateway cannot take (they are read once, at start)
 RESTART_KEYS = frozenset({"listen_addr", "listen_port", "unix_socket_dir", "unix_socket_mode", "pidfile",
                           "logfile", "max_packet_size", "metrics_listen", "approvals_listen", "approval_webhook",
-                          "approvals_store", "approval_max_grant"})
+                          "approvals_store", "approval_max_grant"}
+                         | {k for k in SETTINGS if k.startswith("audit_")})  # SET never redirects the audit stream
 # settings whose values are never shown (SHOW CONFIG, SHOW <setting>)
 SECRET_KEYS = frozenset({"mask_hash_key"})
 

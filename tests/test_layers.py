@@ -13,7 +13,7 @@ PKG = Path(__file__).resolve().parent.parent / "pooler"
 LAYERS = [
     {"pooler", "pooler.protocol", "pooler.sql", "pooler.tls", "pooler.auth"},
     {"pooler.masking"},
-    {"pooler.policy", "pooler.config", "pooler.approvals"},
+    {"pooler.policy", "pooler.config", "pooler.approvals", "pooler.audit"},
     {"pooler.gateway"},
     {"pooler.runtime", "pooler.pgcluster"},
     {"pooler.cli", "pooler.demo", "pooler.__main__", "pooler.cli_approvals"},
@@ -22,7 +22,7 @@ LAYERS = [
 # inside the asyncio shell, bottom up: each module imports only modules listed before it
 GATEWAY_ORDER = [
     "interfaces", "params", "events", "server", "pool", "catalogs", "statements", "holds", "governor",
-    "admin", "login", "session", "observers", "metrics", "approvals_http", "app",
+    "admin", "login", "session", "observers", "audit", "metrics", "approvals_http", "app",
 ]
 
 
@@ -85,7 +85,7 @@ def test_no_module_imports_a_higher_layer():
 
 def test_the_pure_layers_import_nothing_of_the_asyncio_shell():
     pure = ("pooler.protocol", "pooler.sql", "pooler.policy", "pooler.masking", "pooler.auth", "pooler.config",
-            "pooler.approvals")
+            "pooler.approvals", "pooler.audit")
     bad = [f"{mod} imports {dep}" for mod, deps in graph().items() if mod.startswith(pure)
            for dep in deps if dep.startswith(("pooler.gateway", "pooler.cli", "pooler.demo", "pooler.runtime"))]
     assert not bad, "\n".join(bad)

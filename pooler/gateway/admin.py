@@ -23,6 +23,7 @@ from typing import Any
 
 from .. import __version__
 from ..approvals.book import ApprovalError, parse_interval
+from ..config import SECRET_KEYS
 from ..protocol import messages as m
 
 log = logging.getLogger("pooler.admin")
@@ -128,8 +129,9 @@ COLUMNS = {
     "totals": [("name", "s"), ("value", "N")],
     # the gateway's own, in the same style
     "rules": [("file", "s"), ("version", "s"), ("loaded", "T"), ("decisions", "q"), ("allow", "q"),
-              ("deny", "q"), ("mask", "q"), ("require_approval", "q")],
-    "decisions": [("rule", "s"), ("action", "s"), ("count", "q"), ("last", "T"), ("last_reason", "s")],
+              ("deny", "q"), ("mask", "q"), ("require_approval", "q"), ("mode", "s"), ("errors", "q")],
+    "decisions": [("rule", "s"), ("action", "s"), ("count", "q"), ("last", "T"), ("last_reason", "s"),
+                  ("mode", "s")],
     "approvals": [("id", "s"), ("state", "s"), ("user", "s"), ("groups", "s"), ("database", "s"),
                   ("client_addr", "s"), ("application_name", "s"), ("rule", "s"), ("reason", "s"),
                   ("statement", "s"), ("params", "s"), ("tables_read", "s"), ("tables_written", "s"),
@@ -225,21 +227,32 @@ class Console:
         """The reply to one Query of console session ``s``; None when it comes later (a
         command that waits: the gateway writes it then)."""
         self._query = sql
+        self._told = ("", "")  # (command, argument) for events.admin_command; "" for SHOW and syntax errors
         try:
             reply = self._dispatch(s, sql)
         except AdminError as e:
             log.error("%s", e)
+            self._tell(s, False, str(e))
             return m.error_response(e.sqlstate, str(e)) + m.ready_for_query()
+        self._tell(s, True, "")
         stats = self.gw.stats
         stats.console_command()
         return reply
 
+    def _tell(self, s, ok: bool, message: str) -> None:
+        ev = self.gw.events.admin_command
+        command, detail = self._told
+        if ev is not None and command:
+            ev(s, command, detail, ok, message)
+
     def _dispatch(self, s, sql: str) -> bytes | None:
         mt = _APPROVE.match(sql)
         if mt:
+            self._told = ("APPROVE", mt.group(1) + (f" FOR {mt.group(2) or mt.group(3)}" if mt.group(2) or mt.group(3) else ""))
             return self.approve(s, mt.group(1), mt.group(2) or mt.group(3))
         mt = _DENY.match(sql)
         if mt:
+            self._told = ("DENY", mt.group(1))
             return self.deny(s, mt.group(1), _unquote(f"'{mt.group(2)}'", "'") if mt.group(2) is not None else "")
         mt = _CMD.match(sql)
         if mt:
@@ -249,6 +262,8 @@ class Console:
             fn = self.commands.get(cmd.lower())
             if fn is None:
                 raise self._syntax()
+            if fn is not self.show:
+                self._told = (cmd.upper(), arg)
             return fn(s, arg)
         for rx, q in ((_SET_STR, "'"), (_SET_WORD, '"')):
             mt = rx.match(sql)
@@ -256,6 +271,7 @@ class Console:
                 key, value = _unquote(mt.group(1)), _unquote(mt.group(2), q)
                 if not key or len(key) >= 64 or len(value) >= 256:
                     raise AdminError("bad arguments")
+                self._told = ("SET", f"{key} = {'********' if key.lower() in SECRET_KEYS else value}")
                 return self.set(s, key, value)
         raise self._syntax()
 

@@ -21,6 +21,7 @@ from ..policy.rules import RuleLoadError
 from ..protocol import messages as m
 from .admin import Console, ready, timestamp
 from .approvals_http import ApprovalsHttp
+from .audit import Audit, audit_settings, sinks_of
 from .holds import ApprovalDesk
 from .catalogs import CatalogHolder
 from .events import Events
@@ -53,6 +54,11 @@ class Gateway:
         if config.metrics_listen:
             self.metrics = Metrics(self)
             self.events.subscribe(self.metrics)
+        # audit_file, audit_syslog, audit_http_url: the audit stream for a SIEM (audit.py)
+        sinks = sinks_of(config)
+        self.audit: Audit | None = Audit(self, sinks) if sinks else None
+        if self.audit is not None:
+            self.events.subscribe(self.audit)
         self.pause_mode = "none"  # "none" | "pause" | "suspend": SHOW STATE, PAUSE, SUSPEND
         self.paused_dbs: set[str] = set()  # PAUSE db, KILL db
         self.disabled_dbs: set[str] = set()  # DISABLE db: new logins refused
@@ -67,6 +73,7 @@ class Gateway:
         self.clock = time.monotonic()  # advanced every second by the janitor (interfaces.PoolHost)
         self.stopped = asyncio.Event()
         self._signals_seen = 0
+        self._refused_because = ""  # why the last reload was refused (events.config_reloaded)
         self.unix_path: str | None = None
         self.limits_in_use = self._limits_in_use(config)
         self.policy: Policy | None = load_policy(config)
@@ -105,6 +112,8 @@ class Gateway:
                 f.write(f"{os.getpid()}\n")
         self._janitor = loop.create_task(self._janitor_loop())
         self.stats.start()
+        if self.audit is not None:
+            self.audit.start()
         if self.metrics is not None:
             self.metrics.start(cfg.metrics_listen)
         if self.approvals_http is not None:
@@ -181,6 +190,8 @@ class Gateway:
             asyncio.get_running_loop().create_task(self.approvals_http.stop())
         if self.metrics is not None:
             self.metrics.stop()
+        if self.audit is not None:
+            self.audit.stop()  # what is queued is delivered (a moment at most)
         self.stopped.set()
 
     def catalog_for(self, pool: Pool) -> CatalogHolder:
@@ -199,12 +210,18 @@ class Gateway:
     def reload(self) -> bool:
         """SIGHUP, RELOAD: load the config again; pools adjust, sessions survive. A broken file
         is refused with a log line and the running config keeps serving (-> False)."""
+        ev = self.events.config_reloaded
         try:
             new = config_mod.load(self.config.path)
         except config_mod.ConfigError as e:
             log.error("reload failed, keeping the running configuration: %s", e)
+            if ev is not None:
+                ev(False, str(self.config.path), str(e))
             return False
-        return self._apply(new, reload_rules=True)
+        ok = self._apply(new, reload_rules=True)
+        if ev is not None:
+            ev(ok, str(self.config.path), "" if ok else self._refused_because)
+        return ok
 
     def set_setting(self, key: str, value: str) -> str | None:
         """The console's SET: the running config with one setting changed, applied as a reload
@@ -226,6 +243,7 @@ class Gateway:
                 except config_mod.ConfigError as e:
                     # never keep trusting the old issuer/keys under a config that changed them
                     log.error("reload failed, keeping the running configuration: %s", e)
+                    self._refused_because = str(e)
                     return False
         else:
             new_jwt = None
@@ -240,12 +258,20 @@ class Gateway:
                 policy = self.policy
                 if self.metrics is not None:
                     self.metrics.rule_reloads.labels("failed").inc()
+                ev = self.events.rules_reloaded
+                if ev is not None:
+                    ev(False, policy.rules.version if policy is not None else "", _file_names(policy), str(e))
             else:
                 if self.metrics is not None:
                     self.metrics.rule_reloads.labels("ok").inc()
                 if policy is not None:
-                    log.info("rules loaded: %d file(s), version %s", len(policy.rules.files), policy.rules.version)
+                    shadow = sum(1 for rf in policy.rules.files if rf.mode == "shadow")
+                    log.info("rules loaded: %d file(s)%s, version %s", len(policy.rules.files),
+                             f" ({shadow} in shadow mode)" if shadow else "", policy.rules.version)
                 self.policy_loaded_at = time.time()
+                ev = self.events.rules_reloaded
+                if ev is not None:
+                    ev(True, policy.rules.version if policy is not None else "", _file_names(policy), "")
             self.policy = policy
             self._policy_loaded()
         for holder in self.catalogs.values():
@@ -268,6 +294,11 @@ class Gateway:
                     # a rotated upstream secret: new connections use it; open sessions stay
                     pool.server_password = pw
                     log.info("pool %s: upstream credentials changed; new server connections use them", pool.name)
+        if audit_settings(new) != audit_settings(old):
+            log.warning("audit_* changes need a restart; the audit stream keeps its running settings")
+            for k in new.__dataclass_fields__:
+                if k.startswith("audit_"):
+                    setattr(new, k, getattr(old, k))
         if (new.listen_addr, new.listen_port, new.unix_socket_dir) != (old.listen_addr, old.listen_port, old.unix_socket_dir):
             log.warning("listen_addr/listen_port/unix_socket_dir changes need a restart")
             new.listen_addr, new.listen_port, new.unix_socket_dir = old.listen_addr, old.listen_port, old.unix_socket_dir
@@ -553,18 +584,29 @@ class Gateway:
                 name = name.rsplit(":", 1)[0] if name.endswith(tuple("0123456789")) else name
                 per = counts.setdefault(name, {})
                 per[action] = per.get(action, 0) + n
+        shadow: dict[str, dict[str, int]] = {}
+        for (rule, action), (n, _, _) in self.decisions.shadow_by_rule.items():
+            name = rule.rsplit(":", 1)[0] if rule.endswith(tuple("0123456789")) else rule
+            per = shadow.setdefault(name, {})
+            per[action] = per.get(action, 0) + n
         rows = []
+        modes = {rf.name: rf.mode for rf in rs.files}
         names = [rf.name for rf in rs.files] + ["(default_action)"]
         names += sorted(n for n in counts if n not in names)  # "analysis": statements that cannot be read
         for name in names:
-            per = counts.get(name, {})
+            mode = modes.get(name, "enforce")
+            per = (shadow if mode == "shadow" else counts).get(name, {})
             rows.append((name, rs.version, timestamp(self.policy_loaded_at), sum(per.values()),
-                         per.get("allow", 0), per.get("deny", 0), per.get("mask", 0), per.get("require_approval", 0)))
+                         per.get("allow", 0), per.get("deny", 0), per.get("mask", 0), per.get("require_approval", 0),
+                         mode, per.get("error", 0)))
         return rows
 
     def decision_rows(self) -> list[tuple]:
-        return [(rule or "(default_action)", action, n, timestamp(last), reason)
+        rows = [(rule or "(default_action)", action, n, timestamp(last), reason, "enforce")
                 for (rule, action), (n, last, reason) in sorted(self.decisions.by_rule.items())]
+        rows += [(rule, action, n, timestamp(last), reason, "shadow")
+                 for (rule, action), (n, last, reason) in sorted(self.decisions.shadow_by_rule.items())]
+        return rows
 
     # ------------------------------------------------------------------ cancel requests
 
@@ -654,6 +696,12 @@ def load_policy(cfg: Config) -> Policy | None:
     """The rule set of ``cfg`` (None when there is nothing to enforce). Raises RuleLoadError."""
     rs = load_rules(cfg.rules_path(), cfg.default_action, cfg.rule_timeout)
     return Policy(rs) if rs.active else None
+
+
+def _file_names(policy: Policy | None) -> list[str]:
+    if policy is None:
+        return []
+    return [f"{rf.name} (shadow)" if rf.mode == "shadow" else rf.name for rf in policy.rules.files]
 
 
 def make_jwt(cfg: Config) -> JwtAuthenticator | None:

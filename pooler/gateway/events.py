@@ -40,6 +40,23 @@ The events, in a session's order (``session`` is the ClientSession, ``server`` t
                                                      its first request; bytes both ways)
     server_released(session, server)                 the server went back to its pool (or closed)
     logout(session, reason)                          the session ended
+    shadow_decided(session, kind, sql, shadow, enforced)
+                                                     a Query or Parse the MODE = "shadow" rule files
+                                                     have an opinion about: their Decision (``error``
+                                                     set when a shadow rule failed) and the enforced one
+
+Events of the gateway rather than of one client's statements:
+
+    admin_command(session, command, detail, ok, message)
+                                                     a console command other than SHOW ran (PAUSE,
+                                                     KILL, SET, RELOAD, APPROVE, ...): its verb, its
+                                                     argument (values of secret settings replaced by
+                                                     ********), whether it succeeded, and the error
+    rules_reloaded(ok, version, files, message)      the rule set was loaded again (SIGHUP, RELOAD, SET
+                                                     rules_dir): ok, the version serving now, its files,
+                                                     the error when it was refused
+    config_reloaded(ok, path, message)               the config file was read again (SIGHUP, RELOAD):
+                                                     ok, its path, the error when it was refused
 
 ``completed`` and ``failed`` make every server take the reply loop that reads each message (the
 fast lane forwards small replies without looking at their tags): subscribe to them only where
@@ -54,7 +71,8 @@ from typing import Any, Callable
 log = logging.getLogger("pooler.events")
 
 EVENTS = ("login", "login_failed", "decided", "refused", "held", "hold_ended", "server_assigned", "forwarded", "completed",
-          "failed", "masked", "ready", "server_released", "logout")
+          "failed", "masked", "ready", "server_released", "logout", "shadow_decided", "admin_command",
+          "rules_reloaded", "config_reloaded")
 
 
 class Observer:
@@ -76,6 +94,10 @@ class Observer:
     def ready(self, session, server, status: int, started: float, sent: int, received: int) -> None: ...
     def server_released(self, session, server) -> None: ...
     def logout(self, session, reason: str) -> None: ...
+    def shadow_decided(self, session, kind: str, sql: str, shadow, enforced) -> None: ...
+    def admin_command(self, session, command: str, detail: str, ok: bool, message: str) -> None: ...
+    def rules_reloaded(self, ok: bool, version: str, files: list[str], message: str) -> None: ...
+    def config_reloaded(self, ok: bool, path: str, message: str) -> None: ...
 
 
 def _dispatcher(name: str, handlers: list[Callable], trusted: bool) -> Callable:
@@ -126,6 +148,10 @@ class Events:
     ready: Callable | None
     server_released: Callable | None
     logout: Callable | None
+    shadow_decided: Callable | None
+    admin_command: Callable | None
+    rules_reloaded: Callable | None
+    config_reloaded: Callable | None
 
     def __init__(self) -> None:
         self.observers: list[Observer] = []

@@ -166,7 +166,10 @@ class Metrics(Observer):
                 d["cl_active"] = d.get("cl_active", 0) + 1
         hist = {k: tuple((h.buckets(), h.total) for h in v) for k, v in self._hist.items()}
         decisions = {k: v[0] for k, v in gw.decisions.by_rule.items()}  # observers.Decisions counts them
+        shadow = {k: v[0] for k, v in gw.decisions.shadow_by_rule.items()}
+        audit = gw.audit.figures() if gw.audit is not None else {}
         return {"pools": pools, "counters": gw.stats.current(), "hist": hist, "decisions": decisions,
+                "shadow": shadow, "audit": audit,
                 "clients": len(gw.clients), "stopping": gw.stopping is not None,
                 "approvals_pending": len(gw.approvals.book.pending),
                 "grants_active": sum(1 for g in gw.approvals.book.grants.values() if g.active(time.time())),
@@ -306,6 +309,20 @@ class _PoolCollector:
         for (rule, action), n in sorted(snap["decisions"].items()):
             decisions.add_metric([rule or "(default_action)", action], n)
         yield decisions
+        shadow = CounterMetricFamily("pooler_shadow_decisions", "What rule files in MODE = \"shadow\" would have "
+                                     "decided (never enforced), by rule and action (error: the shadow rule failed)",
+                                     labels=["rule", "action"])
+        for (rule, action), n in sorted(snap["shadow"].items()):
+            shadow.add_metric([rule, action], n)
+        yield shadow
+        audit = {name: CounterMetricFamily(f"pooler_audit_events_{name}", doc, labels=["destination"]) for name, doc in (
+            ("sent", "Audit events delivered, by destination (file, syslog, http)"),
+            ("dropped", "Audit events dropped because the destination's queue was full"),
+            ("failed", "Audit events given up on after the destination failed (retries exhausted)"))}
+        for dest, figures in sorted(snap["audit"].items()):
+            for name, fam in audit.items():
+                fam.add_metric([dest], figures[name])
+        yield from audit.values()
         yield GaugeMetricFamily("pooler_client_connections", "Client connections, logging in included",
                                 value=snap["clients"])
         yield GaugeMetricFamily("pooler_approvals_pending", "Statements waiting for approval now",

@@ -41,6 +41,17 @@ class SessionLog(Observer):
         if client_log.isEnabledFor(logging.DEBUG):
             client_log.debug("masked %s: %s", s.describe(), ", ".join(f"{c}={n}" for c, _, n in report))
 
+    def shadow_decided(self, s, kind: str, sql: str, d, enforced) -> None:
+        """A shadow file's opinion other than allow is logged (never enforced); a failing shadow
+        rule is a warning."""
+        if d.error:
+            gateway_log.warning("shadow rule failed (not enforced): %s: %s (%s db=%s user=%s)", d.rule, d.reason,
+                                s.addr, s.database, s.user)
+        elif d.action != "allow":
+            client_log.info("shadow: %s would %s (enforced: %s): %s db=%s user=%s%s", d.rule,
+                            d.action.replace("_", " "), enforced.action, s.addr, s.database, s.user,
+                            f": {d.reason}" if d.reason else "")
+
     def logout(self, s, reason: str) -> None:
         if self.gw.config.log_disconnections:
             gateway_log.info("disconnect: %s db=%s user=%s age=%.1fs", s.addr, s.database, s.user,
@@ -246,12 +257,23 @@ def _per_db(per_pool: dict[tuple[str, str], Counters]) -> dict[str, Counters]:
 
 class Decisions(Observer):
     """The rules' decisions by rule and action (SHOW RULES, SHOW DECISIONS); subscribed while a
-    rule set is active (the decide stage then runs anyway)."""
+    rule set is active (the decide stage then runs anyway). The shadow files' decisions are
+    counted apart (``shadow_by_rule``), a failed shadow rule under the action ``error``."""
 
     trusted = True
 
     def __init__(self) -> None:
         self.by_rule: dict[tuple[str, str], list] = {}  # (rule, action) -> [count, last wall time, last reason]
+        self.shadow_by_rule: dict[tuple[str, str], list] = {}  # the same for MODE = "shadow" files
+
+    def shadow_decided(self, s, kind: str, sql: str, d, enforced) -> None:
+        key = (d.rule, "error" if d.error else d.action)
+        e = self.shadow_by_rule.get(key)
+        if e is None:
+            e = self.shadow_by_rule[key] = [0, 0.0, ""]
+        e[0] += 1
+        e[1] = time.time()
+        e[2] = d.reason
 
     def decided(self, s, kind: str, sql: str, d) -> None:
         if d is None:
