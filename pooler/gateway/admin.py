@@ -262,7 +262,7 @@ class Console:
             fn = self.commands.get(cmd.lower())
             if fn is None:
                 raise self._syntax()
-            if fn is not self.show:
+            if fn != self.show:
                 self._told = (cmd.upper(), arg)
             return fn(s, arg)
         for rx, q in ((_SET_STR, "'"), (_SET_WORD, '"')):
