@@ -20,22 +20,22 @@ def test_a_shadow_deny_is_reported_but_the_enforced_decision_stands(tmp_path):
     p = policy_from(tmp_path, {"10_enforced.star": ENFORCED, "50_candidate.star": SHADOW_DENY_DELETES})
     v = p.decide("DELETE FROM t WHERE id = 1", AGENT)
     assert v.decision.action == "allow"
-    assert (v.shadow.action, v.shadow.rule, v.shadow.reason) == ("deny", "rules/50_candidate.star",
-                                                                 "deletes will be refused")
-    assert not v.shadow.error
+    (sd,) = v.shadow
+    assert (sd.action, sd.rule, sd.reason) == ("deny", "rules/50_candidate.star", "deletes will be refused")
+    assert not sd.error
     # a statement the shadow file has no opinion about carries no shadow decision
     v = p.decide("SELECT 1", AGENT)
-    assert v.decision.action == "allow" and v.shadow is None
-    # the enforced file still refuses; the shadow opinion is computed for that statement too
+    assert v.decision.action == "allow" and v.shadow == ()
+    # the enforced file still refuses; the shadow file is asked about that statement too
     v = p.decide("DROP TABLE t", AGENT)
-    assert v.decision.action == "deny" and v.decision.rule == "rules/10_enforced.star" and v.shadow is None
+    assert v.decision.action == "deny" and v.decision.rule == "rules/10_enforced.star" and v.shadow == ()
 
 
 def test_a_shadow_file_sees_every_statement_of_a_query_even_after_an_enforced_deny(tmp_path):
     p = policy_from(tmp_path, {"10_enforced.star": ENFORCED, "50_candidate.star": SHADOW_DENY_DELETES})
     v = p.decide("DROP TABLE t; DELETE FROM t", AGENT)
     assert v.decision.action == "deny" and v.decision.rule == "rules/10_enforced.star"
-    assert v.shadow.action == "deny" and v.shadow.rule == "rules/50_candidate.star"
+    assert [(d.action, d.rule) for d in v.shadow] == [("deny", "rules/50_candidate.star")]
 
 
 def test_shadow_only_rule_set_allows_everything_and_reports_would_be_masks(tmp_path):
@@ -44,7 +44,7 @@ def test_shadow_only_rule_set_allows_everything_and_reports_would_be_masks(tmp_p
     assert not p.rules.may_mask  # a shadow mask never makes statements wait for the catalog
     v = p.decide("SELECT email FROM customers", AGENT)
     assert v.decision.action == "allow" and v.decision.masks == ()
-    assert v.shadow.action == "mask" and v.shadow.masks == (("public.customers.email", "email"),)
+    assert [(d.action, d.masks) for d in v.shadow] == [("mask", (("public.customers.email", "email"),))]
 
 
 @pytest.mark.parametrize("body", [
@@ -57,8 +57,17 @@ def test_a_broken_shadow_rule_never_refuses(tmp_path, body):
     p = policy_from(tmp_path, {"50_broken.star": f'MODE = "shadow"\ndef on_statement(stmt, session):\n{body}\n'})
     v = p.decide("SELECT 1", AGENT)
     assert v.decision.action == "allow"
-    assert v.shadow.error and v.shadow.rule.startswith("rules/50_broken.star")
-    assert "rule error" in v.shadow.reason
+    (sd,) = v.shadow
+    assert sd.error and sd.rule.startswith("rules/50_broken.star") and "rule error" in sd.reason
+
+
+def test_a_broken_shadow_file_hides_no_other_shadow_files_opinion(tmp_path):
+    p = policy_from(tmp_path, {"50_candidate.star": SHADOW_DENY_DELETES,
+                               "60_broken.star": 'MODE = "shadow"\ndef on_statement(stmt, session):\n    return 1 // 0\n'})
+    v = p.decide("DELETE FROM t", AGENT)
+    assert v.decision.action == "allow"
+    assert [(d.rule.split(":")[0], d.action, d.error) for d in v.shadow] == [
+        ("rules/50_candidate.star", "deny", False), ("rules/60_broken.star", "deny", True)]
 
 
 def test_the_same_broken_rule_enforced_refuses(tmp_path):

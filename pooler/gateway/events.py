@@ -41,9 +41,10 @@ The events, in a session's order (``session`` is the ClientSession, ``server`` t
     server_released(session, server)                 the server went back to its pool (or closed)
     logout(session, reason)                          the session ended
     shadow_decided(session, kind, sql, shadow, enforced)
-                                                     a Query or Parse the MODE = "shadow" rule files
-                                                     have an opinion about: their Decision (``error``
-                                                     set when a shadow rule failed) and the enforced one
+                                                     a Query or Parse a MODE = "shadow" rule file has
+                                                     an opinion about (once per such file): its Decision
+                                                     (``error`` set when the rule failed) and the
+                                                     enforced one
 
 Events of the gateway rather than of one client's statements:
 

@@ -175,10 +175,11 @@ class Governor:
         self._prep_new = ()  # _session_work fills it; committed only if this message is accepted
         verdict = policy.decide(sql, si, self._skey[si.in_transaction], catalog)
         d = verdict.decision
-        if verdict.shadow is not None:
+        if verdict.shadow:
             sev = self.events.shadow_decided
             if sev is not None and self.ticket != data[pos:end]:  # (not again when an approved Query runs)
-                sev(self.session, "Q" if t == T_QUERY else "P", sql, verdict.shadow, d)
+                for sd in verdict.shadow:
+                    sev(self.session, "Q" if t == T_QUERY else "P", sql, sd, d)
         if verdict.unknown_tables and catalog is not None:
             holder.saw_unknown()
         if not d.refused and verdict.session_work:  # Query and Parse alike: EXECUTE can come either way

@@ -49,7 +49,7 @@ class Verdict:
     session_work: bool  # PREPARE/EXECUTE/DEALLOCATE/DISCARD/search_path writes: the client tracks these
     sqlstate: str = "42501"
     unknown_tables: bool = False  # a statement names a relation the catalog does not know
-    shadow: Decision | None = None  # what the MODE = "shadow" files would decide (never enforced)
+    shadow: tuple[Decision, ...] = ()  # what each MODE = "shadow" file with an opinion would decide (never enforced)
 
 
 # commands whose effect on the session the client must track
@@ -133,7 +133,7 @@ class Policy:
         unknown = any(f.unknown_tables for f in facts)
         sess = session.to_dict()
         stmts = [f.to_dict() for f in facts]
-        shadow = self._shadow(stmts, sess) if self.rules.shadow_entry is not None else None
+        shadow = self._shadow(stmts, sess) if self.rules.shadow_entries else ()
         decisions = []
         for stmt in stmts:
             d = evaluate(self.rules, stmt, sess)
@@ -145,16 +145,20 @@ class Policy:
         return Verdict(combine(decisions, "allow") if decisions else Decision("allow"), facts, _session_work(facts),
                        unknown_tables=unknown, shadow=shadow)
 
-    def _shadow(self, stmts: list[dict], sess: dict) -> Decision | None:
-        """The shadow files' opinion of the whole message (None: no opinion). Never raises."""
-        opinions = []
+    def _shadow(self, stmts: list[dict], sess: dict) -> tuple[Decision, ...]:
+        """Each shadow file's opinion of the whole message (its statements' opinions combined as
+        enforced ones are: an error or a deny wins), for the files that have one."""
+        per_file: list[list[Decision]] = [[] for _ in self.rules.shadow_entries]
         for stmt in stmts:
-            d = evaluate_shadow(self.rules, stmt, sess)
-            if d is not None:
-                if d.action == "deny":
-                    return d  # (an error too: counted as one, never enforced)
-                opinions.append(d)
-        return combine(opinions, "allow") if opinions else None
+            for opinions, d in zip(per_file, evaluate_shadow(self.rules, stmt, sess)):
+                if d is not None:
+                    opinions.append(d)
+        out = []
+        for opinions in per_file:
+            if opinions:
+                deny = next((d for d in opinions if d.action == "deny"), None)
+                out.append(deny or combine(opinions, "allow"))
+        return tuple(out)
 
 
 def _session_work(facts: tuple[StatementFacts, ...]) -> bool:

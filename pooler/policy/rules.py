@@ -9,9 +9,10 @@ Rules this module keeps:
   ``rule_timeout``, a Rust panic) becomes a *deny* naming the file and line: fail closed.
 - Across files: any deny wins, then require_approval, then masks (their union), then allow; with
   no opinion at all, ``default_action`` applies.
-- A file that sets ``MODE = "shadow"`` is evaluated but never enforced: its own entry module,
-  its opinions combined among the shadow files only (``evaluate_shadow``); an error in it is a
-  decision marked ``error``, never a refusal. ``MODE = "enforce"`` (or no MODE) enforces.
+- A file that sets ``MODE = "shadow"`` is evaluated but never enforced, each such file on its
+  own (an entry module per file, so one broken shadow file hides no other's opinion:
+  ``evaluate_shadow``); an error in it is a decision marked ``error``, never a refusal.
+  ``MODE = "enforce"`` (or no MODE) enforces.
 """
 
 from __future__ import annotations
@@ -121,8 +122,7 @@ class RuleSet:
     may_mask: bool = False  # some file mentions mask(): masked statements need the catalog
     entry: object | None = None  # frozen module calling every enforced file's on_statement
     entry_files: list[RuleFile] = field(default_factory=list)
-    shadow_entry: object | None = None  # ... and every shadow file's (MODE = "shadow")
-    shadow_files: list[RuleFile] = field(default_factory=list)
+    shadow_entries: list[tuple[RuleFile, object]] = field(default_factory=list)  # MODE = "shadow": one entry each
 
     @property
     def active(self) -> bool:
@@ -210,9 +210,7 @@ def compile_rules(directory: Path | None, default_action: str = "allow", timeout
     rs.entry_files = [rf for rf in files if rf.frozen is not None and rf.mode == "enforce"]
     if rs.entry_files:
         rs.entry = _build_entry(rs.entry_files)
-    rs.shadow_files = [rf for rf in files if rf.frozen is not None and rf.mode == "shadow"]
-    if rs.shadow_files:
-        rs.shadow_entry = _build_entry(rs.shadow_files)
+    rs.shadow_entries = [(rf, _build_entry([rf])) for rf in files if rf.frozen is not None and rf.mode == "shadow"]
     return rs
 
 
@@ -272,19 +270,15 @@ def evaluate(rs: RuleSet, stmt: dict, session: dict) -> Decision:
     return combine(decisions, rs.default_action)
 
 
-def evaluate_shadow(rs: RuleSet, stmt: dict, session: dict) -> Decision | None:
-    """The shadow files' combined opinion of one statement (None: none has one). A failing
+def evaluate_shadow(rs: RuleSet, stmt: dict, session: dict) -> list[Decision | None]:
+    """Each shadow file's opinion of one statement (None: it has none), in file order. A failing
     shadow rule gives a Decision with ``error`` set: the caller counts it, never enforces it."""
-    if rs.shadow_entry is None:
-        return None
-    got = _run(rs.shadow_entry, rs.shadow_files, rs.timeout, orjson.dumps(stmt).decode(),
-               orjson.dumps(session).decode())
-    if isinstance(got, Decision):
-        return got
-    for d in got:
-        if d.action == "deny":
-            return d
-    return combine(got, "allow") if got else None
+    stmt_json, session_json = orjson.dumps(stmt).decode(), orjson.dumps(session).decode()
+    out: list[Decision | None] = []
+    for rf, entry in rs.shadow_entries:
+        got = _run(entry, [rf], rs.timeout, stmt_json, session_json)
+        out.append(got if isinstance(got, Decision) else (got[0] if got else None))
+    return out
 
 
 def _run(entry, files: list[RuleFile], timeout: float, stmt_json: str, session_json: str) -> list[Decision] | Decision:

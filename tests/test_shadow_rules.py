@@ -1,0 +1,109 @@
+"""Rule files in shadow mode through a real gateway process: what they would decide is counted
+(SHOW RULES, SHOW DECISIONS, Prometheus), logged and sent to the audit stream, and never
+enforced; a shadow rule that breaks never blocks a statement."""
+
+from __future__ import annotations
+
+import subprocess
+
+import psycopg
+import pytest
+
+from tests.audit_helpers import of, read_lines, wait_docs
+from tests.conftest import upstream_entry
+from tests.gwproc import free_port
+from tests.test_metrics import scrape, value
+
+ENFORCED = 'def on_statement(stmt, session):\n    if stmt.command == "DELETE":\n        return deny("no deletes")\n'
+CANDIDATE = '''MODE = "shadow"
+
+def on_statement(stmt, session):
+    if stmt.command == "SELECT" and "public.shadow_orders" in stmt.tables and "agents" in session.groups:
+        return deny("agents will not read orders")
+    if stmt.command == "UPDATE":
+        return require_approval("updates will need a reviewer")
+'''
+BROKEN = 'MODE = "shadow"\n\ndef on_statement(stmt, session):\n    return {"not": "a decision"}[stmt.command]\n'
+
+
+@pytest.fixture
+def sgw(pg, gw_factory, tmp_path):
+    pg.execute("DROP TABLE IF EXISTS shadow_orders; CREATE TABLE shadow_orders (id int); "
+               "INSERT INTO shadow_orders VALUES (1), (2), (3)")
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    (rules / "10_enforced.star").write_text(ENFORCED)
+    (rules / "50_candidate.star").write_text(CANDIDATE)
+    (rules / "60_broken.star").write_text(BROKEN)
+    port = free_port()
+    g = gw_factory(settings={"rules_dir": str(rules), "admin_users": "admin", "audit_file": str(tmp_path / "audit.jsonl"),
+                             "metrics_listen": f"127.0.0.1:{port}"},
+                   users={"agent": "groups=agents"}, databases={"postgres": upstream_entry(pg)})
+    g.metrics_port, g.audit = port, tmp_path / "audit.jsonl"
+    return g
+
+
+def rows(g, what: str) -> list[dict]:
+    with psycopg.connect(g.dsn(user="admin", dbname="pgbouncer"), autocommit=True) as c:
+        cur = c.execute(f"SHOW {what}")
+        names = [d.name for d in cur.description]
+        return [dict(zip(names, r)) for r in cur.fetchall()]
+
+
+def test_shadow_decisions_are_counted_logged_and_audited_but_never_enforced(sgw, pg):
+    with psycopg.connect(sgw.dsn(user="agent"), autocommit=True) as a:
+        for _ in range(3):
+            assert len(a.execute("SELECT id FROM shadow_orders").fetchall()) == 3  # a shadow deny: it runs
+        assert a.execute("UPDATE shadow_orders SET id = id WHERE id = 1").rowcount == 1  # a shadow approval: no hold
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="no deletes"):
+            a.execute("DELETE FROM shadow_orders")  # the enforced file still refuses
+    r = subprocess.run(["psql", sgw.dsn(user="agent"), "-XAtc", "SELECT count(*) FROM shadow_orders"],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and r.stdout.strip() == "3"
+    assert pg.psql("SELECT count(*) FROM shadow_orders").strip() == "3"
+
+    by_file = {r["file"]: r for r in rows(sgw, "RULES")}
+    cand = by_file["rules/50_candidate.star"]
+    assert (cand["mode"], cand["deny"], cand["require_approval"]) == ("shadow", 4, 1)
+    assert by_file["rules/10_enforced.star"]["mode"] == "enforce" and by_file["rules/10_enforced.star"]["deny"] == 1
+    broken = by_file["rules/60_broken.star"]
+    assert broken["mode"] == "shadow" and broken["errors"] >= 6 and broken["deny"] == 0
+    decisions = {(r["rule"], r["action"], r["mode"]): r for r in rows(sgw, "DECISIONS")}
+    assert decisions[("rules/50_candidate.star", "deny", "shadow")]["count"] == 4
+    assert decisions[("rules/50_candidate.star", "deny", "shadow")]["last_reason"] == "agents will not read orders"
+    assert ("rules/10_enforced.star", "deny", "enforce") in decisions
+
+    m = scrape(sgw.metrics_port)
+    assert value(m, "pooler_shadow_decisions_total", rule="rules/50_candidate.star", action="deny") == 4
+    assert value(m, "pooler_shadow_decisions_total", rule="rules/50_candidate.star", action="require_approval") == 1
+    errors = [v for (name, labels), v in m.items() if name == "pooler_shadow_decisions_total"
+              and dict(labels)["action"] == "error" and dict(labels)["rule"].startswith("rules/60_broken.star")]
+    assert sum(errors) >= 6
+    assert value(m, "pooler_decisions_total", rule="rules/10_enforced.star", action="deny") == 1
+
+    log = sgw.wait_log("shadow rule failed (not enforced): rules/60_broken.star")
+    assert "shadow: rules/50_candidate.star would deny (enforced: allow)" in log
+
+    shadow = wait_docs(lambda: read_lines(sgw.audit), of("shadow-decision"), n=6)
+    would = [d for d in shadow if d["rule"]["name"] == "rules/50_candidate.star" and d["pooler"]["shadow"]["action"] == "deny"]
+    assert len(would) == 4
+    assert would[0]["pooler"]["shadow"]["enforced_action"] == "allow" and would[0]["pooler"]["shadow"]["would_change"]
+    assert would[0]["event"]["reason"] == "agents will not read orders" and would[0]["user"]["name"] == "agent"
+    assert would[0]["db"]["statement"] == "SELECT id FROM shadow_orders"
+    failed = [d for d in shadow if d["pooler"]["shadow"]["action"] == "error"]
+    assert failed and "rule error" in failed[0]["event"]["reason"]
+    assert not [d for d in read_lines(sgw.audit) if d["event"]["action"] in ("approval-requested", "statement-masked")]
+
+
+def test_shadow_mode_is_declared_in_the_file_and_reloads_with_it(sgw, tmp_path):
+    rules = tmp_path / "rules"
+    (rules / "50_candidate.star").write_text(CANDIDATE.replace('MODE = "shadow"', 'MODE = "enforce"'))
+    (rules / "60_broken.star").unlink()
+    with psycopg.connect(sgw.dsn(user="admin", dbname="pgbouncer"), autocommit=True) as c:
+        c.execute("RELOAD")
+    with psycopg.connect(sgw.dsn(user="agent"), autocommit=True) as a:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="agents will not read orders"):
+            a.execute("SELECT id FROM shadow_orders")
+    assert {r["file"]: r["mode"] for r in rows(sgw, "RULES")}["rules/50_candidate.star"] == "enforce"
+    reload = wait_docs(lambda: read_lines(sgw.audit), of("rules-reload"))[0]
+    assert reload["pooler"]["rules"]["files"] == ["rules/10_enforced.star", "rules/50_candidate.star"]
