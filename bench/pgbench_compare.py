@@ -5,6 +5,7 @@
         [--modes simple,extended] [--pool-size 8] [--rules DIR | --compare-rules]
     ./dev.sh bench [same options]          # installs what is missing (pgbouncer too) first
     .venv/bin/python bench/pgbench_compare.py --baseline DIR   # + the gateway of another checkout
+    .venv/bin/python bench/pgbench_compare.py --rules rules --audit   # + the same with audit_file on
 
 Starts a throwaway PostgreSQL (pooler.pgcluster.PgCluster), ``pgbench -i -s SCALE`` on database
 ``bench``, the gateway (``python -m pooler run INI``, transaction pooling, trust auth) and, when
@@ -132,7 +133,7 @@ class Target:
 
 
 def start_gateway(pg: PgCluster, workdir: Path, pool_size: int, rules_dir: Path,
-                  repo: Path | None = None) -> GatewayProc:
+                  repo: Path | None = None, extra: dict | None = None) -> GatewayProc:
     db = (f"host={pg.host} port={pg.port} dbname=bench user={pg.superuser} "
           f"password={pg.password}")
     gw = GatewayProc({"bench": db}, settings={
@@ -142,6 +143,7 @@ def start_gateway(pg: PgCluster, workdir: Path, pool_size: int, rules_dir: Path,
         "rules_dir": str(rules_dir),
         "log_connections": 0,
         "log_disconnections": 0,
+        **(extra or {}),
     }, workdir=str(workdir), repo=repo)
     gw.start()
     return gw
@@ -354,6 +356,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--baseline", metavar="DIR",
                     help="add the gateway of another checkout (e.g. `git worktree add DIR REV`) as target "
                          "gateway@base, with the same rules: before/after a change in the same run")
+    ap.add_argument("--audit", action="store_true",
+                    help="also run the (last) gateway with audit_file on, as one more target")
     ap.add_argument("--no-pgbouncer", action="store_true", help="skip PgBouncer even where it is installed")
     ap.add_argument("--pgbouncer", default=None, help="pgbouncer binary (default: $PATH, /usr/sbin, /usr/local/sbin)")
     a = ap.parse_args(argv)
@@ -530,14 +534,16 @@ def main(argv: list[str] | None = None) -> int:
             gw_specs = [("gateway+rules", Path(args.rules).resolve())]
         else:
             gw_specs = [("gateway", empty_rules)]
-        specs = [(name, rules, None) for name, rules in gw_specs]
+        specs = [(name, rules, None, None) for name, rules in gw_specs]
         if args.baseline:
-            specs.insert(1, (f"{gw_specs[0][0]}@base", gw_specs[0][1], Path(args.baseline).resolve()))
-        for name, rules, repo in specs:
+            specs.insert(1, (f"{gw_specs[0][0]}@base", gw_specs[0][1], Path(args.baseline).resolve(), None))
+        if args.audit:  # the same gateway with the audit stream written to a file
+            specs.append((f"{gw_specs[-1][0]}+audit", gw_specs[-1][1], None, {"audit_file": "audit.jsonl"}))
+        for name, rules, repo, extra in specs:
             wd = tmp / name.replace("+", "-").replace("@", "-")
             wd.mkdir()  # no rules/ beside the ini: rules_dir decides
-            log(f"starting {name} (rules_dir = {rules}{f', from {repo}' if repo else ''})")
-            gw = start_gateway(pg, wd, args.pool_size, rules, repo)
+            log(f"starting {name} (rules_dir = {rules}{f', from {repo}' if repo else ''}{f', {extra}' if extra else ''})")
+            gw = start_gateway(pg, wd, args.pool_size, rules, repo, extra)
             started.append(gw)
             targets.append(Target(name, gw.host, gw.port, cpu_pid=gw.proc.pid, proc=gw))
         if pgb_bin:

@@ -35,10 +35,15 @@ _OBSERVER = {"type": "proxy", "product": "pooler", "vendor": "pooler", "version"
 _NORMALIZED: dict[str, tuple[str | None, str | None]] = {}
 
 
+_second: list = [None, ""]  # the last whole second formatted, and its text (strftime costs ~5-10 us)
+
+
 def timestamp(wall: float) -> str:
     """RFC 3339 / ISO 8601 in UTC with milliseconds, as ECS and RFC 5424 both take it."""
-    ms = int(wall * 1000) % 1000
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(wall)) + f".{ms:03d}Z"
+    sec = int(wall)
+    if _second[0] != sec:
+        _second[0], _second[1] = sec, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
+    return f"{_second[1]}.{int(wall * 1000) % 1000:03d}Z"
 
 
 def statement(sql: str) -> tuple[str | None, str | None]:
@@ -85,19 +90,33 @@ def document(action: str, category: list[str], types: list[str], outcome: str, m
     if reason:
         doc["event"]["reason"] = reason
     for key, value in fields.items():
-        value = _pruned(value)
+        if type(value) is dict:
+            value = _pruned(value)
+        elif _empty(value):
+            continue
         if value is not None:
             doc[key] = value
     return doc
 
 
-def _pruned(v):
-    if isinstance(v, dict):
-        out = {k: p for k, x in v.items() if (p := _pruned(x)) is not None}
-        return out or None
-    if v is None or v == "" or v == [] or v == ():
-        return None
-    return v
+_EMPTY_TYPES = (str, list, tuple)
+
+
+def _empty(x) -> bool:
+    return x is None or (not x and type(x) in _EMPTY_TYPES)
+
+
+def _pruned(d: dict) -> dict | None:
+    out = {}
+    for k, x in d.items():
+        if type(x) is dict:
+            x = _pruned(x)
+            if x is None:
+                continue
+        elif x is None or (not x and type(x) in _EMPTY_TYPES):
+            continue
+        out[k] = x
+    return out or None
 
 
 def dumps(doc: dict) -> bytes:

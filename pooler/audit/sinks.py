@@ -67,10 +67,12 @@ class Sink:
                 log.warning("audit %s: queue full (%d events), events are being dropped", self.name, self.q.maxsize)
 
     def stop(self, wait: float = 1.0) -> None:
+        """Deliver what is queued and end, waiting at most ``wait`` seconds (a full queue or a
+        destination that hangs: the daemon thread is left to the process's exit)."""
         try:
-            self.q.put(_STOP, timeout=wait)
+            self.q.put_nowait(_STOP)
         except queue.Full:
-            pass
+            return
         if self._thread.is_alive():
             self._thread.join(wait)
 
