@@ -102,7 +102,7 @@ def test_documents_leave_out_empty_values_and_keep_ecs_basics():
 
 
 def _item(n: int) -> Item:
-    return Item(b'{"n":%d}' % n, 6, "login", "t")
+    return Item(b'{"n":%d}' % n, 6, "login", ecs.timestamp(time.time()))
 
 
 def _wait(pred, timeout: float = 10.0) -> None:
@@ -142,3 +142,39 @@ def test_a_full_queue_drops_and_counts_without_waiting(tmp_path):
     for i in range(10):
         sink.put(_item(i))  # never waits: the queue is full after three
     assert sink.dropped == 7 and sink.q.qsize() == 3
+
+
+def test_syslog_over_tcp_reconnects_when_the_collector_closed_the_connection(tmp_path):
+    import socket
+
+    from pooler.audit.sinks import SyslogSink
+
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(2)
+    lsock.settimeout(10)
+    sink = SyslogSink(f"tcp://127.0.0.1:{lsock.getsockname()[1]}", 16, queue_size=10)
+    sink.start()
+    try:
+        sink.put(_item(1))
+        first, _ = lsock.accept()
+        first.settimeout(10)
+        got = b""
+        while not got.endswith(b'{"n":1}'):
+            got += first.recv(4096)
+        first.close()  # the collector restarts
+        _wait(lambda: sink.sent == 1)
+        sink.put(_item(2))  # noticed before writing: a new connection, nothing lost
+        second, _ = lsock.accept()
+        second.settimeout(10)
+        got = b""
+        while not got.endswith(b'{"n":2}'):
+            got += second.recv(4096)
+        n, _, msg = got.partition(b" ")
+        assert int(n) == len(msg) and RFC5424.match(msg)
+        _wait(lambda: sink.sent == 2)
+        assert sink.failed == 0
+        second.close()
+    finally:
+        sink.stop()
+        lsock.close()

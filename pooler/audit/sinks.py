@@ -234,6 +234,8 @@ class SyslogSink(Sink):
         pause = RETRY_PAUSE
         for attempt in range(self.retries + 1):
             try:
+                if self._sock is not None and self._stream and _peer_closed(self._sock):
+                    self.close()  # the collector went away since the last chunk: a new connection
                 if self._sock is None:
                     self._connect()
                 if self._stream:
@@ -320,6 +322,17 @@ class HttpSink(Sink):
                 pause = min(pause * 2, MAX_PAUSE)
         self.failed += len(items)
         self._warn(f"{self.url}: {why}; a batch of {len(items)} event(s) not delivered after {self.retries + 1} tries")
+
+
+def _peer_closed(s: socket.socket) -> bool:
+    """A stream whose peer has closed it (or reset it): writing would lose the first chunk in
+    the kernel's buffer before the error shows, so look first (the collector never writes)."""
+    try:
+        return s.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
 
 
 _HOSTNAME = socket.gethostname()
