@@ -116,6 +116,7 @@ class Gateway:
             self.audit.start()
         if self.metrics is not None:
             self.metrics.start(cfg.metrics_listen)
+        await self.approvals.start()
         if self.approvals_http is not None:
             try:
                 await self.approvals_http.start(cfg.approvals_listen)
