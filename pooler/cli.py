@@ -32,8 +32,11 @@ def cmd_run(args: argparse.Namespace) -> int:
             log.error("configuration error: %s", e)
             raise SystemExit(1)
         if gw.policy is not None:
-            log.info("rules loaded from %s: %d file(s), version %s, default_action=%s",
-                     cfg.rules_path(), len(gw.policy.rules.files), gw.policy.rules.version, cfg.default_action)
+            shadow = [rf.name for rf in gw.policy.rules.files if rf.mode == "shadow"]
+            log.info("rules loaded from %s: %d file(s)%s, version %s, default_action=%s",
+                     cfg.rules_path(), len(gw.policy.rules.files),
+                     f" ({len(shadow)} in shadow mode, never enforced: {', '.join(shadow)})" if shadow else "",
+                     gw.policy.rules.version, cfg.default_action)
         await gw.start()
         gw.install_signal_handlers()
         await gw.stopped.wait()
@@ -99,6 +102,8 @@ def cmd_rules(args: argparse.Namespace) -> int:
                 problems += 1
             if rf.frozen is None:
                 print(f"{rf.name}: note: defines no on_statement(stmt, session); it has no effect")
+            elif rf.mode == "shadow":
+                print(f"{rf.name}: note: MODE = \"shadow\": decided, counted and audited, never enforced")
         print(f"{len(rs.files)} rule file(s) compiled, {len(rs.tests)} test case(s) found, {problems} lint warning(s)")
         return 0
     results = run_rule_tests(rs)

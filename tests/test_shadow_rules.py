@@ -82,6 +82,8 @@ def test_shadow_decisions_are_counted_logged_and_audited_but_never_enforced(sgw,
     assert value(m, "pooler_decisions_total", rule="rules/10_enforced.star", action="deny") == 1
 
     log = sgw.wait_log("shadow rule failed (not enforced): rules/60_broken.star")
+    assert ("3 file(s) (2 in shadow mode, never enforced: rules/50_candidate.star, rules/60_broken.star)"
+            in log)  # the start's line
     assert "shadow: rules/50_candidate.star would deny (enforced: allow)" in log
 
     shadow = wait_docs(lambda: read_lines(sgw.audit), of("shadow-decision"), n=6)

@@ -82,3 +82,20 @@ def test_mode_must_be_enforce_or_shadow(tmp_path):
     p = policy_from(tmp_path, {"50_x.star": 'MODE = "enforce"\n' + ENFORCED.replace("DROP TABLE", "DELETE")})
     assert p.decide("DELETE FROM t", AGENT).decision.action == "deny"
     assert [rf.mode for rf in p.rules.files] == ["enforce"]
+
+
+def test_pooler_rules_check_names_the_shadow_files(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.test_rules_unit import REPO
+
+    d = tmp_path / "rules"
+    d.mkdir()
+    (d / "50_candidate.star").write_text(SHADOW_DENY_DELETES)
+    (d / "10_enforced.star").write_text(ENFORCED)
+    r = subprocess.run([sys.executable, "-m", "pooler", "rules", "check", str(d)], capture_output=True, text=True,
+                       cwd=REPO)
+    assert r.returncode == 0, r.stderr
+    assert 'rules/50_candidate.star: note: MODE = "shadow": decided, counted and audited, never enforced' in r.stdout
+    assert "10_enforced.star: note" not in r.stdout
