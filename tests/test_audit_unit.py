@@ -178,3 +178,35 @@ def test_syslog_over_tcp_reconnects_when_the_collector_closed_the_connection(tmp
     finally:
         sink.stop()
         lsock.close()
+
+
+def test_syslog_to_a_stream_unix_socket_uses_octet_counting(tmp_path):
+    import socket
+
+    from pooler.audit.sinks import SyslogSink
+
+    path = tmp_path / "log.sock"
+    lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # a collector listening on a stream socket
+    lsock.bind(str(path))
+    lsock.listen(1)
+    lsock.settimeout(10)
+    sink = SyslogSink(f"unix:{path}", 16, queue_size=10)
+    sink.start()
+    try:
+        sink.put(_item(1))
+        sink.put(_item(2))
+        conn, _ = lsock.accept()
+        conn.settimeout(10)
+        got = b""
+        while not got.endswith(b'{"n":2}'):
+            got += conn.recv(4096)
+        msgs = []
+        while got:
+            n, _, rest = got.partition(b" ")
+            msgs.append(rest[: int(n)])
+            got = rest[int(n):]
+        assert [RFC5424.match(m).group(6) for m in msgs] == [b'{"n":1}', b'{"n":2}']
+        conn.close()
+    finally:
+        sink.stop()
+        lsock.close()
