@@ -105,8 +105,8 @@ class Audit(Observer):
 
     @staticmethod
     def _statement(kind: str, sql: str, decision) -> dict:
-        text, fp = ecs.statement(sql) if sql else (None, None)
-        return {"statement": text, "protocol": "simple" if kind == "Q" else "extended", "fingerprint": fp}
+        """How the statement came (its normalized text is ``db.statement``)."""
+        return {"protocol": "simple" if kind == "Q" else "extended", "fingerprint": ecs.statement(sql)[1] if sql else None}
 
     def _ruleset(self) -> str | None:
         p = self.gw.policy
