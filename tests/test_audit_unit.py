@@ -90,6 +90,10 @@ def test_statements_are_normalized_so_no_constant_leaves():
     assert ecs.statement("SELECT * FROM t WHERE ssn = '123-45-6789'")[0] == "SELECT * FROM t WHERE ssn = $1"
     assert ecs.statement("SELEKT password 'x'") == (None, None)  # unparseable: no text at all
     assert ecs.statement("SELECT 1 WHERE id = 2")[1] == ecs.statement("SELECT 1 WHERE id = 3")[1]
+    long = "SELECT " + ", ".join(f"col_{i}" for i in range(2000)) + " FROM t"
+    text = ecs.statement(long)[0]
+    assert text.startswith("SELECT col_0, col_1") and len(text) < ecs.STATEMENT_MAX + 40
+    assert text.endswith(f" …[{len(long) - ecs.STATEMENT_MAX} more characters]")
 
 
 def test_documents_leave_out_empty_values_and_keep_ecs_basics():

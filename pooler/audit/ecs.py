@@ -46,13 +46,20 @@ def timestamp(wall: float) -> str:
     return f"{_second[1]}.{int(wall * 1000) % 1000:03d}Z"
 
 
+STATEMENT_MAX = 4096  # characters of statement text in a document (a syslog datagram holds ~64 KB)
+
+
 def statement(sql: str) -> tuple[str | None, str | None]:
     """(normalized text, fingerprint) of a statement; (None, None) when it cannot be parsed (the
-    raw text is never used instead: it could hold a secret)."""
+    raw text is never used instead: it could hold a secret). Text past STATEMENT_MAX characters
+    is cut and ends with `` …[N more characters]``."""
     got = _NORMALIZED.get(sql)
     if got is None:
         try:
-            got = (normalize(sql), fingerprint(sql))
+            text = normalize(sql)
+            if len(text) > STATEMENT_MAX:
+                text = f"{text[:STATEMENT_MAX]} …[{len(text) - STATEMENT_MAX} more characters]"
+            got = (text, fingerprint(sql))
         except (ParseError, ValueError, TypeError):
             got = (None, None)
         if len(_NORMALIZED) >= 2000:

@@ -250,6 +250,8 @@ class SyslogSink(Sink):
             except OSError as e:
                 self.close()
                 why = e.strerror or str(e)
+                if e.errno == errno.EMSGSIZE:
+                    break  # a datagram too large never fits: not tried again
                 if attempt < self.retries:
                     time.sleep(pause)
                     pause = min(pause * 2, MAX_PAUSE)
