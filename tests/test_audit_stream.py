@@ -78,6 +78,14 @@ def test_every_kind_of_event_is_written_to_the_audit_file(pg, people, gw_factory
         c.execute(f"APPROVE {req['pooler']['approval']['id']}")
         job.join(30)
         assert held == [2]
+        refused: list = []
+        job = threading.Thread(target=lambda: refused.append(_refusal(g, "UPDATE audit_people SET id = id + 0")),
+                               daemon=True)
+        job.start()
+        second = wait_docs(docs, of("approval-requested"), n=2)[1]
+        c.execute(f"DENY {second['pooler']['approval']['id']} 'too broad'")
+        job.join(30)
+        assert refused and "too broad" in refused[0]
         c.execute("SET default_pool_size = 7")
         c.execute("SET mask_hash_key = 'topsecret-key-material'")
         with pytest.raises(psycopg.Error):
@@ -125,6 +133,13 @@ def test_every_kind_of_event_is_written_to_the_audit_file(pg, people, gw_factory
     assert masked["pooler"]["masks"] == [{"column": "public.audit_people.email", "method": "email"}]
     assert masked["db"]["statement"] == "SELECT email FROM audit_people" and masked["event"]["reason"] == "personal data"
 
+    denied_req = by["approval-decided"][1]
+    assert denied_req["pooler"]["approval"]["state"] == "denied" and denied_req["event"]["outcome"] == "failure"
+    assert denied_req["pooler"]["approval"]["decided_by"] == "admin" and denied_req["event"]["reason"] == "too broad"
+    assert denied_req["event"]["type"] == ["end", "denied"]
+    told = next(d for d in by["statement-denied"] if "too broad" in d["error"]["message"])  # what the agent got
+    assert told["rule"]["name"] == "rules/10_audit.star" and told["pooler"]["decision"]["action"] == "require_approval"
+    assert told["db"]["statement"] == "UPDATE audit_people SET id = id + $1"
     decided = by["approval-decided"][0]
     assert decided["pooler"]["approval"]["state"] == "approved"
     assert decided["pooler"]["approval"]["decided_by"] == "admin" and decided["event"]["outcome"] == "success"
@@ -151,6 +166,15 @@ def test_every_kind_of_event_is_written_to_the_audit_file(pg, people, gw_factory
     for secret in (PASSWORD, "wrong-password", "topsecret-key-material", "hunter2-never-logged"):
         assert secret not in text
     assert oct(audit.stat().st_mode & 0o777) == "0o600"
+
+
+def _refusal(g, sql: str) -> str:
+    with psycopg.connect(g.dsn(user="agent", password=PASSWORD), autocommit=True) as a:
+        try:
+            a.execute(sql)
+        except psycopg.Error as e:
+            return str(e)
+    return ""
 
 
 def _run(g, sql: str) -> int:

@@ -6,8 +6,9 @@ Rules this module keeps:
 - On the loop it only builds a document, serializes it (orjson) and puts it on each
   destination's bounded queue: no I/O, no waiting. Allowed statements are not audited (the
   ``decided`` handler returns at once for them): the stream is for what a security team acts on.
-- A denial is one document: the rule's decision (``decided``) is kept until the refusal that
-  answers it (``refused``), which adds the SQLSTATE and the message the client got. Refusals
+- A denial is one document: the rule's decision (``decided``), or a held statement's request
+  that ended without approval (``hold_ended``), is kept until the refusal that answers it
+  (``refused``), which adds the SQLSTATE and the message the client got. Refusals
   the gateway makes without a rule (FunctionCall, COPY of masked columns, ...) are denials too,
   attributed to ``rule.name = "gateway"``.
 - Trusted (called without the hub's guard, so the hot path pays one Python call for
@@ -25,6 +26,7 @@ from ..audit import ecs
 from ..audit.ecs import INFO, NOTICE, WARNING
 from ..audit.sinks import FileSink, HttpSink, Item, Sink, SyslogSink
 from ..audit.syslog import FACILITIES
+from ..policy.rules import Decision
 from .events import Observer
 
 log = logging.getLogger("pooler.audit")
@@ -218,6 +220,8 @@ class Audit(Observer):
                                    "reviewers": [who for who, _ in r.approvals], "outcome": r.outcome,
                                    "grant": r.grant_id, "waited": round(max(0.0, r.decided_at - r.created), 3)}
         approved = r.state == "approved"
+        if not approved:  # the refusal its client gets next is this rule's denial
+            self._denied[s] = ("Q" if r.route == "simple" else "P", r.sql, Decision("require_approval", r.reason, r.rule))
         by = f" by {r.decided_by}" if r.decided_by else ""
         self.emit(ecs.document("approval-decided", ["database"], ["end", "allowed" if approved else "denied"],
                                "success" if approved else "failure", f"approval {r.id} {r.state}{by}",
