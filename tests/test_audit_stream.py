@@ -129,6 +129,8 @@ def test_every_kind_of_event_is_written_to_the_audit_file(pg, people, gw_factory
     role = next(d for d in by["statement-denied"] if d["event"]["reason"] == "no role changes")
     assert "hunter2" not in role["db"]["statement"]
 
+    bye = next(d for d in by["logout"] if d["pooler"]["session"]["application_name"] == "nightly")
+    assert bye["pooler"]["masked_values"] == [{"column": "public.audit_people.email", "method": "email", "values": 2}]
     masked = by["statement-masked"][0]
     assert masked["pooler"]["masks"] == [{"column": "public.audit_people.email", "method": "email"}]
     assert masked["db"]["statement"] == "SELECT email FROM audit_people" and masked["event"]["reason"] == "personal data"

@@ -69,6 +69,7 @@ class Audit(Observer):
         self.gw = gw
         self.sinks = sinks
         self._denied: dict[object, tuple[str, str, object]] = {}  # session -> (kind, sql, decision) awaiting its refusal
+        self._masked: dict[object, dict[tuple[str, str], int]] = {}  # session -> (column, method) -> values masked
 
     # -- delivery
 
@@ -137,12 +138,26 @@ class Audit(Observer):
                                severity=WARNING, reason=reason, **f))
 
     @_guarded
+    def masked(self, s, report) -> None:
+        per = self._masked.get(s)
+        if per is None:
+            per = self._masked[s] = {}
+        for column, method, n in report:
+            if n:
+                per[(column, method)] = per.get((column, method), 0) + n
+
+    @_guarded
     def logout(self, s, reason: str) -> None:
         self._denied.pop(s, None)
+        masked = self._masked.pop(s, None)
         if not s.user:
             return  # never logged in (a failed login was told already)
+        f = self._who(s)
+        if masked:  # what the session was shown masked, in total
+            f["pooler"]["masked_values"] = [{"column": c, "method": m, "values": n}
+                                            for (c, m), n in sorted(masked.items())]
         self.emit(ecs.document("logout", ["session"], ["end"], "success", f"{s.user} left {s.database}: {reason}",
-                               reason=reason, **self._who(s)))
+                               reason=reason, **f))
 
     # -- statements
 
