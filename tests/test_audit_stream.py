@@ -16,7 +16,12 @@ import pytest
 from tests.audit_helpers import HttpReceiver, SyslogReceiver, action, of, read_lines, wait_docs
 from tests.conftest import upstream_entry
 from tests.gwproc import free_port
+from tests import test_identity_e2e as identity
+from tests.test_identity_e2e import tls_dsn
 from tests.test_metrics import scrape, value
+
+# the token-login fixtures of tests/test_identity_e2e.py (an identity provider, TLS, its gateway)
+idp, certs, rules_dir, table, jgw = identity.idp, identity.certs, identity.rules_dir, identity.table, identity.jgw
 
 RULES = '''
 def on_statement(stmt, session):
@@ -295,3 +300,22 @@ def test_a_receiver_that_stays_down_costs_counted_drops_and_sessions_go_on(gw_fa
         assert "audit http: queue full" in g.wait_log("audit http: queue full")
     finally:
         rx.close()
+
+
+def test_token_logins_are_audited_with_the_tokens_groups_and_never_the_token(jgw, idp, tmp_path):
+    audit = tmp_path / "jwt-audit.jsonl"
+    g = jgw(audit_file=str(audit))
+    good = idp.token(sub="agent-7", groups=["agents", "writers"])
+    with psycopg.connect(tls_dsn(g, "agent-7", good), autocommit=True) as a:
+        a.execute("SELECT 1")
+    expired = idp.token(sub="agent-7", ttl=-120)
+    with pytest.raises(psycopg.OperationalError):
+        psycopg.connect(tls_dsn(g, "agent-7", expired))
+    login = wait_docs(lambda: read_lines(audit), of("login"))[0]
+    assert login["user"] == {"name": "agent-7", "roles": ["agents", "writers"]}
+    assert login["pooler"]["session"]["auth_method"] == "jwt" and login["tls"] == {"established": True}
+    failed = wait_docs(lambda: read_lines(audit), of("login-failed"))[0]
+    assert failed["event"]["reason"] == "token has expired" and failed["user"]["name"] == "agent-7"
+    text = audit.read_text()
+    for token in (good, expired):
+        assert token not in text and token.split(".")[2] not in text
