@@ -67,6 +67,7 @@ class Gateway:
         self.clock = time.monotonic()  # advanced every second by the janitor (interfaces.PoolHost)
         self.stopped = asyncio.Event()
         self._signals_seen = 0
+        self.rules_failed = False  # the last reload's rules did not load (RELOAD answers F0000)
         self.unix_path: str | None = None
         self.limits_in_use = self._limits_in_use(config)
         self.policy: Policy | None = load_policy(config)
@@ -139,15 +140,29 @@ class Gateway:
         log.info("%s received: %s", how,
                  "waiting for servers to finish their transactions" if how == "SIGINT"
                  else "waiting for clients to disconnect")
-        for s in self.listeners:
-            s.close()
+        # as PgBouncer: TCP listeners close (new connections are refused); the Unix socket
+        # stays, so an operator can still reach the console, and a client that is not the
+        # console's is told "pooler is shutting down" (login.py)
+        for srv in self.listeners:
+            if any(sock.family in (socket.AF_INET, socket.AF_INET6) for sock in srv.sockets or ()):
+                srv.close()
+        if how == "SIGINT":
+            # WAIT_FOR_SERVERS is PgBouncer's PAUSE: idle servers close, servers close when
+            # their transactions end, and a client that needs a server (a new transaction, or
+            # waiting for one already) is disconnected with "server shutting down"
+            self.pause_mode = "pause"
+            for p in self.pools.values():
+                p.paused = True
+                p.close_all("server shutting down")
+                for c in list(p.waiters):
+                    c.fatal("08P01", "server shutting down")
         self._check_stopped()
 
     def _check_stopped(self) -> None:
         if self.stopping is None:
             return
         if self.stopping == "SIGINT":
-            busy = any(p.active for p in self.pools.values())
+            busy = any(p.active or p.connecting for p in self.pools.values())
         else:
             busy = any(not c.console for c in self.clients)  # console sessions do not hold it up
         if not busy:
@@ -204,7 +219,11 @@ class Gateway:
         except config_mod.ConfigError as e:
             log.error("reload failed, keeping the running configuration: %s", e)
             return False
-        return self._apply(new, reload_rules=True)
+        self.rules_failed = False
+        # rules that do not load fail the RELOAD too (as PgBouncer's RELOAD fails when its TLS
+        # files do, the settings applied): the console must not say RELOAD over a rule set
+        # that did not change
+        return self._apply(new, reload_rules=True) and not self.rules_failed
 
     def set_setting(self, key: str, value: str) -> str | None:
         """The console's SET: the running config with one setting changed, applied as a reload
@@ -237,6 +256,7 @@ class Gateway:
                 policy = load_policy(new)
             except RuleLoadError as e:
                 log.error("rules not reloaded, the running rule set keeps serving: %s", e)
+                self.rules_failed = True
                 policy = self.policy
                 if self.metrics is not None:
                     self.metrics.rule_reloads.labels("failed").inc()
@@ -286,8 +306,6 @@ class Gateway:
     # ------------------------------------------------------------------ clients
 
     def client_arrived(self, c: ClientSession) -> bool:
-        if self.stopping is not None:
-            return False
         if self.config.max_client_conn and len(self.clients) >= self.config.max_client_conn:
             log.warning("max_client_conn (%d) reached, refusing %s", self.config.max_client_conn, c.addr)
             return False
@@ -493,11 +511,15 @@ class Gateway:
                 continue
             p.paused = True
             for c in list(self.clients):
-                if c.pool is p and not c.closed:
+                if c.pool is p and not c.closed:  # active, waiting and logging-in clients alike
                     c.fatal("08P01", "database removed")
             p.close_all("database removed")
-            for srv in p.servers():
+            for srv in p.servers() + list(p.logging_in):
                 srv.close("database removed")
+            # the pool is gone (as PgBouncer's kill_pool frees it): SHOW POOLS no longer lists
+            # it; the next login makes a new one, paused until RESUME
+            p.obsolete = True
+            del self.pools[key]
 
     def kill_client(self, ident: int) -> bool:
         for c in self.clients:
