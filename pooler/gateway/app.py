@@ -603,6 +603,13 @@ class Gateway:
             self.approvals.withdraw(c.held, "canceled by the client")
             return
         srv = c.server
+        if srv is None and c.waiting and c.pool is not None:
+            # waiting for a server: nothing was sent, so the request is dropped and fails as
+            # PostgreSQL fails a cancelled statement (PgBouncer ignores this cancel: the
+            # statement would run once a server comes, however late)
+            c.pool.cancel_wait(c)
+            c.server_unavailable("57014", "canceling statement due to user request")
+            return
         if srv is None or not srv.queue:
             return  # nothing of this client is running: nothing to cancel
         self.send_cancel(srv)
