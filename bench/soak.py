@@ -134,12 +134,13 @@ class Load:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
 
-    def error(self, e: BaseException) -> None:
+    def error(self, e: BaseException, kind: str = "connect") -> None:
+        what = f"{kind}: {classify(e)}"
         if self.window is not None:
-            self.window.errors[classify(e)] += 1
-            self.fault_errors[classify(e)] += 1
+            self.window.errors[what] += 1
+            self.fault_errors[what] += 1
         else:
-            self.unexpected[classify(e)] += 1
+            self.unexpected[what] += 1
 
     def ok(self, i: int, kind: str, t0: float) -> None:
         now = time.monotonic()
@@ -192,8 +193,8 @@ class Load:
                         continue
                     self.ok(i, kind, t0)
                 except Exception as e:  # noqa: BLE001 - counted
-                    self.error(e)
-                    if kind == "write" and not conn.is_closed() and not conn.is_in_transaction():
+                    self.error(e, kind)
+                    if kind in ("write", "disconnect") and not conn.is_closed() and not conn.is_in_transaction():
                         # asyncpg keeps its transaction marker when BEGIN itself fails on a
                         # connection that stays open (every later transaction() would send
                         # SAVEPOINT and fail): start over on a new connection, as an
