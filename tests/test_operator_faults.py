@@ -268,3 +268,19 @@ def test_show_servers_lists_a_server_still_logging_in_as_new(pg, gw_factory):
         for s in accepted:
             s.close()
         mute.close()
+
+
+def test_server_states_are_pgbouncers_list_names():
+    """SHOW SERVERS' state for each state a server connection can be in (PgBouncer 1.25's
+    list names; the "used" and "being_canceled" moments are too short to catch end to end)."""
+    from types import SimpleNamespace
+
+    from pooler.gateway.server import S_ACTIVE, S_CONNECTING, S_IDLE, S_LOGIN, ServerConn
+
+    def state(st, client=None, parked=False):
+        return ServerConn.state_name(SimpleNamespace(state=st, client=client, parked=parked))
+    assert state(S_CONNECTING) == state(S_LOGIN) == "new"
+    assert state(S_IDLE) == "idle"
+    assert state(S_ACTIVE, client=object()) == "active"
+    assert state(S_ACTIVE) == "used"  # linked to nobody, not back in the pool (resetting)
+    assert state(S_ACTIVE, parked=True) == "being_canceled"
