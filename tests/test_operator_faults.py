@@ -197,7 +197,7 @@ def test_shutdown_wait_for_clients_with_idle_and_busy_clients(ugw):
     assert idle.execute("SELECT 5").fetchone() == (5,)
     idle.close()
     assert g.proc.wait(10) == 0
-    assert "waiting for clients to disconnect" in g.log()
+    assert "waiting for clients to disconnect" in g.log() and "client connections dropped, exiting" in g.log()
 
 
 def test_shutdown_wait_for_servers_lets_transactions_finish_and_disconnects_the_rest(pg, gw_factory, tmp_path):
@@ -231,6 +231,7 @@ def test_shutdown_wait_for_servers_lets_transactions_finish_and_disconnects_the_
         busy.execute("COMMIT")  # the last server is released, closes: the gateway exits
         assert g.proc.wait(10) == 0
         assert "waiting for servers to finish their transactions" in g.log()
+        assert "server connections dropped, exiting" in g.log()
     finally:
         for conn in (busy, idle, waiting, c):
             conn.close()

@@ -166,6 +166,7 @@ class Gateway:
         else:
             busy = any(not c.console for c in self.clients)  # console sessions do not hold it up
         if not busy:
+            log.info("%s connections dropped, exiting", "server" if self.stopping == "SIGINT" else "client")
             self._finish()
 
     def _finish(self) -> None:
