@@ -237,6 +237,20 @@ def test_shutdown_wait_for_servers_lets_transactions_finish_and_disconnects_the_
             conn.close()
 
 
+def test_shutdown_while_suspended_goes_down_at_once(cgw):
+    """Every socket is paused under SUSPEND: a waiting shutdown could never finish, so it stops
+    at once, as PgBouncer does."""
+    with psycopg.connect(cgw.dsn(), autocommit=True) as a, console(cgw) as c:
+        a.execute("SELECT 1")
+        assert c.execute("SUSPEND").statusmessage == "SUSPEND"
+        try:
+            c.execute("SHUTDOWN WAIT_FOR_CLIENTS")
+        except psycopg.OperationalError:
+            pass  # the process may be gone before the answer
+        assert cgw.proc.wait(10) == 0
+    assert "suspend was in progress, going down immediately" in cgw.log()
+
+
 def test_show_servers_lists_a_server_still_logging_in_as_new(pg, gw_factory):
     """An upstream that accepts the connection and never answers the startup packet: its
     server stays in login, as PgBouncer's new_server_list (SHOW SERVERS state "new")."""

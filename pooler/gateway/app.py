@@ -136,6 +136,12 @@ class Gateway:
             log.info("%s again: shutting down immediately", how)
             self._finish()
             return
+        if self.pause_mode == "suspend":
+            # every socket is paused: nothing would ever finish (PgBouncer dies here too)
+            log.info("%s received: suspend was in progress, going down immediately", how)
+            self.stopping = how
+            self._finish()
+            return
         self.stopping = how
         log.info("%s received: %s", how,
                  "waiting for servers to finish their transactions" if how == "SIGINT"
