@@ -42,7 +42,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     with asyncio.Runner(loop_factory=new_event_loop) as runner:
         try:
             runner.run(main())
-        except OSError as e:
+        except (OSError, RuntimeError) as e:
             log.error("could not start: %s", e)
             return 1
     return 0

@@ -501,7 +501,8 @@ class ServerConn(asyncio.Protocol):
             end = pos + 1 + length
             if t == T_DATAROW or t == T_COPYDATA:
                 if plan is not None and t == T_DATAROW:
-                    # a masked result: rewrite whole rows, one at a time
+                    # a masked result: rewrite whole rows, every complete one that follows in one
+                    # call (RowPlan.rewrite_run, compiled where built)
                     if end > n or length < 4:
                         if length < 4:
                             self._protocol_violation("invalid message length from server")
@@ -513,11 +514,12 @@ class ServerConn(asyncio.Protocol):
                         out = []
                     out.append(data[fwd:pos])
                     try:
-                        out.append(plan.rewrite(data, pos, end))
+                        rows, pos = plan.rewrite_run(data, pos, n)
                     except Exception as e:  # noqa: BLE001 - MaskingError, or a malformed row
                         self._masking_failed(client, str(e) if isinstance(e, MaskingError) else "malformed DataRow")
                         return
-                    pos = fwd = end
+                    out.append(rows)
+                    fwd = pos
                     continue
                 if end > n:
                     if length < 4:
