@@ -613,10 +613,11 @@ class Gateway:
             self.approvals.withdraw(c.held, "canceled by the client")
             return
         srv = c.server
-        if srv is None and c.waiting and c.pool is not None:
-            # waiting for a server: nothing was sent, so the request is dropped and fails as
-            # PostgreSQL fails a cancelled statement (PgBouncer ignores this cancel: the
-            # statement would run once a server comes, however late)
+        if srv is None and c.waiting and c.pool is not None and c in c.pool.waiters:
+            # waiting for a server (not for masking's catalog: that wait ends by itself):
+            # nothing was sent, so the request is dropped and fails as PostgreSQL fails a
+            # cancelled statement (PgBouncer ignores this cancel: the statement would run once
+            # a server comes, however late)
             c.pool.cancel_wait(c)
             c.server_unavailable("57014", "canceling statement due to user request")
             return
