@@ -299,3 +299,23 @@ def test_server_states_are_pgbouncers_list_names():
     assert state(S_ACTIVE, client=object()) == "active"
     assert state(S_ACTIVE) == "used"  # linked to nobody, not back in the pool (resetting)
     assert state(S_ACTIVE, parked=True) == "being_canceled"
+
+
+def test_the_gateway_raises_its_file_descriptor_limit_for_max_client_conn(pg, gw_factory):
+    """Started with a soft limit of 1,024 (a common default) and max_client_conn = 5000: the
+    gateway raises its own soft limit (the hard one allows it) and logs the figures, as
+    PgBouncer logs them."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 6000:
+        pytest.skip(f"hard file descriptor limit {hard} < 6000")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))
+    try:
+        g = gw_factory(settings={"max_client_conn": "5000"}, databases={"postgres": upstream_entry(pg)})
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    limits = open(f"/proc/{g.proc.pid}/limits").read()
+    got = int(next(line for line in limits.splitlines() if line.startswith("Max open files")).split()[3])
+    assert got >= 5000 + 5
+    assert f"kernel file descriptor limit: {got} (hard: {hard}); max_client_conn: 5000" in g.log()

@@ -6,6 +6,7 @@ import asyncio
 import collections
 import logging
 import os
+import resource
 import secrets
 import signal
 import socket
@@ -85,6 +86,7 @@ class Gateway:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         cfg = self.config
+        self._raise_fd_limit()
         if cfg.listen_addr:
             for addr in [a.strip() for a in cfg.listen_addr.split(",") if a.strip()]:
                 host = None if addr == "*" else addr
@@ -121,6 +123,29 @@ class Gateway:
             where.append(self.unix_path)
         log.info("listening on %s (pool_mode=%s, auth_type=%s)", ", ".join(where), cfg.pool_mode,
                  cfg.auth_type)
+
+    def _raise_fd_limit(self) -> None:
+        """Every client and server is a file descriptor: raise the soft RLIMIT_NOFILE towards
+        what max_client_conn and the pools may use (up to the hard limit), and log the figures
+        as PgBouncer does (a limit too low shows as refused accepts, not as an error)."""
+        cfg = self.config
+        users = len(set(cfg.auth_users) | set(cfg.users)) or 1
+        need = cfg.max_client_conn + 64 + sum(
+            (d.pool_size if d.pool_size is not None else cfg.default_pool_size) * (1 if d.user else users)
+            for d in cfg.databases.values())
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != resource.RLIM_INFINITY and soft < need:
+            new = need if hard == resource.RLIM_INFINITY else min(need, hard)
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+                soft = new
+            except (ValueError, OSError) as e:
+                log.warning("could not raise the file descriptor limit to %d: %s", new, e)
+        log.info("kernel file descriptor limit: %d (hard: %d); max_client_conn: %d, max expected fd use: %d",
+                 soft, hard, cfg.max_client_conn, need)
+        if soft != resource.RLIM_INFINITY and soft < need:
+            log.warning("the file descriptor limit (%d) is below what max_client_conn and the pools may use (%d): "
+                        "raise the hard limit (ulimit -Hn, LimitNOFILE=)", soft, need)
 
     def install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()
