@@ -1,5 +1,5 @@
 """Command line: ``pooler run CONFIG``, ``pooler demo``, ``pooler token``, ``pooler rules``,
-``pooler approvals`` (cli_approvals.py)."""
+``pooler approvals`` (cli_approvals.py), ``pooler recordings`` (cli_recordings.py)."""
 
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     with asyncio.Runner(loop_factory=new_event_loop) as runner:
         try:
             runner.run(main())
-        except OSError as e:
+        except (OSError, RuntimeError) as e:
             log.error("could not start: %s", e)
             return 1
     return 0
@@ -138,5 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     from .cli_approvals import add_parser as add_approvals
 
     add_approvals(sub)
+    from .cli_recordings import add_parser as add_recordings
+
+    add_recordings(sub)
     args = p.parse_args(argv)
     return args.func(args)
