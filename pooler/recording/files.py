@@ -133,9 +133,8 @@ def read_lines(path: Path) -> tuple[list[bytes], str | None]:
         with open(path, "rb") as f:
             data = f.read()
         try:
-            raw = zstandard.ZstdDecompressor().decompressobj().decompress(data)
             d = zstandard.ZstdDecompressor().decompressobj()
-            d.decompress(data)
+            raw = d.decompress(data)
             if not d.eof:
                 problem = "compressed stream cut short (zstd frame incomplete)"
         except zstandard.ZstdError as e:
