@@ -67,6 +67,7 @@ class Writer:
         self._size = 0
         self._opened_at = 0.0
         self._opened_mono = 0.0
+        self._before_open = (GENESIS, 0)  # the chain and sequence before the file now open
         self._in_file = 0
         self._seq = 0
         self._prev = GENESIS
@@ -223,12 +224,19 @@ class Writer:
         if not self._logged_failure:
             log.error("recordings cannot be written: %s", why)
             self._logged_failure = True
-        # drop the file: the next attempt opens a new one (the chain goes on from the last record written)
+        # drop the file: the next attempt opens a new one (the chain goes on from the last record
+        # written); a file that got no record but its header is removed, as if never opened
         if self._fd is not None:
             try:
                 os.close(self._fd)
             except OSError:
                 pass
+            if self._in_file <= 1 and self._path is not None:
+                try:
+                    os.unlink(self._path)
+                except OSError:
+                    pass
+                self._prev, self._seq = self._before_open
         self._fd = None
         self._path = None
 
@@ -246,9 +254,14 @@ class Writer:
         now = time.time()
         day = self.root / day_of(now)
         day.mkdir(exist_ok=True)
+        self._before_open = (self._prev, self._seq)
         self._seq += 1
         path = day / file_name(self._seq, now)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o640)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o640)
+        except OSError:
+            self._seq -= 1
+            raise
         self._fd, self._path, self._size, self._in_file = fd, path, 0, 0
         self._ino = os.fstat(fd).st_ino
         self._opened_at = now
