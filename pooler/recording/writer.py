@@ -159,45 +159,54 @@ class Writer:
             self._failed(e, 0)
 
     def _write(self, lines: list[bytes]) -> None:
+        """Seal and write ``lines``; a file that reaches record_rotate_size is closed in the
+        middle of the chunk and the rest goes to the next one."""
+        done = 0  # records of ``lines`` written
+        gap = 1 if self._gap else 0  # a gap record goes first
         try:
             if self._fd is None:
                 self._open()
             else:
                 self._check_path()
-            if self._gap:
-                gap = encode({"t": "gap", "ts": round(time.time(), 6), "lost": self._gap, "reason": self._gap_reason})
-                lines = [gap] + lines
-            prev = self._prev
-            out = []
-            for body in lines:
-                h = link(prev, body, self.key)
-                out.append(seal(body, h))
-                prev = h
-            data = b"".join(out)
-            self._write_all(data)
-        except OSError as e:
-            self._failed(e, len(lines) - (1 if self._gap else 0))
-            return
-        self._prev = prev
-        self._size += len(data)
-        self._in_file += len(lines)
-        self.records += len(lines)
-        self.bytes += len(data)
-        if self._gap:
-            log.warning("recordings: writing again to %s after losing %d record(s)", self._path, self._gap)
-        self._gap = 0
-        self._gap_reason = ""
-        if self.failing is not None:
-            self.failing = None
-            self._logged_failure = False
-        try:
+            if gap:
+                lines = [encode({"t": "gap", "ts": round(time.time(), 6), "lost": self._gap,
+                                 "reason": self._gap_reason})] + lines
+            while True:
+                prev, size, out = self._prev, self._size, []
+                j = done
+                while j < len(lines):
+                    h = link(prev, lines[j], self.key)
+                    line = seal(lines[j], h)
+                    out.append(line)
+                    size += len(line)
+                    prev = h
+                    j += 1
+                    if self.rotate_size and size >= self.rotate_size:
+                        break
+                data = b"".join(out)
+                self._write_all(data)
+                self._prev, self._size = prev, size
+                self._in_file += j - done
+                self.records += j - done
+                self.bytes += len(data)
+                done = j
+                if gap:
+                    log.warning("recordings: writing again to %s after losing %d record(s)", self._path, self._gap)
+                    self._gap, self._gap_reason, gap = 0, "", 0
+                if self.failing is not None:
+                    self.failing = None
+                    self._logged_failure = False
+                if done >= len(lines):
+                    break
+                self._close("rotate")
+                self._open()
             if self.fsync == 0.0:
                 os.fsync(self._fd)
             elif not self._unsynced:
                 self._unsynced = time.monotonic()
             self._maybe_rotate()
         except OSError as e:
-            self._failed(e, 0)
+            self._failed(e, len(lines) - done - gap)
 
     def _write_all(self, data: bytes) -> None:
         view = memoryview(data)
