@@ -1,5 +1,5 @@
 """Command line: ``pooler run CONFIG``, ``pooler demo``, ``pooler token``, ``pooler rules``,
-``pooler approvals`` (cli_approvals.py)."""
+``pooler approvals`` (cli_approvals.py), ``pooler recordings`` (cli_recordings.py)."""
 
 from __future__ import annotations
 
@@ -138,5 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     from .cli_approvals import add_parser as add_approvals
 
     add_approvals(sub)
+    from .cli_recordings import add_parser as add_recordings
+
+    add_recordings(sub)
     args = p.parse_args(argv)
     return args.func(args)

@@ -174,7 +174,7 @@ class ServerConn(asyncio.Protocol):
         "key", "last_used", "login_waiter", "masking", "owner", "param_key", "params", "parked",
         "peer", "pending_sync", "pid", "pool", "prepared", "query_start", "queue", "rbuf",
         "reading_paused", "received", "reset_waiter", "resetting", "rneed", "rowplan", "scram",
-        "sent", "side", "skip", "state", "transport", "tx_status", "w_bytes", "w_start",
+        "sent", "side", "skip", "state", "transport", "tx_status", "w_bytes", "w_rows", "w_start",
         "writing_paused", "id", "connected_wall", "close_needed",
     )
 
@@ -228,6 +228,7 @@ class ServerConn(asyncio.Protocol):
         # whose result is streaming
         self.w_bytes = 0
         self.w_start = 0.0
+        self.w_rows = 0  # rows of this statement's result reported (events.row, up to rows_wanted)
 
     # ------------------------------------------------------------------ transport callbacks
 
@@ -484,6 +485,7 @@ class ServerConn(asyncio.Protocol):
         plan = self.rowplan
         masking = self.masking
         wfrom = 0  # watching: where the bytes of the statement being answered begin in data
+        keep = self.events.rows_wanted if watching else 0  # rows of each result to report (events.row)
         while n - pos >= 5:
             t = data[pos]
             (length,) = _unpack_len(data, pos + 1)
@@ -502,19 +504,28 @@ class ServerConn(asyncio.Protocol):
                         out = []
                     out.append(data[fwd:pos])
                     try:
-                        out.append(plan.rewrite(data, pos, end))
+                        out.append(row := plan.rewrite(data, pos, end))
                     except Exception as e:  # noqa: BLE001 - MaskingError, or a malformed row
                         self._masking_failed(client, str(e) if isinstance(e, MaskingError) else "malformed DataRow")
                         return
+                    if keep and self.w_rows < keep:
+                        self.w_rows += 1
+                        self.events.row(client, self, row[5:])  # as the client gets it: masked
                     pos = fwd = end
                     continue
                 if end > n:
                     if length < 4:
                         self._protocol_violation("invalid message length from server")
                         return
+                    if keep and t == T_DATAROW and self.w_rows < keep:
+                        self.w_rows += 1
+                        self.events.row(client, self, None)  # streamed in pieces: not kept
                     self.skip = end - n  # stream the partial row; the rest follows
                     pos = n
                     break
+                if keep and t == T_DATAROW and self.w_rows < keep:
+                    self.w_rows += 1
+                    self.events.row(client, self, data[pos + 5 : end])
                 pos = end
                 continue
             if end > n or length < 4:
@@ -574,6 +585,7 @@ class ServerConn(asyncio.Protocol):
                 pos = end
                 if watching:
                     self.w_bytes = 0  # a round ended: the next statement's bytes start here
+                    self.w_rows = 0
                     wfrom = end
                 if not queue:
                     # nothing outstanding: forward, then the server may go back to its pool
@@ -703,8 +715,11 @@ class ServerConn(asyncio.Protocol):
                     queue.popleft()
                 elif masking and head == R_QUERY and t == T_EMPTY and queue[0][1] is not None:
                     queue[0][1].index += 1
-                if watching and t == T_EMPTY:
-                    self._watch_completed(client, b"", self.w_bytes + end - wfrom)
+                if watching:
+                    if t == T_EMPTY:
+                        self._watch_completed(client, b"", self.w_bytes + end - wfrom)
+                    else:
+                        self._watch_suspended(client, self.w_bytes + end - wfrom)
                     self.w_bytes, wfrom = 0, end
             elif t == T_NOTICE:
                 if masking and queue and _masked_info(queue[0][1]):
@@ -742,6 +757,7 @@ class ServerConn(asyncio.Protocol):
     # -- events.completed / events.failed (only while someone listens: events.watching)
 
     def _watch_completed(self, client: ClientSide, tag: bytes, nbytes: int) -> None:
+        self.w_rows = 0
         now = time.monotonic()
         start = self.w_start if self.w_start > self.query_start else self.query_start
         self.w_start = now
@@ -752,7 +768,17 @@ class ServerConn(asyncio.Protocol):
         if ev is not None:
             ev(client, self, text, rows, nbytes, now - start)
 
+    def _watch_suspended(self, client: ClientSide, nbytes: int) -> None:
+        self.w_rows = 0
+        now = time.monotonic()
+        start = self.w_start if self.w_start > self.query_start else self.query_start
+        self.w_start = now
+        ev = self.events.suspended
+        if ev is not None:
+            ev(client, self, nbytes, now - start)
+
     def _watch_failed(self, client: ClientSide, body: bytes) -> None:
+        self.w_rows = 0
         self.w_start = time.monotonic()
         ev = self.events.failed
         if ev is not None:
