@@ -399,3 +399,18 @@ def html_page(session: dict) -> str:
         out.append("</section>")
     out.append("</body></html>")
     return "\n".join(out) + "\n"
+
+
+def columns(headers: list[str], rows: list[list[str]], style: Style, max_last: int | None = None) -> list[str]:
+    """Rows of text under headers, each column as wide as its widest cell (display width); the
+    last column is cut to ``max_last`` cells when given. Cells are made safe here."""
+    cells = [[safe(c) for c in r] for r in rows]
+    if max_last is not None:
+        cells = [r[:-1] + [_cut(r[-1], max(max_last, 10))] for r in cells]
+    n = len(headers)
+    widths = [max([width(headers[i])] + [width(r[i]) for r in cells]) for i in range(n)]
+    def line(r, head=False):
+        parts = [r[i] + " " * (widths[i] - width(r[i])) if i < n - 1 else r[i] for i in range(n)]
+        text = "  ".join(parts).rstrip()
+        return style("bold", text) if head else text
+    return [line(headers, True)] + [line(r) for r in cells]
