@@ -220,3 +220,10 @@ def test_rotation_and_retention_decisions():
 def test_password_literals_never_reach_a_record(sql, shown):
     assert redact(sql) == (shown, True)
     assert redact("SELECT 1") == ("SELECT 1", False)
+
+
+def test_the_writer_knows_its_file_size_exactly(tmp_path):
+    """A failed write is cut back to the size the writer counted: it must be the file's."""
+    w = write(tmp_path, n_sessions=2, per=7, rotate_size=1 << 20, stop=False)
+    assert os.path.getsize(w.current_file) == w._size
+    w.stop()

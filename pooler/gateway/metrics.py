@@ -325,7 +325,7 @@ class _PoolCollector:
                     ("lost", "Records that could not be written", w.lost)):
                 yield CounterMetricFamily(f"pooler_recording_{name}", doc, value=v)
             yield GaugeMetricFamily("pooler_recording_queue_depth", "Records encoded and not yet written",
-                                    value=w.queued + len(rec.buf))
+                                    value=w.queued + rec.nbuf)
             yield GaugeMetricFamily("pooler_recording_blocked", "1 while statements are refused because "
                                     "recordings cannot be written (record_failure = block)",
                                     value=1 if self.metrics.gw.record_block is not None else 0)

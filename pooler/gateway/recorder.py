@@ -25,9 +25,11 @@ import re
 import struct
 import time
 
+import orjson
+
 from ..approvals.present import bind_parts
 from ..config import fsync_interval
-from ..recording.format import encode, redact
+from ..recording.format import json_default, redact
 from ..recording.writer import Writer
 from .events import Observer
 
@@ -38,12 +40,16 @@ CHUNK = 1000  # ... or sooner, at this many records
 _I16 = struct.Struct("!h").unpack_from
 _I32 = struct.Struct("!i").unpack_from
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
+_now = time.time
+_dumps = orjson.dumps
+_NEWLINE = orjson.OPT_APPEND_NEWLINE
+_PLAIN_START = frozenset("SsIiUuDdWwBbVvTtMmAaRrLlFfPpNnGgOoHh")  # first letters that are neither EXECUTE nor COPY (nor a comment)
 _ROUTE = re.compile(r"\s*(?:(?:--[^\n]*\n|/\*.*?\*/)\s*)*(execute|copy)\b", re.IGNORECASE | re.DOTALL)
 
 
 class _Sess:
     __slots__ = ("sid", "i", "q", "pending", "names", "rows", "row_bytes", "rows_cut", "last_q",
-                 "statements", "errors", "refused", "rows_total", "sent", "received", "started")
+                 "statements", "errors", "refused", "rows_total", "received", "started")
 
     def __init__(self, sid: str) -> None:
         self.sid = sid
@@ -56,7 +62,7 @@ class _Sess:
         self.rows_cut = False
         self.last_q = 0
         self.statements = self.errors = self.refused = self.rows_total = 0
-        self.sent = self.received = 0
+        self.received = 0
         self.started = time.monotonic()
 
 
@@ -114,7 +120,8 @@ class Recorder(Observer):
                              rotate_age=cfg.record_rotate_age, retention_days=cfg.record_retention_days,
                              retention_size=cfg.record_retention_size, compression=cfg.record_compression,
                              fsync=fsync_interval(cfg.record_fsync), key=cfg.record_key or None)
-        self.buf: list[bytes] = []
+        self.buf = bytearray()  # records encoded, newline-terminated, not yet handed over
+        self.nbuf = 0  # how many
         self.live: dict[object, _Sess] = {}
         self._n = 0
         self._timer: asyncio.TimerHandle | None = None
@@ -157,9 +164,10 @@ class Recorder(Observer):
                 self._timer = asyncio.get_running_loop().call_later(TICK, self._tick)
 
     def _flush(self) -> None:
-        if self.buf:
-            buf, self.buf = self.buf, []
-            self.writer.submit(buf)
+        if self.nbuf:
+            buf, n = self.buf, self.nbuf
+            self.buf, self.nbuf = bytearray(), 0
+            self.writer.submit(buf, n)
 
     def _check_failure(self) -> None:
         why = self.writer.failing
@@ -178,12 +186,16 @@ class Recorder(Observer):
     def _emit(self, rec: dict) -> None:
         if self.stopped:
             return
-        self.buf.append(encode(rec))
-        if len(self.buf) >= CHUNK:
+        # one growing buffer: appending the encoded bytes there costs a fraction of keeping one
+        # bytes object per record alive (measured: 0.45 us against 2-2.8 us per record)
+        self.buf += _dumps(rec, default=json_default, option=_NEWLINE)
+        self.nbuf += 1
+        if self.nbuf >= CHUNK:
             self._flush()
 
     def _rec(self, st: _Sess, t: str, **fields) -> None:
-        rec = {"t": t, "ts": round(time.time(), 6), "sid": st.sid, "i": st.i}
+        """A session record of the rarer kinds (the hot ones build their dict in place)."""
+        rec = {"t": t, "ts": _now(), "sid": st.sid, "i": st.i}
         st.i += 1
         rec.update(fields)
         self._emit(rec)
@@ -201,29 +213,33 @@ class Recorder(Observer):
                   upstream_user=pool.server_user if pool is not None else None, mode=s.mode)
 
     def login_failed(self, s, reason: str) -> None:
-        self._emit({"t": "login_failed", "ts": round(time.time(), 6), "client": s.addr,
+        self._emit({"t": "login_failed", "ts": _now(), "client": s.addr,
                     "user": s.login_name or s.user, "database": s.database, "reason": reason})
 
     def decided(self, s, kind: str, sql: str, d) -> None:
         st = self.live.get(s)
         if st is None:
             return
-        st.q += 1
+        st.q = q = st.q + 1
         st.statements += 1
-        q = st.q
         route = "simple" if kind == "Q" else "extended"
-        mt = _ROUTE.match(sql)
-        if mt is not None:
-            route = mt.group(1).lower()
+        if sql[:1] not in _PLAIN_START:  # EXECUTE or COPY (perhaps after comments or blanks)
+            mt = _ROUTE.match(sql)
+            if mt is not None:
+                route = mt.group(1).lower()
         text, redacted = redact(sql)
-        fields = {"q": q, "kind": kind, "route": route, "sql": text}
-        if redacted:
-            fields["redacted"] = True
+        i = st.i
+        st.i = i + 1
         if d is None:
-            fields.update(action=None, rule="", reason="", masks=[])
+            rec = {"t": "stmt", "ts": _now(), "sid": st.sid, "i": i, "q": q, "kind": kind, "route": route,
+                   "sql": text, "action": None, "rule": "", "reason": "", "masks": []}
         else:
-            fields.update(action=d.action, rule=d.rule, reason=d.reason, masks=[list(x) for x in d.masks])
-        self._rec(st, "stmt", **fields)
+            rec = {"t": "stmt", "ts": _now(), "sid": st.sid, "i": i, "q": q, "kind": kind, "route": route,
+                   "sql": text, "action": d.action, "rule": d.rule, "reason": d.reason,
+                   "masks": [list(x) for x in d.masks]}
+        if redacted:
+            rec["redacted"] = True
+        self._emit(rec)
         if kind == "Q":
             st.pending.append([q, True, False])
         else:
@@ -308,19 +324,26 @@ class Recorder(Observer):
         st.rows = None
         if rows is None:
             return
-        cut = st.rows_cut or (tag_rows is not None and tag_rows > len(rows))
-        self._rec(st, "rows", q=q, rows=rows, truncated=cut, row_bytes=st.row_bytes)
+        i = st.i
+        st.i = i + 1
+        self._emit({"t": "rows", "ts": _now(), "sid": st.sid, "i": i, "q": q, "rows": rows,
+                    "truncated": st.rows_cut or (tag_rows is not None and tag_rows > len(rows)),
+                    "row_bytes": st.row_bytes})
 
     def completed(self, s, srv, tag: str, rows, nbytes: int, seconds: float) -> None:
         st = self.live.get(s)
         if st is None:
             return
         q = st.last_q = self._result_q(st)
-        self._rows_record(st, q, rows)
+        if st.rows is not None:
+            self._rows_record(st, q, rows)
         if rows is not None:
             st.rows_total += rows
         st.received += nbytes
-        self._rec(st, "done", q=q, tag=tag, rows=rows, bytes=nbytes, dur=round(seconds, 6))
+        i = st.i
+        st.i = i + 1
+        self._emit({"t": "done", "ts": _now(), "sid": st.sid, "i": i, "q": q, "tag": tag, "rows": rows,
+                    "bytes": nbytes, "dur": seconds})
 
     def suspended(self, s, srv, nbytes: int, seconds: float) -> None:
         st = self.live.get(s)
@@ -335,7 +358,7 @@ class Recorder(Observer):
         self._rows_record(st, q, None)
         st.rows_cut = False
         st.received += nbytes
-        self._rec(st, "suspended", q=q, bytes=nbytes, dur=round(seconds, 6))
+        self._rec(st, "suspended", q=q, bytes=nbytes, dur=seconds)
 
     def failed(self, s, srv, sqlstate: str, message: str) -> None:
         st = self.live.get(s)
@@ -351,11 +374,6 @@ class Recorder(Observer):
         if st is not None:
             self._rec(st, "masked", q=st.last_q or None, columns=[list(c) for c in report])
 
-    def forwarded(self, s, srv, nbytes: int) -> None:
-        st = self.live.get(s)
-        if st is not None:
-            st.sent += nbytes
-
     def canceled(self, s) -> None:
         st = self.live.get(s)
         if st is not None:
@@ -369,15 +387,14 @@ class Recorder(Observer):
     def _logout(self, s, st: _Sess, reason: str) -> None:
         if st.rows:
             self._rows_record(st, st.last_q or None, None)
-        self._rec(st, "logout", reason=reason, dur=round(time.monotonic() - st.started, 6),
-                  statements=st.statements, errors=st.errors, refused=st.refused, rows=st.rows_total,
-                  bytes_sent=st.sent, bytes_received=st.received)
+        self._rec(st, "logout", reason=reason, dur=time.monotonic() - st.started, statements=st.statements,
+                  errors=st.errors, refused=st.refused, rows=st.rows_total, bytes_received=st.received)
 
     # ------------------------------------------------------------------ what the console and metrics show
 
     def figures(self) -> dict:
         w = self.writer
         return {"dir": str(w.root), "file": str(w.current_file or ""), "records": w.records, "bytes": w.bytes,
-                "failures": w.failures, "lost": w.lost, "queued": w.queued + len(self.buf),
+                "failures": w.failures, "lost": w.lost, "queued": w.queued + self.nbuf,
                 "failing": w.failing or "", "blocked": self.gw.record_block is not None,
                 "sessions": len(self.live)}

@@ -47,6 +47,7 @@ _TAG_FIRST = frozenset(b"DCAP")
 # EmptyQueryResponse (CommandComplete too, unless _check_tag must see its tag).
 _PLAIN_REPLIES = frozenset(b"12TDnts" b"I")
 _PLAIN_REQUESTS = frozenset((R_PARSE, R_BIND, R_DESCRIBE, R_EXECUTE))  # answered by plain replies
+_RESULT_PARTS = frozenset(b"DCIs")  # DataRow, CommandComplete, EmptyQueryResponse, PortalSuspended: for events.watching
 FAST_REPLY_MAX = 16384  # larger chunks (streamed results) take the general loop only
 
 _READY_ENDS = (R_SYNC, R_QUERY, R_QUERY_REFUSAL, R_QUERY_SKIP)
@@ -432,11 +433,14 @@ class ServerConn(asyncio.Protocol):
         n = len(data)
         self.received += n
         queue = self.queue
+        watching = self.events.watching
         if (queue and n <= FAST_REPLY_MAX
                 and not (self.skip or self.rbuf or self.masking or self.ddl_pending or self.in_copy or self.awaiting_sync)
-                and not client.book.mask_portals and not self.events.watching):
+                and not client.book.mask_portals):
             # the fast lane: a whole small reply that needs only forwarding (see _PLAIN_REPLIES);
-            # anything else, or a reply cut short, goes to the general loop below from the start
+            # anything else, or a reply cut short, goes to the general loop below from the start.
+            # Observers of results (watching) get them from the positions noted on the way.
+            marks = [] if watching else None
             pos = 0
             while n - pos >= 5:
                 t = data[pos]
@@ -445,6 +449,8 @@ class ServerConn(asyncio.Protocol):
                 if end > n or length < 4:
                     break
                 if t in _PLAIN_REPLIES or (t == T_COMPLETE and length > 4 and data[pos + 5] not in _TAG_FIRST):
+                    if marks is not None and t in _RESULT_PARTS:
+                        marks.append(pos)
                     pos = end
                     continue
                 if t == T_READY and end == n and length == 5:
@@ -452,10 +458,11 @@ class ServerConn(asyncio.Protocol):
                     if (last == R_SYNC or last == R_QUERY) and (len(queue) == 1 or _only_plain(queue)):
                         queue.clear()
                         self.tx_status = status = data[pos + 5]
+                        if watching:
+                            self._watch_lane(client, data, marks)
                         client.server_ready(self, status, data)
                         return
                 break
-        watching = self.events.watching
         skip = self.skip
         if skip:
             if watching:
@@ -755,6 +762,30 @@ class ServerConn(asyncio.Protocol):
             client.write(b"".join(pieces))
 
     # -- events.completed / events.failed (only while someone listens: events.watching)
+
+    def _watch_lane(self, client: ClientSide, data: bytes, marks: list) -> None:
+        """The events of a reply the fast lane forwards whole: what the general loop reports for
+        the same messages (``marks``: where its DataRows and statement ends are)."""
+        keep = self.events.rows_wanted
+        wfrom = 0
+        for p in marks:
+            t = data[p]
+            (length,) = _unpack_len(data, p + 1)
+            e = p + 1 + length
+            if t == T_DATAROW:
+                if keep and self.w_rows < keep:
+                    self.w_rows += 1
+                    self.events.row(client, self, data[p + 5 : e])
+                continue
+            if t == T_COMPLETE:
+                self._watch_completed(client, data[p + 5 : e - 1], self.w_bytes + e - wfrom)
+            elif t == T_EMPTY:
+                self._watch_completed(client, b"", self.w_bytes + e - wfrom)
+            else:
+                self._watch_suspended(client, self.w_bytes + e - wfrom)
+            self.w_bytes, wfrom = 0, e
+        self.w_bytes = 0
+        self.w_rows = 0
 
     def _watch_completed(self, client: ClientSide, tag: bytes, nbytes: int) -> None:
         self.w_rows = 0

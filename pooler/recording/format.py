@@ -26,7 +26,7 @@ GENESIS = b"0" * 64
 SUFFIX_LEN = len(b',"h":"') + 64 + len(b'"}')  # what seal() appends in place of the closing brace
 
 
-def _default(v):
+def json_default(v):
     if isinstance(v, (bytes, bytearray, memoryview)):
         b = bytes(v)
         try:
@@ -40,14 +40,14 @@ def _default(v):
 
 def encode(record: dict) -> bytes:
     """The record's bytes without its hash (no newline)."""
-    return orjson.dumps(record, default=_default)
+    return orjson.dumps(record, default=json_default)
 
 
 def link(prev: bytes, body: bytes, key: bytes | None) -> bytes:
     """The ``h`` of ``body`` (a record's bytes without ``h``) after a record whose ``h`` is ``prev``."""
     if key:
-        return hmac.new(key, prev + body, hashlib.sha256).hexdigest().encode()
-    return hashlib.sha256(prev + body).hexdigest().encode()
+        return hmac.digest(key, prev + body, "sha256").hex().encode()
+    return hashlib.sha256(prev + body).digest().hex().encode()
 
 
 def seal(body: bytes, h: bytes) -> bytes:

@@ -17,6 +17,8 @@ Rules this module keeps:
 from __future__ import annotations
 
 import errno
+import hashlib
+import hmac
 import logging
 import math
 import os
@@ -25,7 +27,10 @@ import time
 from pathlib import Path
 
 from .files import RecFile, compress, file_name, day_of, list_files, read_lines, retention, rotate_due
-from .format import FORMAT_VERSION, GENESIS, encode, key_id, link, seal, unseal
+from .format import FORMAT_VERSION, GENESIS, SUFFIX_LEN, encode, key_id, link, seal, unseal
+
+_sha256 = hashlib.sha256
+_hmac_digest = hmac.digest
 
 log = logging.getLogger("pooler.recording")
 
@@ -78,16 +83,23 @@ class Writer:
 
     # ------------------------------------------------------------------ the loop's side
 
-    def submit(self, chunk: list[bytes]) -> None:
-        """Hand a chunk of encoded records (format.encode, without ``h``) to the thread."""
+    def submit(self, chunk: bytes | list[bytes], count: int | None = None) -> None:
+        """Hand encoded records (format.encode, without ``h``) to the thread: newline-terminated
+        records in one bytes object (what the loop builds: one growing buffer, no object per
+        record), or a list of records; ``count``: how many records the bytes hold."""
+        if type(chunk) is list:
+            count = len(chunk)
+            chunk = b"".join(line + b"\n" for line in chunk)
+        elif count is None:
+            count = chunk.count(b"\n")
         with self._lock:
-            if self.queued + len(chunk) > self.max_queued:
-                self.lost += len(chunk)  # the thread is far behind (a stuck disk): count, never wait
-                self._gap += len(chunk)
+            if self.queued + count > self.max_queued:
+                self.lost += count  # the thread is far behind (a stuck disk): count, never wait
+                self._gap += count
                 self._gap_reason = self._gap_reason or "the writer fell behind"
                 return
             self._chunks.append(chunk)
-            self.queued += len(chunk)
+            self.queued += count
             self._wake.notify()
 
     def start(self) -> None:
@@ -120,7 +132,8 @@ class Writer:
                     self._wake.wait(self._wait_time())
                 chunks, self._chunks = self._chunks, []
                 stopping = self._stopping
-            lines = [line for c in chunks for line in c] if len(chunks) != 1 else chunks[0]
+            lines = (b"".join(chunks) if len(chunks) != 1 else bytes(chunks[0])).split(b"\n") if chunks else [b""]
+            lines.pop()  # after the last newline
             if lines or self.failing is not None:
                 self._write(lines)
             with self._lock:
@@ -171,17 +184,21 @@ class Writer:
             if gap:
                 lines = [encode({"t": "gap", "ts": round(time.time(), 6), "lost": self._gap,
                                  "reason": self._gap_reason})] + lines
+            key, limit, n = self.key, self.rotate_size or (1 << 62), len(lines)
             while True:
                 prev, size, out = self._prev, self._size, []
+                put = out.append
                 j = done
-                while j < len(lines):
-                    h = link(prev, lines[j], self.key)
-                    line = seal(lines[j], h)
-                    out.append(line)
-                    size += len(line)
-                    prev = h
+                while j < n:  # format.link and format.seal, inlined (the thread's whole work per record)
+                    body = lines[j]
+                    prev = (_hmac_digest(key, prev + body, "sha256") if key else _sha256(prev + body).digest()).hex().encode()
+                    put(body[:-1])
+                    put(b',"h":"')
+                    put(prev)
+                    put(b'"}\n')
+                    size += len(body) + SUFFIX_LEN  # the line: body less "}", the suffix, a newline
                     j += 1
-                    if self.rotate_size and size >= self.rotate_size:
+                    if size >= limit:
                         break
                 data = b"".join(out)
                 self._write_all(data)
@@ -349,7 +366,7 @@ class Writer:
             rec = {"t": "retention", "ts": round(time.time(), 6), "removed": [f.path.name for f in removed],
                    "why": "days" if self.retention_days and removed[-1].mtime < time.time() - self.retention_days * 86400 else "size"}
             with self._lock:
-                self._chunks.insert(0, [encode(rec)])
+                self._chunks.insert(0, encode(rec) + b"\n")
                 self.queued += 1
 
     # ------------------------------------------------------------------ start: where the chain stands
