@@ -62,8 +62,27 @@ def record_demo_sessions(g: GatewayProc, rec) -> list[dict]:
     return wait_logged_out(rec, 3)
 
 
-def pooler(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    """``python -m pooler ARGS`` from this checkout (stdout not a terminal: no colour, no pager)."""
+def pooler(*args: str) -> subprocess.CompletedProcess:
+    """``pooler ARGS`` run in this process (pooler.cli.main, as the console script calls it),
+    stdout and stderr captured (not a terminal: no colour, no pager)."""
+    import contextlib
+    import io
+
+    from pooler.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            rc = main(list(args))
+        except SystemExit as e:
+            rc = e.code if isinstance(e.code, int) else 1
+            if isinstance(e.code, str):
+                print(e.code, file=sys.stderr)
+    return subprocess.CompletedProcess(["pooler", *args], rc, out.getvalue(), err.getvalue())
+
+
+def pooler_process(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    """``python -m pooler ARGS`` from this checkout, as a separate process."""
     env = dict(os.environ, PYTHONPATH=str(REPO))
     env.pop("NO_COLOR", None)
     return subprocess.run([sys.executable, "-m", "pooler", *args], capture_output=True, text=True,

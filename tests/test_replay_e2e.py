@@ -16,7 +16,8 @@ import pytest
 
 from tests.gwproc import REPO
 from tests.masking_helpers import assert_no_secret
-from tests.replay_helpers import AGENT, ANALYST, ESC_SQL, pooler, record_demo_sessions, start_recording_gateway
+from tests.replay_helpers import (AGENT, ANALYST, ESC_SQL, pooler, pooler_process, record_demo_sessions,
+                                  start_recording_gateway)
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +37,7 @@ def sid_of(sessions, user):
 
 def test_list_shows_each_session_and_its_figures(recorded):
     _, rec, sessions = recorded
-    r = pooler("replay", "list", str(rec))
+    r = pooler_process("replay", "list", str(rec))  # the command as installed, once
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert lines[0].split()[:5] == ["START", "(UTC)", "SESSION", "USER", "GROUPS"]
