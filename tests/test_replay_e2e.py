@@ -93,6 +93,11 @@ def test_the_auditors_question_in_one_command(recorded):
     got = [json.loads(line) for line in j.stdout.splitlines()]
     assert [(x["q"], x["action"]) for x in got] == [(1, "mask"), (2, "deny")]
     assert got[1]["refused"]["sqlstate"] == "42501" and "agents may only read data" in got[1]["refused"]["message"]
+    every = [json.loads(line) for line in
+             pooler("replay", "statements", str(rec), "--json", "--identity", "agent").stdout.splitlines()]
+    # each result belongs to its own statement; a refused one has none
+    assert [[r["tag"] for r in x["results"]] for x in every] == [["SELECT 2"], [], [], ["SELECT 1"], ["SELECT 1"]]
+    assert every[4]["results"][0]["shown"] == [["1"]] and every[3]["results"][0]["shown"][0][0].isdigit()
     none = pooler("replay", "statements", str(rec), "--identity", "agent", "--table", "customers", "--day", "last monday")
     assert none.returncode == 0 and none.stdout == "" and "no recorded statement matches" in none.stderr
 
