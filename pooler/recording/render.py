@@ -195,7 +195,7 @@ class Timeline:
         if t == "login":
             self.start = ts
             self.sid = rec.get("sid") or self.sid
-            return session_header(rec, self.sid, s) + [""]
+            return session_header(rec, self.sid, s)
         if t == "stmt":
             self.current_q = q
             self.sql[q] = rec.get("sql") or ""
