@@ -28,7 +28,7 @@ def recorded(pg, demo_shop, tmp_path_factory):
 def candidate(tmp_path):
     """The shipped rules, changed: agents may no longer read products; e-mail addresses are no
     longer masked."""
-    d = tmp_path / "rules"
+    d = tmp_path / "rules-candidate"  # another directory name: the same rule files are the same rules
     shutil.copytree(REPO / "rules", d)
     (d / "50_products.star").write_text(
         'def on_statement(stmt, session):\n'
@@ -58,7 +58,7 @@ def test_changed_rules_report_exactly_the_changed_statements(recorded, candidate
     got = {(c["user"], c["q"]): c for c in rep["changes"]}
     assert sorted(got) == [("agent", 1), ("agent", 4), ("ann", 2)]
     assert got["agent", 4]["changes"] == ["newly denied"] and got["agent", 4]["sql"] == "SELECT count(*) FROM products"
-    assert got["agent", 4]["after"]["rule"] == "rules/50_products.star"
+    assert got["agent", 4]["after"]["rule"] == "rules-candidate/50_products.star"
     assert got["agent", 4]["before"]["action"] == "allow"
     assert got["agent", 1]["changes"] == ["masks dropped"]
     assert got["agent", 1]["detail"] == ["masks dropped: public.customers.email=email"]
@@ -73,7 +73,7 @@ def test_changed_rules_report_exactly_the_changed_statements(recorded, candidate
     changed = [line for line in lines if line.startswith("CHANGED")]
     assert len(changed) == 3 and f"{sid['agent']} #4  agent@shop" in changed[1] and "[newly denied]" in changed[1]
     assert "         before: allow by rules/20_agents.star" in lines
-    assert "         after:  deny by rules/50_products.star: agents may not read products" in lines
+    assert "         after:  deny by rules-candidate/50_products.star: agents may not read products" in lines
     assert lines[-1].endswith("3 would change (1 newly denied, 2 masks dropped)")
 
 

@@ -31,6 +31,7 @@ def D(action, rule="", reason="", masks=()):
      ["mask method changed"]),
     (D("deny", "r/a.star", "no"), D("deny", "r/b.star", "no"), ["decided by another rule"]),
     (D("deny", "r/a.star", "no"), D("deny", "r/a.star", "not today"), ["reason changed"]),
+    (D("deny", "rules/a.star", "no"), D("deny", "rules-next/a.star", "no"), []),  # the same file, another directory
     (D("mask", "r/p.star", "pii", [("t.c", "hash")]), D("mask", "r/p.star", "pii", [("t.c", "hash")]), []),
 ])
 def test_classify(before, after, kinds):

@@ -14,7 +14,8 @@ Rules this module keeps:
 - A change is classified by what an agent would notice: ``newly denied``, ``newly allowed``
   (was denied), ``approval required`` / ``approval no longer required``, ``masks added``,
   ``masks dropped``, ``mask method changed``, and, with the same effect, ``decided by another
-  rule`` / ``reason changed`` (the message the agent reads differs).
+  rule`` / ``reason changed`` (the message the agent reads differs). A rule is its file within
+  the rule set: the directory's own name (``rules/`` or ``rules-candidate/``) is no difference.
 - Fail closed, as the gateway: a candidate rule that breaks decides deny, which shows as newly
   denied naming the rule and the error.
 """
@@ -72,6 +73,12 @@ class Report:
         return got
 
 
+def _rule_file(name: str) -> str:
+    """A rule's file within its rule set: ``rules/20_agents.star`` and
+    ``rules-candidate/20_agents.star`` are the same rule (names start with the directory's)."""
+    return name.split("/", 1)[1] if "/" in name else name
+
+
 def classify(before: Decision, after: Decision) -> tuple[list[str], list[str]]:
     """What differs between two decisions of one statement, as kinds (KINDS) and details."""
     kinds: list[str] = []
@@ -101,7 +108,7 @@ def classify(before: Decision, after: Decision) -> tuple[list[str], list[str]]:
             kinds.append("mask method changed")
             detail.append("mask method changed: " + ", ".join(f"{c} {bm[c]} -> {am[c]}" for c in changed))
     if not kinds:
-        if before.rule != after.rule:
+        if _rule_file(before.rule) != _rule_file(after.rule):
             kinds.append("decided by another rule")
         elif before.reason != after.reason:
             kinds.append("reason changed")
