@@ -248,3 +248,49 @@ def test_follow_shows_a_live_session_as_it_happens(pg, demo_shop, tmp_path):
     g.stop()
     out = "".join(buf)
     assert "LOGOUT" in out and out.index("first statement") < out.index("second statement") < out.index("DROP TABLE")
+
+
+def _on_a_terminal(args, env_extra, tmp_path):
+    """Run ``pooler ARGS`` with its stdout on a pseudo-terminal; -> what reached the terminal."""
+    import os
+    import pty
+
+    master, slave = pty.openpty()
+    env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "TERM": "xterm", **env_extra}
+    proc = subprocess.Popen([sys.executable, "-m", "pooler", *args], stdout=slave, stderr=subprocess.PIPE,
+                            stdin=subprocess.DEVNULL, env=env, cwd=REPO)
+    os.close(slave)
+    got = bytearray()
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # the terminal's other side closed: the process is done writing
+            break
+        if not chunk:
+            break
+        got += chunk
+    assert proc.wait(30) == 0, proc.stderr.read()
+    os.close(master)
+    return got.decode("utf-8", "replace")
+
+
+def test_on_a_terminal_colour_and_a_pager_for_long_output(recorded, tmp_path):
+    _, rec, sessions = recorded
+    pager = tmp_path / "pager.sh"
+    pager.write_text('#!/bin/sh\ncat > "$1"\n')
+    pager.chmod(0o755)
+    paged = tmp_path / "paged.txt"
+    show = ["replay", "show", str(rec), sid_of(sessions, "agent")]
+    env = {"PAGER": f"{pager} {paged}", "COLUMNS": "200"}
+    # longer than the screen: through $PAGER, in colour
+    screen = _on_a_terminal(show, dict(env, LINES="10"), tmp_path)
+    text = paged.read_text()
+    assert "DELETE FROM orders WHERE id = 1" in text and "\x1b[1;31mDENY" in text
+    assert "DELETE FROM orders" not in screen
+    paged.unlink()
+    # it fits: straight to the terminal, in colour
+    screen = _on_a_terminal(show, dict(env, LINES="500"), tmp_path)
+    assert not paged.exists() and "\x1b[1;31mDENY" in screen and "DELETE FROM orders WHERE id = 1" in screen
+    # --no-pager, and NO_COLOR
+    screen = _on_a_terminal(show + ["--no-pager"], dict(env, LINES="10", NO_COLOR="1"), tmp_path)
+    assert not paged.exists() and "DELETE FROM orders WHERE id = 1" in screen and "\x1b[" not in screen
