@@ -48,7 +48,7 @@ _ROUTE = re.compile(r"\s*(?:(?:--[^\n]*\n|/\*.*?\*/)\s*)*(execute|copy)\b", re.I
 
 
 class _Sess:
-    __slots__ = ("sid", "i", "q", "pending", "judged", "names", "rows", "row_bytes", "rows_cut", "last_q",
+    __slots__ = ("sid", "i", "q", "pending", "names", "rows", "row_bytes", "rows_cut", "last_q",
                  "statements", "errors", "refused", "rows_total", "received", "started")
 
     def __init__(self, sid: str) -> None:
@@ -56,7 +56,6 @@ class _Sess:
         self.i = 0
         self.q = 0
         self.pending: collections.deque = collections.deque()  # [q, simple?, answered?] of executions sent
-        self.judged: list | None = None  # the entry of the Query judged last (a refusal takes it back)
         self.names: dict[bytes, int] = {}  # prepared statement name -> q of its Parse
         self.rows: list | None = None  # rows of the result streaming now
         self.row_bytes = 0
@@ -242,8 +241,7 @@ class Recorder(Observer):
             rec["redacted"] = True
         self._emit(rec)
         if kind == "Q":
-            st.judged = [q, True, False]
-            st.pending.append(st.judged)
+            st.pending.append([q, True, False])
         else:
             st.names[s.governor.parse_name] = q
 
@@ -277,11 +275,11 @@ class Recorder(Observer):
         if st is None:
             return
         st.refused += 1
-        # a refused Query never reaches a server: no result of another statement may be taken
-        # for its (a refusal comes right after the decision of the same message)
-        judged, st.judged = st.judged, None
-        if judged is not None and judged[0] == st.q and st.pending and st.pending[-1] is judged:
-            st.pending.pop()
+        # a refused Query gets no result from a server: its entry must not take the result of
+        # the statement after it (a refusal comes right after the decision of its message)
+        pending = st.pending
+        if pending and pending[-1][0] == st.q and pending[-1][1] and not pending[-1][2]:
+            pending.pop()
         self._rec(st, "refused", q=st.q or None, sqlstate=sqlstate, message=message)
 
     def held(self, s, req) -> None:
