@@ -73,6 +73,52 @@ def writer_cost(n: int = 200_000) -> tuple[float, float, float]:
     return loop_us, thread_us, per
 
 
+def inprocess_cost(n: int = 60_000, repeat: int = 3) -> dict[str, float]:
+    """Process CPU (loop and writer thread) per simple-protocol transaction in this process, with
+    bench/hotpath_micro.py's in-memory transports (no sockets, no PostgreSQL): recording off, on
+    with record_results = 5, on with 0. Best of ``repeat``."""
+    import asyncio
+
+    from bench.hotpath_micro import Q, RESP, setup
+    from pooler.gateway.recorder import Recorder
+
+    def one(record: bool, rows: int) -> float:
+        async def main() -> float:
+            gw, pool, srv, (c,) = setup(observers=True)
+            r = None
+            if record:
+                gw.config.record_dir = tempfile.mkdtemp(prefix="pooler-bench-inproc-")
+                gw.config.record_results = rows
+                r = gw.recorder = Recorder(gw)
+                gw.events.subscribe(r)
+                r.start()
+                c.addr, c.console = "127.0.0.1:1", False
+                r.login(c)
+            t0 = time.process_time()
+            for k in range(n):
+                c.data_received(Q)
+                srv.data_received(RESP)
+                if k % 256 == 0:
+                    await asyncio.sleep(0)  # the recorder's 100 ms tick runs on this loop
+            if r is not None:
+                r._flush()
+                while r.writer.queued:
+                    await asyncio.sleep(0.001)
+            cpu = (time.process_time() - t0) / n * 1e6
+            if r is not None:
+                r.stop()
+                import shutil
+
+                shutil.rmtree(gw.config.record_dir)
+            return cpu
+        return asyncio.run(main())
+
+    out = {}
+    for name, record, rows in (("off", False, 0), ("on", True, 5), ("on, no rows", True, 0)):
+        out[name] = min(one(record, rows) for _ in range(repeat))
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=8)
@@ -137,6 +183,9 @@ def main() -> int:
         print(f"  written: {rep.records} records in {len(files)} file(s), {rep.records / max(xacts_on, 1):.2f} "
               f"records/xact, {sum(f.size for f in files) / max(xacts_on, 1):.1f} compressed bytes/xact; "
               f"verify: {'ok' if rep.ok else rep.problems[:2]}")
+        ip = inprocess_cost()
+        print(f"  in-process CPU per transaction (loop + writer thread, no sockets): off {ip['off']:.1f} us, "
+              f"on {ip['on']:.1f} us, on with record_results = 0 {ip['on, no rows']:.1f} us")
         loop_us, thread_us, per = writer_cost()
         print(f"  per record (CPU): {loop_us:.2f} us on the loop (dict + orjson into the chunk buffer), "
               f"{thread_us:.2f} us in the writer thread (split, hash chain, write), {per:.0f} bytes "
