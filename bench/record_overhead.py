@@ -29,57 +29,94 @@ from tests.gwproc import GatewayProc  # noqa: E402
 
 
 def writer_cost(n: int = 200_000) -> tuple[float, float, float]:
-    """(loop us/record, thread us/record, bytes/record) for ``n`` typical records."""
-    from pooler.recording.format import encode
+    """(loop us/record, thread us/record, bytes/record) for ``n`` typical records, as CPU time
+    of the thread doing the work (steadier than wall time on a shared machine)."""
+    import shutil
+
+    import orjson
+
+    from pooler.recording.format import json_default
     from pooler.recording.writer import Writer
 
     d = Path(tempfile.mkdtemp(prefix="pooler-bench-writer-"))
-    w = Writer(d, gateway="bench", rotate_size=64 << 20, rotate_age=0, compression="gzip", fsync=1.0)
-    w.start()
     sql = "SELECT abalance FROM pgbench_accounts WHERE aid = 48213;"
-    buf: list[bytes] = []
-    t0 = time.perf_counter()
-    for k in range(n):
+    nl = orjson.OPT_APPEND_NEWLINE
+    chunks: list[bytes] = []
+    buf = bytearray()
+    t0 = time.thread_time()
+    for k in range(n):  # what the recorder does on the loop for a stmt, rows, done sequence
         if k % 3 == 0:
-            rec = {"t": "stmt", "ts": round(time.time(), 6), "sid": "0abc1234.17", "i": k, "q": k // 3, "kind": "Q",
+            rec = {"t": "stmt", "ts": time.time(), "sid": "0abc1234.17", "i": k, "q": k // 3, "kind": "Q",
                    "route": "simple", "sql": sql, "action": None, "rule": "", "reason": "", "masks": []}
         elif k % 3 == 1:
-            rec = {"t": "rows", "ts": round(time.time(), 6), "sid": "0abc1234.17", "i": k, "q": k // 3,
+            rec = {"t": "rows", "ts": time.time(), "sid": "0abc1234.17", "i": k, "q": k // 3,
                    "rows": [["-2763"]], "truncated": False, "row_bytes": 5}
         else:
-            rec = {"t": "done", "ts": round(time.time(), 6), "sid": "0abc1234.17", "i": k, "q": k // 3,
+            rec = {"t": "done", "ts": time.time(), "sid": "0abc1234.17", "i": k, "q": k // 3,
                    "tag": "SELECT 1", "rows": 1, "bytes": 76, "dur": 0.000231}
-        buf.append(encode(rec))
-        if len(buf) >= 1000:
-            w.submit(buf)
-            buf = []
-    w.submit(buf)
-    loop_us = (time.perf_counter() - t0) / n * 1e6
-    while w.queued:
-        time.sleep(0.001)
-    w.stop()
-    total = w.bytes
-    import shutil
-
+        buf += orjson.dumps(rec, default=json_default, option=nl)
+        if (k + 1) % 1000 == 0:
+            chunks.append(bytes(buf))
+            buf = bytearray()
+    loop_us = (time.thread_time() - t0) / n * 1e6
+    # the thread's part: split, seal into the chain, write (to a real file), on this thread
+    w = Writer(d, gateway="bench", rotate_size=1 << 30, rotate_age=0, compression="gzip", fsync=1.0)
+    w.root.mkdir(exist_ok=True)
+    t1 = time.thread_time()
+    for c in chunks:
+        lines = c.split(b"\n")
+        lines.pop()
+        w._write(lines)
+    thread_us = (time.thread_time() - t1) / (len(chunks) * 1000) * 1e6
+    per = w.bytes / (len(chunks) * 1000)
     shutil.rmtree(d)
-    # the writer's cost alone: seal + write the same records on this thread
-    from pooler.recording.format import link, seal, GENESIS
+    return loop_us, thread_us, per
 
-    lines = [encode({"t": "done", "ts": 1.0, "sid": "0abc1234.17", "i": k, "q": k, "tag": "SELECT 1", "rows": 1,
-                     "bytes": 76, "dur": 0.000231}) for k in range(n)]
-    fd = os.open(os.devnull, os.O_WRONLY)
-    t2 = time.perf_counter()
-    prev = GENESIS
-    for i in range(0, n, 1000):
-        out = []
-        for body in lines[i:i + 1000]:
-            h = link(prev, body, None)
-            out.append(seal(body, h))
-            prev = h
-        os.write(fd, b"".join(out))
-    thread_us = (time.perf_counter() - t2) / n * 1e6
-    os.close(fd)
-    return loop_us, thread_us, total / n
+
+def inprocess_cost(n: int = 60_000, repeat: int = 3) -> dict[str, float]:
+    """Process CPU (loop and writer thread) per simple-protocol transaction in this process, with
+    bench/hotpath_micro.py's in-memory transports (no sockets, no PostgreSQL): recording off, on
+    with record_results = 5, on with 0. Best of ``repeat``."""
+    import asyncio
+
+    from bench.hotpath_micro import Q, RESP, setup
+    from pooler.gateway.recorder import Recorder
+
+    def one(record: bool, rows: int) -> float:
+        async def main() -> float:
+            gw, pool, srv, (c,) = setup(observers=True)
+            r = None
+            if record:
+                gw.config.record_dir = tempfile.mkdtemp(prefix="pooler-bench-inproc-")
+                gw.config.record_results = rows
+                r = gw.recorder = Recorder(gw)
+                gw.events.subscribe(r)
+                r.start()
+                c.addr, c.console = "127.0.0.1:1", False
+                r.login(c)
+            t0 = time.process_time()
+            for k in range(n):
+                c.data_received(Q)
+                srv.data_received(RESP)
+                if k % 256 == 0:
+                    await asyncio.sleep(0)  # the recorder's 100 ms tick runs on this loop
+            if r is not None:
+                r._flush()
+                while r.writer.queued:
+                    await asyncio.sleep(0.001)
+            cpu = (time.process_time() - t0) / n * 1e6
+            if r is not None:
+                r.stop()
+                import shutil
+
+                shutil.rmtree(gw.config.record_dir)
+            return cpu
+        return asyncio.run(main())
+
+    out = {}
+    for name, record, rows in (("off", False, 0), ("on", True, 5), ("on, no rows", True, 0)):
+        out[name] = min(one(record, rows) for _ in range(repeat))
+    return out
 
 
 def main() -> int:
@@ -105,7 +142,8 @@ def main() -> int:
                   "log_connections": 0, "log_disconnections": 0}
         rec_dir = tmp / "recordings"
         targets = []
-        for name, extra in (("recording off", {}), ("recording on", {"record_dir": str(rec_dir)})):
+        for name, extra in (("recording off", {}), ("recording on", {"record_dir": str(rec_dir)}),
+                            ("on, no rows", {"record_dir": str(tmp / "recordings-norows"), "record_results": 0})):
             wd = tmp / name.replace(" ", "-")
             wd.mkdir()
             g = GatewayProc({"bench": db}, settings={**common, **extra}, workdir=str(wd))
@@ -116,7 +154,7 @@ def main() -> int:
         cpu: dict[str, list[float]] = {t.name: [] for t in targets}
         xacts_on = 0
         for rnd in range(args.rounds):
-            order = targets if rnd % 2 == 0 else targets[::-1]
+            order = targets if rnd % 2 == 0 else targets[::-1]  # each target first and last in turn
             for t in order:
                 c0 = cpu_seconds(t.cpu_pid)
                 got, n, out = run_pgbench(pgbench, t, "simple", args.clients, 2, args.seconds)
@@ -127,26 +165,31 @@ def main() -> int:
                 if t.name == "recording on":
                     xacts_on += n
                 log(f"round {rnd + 1}: {t.name}: {got:.0f} tps")
-        gws[1].stop()  # closes (and compresses) the last file
+        for g in gws[1:]:
+            g.stop()  # closes (and compresses) the last file
         from pooler.recording.files import list_files
         from pooler.recording.verify import verify
 
         files = list_files(rec_dir)
         rep = verify(rec_dir)
-        off, on = (statistics.median(tps[t.name]) for t in targets)
+        off, on, norows = (statistics.median(tps[t.name]) for t in targets)
         print(f"\npgbench -S -c {args.clients}, transaction pooling, pool {args.pool_size}, "
               f"{args.rounds} x {args.seconds:.0f} s per case, alternating")
         for t in targets:
             print(f"  {t.name:<14} median {statistics.median(tps[t.name]):8.0f} tps   "
                   f"gateway CPU {statistics.median(cpu[t.name]):5.1f} us/xact   "
                   f"rounds: {', '.join(f'{x:.0f}' for x in tps[t.name])}")
-        print(f"  recording on / off: {on / off:.3f} x")
+        print(f"  recording on / off: {on / off:.3f} x   (record_results = 0: {norows / off:.3f} x)")
         print(f"  written: {rep.records} records in {len(files)} file(s), {rep.records / max(xacts_on, 1):.2f} "
               f"records/xact, {sum(f.size for f in files) / max(xacts_on, 1):.1f} compressed bytes/xact; "
               f"verify: {'ok' if rep.ok else rep.problems[:2]}")
+        ip = inprocess_cost()
+        print(f"  in-process CPU per transaction (loop + writer thread, no sockets): off {ip['off']:.1f} us, "
+              f"on {ip['on']:.1f} us, on with record_results = 0 {ip['on, no rows']:.1f} us")
         loop_us, thread_us, per = writer_cost()
-        print(f"  writer, per record: {loop_us:.2f} us on the loop (dict + orjson + chunked hand-over), "
-              f"{thread_us:.2f} us in the thread (hash chain + write), {per:.0f} bytes before compression")
+        print(f"  per record (CPU): {loop_us:.2f} us on the loop (dict + orjson into the chunk buffer), "
+              f"{thread_us:.2f} us in the writer thread (split, hash chain, write), {per:.0f} bytes "
+              "before compression")
         return 0
     finally:
         for g in gws:

@@ -16,6 +16,7 @@ import pytest
 from pooler.recording.reader import iter_events
 from pooler.recording.verify import verify
 from tests.gwproc import free_port
+from tests.test_admin_console import ADMIN, console, show
 from tests.test_metrics import scrape, value
 
 
@@ -41,7 +42,7 @@ def until(pred, what, timeout=15.0):
 def start(gw_factory, tmp_path, d, policy, **extra):
     mport = free_port()
     g = gw_factory(settings={"record_dir": str(d), "record_failure": policy, "record_fsync": "always",
-                             "metrics_listen": f"127.0.0.1:{mport}", **extra})
+                             "metrics_listen": f"127.0.0.1:{mport}", **ADMIN, **extra})
     return g, mport
 
 
@@ -58,9 +59,15 @@ def test_block_refuses_statements_while_the_directory_is_gone(gw_factory, tmp_pa
         assert run(c, "SELECT 3")[0] == "58030"  # still refused: nothing runs unrecorded
         m = scrape(mport)
         assert value(m, "pooler_recording_blocked") == 1 and value(m, "pooler_recording_write_failures_total") >= 1
+        with console(g) as adm:  # the console still answers, and says why
+            (row,) = show(adm, "RECORDINGS")
+            assert row["blocked"] == "yes" and row["failing"] in refusal[1] and row["write_failures"] >= 1
         d.mkdir()
         until(lambda: run(c, "SELECT 4") is None, "statements accepted again")
         assert value(scrape(mport), "pooler_recording_blocked") == 0
+        with console(g) as adm:
+            (row,) = show(adm, "RECORDINGS")
+            assert row["blocked"] == "no" and row["failing"] == "" and row["dir"] == str(d)
     g.wait_log("recordings cannot be written")
     g.wait_log("statements are refused until recordings can be written again")
     g.wait_log("recordings are written again")
