@@ -170,3 +170,31 @@ def test_filters_per_statement():
     broken = dict(a, sql="SELEC * FROM customers WHERE")
     assert Filter(table="customers").statement(broken) and not Filter(table="orders").statement(broken)
     assert Filter(decision="mask").session(PIPELINE) and not Filter(decision="deny").session(PIPELINE)
+
+
+def test_approvals_and_cancels_on_the_timeline():
+    s = session([
+        ev("stmt", 1, 1, q=1, kind="Q", route="simple", sql="UPDATE products SET price = 1", action="require_approval",
+           rule="rules/30_bulk_writes.star", reason="UPDATE without WHERE", masks=[]),
+        ev("held", 2, 1, q=1, request="3f2a91c0", rule="rules/30_bulk_writes.star", reason="UPDATE without WHERE"),
+        ev("hold_ended", 3, 4, q=1, request="3f2a91c0", state="approved", by="admin", outcome="approved by admin"),
+        ev("done", 4, 4.1, q=1, tag="UPDATE 20", rows=20, bytes=20, dur=0.1),
+        ev("stmt", 5, 5, q=2, kind="Q", route="simple", sql="DELETE FROM orders", action="require_approval",
+           rule="rules/30_bulk_writes.star", reason="DELETE without WHERE", masks=[]),
+        ev("held", 6, 5, q=2, request="77aa", rule="rules/30_bulk_writes.star", reason="DELETE without WHERE"),
+        ev("cancel", 7, 6),
+        ev("hold_ended", 8, 6, q=2, request="77aa", state="withdrawn", by="", outcome="canceled by the client"),
+    ])
+    a, b = statements(s)
+    assert a["holds"] == [{"request": "3f2a91c0", "rule": "rules/30_bulk_writes.star", "reason": "UPDATE without WHERE",
+                           "state": "approved", "by": "admin", "outcome": "approved by admin", "ts": T0 + 1}]
+    assert b["holds"][0]["state"] == "withdrawn" and b["canceled"] is True and a["canceled"] is False
+    assert Filter(decision="require_approval").statement(b) and summary(s)["held"] == 2
+    out = render.text(s, render.Style(False))
+    assert "APPROVAL rules/30_bulk_writes.star: UPDATE without WHERE" in out
+    assert "HELD for approval, request 3f2a91c0 (rules/30_bulk_writes.star: UPDATE without WHERE)" in out
+    assert "APPROVED by admin: approved by admin" in out and "UPDATE 20" in out
+    assert "CANCEL the client asked to cancel the running statement" in out
+    assert "WITHDRAWN: canceled by the client" in out
+    page = render.html_page(s)
+    assert "held for approval (request 3f2a91c0): approved by admin" in page
