@@ -294,3 +294,41 @@ def test_on_a_terminal_colour_and_a_pager_for_long_output(recorded, tmp_path):
     # --no-pager, and NO_COLOR
     screen = _on_a_terminal(show + ["--no-pager"], dict(env, LINES="10", NO_COLOR="1"), tmp_path)
     assert not paged.exists() and "DELETE FROM orders WHERE id = 1" in screen and "\x1b[" not in screen
+
+
+def test_html_page_in_a_browser_shows_everything_and_loads_nothing(recorded, tmp_path):
+    """The page in headless Chromium: the agent's text shown as text (no script of it runs), the
+    styles apply under the page's own Content-Security-Policy, and nothing is fetched."""
+    import shutil
+    import tempfile
+
+    pytest.importorskip("selenium")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+
+    chromium, chromedriver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (chromium and chromedriver):
+        pytest.skip("chromium and chromedriver are not installed (./dev.sh setup --with-browser)")
+    _, rec, sessions = recorded
+    f = tmp_path / "agent.html"
+    assert pooler("replay", "show", str(rec), sid_of(sessions, "agent"), "--html", str(f)).returncode == 0
+    profile = tempfile.mkdtemp(prefix="pooler-chromium-")
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = chromium
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-dev-shm-usage",
+                 "--disable-background-networking", "--disable-component-update", f"--user-data-dir={profile}"):
+        opts.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(chromedriver), options=opts)
+    try:
+        driver.set_page_load_timeout(30)
+        driver.get(f.as_uri())
+        sections = driver.find_elements(By.TAG_NAME, "section")
+        assert [s.get_attribute("id") for s in sections] == ["q1", "q2", "q3", "q4", "q5"]
+        assert "<script>alert(1)</script>" in sections[4].text  # shown, not run (an alert would fail this call)
+        assert "***@example.com" in sections[0].text and "agents may only read data" in sections[1].text
+        assert sections[1].value_of_css_property("border-left-color") == "rgba(198, 40, 40, 1)"
+        assert driver.execute_script("return performance.getEntriesByType('resource').length") == 0
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
