@@ -151,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     ag.add_argument("--until", help="only statements before this time")
     ag.add_argument("--identity", help="only sessions of this identity")
     ag.add_argument("--database", help="only sessions of this database")
+    ag.add_argument("--catalog", metavar="DSN",
+                    help="read masking's catalog from this database (libpq string or URL), as the gateway does: "
+                         "views are seen through, user-defined functions known")
     ag.add_argument("--json", action="store_true", help="the report as one JSON object")
     ru.set_defaults(func=cmd_rules)
     from .cli_approvals import add_parser as add_approvals

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -290,8 +291,15 @@ def rules_against(args, candidate) -> int:
     except ValueError as e:
         print(f"pooler rules: {e}", file=sys.stderr)
         return 2
+    catalog = None
+    if args.catalog:
+        try:
+            catalog = load_catalog(args.catalog)
+        except Exception as e:  # noqa: BLE001 - any failure to read it is reported, and nothing is compared
+            print(f"pooler rules: --catalog: cannot read the catalog: {type(e).__name__}: {e}", file=sys.stderr)
+            return 2
     sessions = iter_sessions(root, since=since, until=until, identity=args.identity, database=args.database)
-    rep = compare(sessions, candidate, baseline)
+    rep = compare(sessions, candidate, baseline, catalog)
     counts = rep.counts()
     if args.json:
         print(_json_line({"sessions": rep.sessions, "statements": rep.statements, "judged": rep.judged,
@@ -313,6 +321,51 @@ def rules_against(args, candidate) -> int:
         out.append(f"({rep.skipped} statement(s) recorded without rules were not compared)")
     print("\n".join(out))
     return 1 if rep.changes else 0
+
+
+def _connect_args(dsn: str) -> dict:
+    """asyncpg.connect's arguments for a URL or a libpq keyword/value string."""
+    if "://" in dsn:
+        return {"dsn": dsn}
+    names = {"host": "host", "port": "port", "user": "user", "password": "password", "dbname": "database",
+             "sslmode": "ssl"}
+    out: dict = {}
+    for m in re.finditer(r"(\w+)\s*=\s*('(?:[^'\\]|\\.)*'|\S+)", dsn):
+        key, value = m.group(1), m.group(2)
+        if value.startswith("'"):
+            value = re.sub(r"\\(.)", r"\1", value[1:-1])
+        if key not in names:
+            raise ValueError(f"connection option {key!r} is not supported here (host, port, user, password, "
+                             "dbname, sslmode; or a postgresql:// URL)")
+        out[names[key]] = int(value) if key == "port" else value
+    return out
+
+
+def load_catalog(dsn: str):
+    """Masking's catalog of one database (the queries the gateway runs: masking.catalog.CATALOG_SQL),
+    read with asyncpg, as masking.catalog.Catalog."""
+    import asyncio
+
+    import asyncpg
+
+    from .masking.catalog import CATALOG_SQL, Catalog
+
+    selects = [q.strip() for q in CATALOG_SQL.split(";") if q.strip().upper().startswith("SELECT")]
+
+    def raw(v):
+        if v is None or isinstance(v, bytes):
+            return v
+        return str(v).encode()
+
+    async def read():
+        conn = await asyncpg.connect(timeout=15, **_connect_args(dsn))
+        try:
+            await conn.execute("SET search_path = pg_catalog")
+            return [[[raw(v) for v in row] for row in await conn.fetch(q, timeout=60)] for q in selects]
+        finally:
+            await conn.close()
+
+    return Catalog.from_results(asyncio.run(read()), version=1)
 
 
 def _decision_text(d) -> str:

@@ -107,3 +107,30 @@ def test_a_candidate_rule_that_breaks_shows_as_newly_denied(recorded, tmp_path):
     assert len(kinds) == 9
     assert all(c["after"]["action"] == "deny" and "05_broken.star" in c["after"]["rule"] + c["after"]["reason"]
                for c in rep["changes"])
+
+
+def test_with_the_catalog_views_are_seen_through_as_the_gateway_saw_them(pg, demo_shop, tmp_path):
+    import subprocess
+
+    from tests.conftest import upstream_entry
+    from tests.recording_helpers import wait_logged_out
+
+    pg.psql("CREATE OR REPLACE VIEW contact_card AS SELECT id, email AS address FROM customers", dbname=demo_shop)
+    g, rec = start_recording_gateway(pg, demo_shop, tmp_path)
+    try:
+        r = subprocess.run(["psql", g.dsn(user="agent", dbname="shop"), "-X", "-At", "-c",
+                            "SELECT address FROM contact_card ORDER BY id LIMIT 1"], capture_output=True, text=True,
+                           timeout=30)
+        assert r.stdout.strip() == "***@example.com", r.stderr  # the gateway saw the e-mail behind the view
+        wait_logged_out(rec, 1)
+    finally:
+        g.stop()
+    # offline, without the catalog, the view's column is not known to be an e-mail address
+    blind = json.loads(pooler("rules", "test", str(REPO / "rules"), "--against", str(rec), "--json").stdout)
+    assert [(c["q"], c["changes"]) for c in blind["changes"]] == [(1, ["masks dropped"])]
+    # with the database's catalog it is decided as the gateway decided it
+    seen = pooler("rules", "test", str(REPO / "rules"), "--against", str(rec), "--catalog", upstream_entry(pg, demo_shop))
+    assert seen.returncode == 0, seen.stdout + seen.stderr
+    assert seen.stdout.splitlines()[-1].endswith("0 would change")
+    bad = pooler("rules", "test", str(REPO / "rules"), "--against", str(rec), "--catalog", "host=127.0.0.1 port=1 user=x")
+    assert bad.returncode == 2 and "cannot read the catalog" in bad.stderr

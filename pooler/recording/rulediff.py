@@ -159,9 +159,13 @@ class _Session:
                 self.search_path = tuple(dict.fromkeys(p for p in path + self.search_path if p != "$user"))
 
 
-def decide(policy: Policy, sql: str, sess: _Session) -> tuple[Decision, tuple]:
-    """The decision the gateway would make for ``sql`` in this session, and the facts."""
-    v = policy.decide(sql, sess.info())
+def decide(policy: Policy, sql: str, sess: _Session, catalog=None) -> tuple[Decision, tuple]:
+    """The decision the gateway would make for ``sql`` in this session, and the facts. With
+    ``catalog`` (masking.catalog.Catalog) the facts are enriched as the gateway enriches them for
+    a rule set that may mask."""
+    if not policy.rules.may_mask:
+        catalog = None
+    v = policy.decide(sql, sess.info(), None, catalog)
     d = v.decision
     if not d.refused:
         for f in v.facts:
@@ -169,7 +173,7 @@ def decide(policy: Policy, sql: str, sess: _Session) -> tuple[Decision, tuple]:
                 inner_sql = sess.prepared.get(f.prepared_name or "")
                 if inner_sql is None:
                     continue  # the server refused it (prepared statement does not exist)
-                inner = policy.decide(inner_sql, sess.info()).decision
+                inner = policy.decide(inner_sql, sess.info(), None, catalog).decision
                 if inner.refused:
                     return inner, v.facts
                 if inner.action == "mask":
@@ -180,9 +184,10 @@ def decide(policy: Policy, sql: str, sess: _Session) -> tuple[Decision, tuple]:
     return d, v.facts
 
 
-def compare(sessions, candidate: RuleSet, baseline: RuleSet | None = None) -> Report:
+def compare(sessions, candidate: RuleSet, baseline: RuleSet | None = None, catalog=None) -> Report:
     """Decide every statement of ``sessions`` (reader.iter_sessions) with ``candidate`` and
-    compare with the recorded decision, or with ``baseline``'s."""
+    compare with the recorded decision, or with ``baseline``'s; ``catalog``: masking's catalog
+    of the sessions' database (without it, views are not seen through)."""
     cand = Policy(candidate)
     base = Policy(baseline) if baseline is not None else None
     rep = Report()
@@ -195,9 +200,9 @@ def compare(sessions, candidate: RuleSet, baseline: RuleSet | None = None) -> Re
             if st["action"] is None and base is None:
                 rep.skipped += 1  # recorded without rules: nothing to compare with
                 continue
-            after, facts = decide(cand, st["sql"], sess_c)
+            after, facts = decide(cand, st["sql"], sess_c, catalog)
             if base is not None:
-                before, bfacts = decide(base, st["sql"], sess_b)
+                before, bfacts = decide(base, st["sql"], sess_b, catalog)
                 sess_b.after(st, bfacts)
             else:
                 before = _recorded(st)
