@@ -13,7 +13,6 @@ Output: colour only on a terminal (``--color``, ``NO_COLOR``), long output throu
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import shlex
@@ -73,6 +72,15 @@ def _emit(text: str, args) -> None:
         pass
 
 
+def _write(text: str) -> None:
+    """Output for tools (JSON lines): never paged, never coloured."""
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        pass
+
+
 def _json_line(obj) -> str:
     return orjson.dumps(obj, option=orjson.OPT_NON_STR_KEYS).decode()
 
@@ -115,7 +123,7 @@ def cmd_list(args) -> int:
     flt = _filter(args)
     found = [summary(s) for s in _sessions(root, flt)]
     if args.json:
-        _emit("".join(_json_line(x) + "\n" for x in found) or "\n", argparse.Namespace(no_pager=True))
+        _write("".join(_json_line(x) + "\n" for x in found))
         return 0
     if not found:
         print("no recorded session matches", file=sys.stderr)
@@ -158,8 +166,8 @@ def cmd_statements(args) -> int:
             if flt.statement(st):
                 found.append((login, st))
     if args.json:
-        _emit("".join(_json_line(dict(st, user=lg.get("user"), groups=lg.get("groups"), database=lg.get("database")))
-                      + "\n" for lg, st in found) or "\n", argparse.Namespace(no_pager=True))
+        _write("".join(_json_line(dict(st, user=lg.get("user"), groups=lg.get("groups"), database=lg.get("database")))
+                       + "\n" for lg, st in found))
         return 0
     if not found:
         print("no recorded statement matches", file=sys.stderr)
@@ -217,9 +225,11 @@ def cmd_show(args) -> int:
         lines += [_json_line(dict(st, type="statement")) for st in statements(s)]
         if s.get("logout"):
             lines.append(_json_line(dict(s["logout"], type="logout")))
-        _emit("\n".join(lines), argparse.Namespace(no_pager=True))
+        _write("\n".join(lines) + "\n")
         return 0
     style = _style(args)
+    if args.speed < 0 or args.idle_limit < 0:
+        raise SystemExit("pooler replay: --speed and --idle-limit must not be negative")
     if args.speed:
         return _play(render.frames(s, style, not args.no_rows), args)
     _emit(render.text(s, style, not args.no_rows), args)

@@ -117,7 +117,7 @@ def tables_of(sql: str, cache: dict | None = None) -> tuple[str, ...] | None:
     the text cannot be analyzed."""
     if cache is not None and sql in cache:
         return cache[sql]
-    from ..sql.analyzer import AnalysisError, analyze
+    from ..sql.analyzer import analyze
 
     try:
         found: dict[str, None] = {}
@@ -128,7 +128,7 @@ def tables_of(sql: str, cache: dict | None = None) -> tuple[str, ...] | None:
                 found.update(dict.fromkeys(g.tables_written))
                 g = g.inner
         got: tuple[str, ...] | None = tuple(found)
-    except (AnalysisError, Exception):  # noqa: BLE001 - unreadable text: the caller searches the text
+    except Exception:  # noqa: BLE001 - AnalysisError or an analyzer bug: the caller searches the text
         got = None
     if cache is not None:
         cache[sql] = got
