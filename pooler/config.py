@@ -107,7 +107,8 @@ class Config:
     approvals_listen: str | None = None  # host:port of the reviewers' HTTP API and page
     approval_url: str | None = None  # the page's address as reviewers reach it (notices show it)
     approval_webhook: str | None = None  # POST each new/decided request as JSON here
-    approvals_store: str = "memory"
+    approvals_store: str = "memory"  # or a PostgreSQL connection string shared by several gateways
+    approvals_gateway_name: str | None = None  # this gateway in the shared store (default host:listen_port)
     # session recordings (docs/recordings.md): off while record_dir is unset
     record_dir: str | None = None
     record_results: int = 5  # first rows of each result recorded (as the client received them)
@@ -371,9 +372,46 @@ def _http_url(v: str) -> str | None:
 def _approvals_store(v: str) -> str:
     v = v.strip()
     if v != "memory":
-        raise ValueError("only 'memory' is supported: requests and grants live in this gateway; a store "
-                         "shared by several gateways (a PostgreSQL connection string) is not built yet")
+        store_connect_args(v)
     return v
+
+
+# libpq keywords the approvals store's connection string may use, as the client (asyncpg) names them
+_STORE_KEYS = {"host": "host", "hostaddr": "host", "port": "port", "user": "user", "password": "password",
+               "dbname": "database", "sslmode": "ssl", "connect_timeout": "timeout",
+               "application_name": "application_name"}
+
+
+def store_connect_args(v: str) -> dict:
+    """``approvals_store``'s connection string (a URL or libpq ``key=value`` pairs) as keyword
+    arguments of ``asyncpg.connect``; ValueError names what is wrong (never the password)."""
+    if v.startswith(("postgresql://", "postgres://")):
+        return {"dsn": v}
+    try:
+        pairs = parse_connstr(v)
+    except ValueError as e:
+        raise ValueError(f"expected memory or a PostgreSQL connection string: {e}") from None
+    if not pairs:
+        raise ValueError("expected memory or a PostgreSQL connection string")
+    out: dict = {}
+    for k, val in pairs:
+        name = _STORE_KEYS.get(k)
+        if name is None:
+            raise ValueError(f"unsupported key {k!r} in the connection string (supported: {', '.join(sorted(_STORE_KEYS))})")
+        if name == "port":
+            if not val.isdigit():
+                raise ValueError(f"port must be a number, not {val!r}")
+            out[name] = int(val)
+        elif name == "timeout":
+            try:
+                out[name] = float(val)
+            except ValueError:
+                raise ValueError(f"connect_timeout must be a number of seconds, not {val!r}") from None
+        elif name == "application_name":
+            out["server_settings"] = {"application_name": val}
+        else:
+            out[name] = val
+    return out
 
 
 def _claim(v: str) -> str:
@@ -429,6 +467,7 @@ SETTINGS = {
     "approval_url": ("approval_url", _opt_str),
     "approval_webhook": ("approval_webhook", _http_url),
     "approvals_store": ("approvals_store", _approvals_store),
+    "approvals_gateway_name": ("approvals_gateway_name", _opt_str),
     "metrics_listen": ("metrics_listen", _listen),
     "stats_period": ("stats_period", _seconds),
     "record_dir": ("record_dir", _opt_str),
@@ -835,12 +874,12 @@ def _complete(cfg: Config, path: Path) -> None:
 # settings a running gateway cannot take (they are read once, at start)
 RESTART_KEYS = frozenset({"listen_addr", "listen_port", "unix_socket_dir", "unix_socket_mode", "pidfile",
                           "logfile", "max_packet_size", "metrics_listen", "approvals_listen", "approval_webhook",
-                          "approvals_store", "approval_max_grant",
+                          "approvals_store", "approval_max_grant", "approvals_gateway_name",
                           "record_dir", "record_rotate_size", "record_rotate_age", "record_retention_days",
                           "record_retention_size", "record_compression", "record_fsync", "record_hmac_key_file",
                           "record_hmac_key_env"})
 # settings whose values are never shown (SHOW CONFIG, SHOW <setting>)
-SECRET_KEYS = frozenset({"mask_hash_key"})
+SECRET_KEYS = frozenset({"mask_hash_key", "approvals_store"})  # (a connection string may hold a password)
 
 
 def with_setting(cfg: Config, key: str, value: str) -> Config:

@@ -21,7 +21,7 @@ LAYERS = [
 
 # inside the asyncio shell, bottom up: each module imports only modules listed before it
 GATEWAY_ORDER = [
-    "interfaces", "params", "events", "server", "pool", "catalogs", "statements", "holds", "governor",
+    "interfaces", "params", "events", "server", "pool", "catalogs", "statements", "approval_store", "holds", "governor",
     "admin", "login", "session", "observers", "recorder", "metrics", "approvals_http", "app",
 ]
 

@@ -16,6 +16,7 @@ Rules this module keeps:
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
@@ -475,38 +476,55 @@ class Console:
 
     # ------------------------------------------------------------------ approvals
 
-    def approve(self, s, rid: str, interval: str | None) -> bytes:
+    def approve(self, s, rid: str, interval: str | None) -> bytes | None:
         self._need_admin(s)
-        desk = self.gw.approvals
         try:
             seconds = parse_interval(interval) if interval else None
-            r = desk.book.approve(rid, desk.console_reviewer(s), seconds)
         except ApprovalError as e:
             raise AdminError(f"APPROVE failed: {e}", "42501") from None
-        log.info("APPROVE %s by %s%s", rid, s.user, f" for {interval}" if interval else "")
-        if r.state != "approved":
-            return m.notice_response("00000", f"request {rid} has {len(r.approvals)} of {r.required} approvals") + ready("APPROVE")
-        return ready("APPROVE")
+        desk = self.gw.approvals
 
-    def deny(self, s, rid: str, reason: str) -> bytes:
+        async def done(r):
+            log.info("APPROVE %s by %s%s", rid, s.user, f" for {interval}" if interval else "")
+            if r.state != "approved":
+                return m.notice_response("00000", f"request {rid} has {len(r.approvals)} of {r.required} approvals")
+            return b""
+        return self._decide(s, "APPROVE", desk.approve(rid, desk.console_reviewer(s), seconds), done)
+
+    def deny(self, s, rid: str, reason: str) -> bytes | None:
         self._need_admin(s)
         desk = self.gw.approvals
-        try:
-            desk.book.deny(rid, desk.console_reviewer(s), reason)
-        except ApprovalError as e:
-            raise AdminError(f"DENY failed: {e}", "42501") from None
-        log.info("DENY %s by %s: %s", rid, s.user, reason)
-        return ready("DENY")
 
-    def revoke(self, s, gid: str) -> bytes:
+        async def done(r):
+            log.info("DENY %s by %s: %s", rid, s.user, reason)
+            return b""
+        return self._decide(s, "DENY", desk.deny(rid, desk.console_reviewer(s), reason), done)
+
+    def revoke(self, s, gid: str) -> bytes | None:
         self._need_admin(s)
         desk = self.gw.approvals
-        try:
-            desk.book.revoke(gid, desk.console_reviewer(s))
-        except ApprovalError as e:
-            raise AdminError(f"REVOKE failed: {e}", "42501") from None
-        log.info("REVOKE %s by %s", gid, s.user)
-        return ready("REVOKE")
+
+        async def done(g):
+            log.info("REVOKE %s by %s", gid, s.user)
+            return b""
+        return self._decide(s, "REVOKE", desk.revoke(gid, desk.console_reviewer(s)), done)
+
+    def _decide(self, s, command: str, decision, done) -> None:
+        """A decision goes to the approvals desk (and, with a shared store, to PostgreSQL): the
+        console answers when it is made."""
+        async def run() -> None:
+            try:
+                r = await decision
+                reply = await done(r) + ready(command)
+            except ApprovalError as e:
+                log.error("%s failed: %s", command, e)
+                reply = m.error_response("42501", f"{command} failed: {e}") + m.ready_for_query()
+            except Exception as e:  # noqa: BLE001 - the console session always gets an answer
+                log.exception("%s failed", command)
+                reply = m.error_response("XX000", f"{command} failed: {e}") + m.ready_for_query()
+            s.console_reply(reply)
+        asyncio.get_running_loop().create_task(run())
+        return None
 
     # ------------------------------------------------------------------ commands
 
