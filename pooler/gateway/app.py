@@ -20,7 +20,6 @@ from ..policy.engine import Policy
 from ..policy.rules import RuleLoadError
 from ..protocol import messages as m
 from .admin import Console, ready, timestamp
-from .approvals_http import ApprovalsHttp
 from .holds import ApprovalDesk
 from .catalogs import CatalogHolder
 from .events import Events
@@ -49,7 +48,10 @@ class Gateway:
         self.console = Console(self)  # the admin console (admin.py)
         self.approvals = ApprovalDesk(self)  # statements held for approval (holds.py)
         # approvals_listen: the reviewers' HTTP API and page (approvals_http.py)
-        self.approvals_http = ApprovalsHttp(self) if config.approvals_listen else None
+        self.approvals_http = None
+        if config.approvals_listen:
+            from .approvals_http import ApprovalsHttp  # aiohttp: ~10 MB, loaded only when used
+            self.approvals_http = ApprovalsHttp(self)
         self.metrics: Metrics | None = None  # metrics_listen: Prometheus, /healthz, /readyz (metrics.py)
         if config.metrics_listen:
             self.metrics = Metrics(self)

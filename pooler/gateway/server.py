@@ -499,7 +499,8 @@ class ServerConn(asyncio.Protocol):
             end = pos + 1 + length
             if t == T_DATAROW or t == T_COPYDATA:
                 if plan is not None and t == T_DATAROW:
-                    # a masked result: rewrite whole rows, one at a time
+                    # a masked result: rewrite whole rows, every complete one that follows in one
+                    # call (RowPlan.rewrite_run, compiled where built)
                     if end > n or length < 4:
                         if length < 4:
                             self._protocol_violation("invalid message length from server")
@@ -511,14 +512,14 @@ class ServerConn(asyncio.Protocol):
                         out = []
                     out.append(data[fwd:pos])
                     try:
-                        out.append(row := plan.rewrite(data, pos, end))
+                        rows, pos = plan.rewrite_run(data, pos, n)
                     except Exception as e:  # noqa: BLE001 - MaskingError, or a malformed row
                         self._masking_failed(client, str(e) if isinstance(e, MaskingError) else "malformed DataRow")
                         return
+                    out.append(rows)
+                    fwd = pos
                     if keep and self.w_rows < keep:
-                        self.w_rows += 1
-                        self.events.row(client, self, row[5:])  # as the client gets it: masked
-                    pos = fwd = end
+                        self._watch_rows(client, rows, keep)  # as the client gets them: masked
                     continue
                 if end > n:
                     if length < 4:
@@ -762,6 +763,16 @@ class ServerConn(asyncio.Protocol):
             client.write(b"".join(pieces))
 
     # -- events.completed / events.failed (only while someone listens: events.watching)
+
+    def _watch_rows(self, client: ClientSide, rows: bytes, keep: int) -> None:
+        """events.row for the first rows of masked DataRows rewritten in one run."""
+        p, n, row = 0, len(rows), self.events.row
+        while p < n and self.w_rows < keep:
+            (length,) = _unpack_len(rows, p + 1)
+            e = p + 1 + length
+            self.w_rows += 1
+            row(client, self, rows[p + 5 : e])
+            p = e
 
     def _watch_lane(self, client: ClientSide, data: bytes, marks: list) -> None:
         """The events of a reply the fast lane forwards whole: what the general loop reports for
