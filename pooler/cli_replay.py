@@ -180,7 +180,8 @@ def cmd_statements(args) -> int:
     heads = ["TIME (UTC)", "SESSION", "#", "USER", "DATABASE", "DECISION", "RULE", "OUTCOME", "STATEMENT"]
     lines = render.columns(heads, rows, _style(args))
     if _out_is_tty():  # on a terminal the statement is cut to the screen's width
-        room = shutil.get_terminal_size().columns - (render.width(lines[0]) - len("STATEMENT"))
+        plain = render.columns(heads, rows, render.Style(False))[0]  # (no colour codes to count)
+        room = shutil.get_terminal_size().columns - (render.width(plain) - len("STATEMENT"))
         lines = render.columns(heads, rows, _style(args), max_last=room)
     lines.append(f"{len(found)} statement(s)")
     _emit("\n".join(lines), args)
