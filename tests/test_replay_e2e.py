@@ -332,3 +332,15 @@ def test_html_page_in_a_browser_shows_everything_and_loads_nothing(recorded, tmp
     finally:
         driver.quit()
         shutil.rmtree(profile, ignore_errors=True)
+
+
+def test_statements_fit_the_terminal_width(recorded, tmp_path):
+    import re
+
+    _, rec, _ = recorded
+    screen = _on_a_terminal(["replay", "statements", str(rec), "--no-pager"], {"COLUMNS": "110", "LINES": "500"},
+                            tmp_path)
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line) for line in screen.replace("\r\n", "\n").splitlines()]
+    assert lines[-1] == "9 statement(s)" and len(lines) == 11
+    assert max(len(line) for line in lines) <= 110
+    assert any(line.endswith("…") for line in lines)  # the agent's longest statement was cut to fit
