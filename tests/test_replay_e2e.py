@@ -147,6 +147,13 @@ def test_show_json_is_what_the_sessions_did(recorded):
     assert missing.returncode != 0 and "no recorded session 'nope'" in missing.stderr
 
 
+def test_follow_json_gives_each_record_as_written(recorded):
+    _, rec, sessions = recorded
+    s = next(x for x in sessions if x["login"]["user"] == "ann")
+    r = pooler("replay", "show", str(rec), s["sid"], "--follow", "--json")  # ended: it stops at the logout
+    assert r.returncode == 0 and [json.loads(line) for line in r.stdout.splitlines()] == s["events"]
+
+
 def test_speed_plays_the_same_timeline(recorded):
     _, rec, sessions = recorded
     sid = sid_of(sessions, "agent")
