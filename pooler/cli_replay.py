@@ -310,7 +310,7 @@ def rules_against(args, candidate) -> int:
             print(f"pooler rules: --catalog: cannot read the catalog: {type(e).__name__}: {e}", file=sys.stderr)
             return 2
     sessions = iter_sessions(root, since=since, until=until, identity=args.identity, database=args.database)
-    rep = compare(sessions, candidate, baseline, catalog)
+    rep = compare(sessions, candidate, baseline, catalog, since, until)
     counts = rep.counts()
     if args.json:
         print(_json_line({"sessions": rep.sessions, "statements": rep.statements, "judged": rep.judged,

@@ -122,3 +122,15 @@ def test_statements_recorded_without_rules_are_skipped_unless_a_baseline_is_give
     assert (rep.judged, rep.skipped, rep.changes) == (0, 1, [])
     rep = compare([s], cand, base)
     assert rep.judged == 1 and rep.changes[0].kinds == ["newly denied"] and rep.changes[0].before.action == "allow"
+
+
+def test_a_time_range_compares_only_its_statements_but_follows_the_session_from_its_start(tmp_path):
+    rs = rules(tmp_path, 'def on_statement(stmt, session):\n'
+                         '    if session.in_transaction:\n'
+                         '        return deny("no transactions")\n'
+                         '    return None\n')
+    s = rec_session([("BEGIN", "allow", "BEGIN"), ("SELECT 1", "allow", "SELECT 1"), ("SELECT 2", "allow", "SELECT 1"),
+                     ("COMMIT", "allow", "COMMIT")])  # statement q is recorded at ts 1 + q
+    rep = compare([s], rs, since=3.0, until=4.5)
+    assert [(c.q, c.kinds) for c in rep.changes] == [(2, ["newly denied"]), (3, ["newly denied"])]
+    assert rep.statements == 2 and rep.judged == 2

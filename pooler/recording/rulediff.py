@@ -184,10 +184,12 @@ def decide(policy: Policy, sql: str, sess: _Session, catalog=None) -> tuple[Deci
     return d, v.facts
 
 
-def compare(sessions, candidate: RuleSet, baseline: RuleSet | None = None, catalog=None) -> Report:
+def compare(sessions, candidate: RuleSet, baseline: RuleSet | None = None, catalog=None,
+            since: float | None = None, until: float | None = None) -> Report:
     """Decide every statement of ``sessions`` (reader.iter_sessions) with ``candidate`` and
     compare with the recorded decision, or with ``baseline``'s; ``catalog``: masking's catalog
-    of the sessions' database (without it, views are not seen through)."""
+    of the sessions' database (without it, views are not seen through). Only statements in
+    ``[since, until)`` are compared and counted; those before still build the session's state."""
     cand = Policy(candidate)
     base = Policy(baseline) if baseline is not None else None
     rep = Report()
@@ -196,6 +198,16 @@ def compare(sessions, candidate: RuleSet, baseline: RuleSet | None = None, catal
         login = s.get("login") or {}
         sess_c, sess_b = _Session(login), _Session(login)
         for st in statements(s):
+            ts = st["ts"] or 0.0
+            counted = (since is None or ts >= since) and (until is None or ts < until)
+            if not counted and (until is None or ts < until):
+                after, facts = decide(cand, st["sql"], sess_c, catalog)  # what it did to the session
+                sess_c.after(st, facts)
+                if base is not None:
+                    sess_b.after(st, decide(base, st["sql"], sess_b, catalog)[1])
+                continue
+            if not counted:
+                break  # later statements change nothing that is compared
             rep.statements += 1
             if st["action"] is None and base is None:
                 rep.skipped += 1  # recorded without rules: nothing to compare with
