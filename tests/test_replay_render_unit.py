@@ -198,3 +198,14 @@ def test_approvals_and_cancels_on_the_timeline():
     assert "WITHDRAWN: canceled by the client" in out
     page = render.html_page(s)
     assert "held for approval (request 3f2a91c0): approved by admin" in page
+
+
+def test_missing_records_are_shown_where_they_are_missing():
+    s = session([ev("stmt", 1, 1, q=1, kind="Q", route="simple", sql="SELECT 1", action="allow", rule="", reason="",
+                    masks=[]),
+                 ev("done", 4, 2, q=1, tag="SELECT 1", rows=1, bytes=1, dur=0.1)])  # records 2 and 3 are lost
+    s["events"][-1]["i"] = 5
+    out = render.text(s, render.Style(False)).splitlines()
+    i = next(k for k, line in enumerate(out) if "missing here" in line)
+    assert out[i].strip().startswith("!! 2 records of this session missing here") and "SELECT 1  " in out[i + 1]
+    assert summary(s)["missing"] == 2 and summary(PIPELINE)["missing"] == 0

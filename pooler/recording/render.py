@@ -169,7 +169,7 @@ class Timeline:
         self.current_q = None
         self.sql: dict = {}
         self.show_rows = show_rows
-        self.pending_rows: dict = {}
+        self.next_i: int | None = None  # the record number expected next (records count from 0, without gaps)
 
     def _offset(self, ts) -> str:
         if ts is None or self.start is None:
@@ -185,6 +185,22 @@ class Timeline:
         return [self.style("dim", f"{self.PAD}↳ #{q} {_cut(safe(first), 60)}")]
 
     def feed(self, rec: dict) -> list[str]:
+        gap = self._gap(rec.get("i"))
+        lines = self._lines(rec)
+        return gap + lines if gap else lines
+
+    def _gap(self, i) -> list[str]:
+        """A line where records of the session are missing (``i`` jumps)."""
+        if not isinstance(i, int):
+            return []
+        expected, self.next_i = self.next_i, i + 1
+        if expected is None or i <= expected:
+            return []
+        n = i - expected
+        return [self.style("error", f"{self.PAD}!! {n} record{'s' if n != 1 else ''} of this session missing here "
+                                    "(lost while recordings could not be written, or removed: pooler recordings verify)")]
+
+    def _lines(self, rec: dict) -> list[str]:
         s = self.style
         t = rec.get("t")
         ts = rec.get("ts")
@@ -356,6 +372,8 @@ def html_page(session: dict) -> str:
                            f"{info['refused']} refused, {info['errors']} errors)")]
     if session.get("logout"):
         rows.append(("logout", session["logout"].get("reason")))
+    if info["missing"]:
+        rows.append(("missing records", f"{info['missing']} (lost while recordings could not be written, or removed)"))
     for k, v in rows:
         out.append(f"<tr><td>{_e(k)}</td><td>{_e(v)}</td></tr>")
     out.append("</table>")

@@ -105,8 +105,17 @@ def summary(session: dict) -> dict:
         "held": sum(1 for s in stmts if s["holds"]),
         "refused": sum(1 for s in stmts if s["refused"] is not None),
         "errors": sum(1 for s in stmts for r in s["results"] if r["t"] == "error"),
+        "missing": missing_records(session),
         "reason": logout.get("reason"),
     }
+
+
+def missing_records(session: dict) -> int:
+    """Records of the session that are not there: its records count from 0 without gaps (``i``)."""
+    seen = [e.get("i") for e in session.get("events", ()) if isinstance(e.get("i"), int)]
+    if not seen:
+        return 0
+    return max(seen) + 1 - len(set(seen))
 
 
 # ---------------------------------------------------------------------------- filters
