@@ -142,3 +142,46 @@ def test_block_refuses_statements_while_the_disk_is_full(gw_factory, tmp_path, t
     g.stop()
     rep = verify(tiny_disk)
     assert rep.ok, rep.problems  # the chain survived: the failed write was cut back to whole records
+
+
+@pytest.fixture
+def read_only_later(tmp_path):
+    """-> (directory, make_read_only()): a bind mount of its own that can be remounted
+    read-only while the gateway runs (root only; a permission bit does not stop root)."""
+    if os.geteuid() != 0:
+        pytest.skip("bind mounts need root")
+    d = tmp_path / "rec"
+    d.mkdir()
+    r = subprocess.run(["mount", "--bind", str(d), str(d)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot bind-mount here: {r.stderr.strip()}")
+
+    def make_read_only(ro=True):
+        opt = "remount,bind,ro" if ro else "remount,bind,rw"
+        r = subprocess.run(["mount", "-o", opt, str(d)], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+
+    try:
+        yield d, make_read_only
+    finally:
+        subprocess.run(["umount", "-l", str(d)], capture_output=True)
+
+
+def test_block_refuses_statements_while_the_directory_is_read_only(gw_factory, tmp_path, read_only_later):
+    """The file being written stays writable through its descriptor; the next file cannot be
+    created (rotation at 4 kB): from then on statements are refused, until writing works."""
+    d, make_read_only = read_only_later
+    g, mport = start(gw_factory, tmp_path, d, "block", record_rotate_size="4kB")
+    with psycopg.connect(g.dsn(), autocommit=True) as c:
+        assert run(c) is None
+        make_read_only()
+        refusal = until(lambda: run(c, "SELECT repeat('x', 500)"), "a statement refused")
+        assert refusal[0] == "58030" and "Read-only file system" in refusal[1]
+        make_read_only(False)
+        until(lambda: run(c, "SELECT 'writable again'") is None, "statements accepted again")
+    recs = until(lambda: [e for e in iter_events(d, housekeeping=True) if e["t"] == "logout"] and
+                 list(iter_events(d, housekeeping=True)), "logout")
+    assert any(e["t"] == "gap" for e in recs)
+    g.stop()
+    rep = verify(d)
+    assert rep.ok, rep.problems
