@@ -55,7 +55,7 @@ HELP = ("\n\tSHOW HELP|CONFIG|DATABASES|POOLS|CLIENTS|SERVERS|USERS|VERSION\n"
         "\tSHOW FDS|SOCKETS|ACTIVE_SOCKETS|LISTS|MEM|STATE\n"
         "\tSHOW DNS_HOSTS|DNS_ZONES\n"
         "\tSHOW STATS|STATS_TOTALS|STATS_AVERAGES|TOTALS\n"
-        "\tSHOW RULES|DECISIONS|APPROVALS|GRANTS\n"
+        "\tSHOW RULES|DECISIONS|APPROVALS|GRANTS|RECORDINGS\n"
         "\tAPPROVE <id> [FOR <interval>]\n"
         "\tDENY <id> '<reason>'\n"
         "\tREVOKE <grant_id>\n"
@@ -131,6 +131,8 @@ COLUMNS = {
     "rules": [("file", "s"), ("version", "s"), ("loaded", "T"), ("decisions", "q"), ("allow", "q"),
               ("deny", "q"), ("mask", "q"), ("require_approval", "q")],
     "decisions": [("rule", "s"), ("action", "s"), ("count", "q"), ("last", "T"), ("last_reason", "s")],
+    "recordings": [("dir", "s"), ("file", "s"), ("records", "q"), ("bytes", "q"), ("write_failures", "q"),
+                   ("lost", "q"), ("queued", "q"), ("sessions", "q"), ("failing", "s"), ("blocked", "s")],
     "approvals": [("id", "s"), ("state", "s"), ("user", "s"), ("groups", "s"), ("database", "s"),
                   ("client_addr", "s"), ("application_name", "s"), ("rule", "s"), ("reason", "s"),
                   ("statement", "s"), ("params", "s"), ("tables_read", "s"), ("tables_written", "s"),
@@ -217,7 +219,7 @@ class Console:
             "dns_hosts": self.show_empty, "dns_zones": self.show_empty, "stats": self.show_stats,
             "stats_totals": self.show_stats_totals, "stats_averages": self.show_stats_averages,
             "totals": self.show_totals, "rules": self.show_rules, "decisions": self.show_decisions,
-            "approvals": self.show_approvals, "grants": self.show_grants,
+            "approvals": self.show_approvals, "grants": self.show_grants, "recordings": self.show_recordings,
         }
 
     # ------------------------------------------------------------------ dispatch
@@ -459,6 +461,15 @@ class Console:
                          f"{len(r.approvals)}/{r.required}", r.decided_by, r.outcome, r.grant_id,
                          preview_text(r.preview)))
         return result("approvals", rows)
+
+    def show_recordings(self, s) -> bytes:
+        """The session recorder (docs/recordings.md): one row, none while record_dir is unset."""
+        rec = self.gw.recorder
+        if rec is None:
+            return result("recordings", [])
+        f = rec.figures()
+        return result("recordings", [(f["dir"], f["file"], f["records"], f["bytes"], f["failures"], f["lost"],
+                                      f["queued"], f["sessions"], f["failing"], "yes" if f["blocked"] else "no")])
 
     def show_grants(self, s) -> bytes:
         now = time.time()

@@ -26,6 +26,7 @@ from .catalogs import CatalogHolder
 from .events import Events
 from .metrics import Metrics
 from .observers import Decisions, SessionLog, Stats
+from .recorder import Recorder
 from .pool import Pool
 from .server import ServerConn
 from .session import C_READY, ClientSession
@@ -56,6 +57,11 @@ class Gateway:
         if config.metrics_listen:
             self.metrics = Metrics(self)
             self.events.subscribe(self.metrics)
+        self.record_block: str | None = None  # why statements are refused (recordings cannot be written)
+        self.recorder: Recorder | None = None  # record_dir: session recordings (recorder.py)
+        if config.record_dir:
+            self.recorder = Recorder(self)
+            self.events.subscribe(self.recorder)
         self.pause_mode = "none"  # "none" | "pause" | "suspend": SHOW STATE, PAUSE, SUSPEND
         self.paused_dbs: set[str] = set()  # PAUSE db, KILL db
         self.disabled_dbs: set[str] = set()  # DISABLE db: new logins refused
@@ -87,6 +93,11 @@ class Gateway:
         loop = asyncio.get_running_loop()
         cfg = self.config
         self._raise_fd_limit()
+        if self.recorder is not None:
+            try:
+                self.recorder.start()  # before any client: nothing runs unrecorded
+            except OSError as e:
+                raise RuntimeError(f"record_dir {cfg.record_dir}: {e.strerror or e}") from None
         if cfg.listen_addr:
             for addr in [a.strip() for a in cfg.listen_addr.split(",") if a.strip()]:
                 host = None if addr == "*" else addr
@@ -226,6 +237,8 @@ class Gateway:
         if self._janitor:
             self._janitor.cancel()
         self.stats.stop()
+        if self.recorder is not None:
+            self.recorder.stop()
         self.approvals.stop()
         if self.approvals_http is not None:
             asyncio.get_running_loop().create_task(self.approvals_http.stop())
@@ -328,6 +341,7 @@ class Gateway:
             new.listen_addr, new.listen_port, new.unix_socket_dir = old.listen_addr, old.listen_port, old.unix_socket_dir
         self._scram_cache.clear()
         self.config = new
+        self.events.refresh()  # record_results may have changed (events.row)
         self.limits_in_use = self._limits_in_use(new)
         log.info("configuration reloaded from %s", new.path)
         return True
@@ -630,6 +644,9 @@ class Gateway:
         if c is None:
             log.info("cancel request with an unknown key ignored")
             return
+        ev = self.events.canceled
+        if ev is not None:
+            ev(c)
         if c.console:
             if c.console_waiting:
                 self.admin_cancel(c)
