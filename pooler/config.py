@@ -126,6 +126,20 @@ class Config:
     audit_http_auth_scheme: str = "Bearer"  # Authorization: <scheme> <token> (Splunk HEC: Splunk)
     audit_queue_size: int = 10000  # events waiting per destination; more are dropped and counted
     audit_http_token: str = ""  # resolved from audit_http_token_file/env; never shown or logged
+    # session recordings (docs/recordings.md): off while record_dir is unset
+    record_dir: str | None = None
+    record_results: int = 5  # first rows of each result recorded (as the client received them)
+    record_result_bytes: int = 8192  # ... at most this many bytes of values per statement
+    record_rotate_size: int = 64 * 1024 * 1024
+    record_rotate_age: float = 3600.0  # 0: no age limit (a file still closes when the UTC day changes)
+    record_retention_days: float = 0.0  # 0: closed files are kept however old
+    record_retention_size: int = 0  # 0: no cap on all files together
+    record_compression: str = "gzip"
+    record_fsync: str = "1s"  # always | rotate | an interval
+    record_hmac_key_file: str | None = None
+    record_hmac_key_env: str | None = None
+    record_failure: str = "block"  # block | continue
+    record_key: bytes = b""  # resolved from record_hmac_key_file/env; never logged
     verbose: int = 0
     application_name_add_host: bool = False
     rules_dir: str | None = None  # None: "rules/" beside the config file, when it exists
@@ -287,6 +301,41 @@ def _size(v: str) -> int:
     if n < 1024:
         raise ValueError(f"must be at least 1024 bytes, got {n}")
     return n
+
+
+def _bytes(v: str) -> int:
+    """A size in bytes (0 allowed: none / no cap)."""
+    m = re.fullmatch(r"\s*([0-9]+)\s*(B|kB|KB|MB|GB)?\s*", v)
+    if not m:
+        raise ValueError(f"expected a size in bytes (e.g. 8192 or 8kB), got {v!r}")
+    return int(m.group(1)) * {None: 1, "B": 1, "kB": 1024, "KB": 1024, "MB": 1024**2, "GB": 1024**3}[m.group(2)]
+
+
+def _days(v: str) -> float:
+    try:
+        n = float(v)
+    except ValueError:
+        raise ValueError(f"expected a number of days, got {v!r}") from None
+    if n < 0:
+        raise ValueError(f"must not be negative, got {v}")
+    return n
+
+
+def _fsync_policy(v: str) -> str:
+    s = v.strip().lower()
+    if s in ("always", "rotate"):
+        return s
+    _seconds(s)
+    return s
+
+
+def fsync_interval(policy: str) -> float:
+    """record_fsync as the writer takes it: 0 (every chunk), inf (only at close), or seconds."""
+    if policy == "always":
+        return 0.0
+    if policy == "rotate":
+        return float("inf")
+    return _seconds(policy) or 0.0
 
 
 def _tls_protocols(v: str) -> str:
@@ -459,6 +508,18 @@ SETTINGS = {
     "audit_http_auth_scheme": ("audit_http_auth_scheme", _str),
     "audit_queue_size": ("audit_queue_size", _positive_int),
     "stats_period": ("stats_period", _seconds),
+    "record_dir": ("record_dir", _opt_str),
+    "record_results": ("record_results", _nonneg_int),
+    "record_result_bytes": ("record_result_bytes", _bytes),
+    "record_rotate_size": ("record_rotate_size", _size),
+    "record_rotate_age": ("record_rotate_age", _seconds),
+    "record_retention_days": ("record_retention_days", _days),
+    "record_retention_size": ("record_retention_size", _bytes),
+    "record_compression": ("record_compression", _choice("gzip", "zstd", "none")),
+    "record_fsync": ("record_fsync", _fsync_policy),
+    "record_hmac_key_file": ("record_hmac_key_file", _opt_str),
+    "record_hmac_key_env": ("record_hmac_key_env", _opt_str),
+    "record_failure": ("record_failure", _choice("block", "continue")),
     "verbose": ("verbose", _nonneg_int),
     "application_name_add_host": ("application_name_add_host", _bool),
     "rules_dir": ("rules_dir", _opt_str),
@@ -672,6 +733,33 @@ def _resolve_audit_token(cfg: Config, path) -> None:
     cfg.audit_http_token = token
 
 
+def _resolve_record_key(cfg: Config, path) -> None:
+    """The HMAC key of the recordings' hash chain (record_hmac_key_file / _env); errors name
+    the file or variable, never the key."""
+    cfg.record_key = b""
+    if cfg.record_hmac_key_file and cfg.record_hmac_key_env:
+        raise ConfigError(f"{path}: give only one of record_hmac_key_file, record_hmac_key_env")
+    if cfg.record_hmac_key_file:
+        f = cfg.resolve(cfg.record_hmac_key_file)
+        try:
+            key = f.read_bytes().strip()
+        except OSError as e:
+            raise ConfigError(f"{path}: record_hmac_key_file: cannot read {f}: {e.strerror}") from None
+        if not key:
+            raise ConfigError(f"{path}: record_hmac_key_file {f} is empty")
+        cfg.record_key = key
+    elif cfg.record_hmac_key_env:
+        key = os.environ.get(cfg.record_hmac_key_env, "").strip()
+        if not key:
+            raise ConfigError(f"{path}: environment variable {cfg.record_hmac_key_env} (record_hmac_key_env) is not set")
+        cfg.record_key = key.encode()
+    if cfg.record_compression == "zstd":
+        try:
+            import zstandard  # noqa: F401
+        except ImportError:
+            raise ConfigError(f"{path}: record_compression = zstd needs the zstandard package") from None
+
+
 def _resolve_db_secret(cfg: Config, db: DatabaseConfig, where: str) -> None:
     """password_file / password_env -> db.password (read at every load, so a reload rotates it).
     Errors name the file or variable, never a secret."""
@@ -840,6 +928,7 @@ def _complete(cfg: Config, path: Path) -> None:
         raise ConfigError(f"{path}: rule_timeout must be between 0 and 10 seconds")
     _resolve_mask_key(cfg, path)
     _resolve_audit_token(cfg, path)
+    _resolve_record_key(cfg, path)
     if not cfg.listen_addr and not cfg.unix_socket_dir:
         raise ConfigError(f"{path}: neither listen_addr nor unix_socket_dir is set")
 
@@ -847,7 +936,10 @@ def _complete(cfg: Config, path: Path) -> None:
 # settings a running gateway cannot take (they are read once, at start)
 RESTART_KEYS = frozenset({"listen_addr", "listen_port", "unix_socket_dir", "unix_socket_mode", "pidfile",
                           "logfile", "max_packet_size", "metrics_listen", "approvals_listen", "approval_webhook",
-                          "approvals_store", "approval_max_grant", "approvals_gateway_name"}
+                          "approvals_store", "approval_max_grant", "approvals_gateway_name",
+                          "record_dir", "record_rotate_size", "record_rotate_age", "record_retention_days",
+                          "record_retention_size", "record_compression", "record_fsync", "record_hmac_key_file",
+                          "record_hmac_key_env"}
                          | {k for k in SETTINGS if k.startswith("audit_")})  # SET never redirects the audit stream
 # settings whose values are never shown (SHOW CONFIG, SHOW <setting>)
 SECRET_KEYS = frozenset({"mask_hash_key", "approvals_store"})  # (a connection string may hold a password)

@@ -56,7 +56,7 @@ HELP = ("\n\tSHOW HELP|CONFIG|DATABASES|POOLS|CLIENTS|SERVERS|USERS|VERSION\n"
         "\tSHOW FDS|SOCKETS|ACTIVE_SOCKETS|LISTS|MEM|STATE\n"
         "\tSHOW DNS_HOSTS|DNS_ZONES\n"
         "\tSHOW STATS|STATS_TOTALS|STATS_AVERAGES|TOTALS\n"
-        "\tSHOW RULES|DECISIONS|APPROVALS|GRANTS\n"
+        "\tSHOW RULES|DECISIONS|APPROVALS|GRANTS|RECORDINGS\n"
         "\tAPPROVE <id> [FOR <interval>]\n"
         "\tDENY <id> '<reason>'\n"
         "\tREVOKE <grant_id>\n"
@@ -133,6 +133,8 @@ COLUMNS = {
               ("deny", "q"), ("mask", "q"), ("require_approval", "q"), ("mode", "s"), ("errors", "q")],
     "decisions": [("rule", "s"), ("action", "s"), ("count", "q"), ("last", "T"), ("last_reason", "s"),
                   ("mode", "s")],
+    "recordings": [("dir", "s"), ("file", "s"), ("records", "q"), ("bytes", "q"), ("write_failures", "q"),
+                   ("lost", "q"), ("queued", "q"), ("sessions", "q"), ("failing", "s"), ("blocked", "s")],
     "approvals": [("id", "s"), ("state", "s"), ("user", "s"), ("groups", "s"), ("database", "s"),
                   ("client_addr", "s"), ("application_name", "s"), ("rule", "s"), ("reason", "s"),
                   ("statement", "s"), ("params", "s"), ("tables_read", "s"), ("tables_written", "s"),
@@ -219,7 +221,7 @@ class Console:
             "dns_hosts": self.show_empty, "dns_zones": self.show_empty, "stats": self.show_stats,
             "stats_totals": self.show_stats_totals, "stats_averages": self.show_stats_averages,
             "totals": self.show_totals, "rules": self.show_rules, "decisions": self.show_decisions,
-            "approvals": self.show_approvals, "grants": self.show_grants,
+            "approvals": self.show_approvals, "grants": self.show_grants, "recordings": self.show_recordings,
         }
 
     # ------------------------------------------------------------------ dispatch
@@ -353,9 +355,10 @@ class Console:
         for p in gw.pools.values():
             wait = now - p.waiters[0].wait_started if p.waiters else 0.0
             linked = sum(1 for srv in p.active if srv.client is not None)
+            canceled = sum(1 for srv in p.active if srv.client is None and srv.parked)
             rows.append((p.db.name, p.server_user, active.get(id(p), 0), len(p.waiters), 0, 0, linked,
-                         sum(1 for srv in p.active if srv.cancels_in_flight), 0, len(p.idle),
-                         len(p.active) - linked, 0, p.connecting, int(wait), int((wait % 1) * 1e6),
+                         sum(1 for srv in p.active if srv.cancels_in_flight), canceled, len(p.idle),
+                         len(p.active) - linked - canceled, 0, p.connecting, int(wait), int((wait % 1) * 1e6),
                          p.db.pool_mode or cfg.pool_mode, None))
         rows.append(("pgbouncer", "pgbouncer", gw.console_sessions(), 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
                      "statement", None))
@@ -366,9 +369,11 @@ class Console:
                 and (not only_active or c.has_buffered())]
 
     def _server_rows(self, debug: bool, only_active: bool = False) -> list:
+        """Every server connection, in PgBouncer's order of lists: active (linked), used and
+        being_canceled, idle, then new (still logging in)."""
         rows = []
         for p in self.gw.pools.values():
-            for srv in list(p.active) + list(p.idle):
+            for srv in sorted(p.active, key=lambda x: x.client is None) + list(p.idle) + list(p.logging_in):
                 if not only_active or srv.has_buffered():
                     rows.append(srv.socket_row(debug))
         return rows
@@ -472,6 +477,15 @@ class Console:
                          f"{len(r.approvals)}/{r.required}", r.decided_by, r.outcome, r.grant_id,
                          preview_text(r.preview)))
         return result("approvals", rows)
+
+    def show_recordings(self, s) -> bytes:
+        """The session recorder (docs/recordings.md): one row, none while record_dir is unset."""
+        rec = self.gw.recorder
+        if rec is None:
+            return result("recordings", [])
+        f = rec.figures()
+        return result("recordings", [(f["dir"], f["file"], f["records"], f["bytes"], f["failures"], f["lost"],
+                                      f["queued"], f["sessions"], f["failing"], "yes" if f["blocked"] else "no")])
 
     def show_grants(self, s) -> bytes:
         now = time.time()

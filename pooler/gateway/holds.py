@@ -25,7 +25,6 @@ from ..approvals.present import bind_parts, fingerprint, justification_in, prett
 from ..approvals.preview import masked_sample, note_for, preview_sql, why_not
 from ..approvals.webhook import Webhook
 from ..protocol import messages as m
-from .approval_store import PgStore, default_gateway_name
 
 log = logging.getLogger("pooler.approvals")
 
@@ -50,8 +49,10 @@ class ApprovalDesk:
         self.book.listeners.append(self._changed)
         self.sessions: dict[str, Any] = {}  # request id -> the held session
         self.timers: dict[str, asyncio.TimerHandle] = {}
-        self.store = (PgStore(self, cfg.approvals_store, cfg.approvals_gateway_name or default_gateway_name(cfg))
-                      if cfg.approvals_store != "memory" else None)
+        self.store = None
+        if cfg.approvals_store != "memory":
+            from .approval_store import PgStore, default_gateway_name  # asyncpg, loaded only when used
+            self.store = PgStore(self, cfg.approvals_store, cfg.approvals_gateway_name or default_gateway_name(cfg))
         self.webhook = Webhook(cfg.approval_webhook) if cfg.approval_webhook else None
         if self.webhook is not None:
             self.book.listeners.append(self.webhook.changed)
