@@ -2,8 +2,10 @@
 a thread behind a bounded queue.
 
 Rules this module keeps:
-- The event loop only calls ``put`` (``queue.put_nowait``): it never waits for a disk, a socket
-  or a receiver. A full queue drops the event and counts it (``dropped``); a log line says so,
+- The event loop only calls ``put`` (a ``deque.append``, no lock: a lock the writer thread holds
+  while it waits for the interpreter lock would stall the loop, the convoy the recorder's writer
+  measured): it never waits for a disk, a socket or a receiver. The thread polls every
+  ``POLL`` seconds. A full queue drops the event and counts it (``dropped``); a log line says so,
   at most once a minute per destination.
 - Each destination counts what it delivered (``sent``) and what it gave up on after bounded
   retries (``failed``); those counters are written by the destination's thread only, ``dropped``
@@ -17,7 +19,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import queue
+import collections
 import socket
 import threading
 import time
@@ -31,6 +33,7 @@ from . import syslog
 log = logging.getLogger("pooler.audit")
 
 _STOP = object()
+POLL = 0.05  # seconds between looks at an empty queue
 RETRY_PAUSE = 0.5  # the first pause between tries; doubled each time, at most MAX_PAUSE
 MAX_PAUSE = 30.0
 CHUNK = 1000  # events written at once
@@ -48,7 +51,9 @@ class Sink:
     name = "sink"
 
     def __init__(self, queue_size: int) -> None:
-        self.q: queue.Queue = queue.Queue(maxsize=queue_size)
+        self.q: collections.deque = collections.deque()
+        self.size = queue_size
+        self._stopping = False
         self.sent = self.failed = self.dropped = 0
         self._warned = 0.0
         self._thread = threading.Thread(target=self._main, name=f"audit-{self.name}", daemon=True)
@@ -57,22 +62,19 @@ class Sink:
         self._thread.start()
 
     def put(self, item: Item) -> None:
-        try:
-            self.q.put_nowait(item)
-        except queue.Full:
+        if len(self.q) >= self.size:
             self.dropped += 1
             now = time.monotonic()
             if now - self._warned > 60:
                 self._warned = now
-                log.warning("audit %s: queue full (%d events), events are being dropped", self.name, self.q.maxsize)
+                log.warning("audit %s: queue full (%d events), events are being dropped", self.name, self.size)
+            return
+        self.q.append(item)
 
     def stop(self, wait: float = 1.0) -> None:
-        """Deliver what is queued and end, waiting at most ``wait`` seconds (a full queue or a
-        destination that hangs: the daemon thread is left to the process's exit)."""
-        try:
-            self.q.put_nowait(_STOP)
-        except queue.Full:
-            return
+        """Deliver what is queued and end, waiting at most ``wait`` seconds (a destination that
+        hangs: the daemon thread is left to the process's exit)."""
+        self._stopping = True
         if self._thread.is_alive():
             self._thread.join(wait)
 
@@ -86,30 +88,25 @@ class Sink:
 
     def _take(self, first_timeout: float | None, limit: int, until: float | None = None) -> tuple[list[Item], bool]:
         """Up to ``limit`` items: waits for the first (None: for ever), then takes what is there
-        (or, with ``until``, waits for more until that monotonic time). -> (items, stopping)."""
+        (or, with ``until``, waits for more until that monotonic time). -> (items, stopping):
+        stopping once ``stop`` was called and the queue is empty."""
+        q = self.q
         items: list[Item] = []
-        try:
-            it = self.q.get(timeout=first_timeout)
-        except queue.Empty:
-            return items, False
-        if it is _STOP:
-            return items, True
-        items.append(it)
-        while len(items) < limit:
-            try:
-                if until is None:
-                    it = self.q.get_nowait()
-                else:
-                    left = until - time.monotonic()
-                    if left <= 0:
-                        break
-                    it = self.q.get(timeout=left)
-            except queue.Empty:
-                break
-            if it is _STOP:
+        deadline = None if first_timeout is None else time.monotonic() + first_timeout
+        while not q:
+            if self._stopping:
                 return items, True
-            items.append(it)
-        return items, False
+            if deadline is not None and time.monotonic() >= deadline:
+                return items, False
+            time.sleep(POLL)
+        while len(items) < limit:
+            if q:
+                items.append(q.popleft())
+            elif until is not None and time.monotonic() < until and not self._stopping:
+                time.sleep(min(POLL, max(0.0, until - time.monotonic())))
+            else:
+                break
+        return items, self._stopping and not q
 
     def _warn(self, what: str) -> None:
         now = time.monotonic()
