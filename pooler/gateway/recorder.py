@@ -110,7 +110,7 @@ def _row_values(body: bytes) -> tuple[list, int]:
 class Recorder(Observer):
     """Subscribed while ``record_dir`` is set."""
 
-    trusted = False  # guarded: a bug here is logged, never breaks a session
+    trusted = False  # guarded: a bug here is logged (and blocks statements: observer_failed), never breaks a session
 
     def __init__(self, gw) -> None:
         self.gw = gw
