@@ -84,7 +84,7 @@ def _text_or_hex(v: bytes):
         s = v.decode("utf-8")
     except UnicodeDecodeError:
         return {"hex": v.hex()}
-    if _CONTROL.search(s) is not None:
+    if not s.isprintable() and _CONTROL.search(s) is not None:  # (isprintable: the quick common answer)
         return {"hex": v.hex()}
     return s
 
