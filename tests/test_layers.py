@@ -16,7 +16,7 @@ LAYERS = [
     {"pooler.policy", "pooler.config", "pooler.approvals", "pooler.recording"},
     {"pooler.gateway"},
     {"pooler.runtime", "pooler.pgcluster"},
-    {"pooler.cli", "pooler.demo", "pooler.__main__", "pooler.cli_approvals", "pooler.cli_recordings"},
+    {"pooler.cli", "pooler.demo", "pooler.__main__", "pooler.cli_approvals", "pooler.cli_recordings", "pooler.cli_replay"},
 ]
 
 # inside the asyncio shell, bottom up: each module imports only modules listed before it

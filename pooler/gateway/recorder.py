@@ -282,6 +282,11 @@ class Recorder(Observer):
         if st is None:
             return
         st.refused += 1
+        # a refused Query gets no result from a server: its entry must not take the result of
+        # the statement after it (a refusal comes right after the decision of its message)
+        pending = st.pending
+        if pending and pending[-1][0] == st.q and pending[-1][1] and not pending[-1][2]:
+            pending.pop()
         self._rec(st, "refused", q=st.q or None, sqlstate=sqlstate, message=message)
 
     def held(self, s, req) -> None:
