@@ -198,7 +198,10 @@ class Writer:
                 j = done
                 while j < n:  # format.link and format.seal, inlined (the thread's whole work per record)
                     body = lines[j]
-                    prev = (_hmac_digest(key, prev + body, "sha256") if key else _sha256(prev + body).digest()).hex().encode()
+                    if key:
+                        prev = _hmac_digest(key, prev + body, "sha256").hex().encode()
+                    else:
+                        prev = _sha256(prev + body).hexdigest().encode()
                     put(body[:-1])
                     put(b',"h":"')
                     put(prev)
