@@ -50,8 +50,9 @@ def test_psql_session_is_recorded_as_sent_and_shown(gw_factory, tmp_path, mode):
     assert rep.ok, rep.problems
 
 
-def test_psycopg_parameters_and_extended_route_are_recorded(gw_factory, tmp_path):
-    g, d = recording_gw(gw_factory, tmp_path, pool_mode="transaction")
+@pytest.mark.parametrize("mode", ["session", "transaction", "statement"])
+def test_psycopg_parameters_and_extended_route_are_recorded(gw_factory, tmp_path, mode):
+    g, d = recording_gw(gw_factory, tmp_path, pool_mode=mode)
     with psycopg.connect(g.dsn(), autocommit=True) as c:
         c.execute("SELECT %s::int + 1 AS n, %s::text AS who", (41, "agent"), prepare=False)
         c.execute("SELECT %s::text", (None,), prepare=False)
@@ -70,12 +71,13 @@ def test_psycopg_parameters_and_extended_route_are_recorded(gw_factory, tmp_path
     assert rows[3] == [[{"hex": "00ff"}]]  # a binary result value
 
 
-def test_asyncpg_prepared_statements_bind_to_their_statement(gw_factory, tmp_path):
+@pytest.mark.parametrize("mode", ["session", "transaction"])
+def test_asyncpg_prepared_statements_bind_to_their_statement(gw_factory, tmp_path, mode):
     import asyncio
 
     import asyncpg
 
-    g, d = recording_gw(gw_factory, tmp_path, pool_mode="session")
+    g, d = recording_gw(gw_factory, tmp_path, pool_mode=mode)
 
     async def run():
         c = await asyncpg.connect(host=g.host, port=g.port, user="postgres", database="postgres", ssl=False)
