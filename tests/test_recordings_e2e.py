@@ -118,3 +118,14 @@ def test_reload_changes_rows_recorded_and_keeps_the_directory(gw_factory, tmp_pa
     assert of(first, "rows")[0]["rows"] == [["1"]] and of(first, "rows")[0]["truncated"] is True
     assert of(second, "rows")[0]["rows"] == [["1"], ["2"], ["3"]]
     assert not (tmp_path / "elsewhere").exists()
+
+
+def test_notices_are_recorded_with_their_statement(gw_factory, tmp_path):
+    g, d = recording_gw(gw_factory, tmp_path)
+    with psycopg.connect(g.dsn(), autocommit=True) as c:
+        c.execute("DO $$ BEGIN RAISE WARNING 'agent was warned: %', 42; END $$")
+        c.execute("SELECT 1")
+    (s,) = wait_logged_out(d)
+    (n,) = of(s, "notice")
+    assert (n["severity"], n["sqlstate"], n["message"]) == ("WARNING", "01000", "agent was warned: 42")
+    assert n["q"] == next(x["q"] for x in of(s, "stmt") if x["sql"].startswith("DO "))
