@@ -9,7 +9,8 @@ Rules this module keeps:
   signatures below; only those are called.
 - An observer's exception is logged and swallowed: it never breaks the session that reported
   the event. An observer whose failure must stop traffic (a recorder that cannot write) says so
-  through the gateway, not by raising here. The gateway's own observers (``trusted = True``:
+  through the gateway, not by raising here; it learns of its own exceptions through
+  ``Observer.observer_failed``. The gateway's own observers (``trusted = True``:
   counters and log lines, pinned by tests) are called without that guard, one Python call less
   on the hot path.
 - Events are reported synchronously on the event loop: an observer that does I/O buffers and
@@ -36,6 +37,10 @@ The events, in a session's order (``session`` is the ClientSession, ``server`` t
     suspended(session, server, nbytes, seconds)      an Execute's row limit was reached (PortalSuspended):
                                                      the portal may be executed again for more rows
     failed(session, server, sqlstate, message)       the server answered a request with an error
+    notice(session, server, severity, sqlstate, message)
+                                                     a NoticeResponse the server sent while answering
+                                                     (as the client gets it: scrubbed when masked);
+                                                     only while watching (see below)
     row(session, server, body)                       a DataRow as the client was sent it (masked),
                                                      body without type and length; None for a row
                                                      streamed in pieces. Only the first
@@ -81,7 +86,7 @@ from typing import Any, Callable
 log = logging.getLogger("pooler.events")
 
 EVENTS = ("login", "login_failed", "decided", "bound", "refused", "held", "hold_ended", "server_assigned", "forwarded",
-          "completed", "suspended", "failed", "row", "masked", "ready", "server_released", "logout", "canceled",
+          "completed", "suspended", "failed", "notice", "row", "masked", "ready", "server_released", "logout", "canceled",
           "shadow_decided", "admin_command", "rules_reloaded", "config_reloaded")
 
 
@@ -102,6 +107,7 @@ class Observer:
     def completed(self, session, server, tag: str, rows: int | None, nbytes: int, seconds: float) -> None: ...
     def suspended(self, session, server, nbytes: int, seconds: float) -> None: ...
     def failed(self, session, server, sqlstate: str, message: str) -> None: ...
+    def notice(self, session, server, severity: str, sqlstate: str, message: str) -> None: ...
     def row(self, session, server, body: bytes | None) -> None: ...
     def masked(self, session, report: list[tuple[str, int]]) -> None: ...
     def ready(self, session, server, status: int, started: float, sent: int, received: int) -> None: ...
@@ -114,6 +120,10 @@ class Observer:
     def config_reloaded(self, ok: bool, path: str, message: str) -> None: ...
 
     rows_wanted = 0  # an observer of ``row``: how many rows of each result it wants
+
+    def observer_failed(self, event: str, exc: BaseException) -> None:
+        """This observer raised on ``event`` (logged already): an observer whose failure must
+        stop traffic says so to the gateway here."""
 
 
 def _dispatcher(name: str, handlers: list[Callable], trusted: bool) -> Callable:
@@ -132,17 +142,28 @@ def _dispatcher(name: str, handlers: list[Callable], trusted: bool) -> Callable:
         def one(*args: Any) -> None:
             try:
                 h(*args)
-            except Exception:  # noqa: BLE001 - an observer never breaks the session
+            except Exception as e:  # noqa: BLE001 - an observer never breaks the session
                 log.exception("observer %r failed on %s", h, name)
+                _tell(h, name, e)
         return one
 
     def fan_out(*args: Any) -> None:
         for h in handlers:
             try:
                 h(*args)
-            except Exception:  # noqa: BLE001
+            except Exception as e:  # noqa: BLE001
                 log.exception("observer %r failed on %s", h, name)
+                _tell(h, name, e)
     return fan_out
+
+
+def _tell(handler: Callable, name: str, exc: BaseException) -> None:
+    obs = getattr(handler, "__self__", None)
+    if isinstance(obs, Observer):
+        try:
+            obs.observer_failed(name, exc)
+        except Exception:  # noqa: BLE001
+            log.exception("observer %r failed on observer_failed", obs)
 
 
 class Events:
@@ -162,6 +183,7 @@ class Events:
     completed: Callable | None
     suspended: Callable | None
     failed: Callable | None
+    notice: Callable | None
     row: Callable | None
     masked: Callable | None
     ready: Callable | None
