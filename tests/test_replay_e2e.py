@@ -70,7 +70,9 @@ def test_list_filters_and_json(recorded):
     assert sids("--grep", "division BY zero") == [ann]  # error messages are searched too
     assert sids("--table", "products") == [agent, ann]
     assert sids("--since", "1 hour ago") == [agent, ann, dba] and sids("--since", "2099-01-01") == []
-    assert sids("--day", "today") == [agent, ann, dba] and sids("--day", "yesterday") == []
+    day = time.strftime("%Y-%m-%d", time.gmtime(sessions[0]["start"]))  # (not "today": a run may cross midnight)
+    before = time.strftime("%Y-%m-%d", time.gmtime(sessions[0]["start"] - 86400))
+    assert sids("--day", day) == [agent, ann, dba] and sids("--day", before) == []
     (one,) = [json.loads(line) for line in pooler("replay", "list", str(rec), "--json", "--identity", "agent").stdout.splitlines()]
     assert one["statements"] == 5 and one["denied"] == 2 and one["masked"] == 1 and one["live"] is False
     assert one["groups"] == ["agents"] and one["app"] == "agent-psql"
@@ -80,7 +82,7 @@ def test_the_auditors_question_in_one_command(recorded):
     """Every statement agent X ran against customers that day that was denied."""
     _, rec, sessions = recorded
     r = pooler("replay", "statements", str(rec), "--identity", "agent", "--table", "customers",
-               "--day", "today", "--decision", "deny")
+               "--day", time.strftime("%Y-%m-%d", time.gmtime(sessions[0]["start"])), "--decision", "deny")
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert lines[0].split() == ["TIME", "(UTC)", "SESSION", "#", "USER", "DATABASE", "DECISION", "RULE", "OUTCOME",
