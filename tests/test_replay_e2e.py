@@ -16,6 +16,7 @@ import pytest
 
 from tests.gwproc import REPO
 from tests.masking_helpers import assert_no_secret
+from tests.recording_helpers import wait_sessions
 from tests.replay_helpers import (AGENT, ANALYST, ESC_SQL, pooler, pooler_process, record_demo_sessions,
                                   start_recording_gateway)
 
@@ -236,6 +237,7 @@ def test_follow_shows_a_live_session_as_it_happens(pg, demo_shop, tmp_path):
     g, rec = start_recording_gateway(pg, demo_shop, tmp_path)
     with psycopg.connect(g.dsn(user="agent", dbname="shop", application_name="live"), autocommit=True) as c:
         c.execute("SELECT 'first statement'")
+        wait_sessions(rec, lambda ss: len(ss) == 1)  # its login is written: `last` finds it
         proc = subprocess.Popen([sys.executable, "-m", "pooler", "replay", "show", str(rec), "last", "--identity",
                                  "agent", "--follow"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 cwd=REPO, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
