@@ -227,3 +227,37 @@ def test_the_writer_knows_its_file_size_exactly(tmp_path):
     w = write(tmp_path, n_sessions=2, per=7, rotate_size=1 << 20, stop=False)
     assert os.path.getsize(w.current_file) == w._size
     w.stop()
+
+
+def test_pooler_recordings_verify_command(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.gwproc import REPO
+
+    key = tmp_path / "key"
+    key.write_bytes(b"k-7\n")
+    d = tmp_path / "rec"
+    write(d, n_sessions=4, per=20, key=b"k-7")
+
+    def verify_cmd(*args):
+        return subprocess.run([sys.executable, "-m", "pooler", "recordings", "verify", str(d), *args],
+                              capture_output=True, text=True, cwd=REPO, timeout=60)
+
+    ok = verify_cmd("--key-file", str(key))
+    assert ok.returncode == 0 and "the chain holds" in ok.stdout, ok.stdout + ok.stderr
+    no_key = verify_cmd()
+    assert no_key.returncode == 1 and "--key-file" in no_key.stdout
+    files = rf.list_files(d)
+    lines = lines_of(files[1].path)
+    lines[2] = lines[2].replace(b"SELECT", b"select")
+    rewrite(files[1].path, lines)
+    unset = verify_cmd("--key-env", "REC_KEY_T")
+    assert unset.returncode == 1 and "environment variable REC_KEY_T is not set" in unset.stderr
+    bad = subprocess.run([sys.executable, "-m", "pooler", "recordings", "verify", str(d), "--key-env", "REC_KEY_T",
+                          "--json"], capture_output=True, text=True, cwd=REPO, timeout=60,
+                         env={**os.environ, "REC_KEY_T": "k-7"})
+    rep = orjson.loads(bad.stdout)
+    assert bad.returncode == 1 and not rep["ok"]
+    assert rep["problems"][0].endswith(f"{files[1].path.name}:3: hash does not match: this record was changed, "
+                                       "or one was removed or inserted before it")

@@ -97,3 +97,22 @@ def test_asyncpg_prepared_statements_bind_to_their_statement(gw_factory, tmp_pat
     outcomes = [x["t"] for x in s["events"] if x.get("q") == q and x["t"] in ("done", "suspended")]
     assert len(outcomes) == 2
     assert [int(r["rows"][0][0]["hex"], 16) for r in of(s, "rows") if r["q"] == q] == [42, 10]
+
+
+def test_reload_changes_rows_recorded_and_keeps_the_directory(gw_factory, tmp_path):
+    import signal
+
+    g, d = recording_gw(gw_factory, tmp_path, record_results=1)
+    with psycopg.connect(g.dsn(), autocommit=True) as c:
+        c.execute("SELECT g FROM generate_series(1, 3) g")
+    g.settings.update(record_results="3", record_dir=str(tmp_path / "elsewhere"))
+    g.write_ini()
+    g.signal(signal.SIGHUP)
+    g.wait_log("configuration reloaded")
+    assert "record_dir: changes need a restart" in g.log()
+    with psycopg.connect(g.dsn(), autocommit=True) as c:
+        c.execute("SELECT g FROM generate_series(1, 3) g")
+    first, second = wait_logged_out(d, 2)
+    assert of(first, "rows")[0]["rows"] == [["1"]] and of(first, "rows")[0]["truncated"] is True
+    assert of(second, "rows")[0]["rows"] == [["1"], ["2"], ["3"]]
+    assert not (tmp_path / "elsewhere").exists()

@@ -185,3 +185,36 @@ def test_block_refuses_statements_while_the_directory_is_read_only(gw_factory, t
     g.stop()
     rep = verify(d)
     assert rep.ok, rep.problems
+
+
+def test_a_recorder_that_fails_blocks_statements_rather_than_lose_them(pg, tmp_path):
+    """A record that cannot be made (here: a statement text the recorder is made to choke on)
+    is a recording failure like a disk error: under block, nothing runs from then on."""
+    import types
+
+    from tests.conftest import upstream_entry
+    from tests.inproc import LiveGateway
+
+    d = tmp_path / "rec"
+    (tmp_path / "gw").mkdir()
+    lg = LiveGateway(databases={"postgres": upstream_entry(pg)},
+                     settings={"record_dir": str(d), "record_fsync": "always"}, workdir=str(tmp_path / "gw"))
+    lg.start()
+    try:
+        rec = lg.gw.recorder
+        real = rec.decided
+
+        def choke(self, s, kind, sql, dec):
+            if "choke" in sql:
+                raise RuntimeError("boom")
+            return real(s, kind, sql, dec)
+
+        rec.decided = types.MethodType(choke, rec)
+        lg.call(lg.gw.events.refresh)
+        with psycopg.connect(lg.dsn(), autocommit=True) as c:
+            assert run(c) is None
+            run(c, "SELECT 'choke'")  # judged before the failure was known: it may run
+            refusal = run(c, "SELECT 2")
+            assert refusal is not None and refusal[0] == "58030" and "the recorder failed on decided" in refusal[1]
+    finally:
+        lg.stop()

@@ -32,6 +32,10 @@ from .session import C_READY, ClientSession
 
 log = logging.getLogger("pooler")
 
+# recording settings read once, when the recorder starts (RELOAD keeps them; SET refuses them)
+_RECORD_AT_START = ("record_dir", "record_rotate_size", "record_rotate_age", "record_retention_days",
+                    "record_retention_size", "record_compression", "record_fsync", "record_key")
+
 
 class Gateway:
     """The process: listeners, pools, the policy, observers, cancel routing, timers, signals.
@@ -287,6 +291,11 @@ class Gateway:
         if (new.listen_addr, new.listen_port, new.unix_socket_dir) != (old.listen_addr, old.listen_port, old.unix_socket_dir):
             log.warning("listen_addr/listen_port/unix_socket_dir changes need a restart")
             new.listen_addr, new.listen_port, new.unix_socket_dir = old.listen_addr, old.listen_port, old.unix_socket_dir
+        kept = [k for k in _RECORD_AT_START if getattr(new, k) != getattr(old, k)]
+        if kept:  # the recorder and its writer were made at start (record_results, _result_bytes, _failure apply)
+            log.warning("%s: changes need a restart; the recorder keeps its settings", ", ".join(kept))
+            for k in _RECORD_AT_START:
+                setattr(new, k, getattr(old, k))
         self._scram_cache.clear()
         self.config = new
         self.events.refresh()  # record_results may have changed (events.row)

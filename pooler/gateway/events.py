@@ -9,7 +9,8 @@ Rules this module keeps:
   signatures below; only those are called.
 - An observer's exception is logged and swallowed: it never breaks the session that reported
   the event. An observer whose failure must stop traffic (a recorder that cannot write) says so
-  through the gateway, not by raising here. The gateway's own observers (``trusted = True``:
+  through the gateway, not by raising here; it learns of its own exceptions through
+  ``Observer.observer_failed``. The gateway's own observers (``trusted = True``:
   counters and log lines, pinned by tests) are called without that guard, one Python call less
   on the hot path.
 - Events are reported synchronously on the event loop: an observer that does I/O buffers and
@@ -92,6 +93,10 @@ class Observer:
 
     rows_wanted = 0  # an observer of ``row``: how many rows of each result it wants
 
+    def observer_failed(self, event: str, exc: BaseException) -> None:
+        """This observer raised on ``event`` (logged already): an observer whose failure must
+        stop traffic says so to the gateway here."""
+
 
 def _dispatcher(name: str, handlers: list[Callable], trusted: bool) -> Callable:
     if trusted and len(handlers) == 1:
@@ -109,17 +114,28 @@ def _dispatcher(name: str, handlers: list[Callable], trusted: bool) -> Callable:
         def one(*args: Any) -> None:
             try:
                 h(*args)
-            except Exception:  # noqa: BLE001 - an observer never breaks the session
+            except Exception as e:  # noqa: BLE001 - an observer never breaks the session
                 log.exception("observer %r failed on %s", h, name)
+                _tell(h, name, e)
         return one
 
     def fan_out(*args: Any) -> None:
         for h in handlers:
             try:
                 h(*args)
-            except Exception:  # noqa: BLE001
+            except Exception as e:  # noqa: BLE001
                 log.exception("observer %r failed on %s", h, name)
+                _tell(h, name, e)
     return fan_out
+
+
+def _tell(handler: Callable, name: str, exc: BaseException) -> None:
+    obs = getattr(handler, "__self__", None)
+    if isinstance(obs, Observer):
+        try:
+            obs.observer_failed(name, exc)
+        except Exception:  # noqa: BLE001
+            log.exception("observer %r failed on observer_failed", obs)
 
 
 class Events:

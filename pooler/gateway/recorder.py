@@ -84,7 +84,7 @@ def _text_or_hex(v: bytes):
         s = v.decode("utf-8")
     except UnicodeDecodeError:
         return {"hex": v.hex()}
-    if _CONTROL.search(s) is not None:
+    if not s.isprintable() and _CONTROL.search(s) is not None:  # (isprintable: the quick common answer)
         return {"hex": v.hex()}
     return s
 
@@ -110,7 +110,7 @@ def _row_values(body: bytes) -> tuple[list, int]:
 class Recorder(Observer):
     """Subscribed while ``record_dir`` is set."""
 
-    trusted = False  # guarded: a bug here is logged, never breaks a session
+    trusted = False  # guarded: a bug here is logged (and blocks statements: observer_failed), never breaks a session
 
     def __init__(self, gw) -> None:
         self.gw = gw
@@ -127,6 +127,7 @@ class Recorder(Observer):
         self._timer: asyncio.TimerHandle | None = None
         self.stopped = False
         self.blocked_since = 0.0
+        self.broken: str | None = None  # a record could not be made (a bug): as a write failure
 
     @property
     def rows_wanted(self) -> int:  # events.row: rows of each result we want
@@ -169,8 +170,14 @@ class Recorder(Observer):
             self.buf, self.nbuf = bytearray(), 0
             self.writer.submit(buf, n)
 
+    def observer_failed(self, event: str, exc: BaseException) -> None:
+        """A record could not be made: with record_failure = block nothing runs from now on
+        (at once, not at the next tick), as when records cannot be written."""
+        self.broken = f"the recorder failed on {event} ({type(exc).__name__}); see the log"
+        self._check_failure()
+
     def _check_failure(self) -> None:
-        why = self.writer.failing
+        why = self.writer.failing or self.broken
         gw = self.gw
         if why is not None and gw.config.record_failure == "block":
             if gw.record_block is None:

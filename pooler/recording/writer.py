@@ -35,6 +35,13 @@ _hmac_digest = hmac.digest
 log = logging.getLogger("pooler.recording")
 
 RETRY_EVERY = 1.0  # seconds between attempts while writing fails
+# The thread shares the interpreter lock with the proxy loop: every 128 records it lets the loop
+# have it (time.sleep(0) releases it), so a chunk of thousands never stalls every client at once
+YIELD_EVERY = 127
+
+
+def _yield_gil() -> None:
+    time.sleep(0)
 
 
 class Writer:
@@ -198,6 +205,8 @@ class Writer:
                     put(b'"}\n')
                     size += len(body) + SUFFIX_LEN  # the line: body less "}", the suffix, a newline
                     j += 1
+                    if not j & YIELD_EVERY:
+                        _yield_gil()
                     if size >= limit:
                         break
                 data = b"".join(out)
