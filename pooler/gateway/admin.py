@@ -339,9 +339,10 @@ class Console:
         for p in gw.pools.values():
             wait = now - p.waiters[0].wait_started if p.waiters else 0.0
             linked = sum(1 for srv in p.active if srv.client is not None)
+            canceled = sum(1 for srv in p.active if srv.client is None and srv.parked)
             rows.append((p.db.name, p.server_user, active.get(id(p), 0), len(p.waiters), 0, 0, linked,
-                         sum(1 for srv in p.active if srv.cancels_in_flight), 0, len(p.idle),
-                         len(p.active) - linked, 0, p.connecting, int(wait), int((wait % 1) * 1e6),
+                         sum(1 for srv in p.active if srv.cancels_in_flight), canceled, len(p.idle),
+                         len(p.active) - linked - canceled, 0, p.connecting, int(wait), int((wait % 1) * 1e6),
                          p.db.pool_mode or cfg.pool_mode, None))
         rows.append(("pgbouncer", "pgbouncer", gw.console_sessions(), 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
                      "statement", None))
@@ -352,9 +353,11 @@ class Console:
                 and (not only_active or c.has_buffered())]
 
     def _server_rows(self, debug: bool, only_active: bool = False) -> list:
+        """Every server connection, in PgBouncer's order of lists: active (linked), used and
+        being_canceled, idle, then new (still logging in)."""
         rows = []
         for p in self.gw.pools.values():
-            for srv in list(p.active) + list(p.idle):
+            for srv in sorted(p.active, key=lambda x: x.client is None) + list(p.idle) + list(p.logging_in):
                 if not only_active or srv.has_buffered():
                     rows.append(srv.socket_row(debug))
         return rows

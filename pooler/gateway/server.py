@@ -285,10 +285,21 @@ class ServerConn(asyncio.Protocol):
 
     # ------------------------------------------------------------------ what the console shows
 
+    def state_name(self) -> str:
+        """PgBouncer's name for the list this server would be on (SHOW SERVERS' state): new
+        (logging in), active (linked), being_canceled (released while a cancel request for it
+        is in flight), used (linked to nobody but not back in the pool: resetting), idle."""
+        st = self.state
+        if st == S_IDLE:
+            return "idle"
+        if st == S_ACTIVE:
+            return "active" if self.client is not None else "being_canceled" if self.parked else "used"
+        return "new" if st in (S_CONNECTING, S_LOGIN) else "closed"
+
     def socket_row(self, debug: bool) -> tuple:
         """This server as a row of SHOW SERVERS/SOCKETS."""
         c = self.client
-        state = "active" if self.state == S_ACTIVE else "idle" if self.state == S_IDLE else "login"
+        state = self.state_name()
         wall_used = time.time() - (time.monotonic() - self.last_used) if self.last_used else self.connected_wall
         return socket_row("S", self.pool.server_user, self.pool.db.name, state, self.transport,
                           self.connected_wall, wall_used, 0.0, self.close_needed, self, c,
