@@ -50,8 +50,9 @@ def test_psql_session_is_recorded_as_sent_and_shown(gw_factory, tmp_path, mode):
     assert rep.ok, rep.problems
 
 
-def test_psycopg_parameters_and_extended_route_are_recorded(gw_factory, tmp_path):
-    g, d = recording_gw(gw_factory, tmp_path, pool_mode="transaction")
+@pytest.mark.parametrize("mode", ["session", "transaction", "statement"])
+def test_psycopg_parameters_and_extended_route_are_recorded(gw_factory, tmp_path, mode):
+    g, d = recording_gw(gw_factory, tmp_path, pool_mode=mode)
     with psycopg.connect(g.dsn(), autocommit=True) as c:
         c.execute("SELECT %s::int + 1 AS n, %s::text AS who", (41, "agent"), prepare=False)
         c.execute("SELECT %s::text", (None,), prepare=False)
@@ -70,12 +71,13 @@ def test_psycopg_parameters_and_extended_route_are_recorded(gw_factory, tmp_path
     assert rows[3] == [[{"hex": "00ff"}]]  # a binary result value
 
 
-def test_asyncpg_prepared_statements_bind_to_their_statement(gw_factory, tmp_path):
+@pytest.mark.parametrize("mode", ["session", "transaction"])
+def test_asyncpg_prepared_statements_bind_to_their_statement(gw_factory, tmp_path, mode):
     import asyncio
 
     import asyncpg
 
-    g, d = recording_gw(gw_factory, tmp_path, pool_mode="session")
+    g, d = recording_gw(gw_factory, tmp_path, pool_mode=mode)
 
     async def run():
         c = await asyncpg.connect(host=g.host, port=g.port, user="postgres", database="postgres", ssl=False)
@@ -116,3 +118,14 @@ def test_reload_changes_rows_recorded_and_keeps_the_directory(gw_factory, tmp_pa
     assert of(first, "rows")[0]["rows"] == [["1"]] and of(first, "rows")[0]["truncated"] is True
     assert of(second, "rows")[0]["rows"] == [["1"], ["2"], ["3"]]
     assert not (tmp_path / "elsewhere").exists()
+
+
+def test_notices_are_recorded_with_their_statement(gw_factory, tmp_path):
+    g, d = recording_gw(gw_factory, tmp_path)
+    with psycopg.connect(g.dsn(), autocommit=True) as c:
+        c.execute("DO $$ BEGIN RAISE WARNING 'agent was warned: %', 42; END $$")
+        c.execute("SELECT 1")
+    (s,) = wait_logged_out(d)
+    (n,) = of(s, "notice")
+    assert (n["severity"], n["sqlstate"], n["message"]) == ("WARNING", "01000", "agent was warned: 42")
+    assert n["q"] == next(x["q"] for x in of(s, "stmt") if x["sql"].startswith("DO "))

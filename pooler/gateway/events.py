@@ -37,6 +37,10 @@ The events, in a session's order (``session`` is the ClientSession, ``server`` t
     suspended(session, server, nbytes, seconds)      an Execute's row limit was reached (PortalSuspended):
                                                      the portal may be executed again for more rows
     failed(session, server, sqlstate, message)       the server answered a request with an error
+    notice(session, server, severity, sqlstate, message)
+                                                     a NoticeResponse the server sent while answering
+                                                     (as the client gets it: scrubbed when masked);
+                                                     only while watching (see below)
     row(session, server, body)                       a DataRow as the client was sent it (masked),
                                                      body without type and length; None for a row
                                                      streamed in pieces. Only the first
@@ -64,7 +68,7 @@ from typing import Any, Callable
 log = logging.getLogger("pooler.events")
 
 EVENTS = ("login", "login_failed", "decided", "bound", "refused", "held", "hold_ended", "server_assigned", "forwarded",
-          "completed", "suspended", "failed", "row", "masked", "ready", "server_released", "logout", "canceled")
+          "completed", "suspended", "failed", "notice", "row", "masked", "ready", "server_released", "logout", "canceled")
 
 
 class Observer:
@@ -84,6 +88,7 @@ class Observer:
     def completed(self, session, server, tag: str, rows: int | None, nbytes: int, seconds: float) -> None: ...
     def suspended(self, session, server, nbytes: int, seconds: float) -> None: ...
     def failed(self, session, server, sqlstate: str, message: str) -> None: ...
+    def notice(self, session, server, severity: str, sqlstate: str, message: str) -> None: ...
     def row(self, session, server, body: bytes | None) -> None: ...
     def masked(self, session, report: list[tuple[str, int]]) -> None: ...
     def ready(self, session, server, status: int, started: float, sent: int, received: int) -> None: ...
@@ -155,6 +160,7 @@ class Events:
     completed: Callable | None
     suspended: Callable | None
     failed: Callable | None
+    notice: Callable | None
     row: Callable | None
     masked: Callable | None
     ready: Callable | None

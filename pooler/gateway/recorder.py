@@ -381,6 +381,11 @@ class Recorder(Observer):
         st.errors += 1
         self._rec(st, "error", q=q, sqlstate=sqlstate, message=message)
 
+    def notice(self, s, srv, severity: str, sqlstate: str, message: str) -> None:
+        st = self.live.get(s)
+        if st is not None:
+            self._rec(st, "notice", q=st.q or None, severity=severity, sqlstate=sqlstate, message=message)
+
     def masked(self, s, report) -> None:
         st = self.live.get(s)
         if st is not None:

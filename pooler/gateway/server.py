@@ -741,12 +741,16 @@ class ServerConn(asyncio.Protocol):
                         self._watch_suspended(client, self.w_bytes + end - wfrom)
                     self.w_bytes, wfrom = 0, end
             elif t == T_NOTICE:
+                notice = None
                 if masking and queue and _masked_info(queue[0][1]):
                     if out is None:
                         out = []
                     out.append(data[fwd:pos])
-                    out.append(scrub_message(b"N", data[pos + 5 : end]))
+                    out.append(notice := scrub_message(b"N", data[pos + 5 : end]))
                     fwd = end
+                if watching and self.events.notice is not None:  # as the client gets it (scrubbed)
+                    f = m.parse_error_fields(notice[5:] if notice is not None else data[pos + 5 : end])
+                    self.events.notice(client, self, f.get("V") or f.get("S", ""), f.get("C", ""), f.get("M", ""))
             elif t == T_COPY_IN or t == T_COPY_OUT or t == T_COPY_BOTH:
                 if masking and queue and _masked_info(queue[0][1]):
                     # COPY of a masked statement is refused before it runs; never stream one

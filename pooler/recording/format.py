@@ -47,7 +47,7 @@ def link(prev: bytes, body: bytes, key: bytes | None) -> bytes:
     """The ``h`` of ``body`` (a record's bytes without ``h``) after a record whose ``h`` is ``prev``."""
     if key:
         return hmac.digest(key, prev + body, "sha256").hex().encode()
-    return hashlib.sha256(prev + body).digest().hex().encode()
+    return hashlib.sha256(prev + body).hexdigest().encode()
 
 
 def seal(body: bytes, h: bytes) -> bytes:

@@ -2,9 +2,10 @@
 and written to rotating files (files.py) under ``record_dir``.
 
 Rules this module keeps:
-- The event loop never waits for a disk: it hands whole chunks over (``submit``: a list append
-  under a lock held for nanoseconds), the thread does the hashing, writing, syncing,
-  rotating, compressing and retention.
+- The event loop never waits for a disk, nor for a lock: it hands whole chunks over
+  (``submit``: a deque append), the thread looks for them every ``POLL`` seconds and does the
+  hashing, writing, syncing, rotating, compressing and retention, letting the loop have the
+  interpreter lock every 128 records.
 - The chain in a file is never broken by a failure: a write that fails is cut back to the last
   whole record (``ftruncate``), the chain continues from the last record actually written, and
   the first record written after the failure is a ``gap`` saying how many were lost.
@@ -16,6 +17,7 @@ Rules this module keeps:
 
 from __future__ import annotations
 
+import collections
 import errno
 import hashlib
 import hmac
@@ -35,6 +37,7 @@ _hmac_digest = hmac.digest
 log = logging.getLogger("pooler.recording")
 
 RETRY_EVERY = 1.0  # seconds between attempts while writing fails
+POLL = 0.05  # the thread looks for chunks this often (the loop hands one over every 100 ms)
 # The thread shares the interpreter lock with the proxy loop: every 128 records it lets the loop
 # have it (time.sleep(0) releases it), so a chunk of thousands never stalls every client at once
 YIELD_EVERY = 127
@@ -59,17 +62,20 @@ class Writer:
         self.fsync = fsync  # 0: after every chunk; math.inf: only when a file is closed; else at most this late
         self.key = key or None
         self.max_queued = max_queued
-        # shared with the loop (the lock guards _chunks and queued)
-        self._lock = threading.Lock()
-        self._wake = threading.Condition(self._lock)
-        self._chunks: list[list[bytes]] = []
-        self.queued = 0  # records submitted, not yet written (or lost)
+        # shared with the loop without a lock: deque append/popleft are atomic, and each counter
+        # has one thread that writes it (a lock here made the loop wait for the interpreter lock
+        # behind the writer: a convoy of milliseconds at each hand-over)
+        self._chunks: collections.deque = collections.deque()  # (bytes, records) from the loop
+        self.submitted = 0  # records the loop handed over (the loop's)
+        self.taken = 0  # ... the thread took, written or lost (the thread's)
+        self._dropped = 0  # records the loop dropped: the thread far behind (the loop's)
+        self._dropped_seen = 0  # (the thread's)
+        self._lost = 0  # records the thread could not write (the thread's)
         self._stopping = False
         self.failing: str | None = None  # why records cannot be written now (None: they can)
         self.records = 0  # records written
         self.bytes = 0  # bytes written (before compression)
         self.failures = 0  # failed attempts to write
-        self.lost = 0  # records that could not be written
         self.files_opened = 0
         # the thread's own
         self._thread: threading.Thread | None = None
@@ -99,15 +105,21 @@ class Writer:
             chunk = b"".join(line + b"\n" for line in chunk)
         elif count is None:
             count = chunk.count(b"\n")
-        with self._lock:
-            if self.queued + count > self.max_queued:
-                self.lost += count  # the thread is far behind (a stuck disk): count, never wait
-                self._gap += count
-                self._gap_reason = self._gap_reason or "the writer fell behind"
-                return
-            self._chunks.append(chunk)
-            self.queued += count
-            self._wake.notify()
+        if self.submitted - self.taken + count > self.max_queued:
+            self._dropped += count  # the thread is far behind (a stuck disk): count, never wait
+            return
+        self._chunks.append((chunk, count))
+        self.submitted += count
+
+    @property
+    def queued(self) -> int:
+        """Records handed over and not yet written (or lost)."""
+        return self.submitted - self.taken
+
+    @property
+    def lost(self) -> int:
+        """Records that could not be written."""
+        return self._lost + self._dropped
 
     def start(self) -> None:
         """Find where the chain stands (synchronously, before traffic), then start the thread.
@@ -119,9 +131,7 @@ class Writer:
 
     def stop(self, timeout: float = 10.0) -> None:
         """Write what is queued, close (and compress) the file; waits for the thread."""
-        with self._lock:
-            self._stopping = True
-            self._wake.notify()
+        self._stopping = True
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
@@ -133,23 +143,30 @@ class Writer:
     # ------------------------------------------------------------------ the thread
 
     def _run(self) -> None:
+        queue = self._chunks
         while True:
-            with self._lock:
-                if not self._chunks and not self._stopping:
-                    self._wake.wait(self._wait_time())
-                chunks, self._chunks = self._chunks, []
-                stopping = self._stopping
+            if not queue and not self._stopping:
+                time.sleep(min(self._wait_time(), POLL))
+            stopping = self._stopping
+            chunks, count = [], 0
+            while queue:
+                c, k = queue.popleft()
+                chunks.append(c)
+                count += k
+            dropped = self._dropped - self._dropped_seen
+            if dropped:
+                self._dropped_seen += dropped
+                self._gap += dropped
+                self._gap_reason = self._gap_reason or "the writer fell behind"
             lines = (b"".join(chunks) if len(chunks) != 1 else bytes(chunks[0])).split(b"\n") if chunks else [b""]
             lines.pop()  # after the last newline
-            if lines or self.failing is not None:
+            if lines or self.failing is not None or (dropped and self._fd is not None):
                 self._write(lines)
-            with self._lock:
-                self.queued -= len(lines)
+            self.taken += count
             self._timers()
             if stopping:
-                with self._lock:
-                    if self._chunks:
-                        continue
+                if queue:
+                    continue
                 if self._fd is not None:
                     try:
                         self._close("shutdown")
@@ -198,7 +215,10 @@ class Writer:
                 j = done
                 while j < n:  # format.link and format.seal, inlined (the thread's whole work per record)
                     body = lines[j]
-                    prev = (_hmac_digest(key, prev + body, "sha256") if key else _sha256(prev + body).digest()).hex().encode()
+                    if key:
+                        prev = _hmac_digest(key, prev + body, "sha256").hex().encode()
+                    else:
+                        prev = _sha256(prev + body).hexdigest().encode()
                     put(body[:-1])
                     put(b',"h":"')
                     put(prev)
@@ -252,7 +272,7 @@ class Writer:
         if getattr(e, "errno", None) == errno.ENOSPC:
             why = f"no space left on the device of {self.root}"
         self.failures += 1
-        self.lost += lost
+        self._lost += lost
         self._gap += lost
         self._gap_reason = why
         self.failing = why
@@ -374,9 +394,7 @@ class Writer:
             log.info("recordings: retention removed %d file(s), oldest %s", len(removed), removed[0].path.name)
             rec = {"t": "retention", "ts": round(time.time(), 6), "removed": [f.path.name for f in removed],
                    "why": "days" if self.retention_days and removed[-1].mtime < time.time() - self.retention_days * 86400 else "size"}
-            with self._lock:
-                self._chunks.insert(0, encode(rec) + b"\n")
-                self.queued += 1
+            self._chunks.appendleft((encode(rec) + b"\n", 0))  # (not the loop's: not counted as taken)
 
     # ------------------------------------------------------------------ start: where the chain stands
 
