@@ -211,13 +211,16 @@ def cmd_show(args) -> int:
     flt = _filter(args)
     s = _find_session(root, args.session, flt)
     if args.asciicast or args.html:
-        if args.asciicast:
-            Path(args.asciicast).write_text(render.asciicast(s, cols=args.cols, rows=args.rows,
-                                                              idle_limit=args.idle_limit or None))
-            print(f"wrote {args.asciicast} (asciicast v3: asciinema play {args.asciicast})", file=sys.stderr)
-        if args.html:
-            Path(args.html).write_text(render.html_page(s))
-            print(f"wrote {args.html}", file=sys.stderr)
+        for path, text, what in ((args.asciicast, lambda: render.asciicast(
+                s, cols=args.cols, rows=args.rows, idle_limit=args.idle_limit or None), "asciicast v3"),
+                                 (args.html, lambda: render.html_page(s), "HTML page")):
+            if not path:
+                continue
+            try:
+                Path(path).write_text(text(), encoding="utf-8")
+            except OSError as e:
+                raise SystemExit(f"pooler replay: cannot write {path}: {e.strerror or e}")
+            print(f"wrote {path} ({what} of session {s['sid']})", file=sys.stderr)
         return 0
     if args.follow:
         return _follow(root, s, args)

@@ -16,6 +16,7 @@ import pytest
 
 from tests.gwproc import REPO
 from tests.masking_helpers import assert_no_secret
+from tests.recording_helpers import wait_sessions
 from tests.replay_helpers import (AGENT, ANALYST, ESC_SQL, pooler, pooler_process, record_demo_sessions,
                                   start_recording_gateway)
 
@@ -70,7 +71,9 @@ def test_list_filters_and_json(recorded):
     assert sids("--grep", "division BY zero") == [ann]  # error messages are searched too
     assert sids("--table", "products") == [agent, ann]
     assert sids("--since", "1 hour ago") == [agent, ann, dba] and sids("--since", "2099-01-01") == []
-    assert sids("--day", "today") == [agent, ann, dba] and sids("--day", "yesterday") == []
+    day = time.strftime("%Y-%m-%d", time.gmtime(sessions[0]["start"]))  # (not "today": a run may cross midnight)
+    before = time.strftime("%Y-%m-%d", time.gmtime(sessions[0]["start"] - 86400))
+    assert sids("--day", day) == [agent, ann, dba] and sids("--day", before) == []
     (one,) = [json.loads(line) for line in pooler("replay", "list", str(rec), "--json", "--identity", "agent").stdout.splitlines()]
     assert one["statements"] == 5 and one["denied"] == 2 and one["masked"] == 1 and one["live"] is False
     assert one["groups"] == ["agents"] and one["app"] == "agent-psql"
@@ -80,7 +83,7 @@ def test_the_auditors_question_in_one_command(recorded):
     """Every statement agent X ran against customers that day that was denied."""
     _, rec, sessions = recorded
     r = pooler("replay", "statements", str(rec), "--identity", "agent", "--table", "customers",
-               "--day", "today", "--decision", "deny")
+               "--day", time.strftime("%Y-%m-%d", time.gmtime(sessions[0]["start"])), "--decision", "deny")
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert lines[0].split() == ["TIME", "(UTC)", "SESSION", "#", "USER", "DATABASE", "DECISION", "RULE", "OUTCOME",
@@ -234,6 +237,7 @@ def test_follow_shows_a_live_session_as_it_happens(pg, demo_shop, tmp_path):
     g, rec = start_recording_gateway(pg, demo_shop, tmp_path)
     with psycopg.connect(g.dsn(user="agent", dbname="shop", application_name="live"), autocommit=True) as c:
         c.execute("SELECT 'first statement'")
+        wait_sessions(rec, lambda ss: len(ss) == 1)  # its login is written: `last` finds it
         proc = subprocess.Popen([sys.executable, "-m", "pooler", "replay", "show", str(rec), "last", "--identity",
                                  "agent", "--follow"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 cwd=REPO, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})

@@ -182,8 +182,9 @@ def test_approvals_and_cancels_on_the_timeline():
         ev("stmt", 5, 5, q=2, kind="Q", route="simple", sql="DELETE FROM orders", action="require_approval",
            rule="rules/30_bulk_writes.star", reason="DELETE without WHERE", masks=[]),
         ev("held", 6, 5, q=2, request="77aa", rule="rules/30_bulk_writes.star", reason="DELETE without WHERE"),
-        ev("cancel", 7, 6),
-        ev("hold_ended", 8, 6, q=2, request="77aa", state="withdrawn", by="", outcome="canceled by the client"),
+        ev("notice", 7, 5.5, q=2, severity="NOTICE", sqlstate="00000", message="held <a while>"),
+        ev("cancel", 8, 6),
+        ev("hold_ended", 9, 6, q=2, request="77aa", state="withdrawn", by="", outcome="canceled by the client"),
     ])
     a, b = statements(s)
     assert a["holds"] == [{"request": "3f2a91c0", "rule": "rules/30_bulk_writes.star", "reason": "UPDATE without WHERE",
@@ -195,9 +196,10 @@ def test_approvals_and_cancels_on_the_timeline():
     assert "HELD for approval, request 3f2a91c0 (rules/30_bulk_writes.star: UPDATE without WHERE)" in out
     assert "APPROVED by admin: approved by admin" in out and "UPDATE 20" in out
     assert "CANCEL the client asked to cancel the running statement" in out
-    assert "WITHDRAWN: canceled by the client" in out
+    assert "WITHDRAWN: canceled by the client" in out and "NOTICE: held <a while>" in out
+    assert b["notices"] == [{"severity": "NOTICE", "sqlstate": "00000", "message": "held <a while>", "ts": T0 + 5.5}]
     page = render.html_page(s)
-    assert "held for approval (request 3f2a91c0): approved by admin" in page
+    assert "held for approval (request 3f2a91c0): approved by admin" in page and "NOTICE: held &lt;a while&gt;" in page
 
 
 def test_missing_records_are_shown_where_they_are_missing():

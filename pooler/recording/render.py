@@ -261,6 +261,8 @@ class Timeline:
         if t == "masked":
             cols = ", ".join(f"{safe(c)} ({safe(m)}, {n} value{'s' if n != 1 else ''})" for c, m, n in rec.get("columns") or ())
             return self._cont(q) + [f"{P}{s('mask', 'masked:')} {cols}"]
+        if t == "notice":
+            return self._cont(q) + [f"{P}{s('dim', safe(rec.get('severity') or 'NOTICE') + ':')} {safe(rec.get('message'))}"]
         if t == "cancel":
             return [f"{s('dim', self._offset(ts))}  {s('error', 'CANCEL')} the client asked to cancel the running statement"]
         if t == "logout":
@@ -396,6 +398,8 @@ def html_page(session: dict) -> str:
         for h in st["holds"]:
             out.append(f"<div>held for approval (request {_e(h['request'])}): {_e(h.get('state') or 'pending')}"
                        + (f" by {_e(h['by'])}" if h.get("by") else "") + "</div>")
+        for n in st["notices"]:
+            out.append(f'<div class="off">{_e(n["severity"] or "NOTICE")}: {_e(n["message"])}</div>')
         if st["refused"]:
             out.append(f'<div class="err">refused {_e(st["refused"]["sqlstate"])}: {_e(st["refused"]["message"])}</div>')
         for r in st["results"]:

@@ -32,7 +32,8 @@ def statements(session: dict) -> list[dict]:
     ``route``, ``sql``, ``redacted``, ``action``, ``rule``, ``reason``, ``masks``, ``binds`` (lists
     of parameters), ``refused`` (``{sqlstate, message}`` or None), ``holds``, ``results`` (each
     ``{"t", "ts", "tag", "rows", "bytes", "dur", "sqlstate", "message", "shown", "truncated",
-    "masked"}``), ``canceled`` (a cancel request arrived while it was the last statement)."""
+    "masked"}``), ``notices`` (``{severity, sqlstate, message}`` the server sent while answering),
+    ``canceled`` (a cancel request arrived while it was the last statement)."""
     out: list[dict] = []
     by_q: dict[int, dict] = {}
     pending_rows: dict = {}
@@ -46,7 +47,7 @@ def statements(session: dict) -> list[dict]:
                   "sql": ev.get("sql", ""), "redacted": bool(ev.get("redacted")), "action": ev.get("action"),
                   "rule": ev.get("rule") or "", "reason": ev.get("reason") or "",
                   "masks": [list(m) for m in ev.get("masks") or ()], "binds": [], "refused": None, "holds": [],
-                  "results": [], "canceled": False}
+                  "results": [], "notices": [], "canceled": False}
             out.append(st)
             if q is not None:
                 by_q[q] = st
@@ -83,6 +84,10 @@ def statements(session: dict) -> list[dict]:
         elif t == "masked":
             if st is not None and st["results"]:
                 st["results"][-1]["masked"] = [list(c) for c in ev.get("columns") or ()]
+        elif t == "notice":
+            if st is not None:
+                st["notices"].append({"severity": ev.get("severity"), "sqlstate": ev.get("sqlstate"),
+                                      "message": ev.get("message"), "ts": ev.get("ts")})
         elif t == "cancel":
             if last is not None:
                 last["canceled"] = True
