@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import orjson
 from pglast.parser import parse_sql_json
 
-from .analyzer import _LEAVES, WRITING_FUNCTIONS, _State, _explain_analyze, _strings, _unwrap
+from .analyzer import _LEAVES, VALUE_SINK_FUNCTIONS, _State, _explain_analyze, _strings, _unwrap
 
 UNKNOWN = "?"
 
@@ -533,7 +533,7 @@ class _Ctx:
                         or (self.builtins and name not in self.builtins)):
                     acc.add(UNKNOWN)
                     self.refs[-1].add(UNKNOWN)
-                if name in WRITING_FUNCTIONS:
+                if name in VALUE_SINK_FUNCTIONS:
                     sub: set = set()
                     self._src(v, scopes, ctes, sub)
                     self.writes |= sub
