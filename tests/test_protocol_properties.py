@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from pooler.protocol import frontend
 from pooler.protocol import messages as m
 
-FAST = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 PARSERS = [m.parse_startup_packet, m.parse_error_fields, m.parse_parameter_status, m.parse_bind_statement,
            m.parse_authentication, m.parse_sasl_initial_response, m.parse_sasl_mechanisms, m.parse_command_tag,

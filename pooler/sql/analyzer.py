@@ -23,6 +23,9 @@ import orjson
 from pglast.parser import ParseError, parse_sql_json, scan
 
 
+TOO_DEEP = "statement nested too deeply to analyze"
+
+
 class AnalysisError(Exception):
     def __init__(self, message: str, position: int | None = None) -> None:
         super().__init__(message)
@@ -879,13 +882,16 @@ def _facts(kind: str, body: dict, sql: str, search_path: tuple[str, ...]) -> Sta
 
 
 def analyze(sql: str, search_path: tuple[str, ...] = ("public",)) -> list[StatementFacts]:
-    """One StatementFacts per statement of ``sql``. Raises AnalysisError if it does not parse."""
+    """One StatementFacts per statement of ``sql``. Raises AnalysisError (and nothing else) if
+    it does not parse or is nested too deeply to analyze."""
     try:
         tree = orjson.loads(parse_sql_json(sql))
     except ParseError as e:
         msg = e.args[0] if e.args else "syntax error"
         pos = e.args[1] if len(e.args) > 1 and isinstance(e.args[1], int) else None
         raise AnalysisError(str(msg), pos + 1 if pos is not None else None) from None
+    except orjson.JSONDecodeError:  # the parse tree is nested deeper than orjson reads (1,024)
+        raise AnalysisError(TOO_DEEP) from None
     stmts = tree.get("stmts") or ()
     if not stmts:
         return []
@@ -902,5 +908,8 @@ def analyze(sql: str, search_path: tuple[str, ...] = ("public",)) -> list[Statem
             text = (raw[start : start + length] if length else raw[start:]).decode(errors="replace").strip()
         else:
             text = sql.strip()
-        out.append(_facts(kind, body or {}, text, search_path))
+        try:
+            out.append(_facts(kind, body or {}, text, search_path))
+        except RecursionError:  # deeper than the walk can follow: nothing can be established
+            raise AnalysisError(TOO_DEEP) from None
     return out
