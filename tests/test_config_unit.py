@@ -218,3 +218,16 @@ def test_encrypted_tls_key_fails_fast_instead_of_prompting(tmp_path):
     with pytest.raises(config.ConfigError, match="encrypted"):
         config.load(write(tmp_path, "[gateway]\nauth_type = trust\nclient_tls_sslmode = require\n"
                                     "client_tls_cert_file = gw.crt\nclient_tls_key_file = gw.key\n"))
+
+
+def test_the_approvals_store_connection_string_becomes_client_arguments():
+    assert config.store_connect_args("host=db port=5433 dbname=gw user=approvals password='p w' sslmode=require") == {
+        "host": "db", "port": 5433, "database": "gw", "user": "approvals", "password": "p w", "ssl": "require"}
+    assert config.store_connect_args("postgresql://a:b@db/gw") == {"dsn": "postgresql://a:b@db/gw"}
+    with pytest.raises(ValueError, match="unsupported key 'target_session_attrs'"):
+        config.store_connect_args("host=db target_session_attrs=any")
+    with pytest.raises(ValueError, match="port must be a number"):
+        config.store_connect_args("host=db port=x")
+    with pytest.raises(ValueError) as e:
+        config.store_connect_args("host=db password=s3cret oops")
+    assert "s3cret" not in str(e.value)

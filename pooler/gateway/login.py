@@ -192,6 +192,8 @@ class Login:
         else:
             await self._authenticate(auth_type)
             s.groups = tuple(ucfg.groups) if ucfg else ()
+        if s.gw.stopping is not None:  # SHUTDOWN WAIT_FOR_*: only the console still takes logins
+            raise ClientError("08P01", "pooler is shutting down")
         s.mode = cfg.pool_mode_for(db, user)
         s.rewrite = s.mode != "session" and cfg.max_prepared_statements > 0
         s.pool = s.gw.get_pool(db, user)

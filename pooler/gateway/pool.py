@@ -26,7 +26,7 @@ class Pool:
     __slots__ = (
         "gw", "events", "db", "name", "key", "paused", "server_user", "server_password", "server_dbname", "catalog_key", "idle",
         "active", "connecting", "waiters", "welcome", "welcome_waiters", "last_connect_error", "clients",
-        "obsolete",
+        "obsolete", "logging_in",
     )
 
     def __init__(self, gw: PoolHost, db: DatabaseConfig, server_user: str, password: str | None):
@@ -48,7 +48,8 @@ class Pool:
         self.welcome_waiters: list[asyncio.Future] = []
         self.last_connect_error: tuple[float, str, str] | None = None
         self.clients = 0
-        self.obsolete = False  # replaced by a reload: servers close when they come back
+        self.obsolete = False  # replaced by a reload (or a KILL): servers close when they come back
+        self.logging_in: set[ServerConn] = set()  # connected, login not done yet (SHOW SERVERS' "new")
 
     # -- settings that follow reloads
     @property
@@ -90,6 +91,11 @@ class Pool:
                 return srv
         client.wait_started = time.monotonic()
         self.waiters.append(client)
+        if self.paused and self.gw.stopping == "SIGINT":
+            # SHUTDOWN WAIT_FOR_SERVERS: no server will come (PgBouncer's pause_client); the
+            # session is ended once the caller has seen it wait
+            asyncio.get_running_loop().call_soon(client.fatal, "08P01", "server shutting down")
+            return None
         if len(self.waiters) > self.connecting and len(self.active) + self.connecting < self.size and not self.paused:
             self._grow()
         return None
@@ -194,12 +200,16 @@ class Pool:
             async with asyncio.timeout(timeout):
                 _, srv = await coro
                 srv.peer = f"{host}:{self.db.port}"
+                if not side:
+                    self.logging_in.add(srv)
                 await srv.login()
             if self.db.connect_query:
                 await self._run_connect_query(srv)
+            self.logging_in.discard(srv)
             return srv
         except (OSError, TimeoutError, ServerLoginError) as e:
             if srv is not None:
+                self.logging_in.discard(srv)
                 srv.close(str(e))
             if isinstance(e, ServerLoginError):
                 msg, state = str(e), e.sqlstate
@@ -210,6 +220,7 @@ class Pool:
             raise ServerLoginError(msg, state) from None
         except BaseException:
             if srv is not None:
+                self.logging_in.discard(srv)
                 srv.close("connect cancelled")
             raise
 
