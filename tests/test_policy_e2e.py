@@ -192,8 +192,10 @@ def test_sql_prepare_and_execute_are_judged_as_the_statement(pg, pgw):
         with pytest.raises(psycopg.errors.InvalidSqlStatementName):
             conn.execute("EXECUTE never_prepared")
     with psycopg.connect(pgw.dsn(user="agent", dbname="shop")) as conn:
-        with pytest.raises(psycopg.errors.InsufficientPrivilege):
-            conn.execute("PREPARE wipe AS DELETE FROM orders WHERE id = $1")
+        # PREPARE writes nothing (read_only, as in PostgreSQL); its EXECUTE is judged as the DELETE
+        conn.execute("PREPARE wipe AS DELETE FROM orders WHERE id = $1")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match=r"agents may only read data \(DELETE writes\)"):
+            conn.execute("EXECUTE wipe(1)")
         conn.rollback()
         conn.execute("PREPARE top AS SELECT name FROM products ORDER BY price DESC LIMIT $1")
         assert len(conn.execute("EXECUTE top(3)").fetchall()) == 3

@@ -416,7 +416,7 @@ class Governor:
                                  "masked; use SELECT (or the extended protocol's row limit) instead")
             # (for EXECUTE, lineages[i] is the prepared statement's: what it writes counts)
             lin = lineages[i] if lineages is not None and i < len(lineages) else None
-            if not f.read_only:
+            if _may_write(f):
                 ws = lin.write_sources if lin is not None else None
                 if ws is None or any(s == UNKNOWN or method_for(s, patterns) for s in ws):
                     return ("42501", f"refused by the gateway: this {cmd} would copy values of columns that "
@@ -447,6 +447,16 @@ class Governor:
     def wait_for_catalog(self, wake) -> None:
         """The hold stage's wait for masking's catalog: ``wake`` is called when it is there."""
         self._holder.wait(wake)
+
+
+def _may_write(f) -> bool:
+    """Whether a statement with masks may copy values into data or session state (its
+    lineage's write_sources say which): a statement that is not read-only or changes the
+    session (``set_config('x', email, false)``), EXECUTE (its prepared statement may write;
+    lineages[i] is that statement's) and PREPARE of a write (refused when prepared, before it
+    can run)."""
+    return (not f.read_only or f.changes_session or f.command == "EXECUTE"
+            or (f.command == "PREPARE" and f.inner is not None and not f.inner.read_only))
 
 
 def _next_bind(data: bytes, pos: int, name: bytes) -> bytes | None:

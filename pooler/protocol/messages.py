@@ -283,7 +283,8 @@ def parse_authentication(body: bytes) -> tuple[int, bytes]:
 
 
 def parse_sasl_mechanisms(data: bytes) -> list[str]:
-    return [m.decode() for m in data.split(b"\x00") if m]
+    # a name that is not UTF-8 is no mechanism the gateway knows: kept, replaced, never an error
+    return [m.decode("utf-8", "replace") for m in data.split(b"\x00") if m]
 
 
 def parse_sasl_initial_response(body: bytes) -> tuple[str, bytes]:
@@ -295,7 +296,9 @@ def parse_sasl_initial_response(body: bytes) -> tuple[str, bytes]:
     data = b"" if n < 0 else bytes(body[pos : pos + n])
     if n >= 0 and len(data) != n:
         raise ProtocolError("invalid SASLInitialResponse length")
-    return mech.decode(), data
+    # a mechanism name that is not UTF-8 names no mechanism: the login refuses it (28000) as
+    # it refuses any other unknown name, not as an internal error
+    return mech.decode("utf-8", "replace"), data
 
 
 def parse_command_tag(body: bytes) -> str:

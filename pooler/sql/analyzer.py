@@ -23,6 +23,9 @@ import orjson
 from pglast.parser import ParseError, parse_sql_json, scan
 
 
+TOO_DEEP = "statement nested too deeply to analyze"
+
+
 class AnalysisError(Exception):
     def __init__(self, message: str, position: int | None = None) -> None:
         super().__init__(message)
@@ -36,6 +39,7 @@ class StatementFacts:
     command: str
     statement_type: str
     read_only: bool
+    changes_session: bool = False
     tables: tuple[str, ...] = ()
     tables_written: tuple[str, ...] = ()
     columns: tuple[str, ...] = ()
@@ -61,7 +65,7 @@ class StatementFacts:
     def to_dict(self) -> dict:
         return {
             "sql": self.sql, "command": self.command, "statement_type": self.statement_type,
-            "read_only": self.read_only, "tables": list(self.tables),
+            "read_only": self.read_only, "changes_session": self.changes_session, "tables": list(self.tables),
             "tables_written": list(self.tables_written), "columns": list(self.columns),
             "functions": list(self.functions), "functions_qualified": list(self.functions_qualified),
             "has_where": self.has_where, "copy": self.copy, "set_name": self.set_name,
@@ -73,9 +77,14 @@ class StatementFacts:
         }
 
 
-# Functions that change data or session state although they are called from a SELECT.
+# Functions that write although they are called from a SELECT: ``read_only`` is false for a
+# statement that calls one. PostgreSQL refuses nextval() and setval() in a read-only transaction;
+# the others it lets run there, but they write data all the same (large objects, index
+# summaries, collations, replication origins, WAL messages), or act on other sessions and the
+# server (advisory locks other sessions wait on, notifications, signals, configuration reloads,
+# statistics resets, server files, other servers).
 WRITING_FUNCTIONS = frozenset({
-    "set_config", "nextval", "setval", "pg_advisory_lock", "pg_advisory_lock_shared",
+    "nextval", "setval", "pg_advisory_lock", "pg_advisory_lock_shared",
     "pg_advisory_xact_lock", "pg_advisory_xact_lock_shared", "pg_try_advisory_lock",
     "pg_try_advisory_lock_shared", "pg_try_advisory_xact_lock", "pg_try_advisory_xact_lock_shared",
     "pg_notify", "lo_import", "lo_export", "lo_create", "lo_creat", "lo_unlink", "lo_put",
@@ -84,9 +93,9 @@ WRITING_FUNCTIONS = frozenset({
     "pg_file_write", "pg_file_rename", "pg_file_unlink", "pg_switch_wal", "pg_promote",
     "pg_create_restore_point", "pg_backup_start", "pg_backup_stop", "pg_start_backup",
     "pg_stop_backup", "pg_create_logical_replication_slot", "pg_create_physical_replication_slot",
-    "pg_drop_replication_slot", "pg_logical_emit_message", "pg_stat_reset", "txid_current",
-    "pg_current_xact_id", "pg_import_system_collations", "pg_replication_origin_create",
-    "pg_advisory_unlock", "pg_advisory_unlock_shared", "pg_advisory_unlock_all", "setseed",
+    "pg_drop_replication_slot", "pg_logical_emit_message", "pg_stat_reset",
+    "pg_import_system_collations", "pg_replication_origin_create",
+    "pg_advisory_unlock", "pg_advisory_unlock_shared", "pg_advisory_unlock_all",
     "lo_truncate64", "lo_close", "lo_lseek", "lo_lseek64", "brin_summarize_new_values",
     "brin_summarize_range", "brin_desummarize_range", "gin_clean_pending_list",
     "pg_rotate_logfile_old", "pg_file_sync", "pg_stat_reset_shared", "pg_stat_reset_slru",
@@ -100,6 +109,19 @@ WRITING_FUNCTIONS = frozenset({
     "pg_wal_replay_pause", "pg_wal_replay_resume", "pg_log_backend_memory_contexts",
     "dblink_send_query", "dblink_open", "dblink_close", "dblink_disconnect",
 })
+
+# Functions that change the session's state for the statements after it (``changes_session``):
+# settings, the random seed, session-level advisory locks. set_config() and setseed() are
+# read-only (a read-only transaction may run them, as it may run SET).
+SESSION_FUNCTIONS = frozenset({
+    "set_config", "setseed", "pg_advisory_lock", "pg_advisory_lock_shared", "pg_try_advisory_lock",
+    "pg_try_advisory_lock_shared", "pg_advisory_unlock", "pg_advisory_unlock_shared",
+    "pg_advisory_unlock_all",
+})
+
+# Functions whose arguments' values flow into something the statement writes (lineage.py's
+# write_sources): the writing functions and the session ones (set_config('x', email, ...)).
+VALUE_SINK_FUNCTIONS = WRITING_FUNCTIONS | SESSION_FUNCTIONS
 
 _TX_TAGS = {
     "TRANS_STMT_BEGIN": "BEGIN", "TRANS_STMT_START": "START TRANSACTION", "TRANS_STMT_COMMIT": "COMMIT",
@@ -160,8 +182,29 @@ _FIXED_TAGS = {
     "AlterDomainStmt": "ALTER DOMAIN", "CreateConversion": "CREATE CONVERSION",
 }
 
-# commands that change neither data nor session state
-_READ_ONLY_TAGS = frozenset({"SELECT", "SHOW", "FETCH", "MOVE", "CLOSE CURSOR"})
+# Statements PostgreSQL runs in a read-only transaction whatever they hold (utility.c,
+# ClassifyUtilityCommandAsReadOnly): transaction control, settings, cursors, prepared statements,
+# LISTEN/UNLISTEN, DISCARD, SET CONSTRAINTS, and maintenance that changes no data. EXECUTE is
+# read-only by itself: the gateway judges the statement it runs again (governor.py), as
+# PostgreSQL checks that statement when it runs it. SELECT, EXPLAIN, DECLARE CURSOR and COPY are
+# read-only depending on what they hold (_facts).
+_READ_ONLY_KINDS = frozenset({
+    "TransactionStmt", "VariableSetStmt", "VariableShowStmt", "DiscardStmt", "DeallocateStmt",
+    "PrepareStmt", "ExecuteStmt", "ClosePortalStmt", "FetchStmt", "ConstraintsSetStmt", "ListenStmt",
+    "UnlistenStmt", "CheckPointStmt", "VacuumStmt", "ClusterStmt", "ReindexStmt",
+})
+# What PostgreSQL also lets a read-only transaction run, but ``read_only`` is false for: DO and
+# CALL run code the gateway cannot see (PostgreSQL checks each statement inside as it runs),
+# LOAD runs a library's code, ALTER SYSTEM writes the server's configuration, LOCK TABLE holds
+# locks that block other sessions until the transaction ends, NOTIFY delivers a payload to
+# other sessions. (COPY to a server file or program, and writes to temporary tables, are false
+# too: _facts.)
+_STRICTER_KINDS = frozenset({"DoStmt", "CallStmt", "LoadStmt", "AlterSystemStmt", "LockStmt", "NotifyStmt"})
+# Statements that change the session's state for the statements after it (``changes_session``)
+_SESSION_KINDS = frozenset({
+    "VariableSetStmt", "DiscardStmt", "ListenStmt", "UnlistenStmt", "PrepareStmt", "DeallocateStmt",
+    "DeclareCursorStmt", "ClosePortalStmt", "LoadStmt", "DoStmt", "CallStmt",
+})
 
 _IDENT_OK = re.compile(r"^[a-z_][a-z0-9_$]*$")
 
@@ -224,7 +267,7 @@ class _Scope:
 
 class _State:
     __slots__ = ("search_path", "tables", "written", "columns", "qualified", "functions", "functions_q",
-                 "read_only", "guc_writes", "select_into")
+                 "read_only", "changes_session", "guc_writes", "select_into")
 
     def __init__(self, search_path: tuple[str, ...]) -> None:
         self.search_path = search_path
@@ -235,6 +278,7 @@ class _State:
         self.functions: dict[str, None] = {}
         self.functions_q: dict[str, None] = {}
         self.read_only = True
+        self.changes_session = False
         self.guc_writes: dict[str, None] = {}
         self.select_into = False
 
@@ -440,13 +484,15 @@ def _h_func_call(v, st, scopes, ctes):
         st.functions[name] = None
         if len(names) > 1:
             q = ".".join(names[-2:])
-        elif name.startswith("pg_") or name in WRITING_FUNCTIONS:
+        elif name.startswith("pg_") or name in VALUE_SINK_FUNCTIONS:
             q = f"pg_catalog.{name}"
         else:
             q = name
         st.functions_q[q] = None
         if name in WRITING_FUNCTIONS:
             st.read_only = False
+        if name in SESSION_FUNCTIONS:
+            st.changes_session = True
         if name == "set_config":
             args = v.get("args") or ()
             first = _const_text(args[0]) if args else None
@@ -461,6 +507,8 @@ def _h_select(s, st, scopes, ctes):
     if s.get("op", "SETOP_NONE") != "SETOP_NONE":
         _h_select(s.get("larg") or {}, st, scopes, ctes)
         _h_select(s.get("rarg") or {}, st, scopes, ctes)
+        if s.get("lockingClause"):
+            st.read_only = False
         for key in ("sortClause", "limitCount", "limitOffset"):
             if s.get(key) is not None:
                 _walk(s[key], st, scopes, ctes)
@@ -481,6 +529,8 @@ def _h_select(s, st, scopes, ctes):
         st.read_only = False
         st.select_into = True
         rel = into.get("rel") or {}
+        if rel.get("relpersistence") == "t":
+            st.changes_session = True
         q = st.qualify(rel)
         st.tables[q] = None
         st.written[q] = None
@@ -703,7 +753,9 @@ def _facts(kind: str, body: dict, sql: str, search_path: tuple[str, ...]) -> Sta
     inner = None
     explain_analyze = False
     params: tuple[str, ...] = ()
-    read_only = command in _READ_ONLY_TAGS
+    read_only = kind in _READ_ONLY_KINDS or kind == "SelectStmt"
+    if kind in _SESSION_KINDS:
+        st.changes_session = True
 
     if kind in ("SelectStmt", "InsertStmt", "UpdateStmt", "DeleteStmt", "MergeStmt"):
         _HANDLERS[kind](body, st, [], frozenset())
@@ -726,18 +778,29 @@ def _facts(kind: str, body: dict, sql: str, search_path: tuple[str, ...]) -> Sta
         if kind == "ExplainStmt":
             explain_analyze = _explain_analyze(body.get("options"))
             _walk(body.get("options"), st, [], frozenset())
-            read_only = inner.read_only if explain_analyze else True
+            # EXPLAIN without ANALYZE only plans: PostgreSQL runs it in a read-only transaction
+            # whatever it explains. With ANALYZE it runs the statement; the gateway does not
+            # follow EXPLAIN ANALYZE EXECUTE to the prepared statement, so that is not read-only.
+            if explain_analyze:
+                read_only = inner.read_only and inner.command != "EXECUTE"
+                st.changes_session = inner.changes_session
+            else:
+                read_only = True
         elif kind == "PrepareStmt":
+            # PREPARE writes nothing, whatever it prepares (PostgreSQL runs it in a read-only
+            # transaction); EXECUTE is judged as the statement it runs
             prepared_name = body.get("name")
-            read_only = inner.read_only
+            read_only = True
         elif kind == "DeclareCursorStmt":
-            read_only = inner.read_only
+            read_only = inner.read_only  # DECLARE starts the query (FOR UPDATE fails there)
         else:  # CTAS, CREATE VIEW: the new relation is written
             target = (body.get("into") or {}).get("rel") or body.get("view") or {}
             if target:
                 q_name = st.qualify(target)
                 st.tables[q_name] = None
                 st.written[q_name] = None
+                if target.get("relpersistence") == "t":
+                    st.changes_session = True  # a temporary relation lives in the session
             read_only = False
         st.read_only = read_only
     else:
@@ -785,6 +848,10 @@ def _facts(kind: str, body: dict, sql: str, search_path: tuple[str, ...]) -> Sta
                             st.tables[q_name] = None
                             st.written[q_name] = None
         else:
+            if kind in ("CreateStmt", "CreateSeqStmt"):
+                rv = _unwrap(body.get("relation") or body.get("sequence"))
+                if rv.get("relpersistence") == "t":
+                    st.changes_session = True  # a temporary relation lives in the session
             # DDL and the rest: every relation the statement names directly is its target
             for key in ("relation", "relations", "sequence"):
                 val = body.get(key)
@@ -805,6 +872,7 @@ def _facts(kind: str, body: dict, sql: str, search_path: tuple[str, ...]) -> Sta
         object_type = "TABLE"
     return StatementFacts(
         sql=sql, command=command, statement_type=kind, read_only=st.read_only and read_only,
+        changes_session=st.changes_session,
         tables=tuple(st.tables), tables_written=tuple(st.written), columns=tuple(st.columns),
         qualified_columns=tuple(st.qualified), functions=tuple(st.functions), functions_qualified=tuple(st.functions_q), has_where=has_where,
         copy=copy, set_name=set_name, set_value=set_value, prepared_name=prepared_name, inner=inner,
@@ -814,13 +882,16 @@ def _facts(kind: str, body: dict, sql: str, search_path: tuple[str, ...]) -> Sta
 
 
 def analyze(sql: str, search_path: tuple[str, ...] = ("public",)) -> list[StatementFacts]:
-    """One StatementFacts per statement of ``sql``. Raises AnalysisError if it does not parse."""
+    """One StatementFacts per statement of ``sql``. Raises AnalysisError (and nothing else) if
+    it does not parse or is nested too deeply to analyze."""
     try:
         tree = orjson.loads(parse_sql_json(sql))
     except ParseError as e:
         msg = e.args[0] if e.args else "syntax error"
         pos = e.args[1] if len(e.args) > 1 and isinstance(e.args[1], int) else None
         raise AnalysisError(str(msg), pos + 1 if pos is not None else None) from None
+    except orjson.JSONDecodeError:  # the parse tree is nested deeper than orjson reads (1,024)
+        raise AnalysisError(TOO_DEEP) from None
     stmts = tree.get("stmts") or ()
     if not stmts:
         return []
@@ -837,5 +908,8 @@ def analyze(sql: str, search_path: tuple[str, ...] = ("public",)) -> list[Statem
             text = (raw[start : start + length] if length else raw[start:]).decode(errors="replace").strip()
         else:
             text = sql.strip()
-        out.append(_facts(kind, body or {}, text, search_path))
+        try:
+            out.append(_facts(kind, body or {}, text, search_path))
+        except RecursionError:  # deeper than the walk can follow: nothing can be established
+            raise AnalysisError(TOO_DEEP) from None
     return out

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import orjson
 from pglast.parser import parse_sql_json
 
-from .analyzer import _LEAVES, WRITING_FUNCTIONS, _State, _explain_analyze, _strings, _unwrap
+from .analyzer import _LEAVES, TOO_DEEP, VALUE_SINK_FUNCTIONS, AnalysisError, _State, _explain_analyze, _strings, _unwrap
 
 UNKNOWN = "?"
 
@@ -533,7 +533,7 @@ class _Ctx:
                         or (self.builtins and name not in self.builtins)):
                     acc.add(UNKNOWN)
                     self.refs[-1].add(UNKNOWN)
-                if name in WRITING_FUNCTIONS:
+                if name in VALUE_SINK_FUNCTIONS:
                     sub: set = set()
                     self._src(v, scopes, ctes, sub)
                     self.writes |= sub
@@ -1005,8 +1005,12 @@ def statement_lineage(sql: str, search_path: tuple[str, ...] = ("public",),
                       udfs: frozenset[str] = frozenset(),
                       builtins: frozenset[str] = frozenset()) -> list[StatementLineage]:
     """One StatementLineage per statement of ``sql`` (the statements of parse_sql_json).
-    Raises pglast.parser.ParseError if the SQL does not parse."""
-    tree = orjson.loads(parse_sql_json(sql))
+    Raises pglast.parser.ParseError if the SQL does not parse, analyzer.AnalysisError if its
+    parse tree is nested too deeply to read."""
+    try:
+        tree = orjson.loads(parse_sql_json(sql))
+    except orjson.JSONDecodeError:  # deeper than orjson reads (1,024 levels)
+        raise AnalysisError(TOO_DEEP) from None
     out = []
     cache: dict[str, list[str] | None] = {}
     for s in tree.get("stmts") or ():
