@@ -86,6 +86,7 @@ class Config:
     max_prepared_statements: int = 200
     max_packet_size: int = 64 * 1024 * 1024
     ignore_startup_parameters: tuple[str, ...] = ("extra_float_digits",)
+    track_extra_parameters: tuple[str, ...] = ("IntervalStyle",)  # tracked per client besides the built-in ones
     logfile: str | None = None
     pidfile: str | None = None
     log_connections: bool = True
@@ -271,6 +272,16 @@ def _size(v: str) -> int:
     return n
 
 
+def _track_extra(v: str) -> tuple[str, ...]:
+    names = _list(v)
+    for n in names:
+        if n.lower() == "options":
+            raise ValueError("options itself cannot be tracked, only the parameters it sets")
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.]*", n):
+            raise ValueError(f"not a parameter name: {n!r}")
+    return names
+
+
 def _tls_protocols(v: str) -> str:
     from .tls import parse_protocols
 
@@ -361,6 +372,7 @@ SETTINGS = {
     "max_prepared_statements": ("max_prepared_statements", _nonneg_int),
     "max_packet_size": ("max_packet_size", _size),
     "ignore_startup_parameters": ("ignore_startup_parameters", _list),
+    "track_extra_parameters": ("track_extra_parameters", _track_extra),
     "logfile": ("logfile", _opt_str),
     "pidfile": ("pidfile", _opt_str),
     "log_connections": ("log_connections", _bool),
@@ -428,7 +440,7 @@ PGBOUNCER_IGNORED = {
     "dns_zone_check_period", "pkt_buf", "sbuf_loopcnt", "tcp_defer_accept", "tcp_socket_buffer",
     "tcp_keepalive", "tcp_keepcnt", "tcp_keepidle", "tcp_keepintvl", "tcp_user_timeout",
     "so_reuseport", "syslog", "syslog_ident", "syslog_facility", "user", "listen_backlog",
-    "suspend_timeout", "track_extra_parameters", "peer_id", "max_db_client_connections",
+    "suspend_timeout", "peer_id", "max_db_client_connections",
     "client_tls_ecdhcurve", "client_tls_dheparams", "log_failed_connections",
     "cancel_wait_timeout", "query_wait_notify", "service_name", "job_name", "conffile",
     "autodb_idle_timeout", "server_reset_query_always_is_deprecated", "unix_socket_group",
@@ -745,7 +757,7 @@ def _complete(cfg: Config, path: Path) -> None:
 
 # settings a running gateway cannot take (they are read once, at start)
 RESTART_KEYS = frozenset({"listen_addr", "listen_port", "unix_socket_dir", "unix_socket_mode", "pidfile",
-                          "logfile", "max_packet_size", "metrics_listen", "approvals_listen", "approval_webhook",
+                          "logfile", "max_packet_size", "track_extra_parameters", "metrics_listen", "approvals_listen", "approval_webhook",
                           "approvals_store", "approval_max_grant"})
 # settings whose values are never shown (SHOW CONFIG, SHOW <setting>)
 SECRET_KEYS = frozenset({"mask_hash_key"})

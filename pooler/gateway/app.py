@@ -26,11 +26,16 @@ from .catalogs import CatalogHolder
 from .events import Events
 from .metrics import Metrics
 from .observers import Decisions, SessionLog, Stats
+from .params import set_extra_params
 from .pool import Pool
 from .server import ServerConn
 from .session import C_READY, ClientSession
 
 log = logging.getLogger("pooler")
+
+# settings a reload reads but cannot apply (sockets and buffers made at start, the tracked
+# parameter set): the running value stays, with a warning
+RESTART_ONLY = ("track_extra_parameters", "max_packet_size")
 
 
 class Gateway:
@@ -39,6 +44,7 @@ class Gateway:
 
     def __init__(self, config: Config) -> None:
         self.config = config
+        set_extra_params(config.track_extra_parameters)  # read once: a restart applies a change
         self.events = Events()  # observers of what happens (events.py)
         self.session_log = SessionLog(self)
         self.stats = Stats(self)
@@ -271,6 +277,10 @@ class Gateway:
         if (new.listen_addr, new.listen_port, new.unix_socket_dir) != (old.listen_addr, old.listen_port, old.unix_socket_dir):
             log.warning("listen_addr/listen_port/unix_socket_dir changes need a restart")
             new.listen_addr, new.listen_port, new.unix_socket_dir = old.listen_addr, old.listen_port, old.unix_socket_dir
+        for attr in RESTART_ONLY:
+            if getattr(new, attr) != getattr(old, attr):
+                log.warning("%s changes need a restart; the running value stays", attr)
+                setattr(new, attr, getattr(old, attr))
         self._scram_cache.clear()
         self.config = new
         self.limits_in_use = self._limits_in_use(new)

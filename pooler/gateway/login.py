@@ -28,10 +28,13 @@ from ..auth.passwords import (ScramError, ScramSecret, ScramServer, is_md5, is_s
                               verify_md5)
 from ..protocol import messages as m
 from ..protocol.frontend import T_PASSWORD
+from ..protocol.startup_options import OptionsError, parse_startup_options
 from .admin import ADMIN_DATABASES, WELCOME
-from .params import TRACKED_LOWER, TRACKED_PARAMS, param_key_of
+from .governor import WAIT_APPROVAL, WAIT_CATALOG
+from .params import BUILTIN_PARAMS, TRACKED_LOWER, TRACKED_PARAMS, param_key_of, set_sql
 
-MAX_STARTUP_PACKET = 10000
+MAX_STARTUP_PACKET = 10000  # PostgreSQL's limit; the startup packet itself may be up to max_packet_size, as in PgBouncer
+MAX_LOGIN_BUFFER = 1 << 20  # what a client may send ahead during login (besides one startup packet)
 
 
 class ClientError(Exception):
@@ -74,6 +77,8 @@ class Login:
     def __init__(self, session: LoggingIn) -> None:
         self.session = session
         self.buf = bytearray()  # what the client sent and login has not read yet
+        self.startup_limit = max(MAX_STARTUP_PACKET, session.gw.config.max_packet_size)
+        self.buf_limit = MAX_LOGIN_BUFFER + self.startup_limit
         self.waiter: asyncio.Future | None = None
         self.eof = False
 
@@ -82,7 +87,7 @@ class Login:
     def feed(self, data: bytes) -> bool:
         """Bytes from the client; False when it sent more than any login needs (close it)."""
         self.buf += data
-        if len(self.buf) > 1 << 20:
+        if len(self.buf) > self.buf_limit:
             return False
         self._wake()
         return True
@@ -109,7 +114,7 @@ class Login:
 
     async def _read_startup(self) -> bytes:
         (length,) = struct.unpack("!i", await self._read(4))
-        if length < 8 or length > MAX_STARTUP_PACKET:
+        if length < 8 or length > self.startup_limit:
             raise m.ProtocolError("invalid length of startup packet")
         return await self._read(length - 4)
 
@@ -162,19 +167,7 @@ class Login:
         s.user = s.login_name = user
         s.database = params.get("database") or user
         s.app_name = params.get("application_name", "")
-        tracked = {}
-        for k, v in params.items():
-            if k in ("user", "database") or k.startswith("_pq_."):
-                continue
-            canon = TRACKED_LOWER.get(k.lower())
-            if canon is not None:
-                tracked[canon] = v
-            elif k == "replication":
-                raise ClientError("08P01", "replication connections are not supported")
-            elif k in cfg.ignore_startup_parameters or k.lower() in cfg.ignore_startup_parameters:
-                continue
-            else:
-                raise ClientError("08P01", f"unsupported startup parameter: {k}")
+        tracked = _tracked_params(params, cfg.ignore_startup_parameters)
         if s.database in ADMIN_DATABASES:
             await self._console_login(user)
             return
@@ -207,11 +200,14 @@ class Login:
         view.update(tracked)
         if cfg.application_name_add_host:
             view["application_name"] = f"{view.get('application_name', '')} - {s.addr}"
-        s.params = {p: view.get(p, "") for p in TRACKED_PARAMS}
+        # built-in parameters always have a value (the server reports them); extra ones only
+        # when the client or the server gave one
+        s.params = {p: view.get(p, "") for p in TRACKED_PARAMS if p in view or p in BUILTIN_PARAMS}
         s.param_key = param_key_of(s.params)
         s.governor.reading_changed(s.params)
         if s.governor.lexing is not None and s.gw.policy is not None:
             raise ClientError("0A000", s.governor.lexing)
+        await self._judge_extra_params(tracked)
         s.pid, s.key = s.gw.register_cancel_key(s)
         out = [m.authentication_ok()]
         for k, v in view.items():
@@ -219,6 +215,31 @@ class Login:
         out.append(m.backend_key_data(s.pid, s.key))
         out.append(m.ready_for_query(m.TX_IDLE))
         s.transport.write(b"".join(out))
+
+    async def _judge_extra_params(self, tracked: dict[str, str]) -> None:
+        """Parameters of track_extra_parameters given at login reach servers as ``SET name =
+        'value'``: the rules judge that statement before the session starts, as if sent."""
+        s = self.session
+        gov = s.governor
+        for name, value in tracked.items():
+            if name in BUILTIN_PARAMS:
+                continue
+            sql = set_sql(name, value)
+            while True:
+                verdict = gov.judge_setting(name, value, sql)
+                if verdict is not WAIT_CATALOG:
+                    break
+                fut = asyncio.get_running_loop().create_future()
+                gov.wait_for_catalog(lambda: fut.done() or fut.set_result(None))
+                await fut
+                if s.closed:
+                    raise asyncio.CancelledError
+            if verdict is WAIT_APPROVAL:
+                gov.need = None
+                raise ClientError("42501", f"refused by the gateway: the rules hold {sql} for approval; a "
+                                           "parameter given at login cannot wait for one (SET it after login)")
+            if verdict is not None:
+                raise ClientError(verdict[0], f"{verdict[1]} (startup parameter {name})")
 
     async def _console_login(self, user: str) -> None:
         """The admin console's virtual database: admin_users and stats_users, authenticated as
@@ -369,6 +390,41 @@ class Login:
         if mock:
             await self._refuse(reason, failed)
         s.transport.write(m.authentication_sasl_final(verifier))
+
+
+def _tracked_params(params: dict[str, str], ignore: tuple[str, ...]) -> dict[str, str]:
+    """The startup packet's session parameters, those inside ``options`` included, as PgBouncer
+    takes them: tracked ones kept (canonical names), ignore_startup_parameters skipped (``options``
+    in it skips every unknown parameter inside options), anything else refused."""
+    ignored = {i.lower() for i in ignore}
+    tracked: dict[str, str] = {}
+    for k, v in params.items():
+        if k in ("user", "database") or k.startswith("_pq_."):
+            continue
+        if k == "options":
+            try:
+                pairs = parse_startup_options(v)
+            except OptionsError as e:
+                raise ClientError("08P01", str(e)) from None
+            for ok, ov in pairs:
+                canon = TRACKED_LOWER.get(ok.lower())
+                if canon is not None:
+                    tracked[canon] = ov
+                elif ok.lower() not in ignored and "options" not in ignored:
+                    raise ClientError("08P01", f"unsupported startup parameter in options: {ok} (the gateway "
+                                               "passes only parameters it tracks: add it to track_extra_parameters, "
+                                               "or to ignore_startup_parameters to drop it)")
+            continue
+        canon = TRACKED_LOWER.get(k.lower())
+        if canon is not None:
+            tracked[canon] = v
+        elif k == "replication":
+            raise ClientError("08P01", "replication connections are not supported")
+        elif k.lower() in ignored:
+            continue
+        else:
+            raise ClientError("08P01", f"unsupported startup parameter: {k}")
+    return tracked
 
 
 class TlsFailed(Exception):

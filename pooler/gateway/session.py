@@ -956,9 +956,17 @@ class ClientSession(asyncio.Protocol):
 
     def param_sync_done(self, srv: ServerConn) -> None:
         self.pending_param_sync = False
+        reported = self.pool.welcome or srv.params  # what the server reports (ParameterStatus)
         for k in TRACKED_PARAMS:
-            if k in srv.params:
-                self.params[k] = srv.params[k]
+            if k in reported:
+                if k in srv.params:
+                    self.params[k] = srv.params[k]  # the server's canonical form
+            elif k in self.params:
+                # track_extra_parameters of a parameter the server never reports (search_path
+                # before PostgreSQL 18): the sync set it, so the server has it now
+                srv.params[k] = self.params[k]
+            else:
+                srv.params.pop(k, None)  # the sync RESET it
         self.param_key = srv.param_key = param_key_of(srv.params)
         self.governor.reading_changed(self.params)
 
