@@ -391,17 +391,24 @@ class Gateway:
         return True
 
     def _free_idle_slot(self, match) -> bool:
-        """At a database/user limit: close an idle server of a sibling pool to make room."""
+        """At a database/user limit: close the most idle server of the sibling pools to make
+        room, as PgBouncer's evict_connection does."""
+        oldest = None
         for p in self.pools.values():
             if match(p) and p.idle:
-                srv = p.idle.popleft()
-                srv.close("making room for another pool")
-                return True
-        return False
+                srv = p.idle[0]  # each pool's least recently used
+                if oldest is None or srv.last_used < oldest[1].last_used:
+                    oldest = (p, srv)
+        if oldest is None:
+            return False
+        p, srv = oldest
+        p.idle.remove(srv)
+        srv.close("evicted")
+        return True
 
     def server_closed(self, pool: Pool) -> None:
         for p in self.pools.values():
-            if p is not pool and p.waiters and p.db.name == pool.db.name:
+            if p is not pool and p.wanting() and (p.db.name == pool.db.name or p.server_user == pool.server_user):
                 p._grow()
         if self.stopping:
             self._check_stopped()
@@ -415,7 +422,8 @@ class Gateway:
     def pool_has_idle(self, pool: Pool) -> None:
         # a sibling blocked on max_db_connections can use this slot
         for p in self.pools.values():
-            if p is not pool and p.waiters and p.db.name == pool.db.name and not p.connecting:
+            if p is not pool and p.wanting() and not p.connecting and (
+                    p.db.name == pool.db.name or p.server_user == pool.server_user):
                 if not self.may_open_server(p):
                     continue
                 p._grow()

@@ -26,7 +26,7 @@ class Pool:
     __slots__ = (
         "gw", "events", "db", "name", "key", "paused", "server_user", "server_password", "server_dbname", "catalog_key", "idle",
         "active", "connecting", "waiters", "welcome", "welcome_waiters", "last_connect_error", "clients",
-        "obsolete",
+        "obsolete", "welcome_since",
     )
 
     def __init__(self, gw: PoolHost, db: DatabaseConfig, server_user: str, password: str | None):
@@ -45,7 +45,8 @@ class Pool:
         self.connecting = 0
         self.waiters: collections.deque[Waiter] = collections.deque()
         self.welcome: dict[str, str] | None = None
-        self.welcome_waiters: list[asyncio.Future] = []
+        self.welcome_waiters: list[asyncio.Future] = []  # logins waiting for the first server's parameters
+        self.welcome_since = 0.0  # when the first of them started waiting
         self.last_connect_error: tuple[float, str, str] | None = None
         self.clients = 0
         self.obsolete = False  # replaced by a reload: servers close when they come back
@@ -63,6 +64,11 @@ class Pool:
 
     def total(self) -> int:
         return len(self.idle) + len(self.active) + self.connecting
+
+    def wanting(self) -> bool:
+        """Clients wait for a server of this pool: for a request, or for their login (the
+        pool's first server, whose parameters greet them)."""
+        return bool(self.waiters) or (self.welcome is None and bool(self.welcome_waiters))
 
     # ------------------------------------------------------------------ what its servers ask (interfaces.ServerHome)
 
@@ -152,7 +158,7 @@ class Pool:
         except ValueError:
             pass
         self.gw.server_closed(self)
-        if self.waiters:
+        if self.wanting():
             self._grow()
         self.gw.admin_progress()
 
@@ -163,7 +169,11 @@ class Pool:
         if self.gw.stopping == "SIGINT" or self.paused:
             return  # no new servers while waiting for transactions to finish, or paused
         want = len(self.waiters) - self.connecting
-        while want > 0 and self.total() < self.size:
+        size = self.size
+        if self.welcome is None and self.welcome_waiters:
+            want = max(want, 1 - self.connecting)  # logins wait for a first server
+            size = max(size, 1)
+        while want > 0 and self.total() < size:
             if not self.gw.may_open_server(self):
                 break
             self.connecting += 1
@@ -304,12 +314,18 @@ class Pool:
         if self.welcome is not None:
             return self.welcome
         fut = asyncio.get_running_loop().create_future()
+        if not self.welcome_waiters:
+            self.welcome_since = time.monotonic()
         self.welcome_waiters.append(fut)
-        if self.total() == 0 or (not self.connecting and not self.idle):
-            if self.gw.may_open_server(self) and self.total() < max(self.size, 1):
-                self.connecting += 1
-                asyncio.get_running_loop().create_task(self._connect())
-        await fut
+        if not self.connecting:
+            # at max_db_connections / max_user_connections the login queues: a server that
+            # frees elsewhere in the database (or of the user) makes room (Gateway.pool_has_idle)
+            self._grow()
+        try:
+            await fut
+        finally:
+            if fut in self.welcome_waiters:
+                self.welcome_waiters.remove(fut)  # the client left while waiting
         return self.welcome  # type: ignore[return-value]
 
     # ------------------------------------------------------------------ maintenance
@@ -321,6 +337,12 @@ class Pool:
             while self.waiters and now - self.waiters[0].wait_started > cfg.query_wait_timeout:
                 c = self.waiters.popleft()
                 c.fatal("08P01", "query_wait_timeout: no server connection became free in time")
+        if cfg.query_wait_timeout and self.welcome is None and self.welcome_waiters and not self.connecting \
+                and now - self.welcome_since > cfg.query_wait_timeout:
+            waiting, self.welcome_waiters = self.welcome_waiters, []
+            for f in waiting:
+                if not f.done():
+                    f.set_exception(ServerLoginError("query_wait_timeout: no server connection became free in time", "08P01"))
         # idle servers
         keep = self.min_size
         for srv in list(self.idle):
@@ -330,7 +352,7 @@ class Pool:
                 self.idle.remove(srv)
                 srv.close("server_lifetime" if too_old else "server_idle_timeout")
         self.ensure_min()
-        if self.waiters:
+        if self.wanting():
             self._grow()
 
     def close_all(self, reason: str) -> None:
