@@ -38,6 +38,10 @@ class DatabaseConfig:
     min_pool_size: int | None = None
     pool_mode: str | None = None
     max_db_connections: int | None = None
+    max_db_client_connections: int | None = None
+    reserve_pool_size: int | None = None
+    server_lifetime: float | None = None  # None: the global setting
+    server_idle_timeout: float | None = None
     connect_query: str | None = None
     client_encoding: str | None = None
     datestyle: str | None = None
@@ -51,7 +55,14 @@ class DatabaseConfig:
 class UserConfig:
     name: str
     pool_mode: str | None = None
+    pool_size: int | None = None
+    reserve_pool_size: int | None = None
     max_user_connections: int | None = None
+    max_user_client_connections: int | None = None
+    query_timeout: float | None = None  # None: the global setting
+    idle_transaction_timeout: float | None = None
+    transaction_timeout: float | None = None
+    client_idle_timeout: float | None = None
     groups: tuple[str, ...] = ()
     auth_type: str | None = None
     alias: tuple[str, ...] = ()  # token logins: other startup user names this identity may use
@@ -72,6 +83,20 @@ class Config:
     max_client_conn: int = 100
     max_db_connections: int = 0
     max_user_connections: int = 0
+    max_db_client_connections: int = 0
+    max_user_client_connections: int = 0
+    reserve_pool_size: int = 0
+    reserve_pool_timeout: float = 5.0
+    server_check_query: str = "<empty>"  # PgBouncer's default: an empty query; "" turns checks off
+    server_check_delay: float = 30.0
+    server_round_robin: bool = False
+    server_fast_close: bool = False
+    tcp_keepalive: bool = True
+    tcp_keepidle: int = 0  # 0: the OS default
+    tcp_keepintvl: int = 0
+    tcp_keepcnt: int = 0
+    tcp_user_timeout: int = 0  # milliseconds
+    so_reuseport: bool = False
     server_reset_query: str = "DISCARD ALL"
     server_reset_query_always: bool = False
     server_lifetime: float = 3600.0
@@ -83,6 +108,7 @@ class Config:
     client_idle_timeout: float = 0.0
     client_login_timeout: float = 60.0
     idle_transaction_timeout: float = 0.0
+    transaction_timeout: float = 0.0
     max_prepared_statements: int = 200
     max_packet_size: int = 64 * 1024 * 1024
     ignore_startup_parameters: tuple[str, ...] = ("extra_float_digits",)
@@ -152,6 +178,25 @@ class Config:
     users: dict[str, UserConfig] = field(default_factory=dict)
     auth_users: dict[str, str] = field(default_factory=dict)  # user -> secret from auth_file
     warnings: list[str] = field(default_factory=list)
+
+    def pool_size_for(self, db: DatabaseConfig, user: str) -> int:
+        """PgBouncer's pool_pool_size: the pool's user's pool_size, the database's, the default."""
+        u = self.users.get(user)
+        if u is not None and u.pool_size is not None:
+            return u.pool_size
+        return db.pool_size if db.pool_size is not None else self.default_pool_size
+
+    def reserve_pool_size_for(self, db: DatabaseConfig, user: str) -> int:
+        u = self.users.get(user)
+        if u is not None and u.reserve_pool_size is not None:
+            return u.reserve_pool_size
+        return db.reserve_pool_size if db.reserve_pool_size is not None else self.reserve_pool_size
+
+    def user_setting(self, user: str, key: str):
+        """A [users] entry's value of ``key`` (a timeout, a limit), else the global one."""
+        u = self.users.get(user)
+        v = getattr(u, key) if u is not None else None
+        return getattr(self, key) if v is None else v
 
     def pool_mode_for(self, db: DatabaseConfig, user: str) -> str:
         u = self.users.get(user)
@@ -358,6 +403,21 @@ SETTINGS = {
     "max_client_conn": ("max_client_conn", _nonneg_int),
     "max_db_connections": ("max_db_connections", _nonneg_int),
     "max_user_connections": ("max_user_connections", _nonneg_int),
+    "max_db_client_connections": ("max_db_client_connections", _nonneg_int),
+    "max_user_client_connections": ("max_user_client_connections", _nonneg_int),
+    "reserve_pool_size": ("reserve_pool_size", _nonneg_int),
+    "reserve_pool_timeout": ("reserve_pool_timeout", _seconds),
+    "server_check_query": ("server_check_query", _str),
+    "server_check_delay": ("server_check_delay", _seconds),
+    "server_round_robin": ("server_round_robin", _bool),
+    "server_fast_close": ("server_fast_close", _bool),
+    "tcp_keepalive": ("tcp_keepalive", _bool),
+    "tcp_keepidle": ("tcp_keepidle", _nonneg_int),
+    "tcp_keepintvl": ("tcp_keepintvl", _nonneg_int),
+    "tcp_keepcnt": ("tcp_keepcnt", _nonneg_int),
+    "tcp_user_timeout": ("tcp_user_timeout", _nonneg_int),
+    "so_reuseport": ("so_reuseport", _bool),
+    "transaction_timeout": ("transaction_timeout", _seconds),
     "server_reset_query": ("server_reset_query", _str),
     "server_reset_query_always": ("server_reset_query_always", _bool),
     "server_lifetime": ("server_lifetime", _seconds),
@@ -435,12 +495,10 @@ SETTINGS = {
 # PgBouncer settings this gateway accepts but does not act on (yet); a warning says so.
 PGBOUNCER_IGNORED = {
     "auth_hba_file", "auth_query", "auth_user", "auth_dbname",
-    "reserve_pool_size", "reserve_pool_timeout", "server_check_query", "server_check_delay",
-    "server_fast_close", "server_round_robin", "disable_pqexec", "dns_max_ttl", "dns_nxdomain_ttl",
+    "disable_pqexec", "dns_max_ttl", "dns_nxdomain_ttl",
     "dns_zone_check_period", "pkt_buf", "sbuf_loopcnt", "tcp_defer_accept", "tcp_socket_buffer",
-    "tcp_keepalive", "tcp_keepcnt", "tcp_keepidle", "tcp_keepintvl", "tcp_user_timeout",
-    "so_reuseport", "syslog", "syslog_ident", "syslog_facility", "user", "listen_backlog",
-    "suspend_timeout", "peer_id", "max_db_client_connections",
+    "syslog", "syslog_ident", "syslog_facility", "user", "listen_backlog",
+    "suspend_timeout", "peer_id",
     "client_tls_ecdhcurve", "client_tls_dheparams", "log_failed_connections",
     "cancel_wait_timeout", "query_wait_notify", "service_name", "job_name", "conffile",
     "autodb_idle_timeout", "server_reset_query_always_is_deprecated", "unix_socket_group",
@@ -453,12 +511,17 @@ DB_KEYS = {
     "max_db_connections": _nonneg_int, "connect_query": _str, "client_encoding": _str,
     "datestyle": _str, "timezone": _str, "application_name": _str,
     "auth_type": _choice(*AUTH_TYPES), "password_file": _str, "password_env": _str,
-    "approver_groups": _list,
+    "approver_groups": _list, "max_db_client_connections": _nonneg_int,
+    "reserve_pool_size": _nonneg_int, "server_lifetime": _seconds, "server_idle_timeout": _seconds,
 }
-DB_IGNORED = {"auth_user", "auth_query", "auth_dbname", "reserve_pool", "reserve_pool_size",
-              "server_lifetime", "max_db_client_connections"}
+DB_ALIASES = {"reserve_pool": "reserve_pool_size"}  # PgBouncer's old name
+DB_IGNORED = {"auth_user", "auth_query", "auth_dbname"}
 USER_KEYS = {"pool_mode": _choice(*POOL_MODES), "max_user_connections": _nonneg_int,
-             "groups": _list, "auth_type": _choice(*AUTH_TYPES), "alias": _list}
+             "groups": _list, "auth_type": _choice(*AUTH_TYPES), "alias": _list,
+             "pool_size": _nonneg_int, "reserve_pool_size": _nonneg_int,
+             "max_user_client_connections": _nonneg_int, "query_timeout": _seconds,
+             "idle_transaction_timeout": _seconds, "transaction_timeout": _seconds,
+             "client_idle_timeout": _seconds}
 
 
 def parse_connstr(s: str) -> list[tuple[str, str]]:
@@ -703,6 +766,7 @@ def load(path: str | os.PathLike) -> Config:
                 raise ConfigError(f"{where}: database {key}: {e}") from None
             db = DatabaseConfig(name=key)
             for k, v in pairs:
+                k = DB_ALIASES.get(k, k)
                 if k in DB_KEYS:
                     try:
                         setattr(db, k, DB_KEYS[k](v))
@@ -756,7 +820,7 @@ def _complete(cfg: Config, path: Path) -> None:
 
 
 # settings a running gateway cannot take (they are read once, at start)
-RESTART_KEYS = frozenset({"listen_addr", "listen_port", "unix_socket_dir", "unix_socket_mode", "pidfile",
+RESTART_KEYS = frozenset({"listen_addr", "listen_port", "unix_socket_dir", "unix_socket_mode", "pidfile", "so_reuseport",
                           "logfile", "max_packet_size", "track_extra_parameters", "metrics_listen", "approvals_listen", "approval_webhook",
                           "approvals_store", "approval_max_grant"})
 # settings whose values are never shown (SHOW CONFIG, SHOW <setting>)

@@ -21,7 +21,7 @@ LAYERS = [
 
 # inside the asyncio shell, bottom up: each module imports only modules listed before it
 GATEWAY_ORDER = [
-    "interfaces", "params", "events", "server", "pool", "catalogs", "statements", "holds", "governor",
+    "interfaces", "netopts", "params", "events", "server", "pool", "catalogs", "statements", "holds", "governor",
     "admin", "login", "session", "observers", "metrics", "approvals_http", "app",
 ]
 

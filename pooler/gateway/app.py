@@ -35,7 +35,7 @@ log = logging.getLogger("pooler")
 
 # settings a reload reads but cannot apply (sockets and buffers made at start, the tracked
 # parameter set): the running value stays, with a warning
-RESTART_ONLY = ("track_extra_parameters", "max_packet_size")
+RESTART_ONLY = ("track_extra_parameters", "max_packet_size", "so_reuseport")
 
 
 class Gateway:
@@ -75,6 +75,7 @@ class Gateway:
         self._signals_seen = 0
         self.unix_path: str | None = None
         self.limits_in_use = self._limits_in_use(config)
+        self.timeouts_in_use = self._timeouts_in_use(config)
         self.policy: Policy | None = load_policy(config)
         self.policy_loaded_at = time.time()
         self._policy_loaded()
@@ -92,7 +93,7 @@ class Gateway:
             for addr in [a.strip() for a in cfg.listen_addr.split(",") if a.strip()]:
                 host = None if addr == "*" else addr
                 srv = await loop.create_server(lambda: ClientSession(self), host, cfg.listen_port,
-                                               reuse_address=True, backlog=512)
+                                               reuse_address=True, reuse_port=cfg.so_reuseport or None, backlog=512)
                 self.listeners.append(srv)
         if cfg.unix_socket_dir:
             path = os.path.join(cfg.unix_socket_dir, f".s.PGSQL.{cfg.listen_port}")
@@ -284,6 +285,7 @@ class Gateway:
         self._scram_cache.clear()
         self.config = new
         self.limits_in_use = self._limits_in_use(new)
+        self.timeouts_in_use = self._timeouts_in_use(new)
         log.info("configuration reloaded from %s", new.path)
         return True
 
@@ -303,6 +305,11 @@ class Gateway:
             return False
         self.clients.add(c)
         return True
+
+    def client_count(self, database: str | None = None, user: str | None = None) -> int:
+        """Logged-in sessions of a database or of a user (console sessions aside)."""
+        return sum(1 for c in self.clients if c.state == C_READY and not c.closed and not c.console
+                   and (database is None or c.database == database) and (user is None or c.user == user))
 
     def client_left(self, c: ClientSession, logged_in: bool) -> None:
         self.clients.discard(c)
@@ -412,6 +419,11 @@ class Gateway:
                 p._grow()
         if self.stopping:
             self._check_stopped()
+
+    @classmethod
+    def _timeouts_in_use(cls, cfg: Config) -> bool:
+        return any(getattr(cfg, k) for k in cls.TIMEOUTS) or any(
+            getattr(u, k) for u in cfg.users.values() for k in cls.TIMEOUTS)
 
     @staticmethod
     def _limits_in_use(cfg: Config) -> bool:
@@ -644,28 +656,65 @@ class Gateway:
             p.janitor(now)
         for holder in self.catalogs.values():
             holder.tick(now)  # the catalog's background refresh (mask_catalog_ttl)
-        if cfg.client_idle_timeout or cfg.idle_transaction_timeout or cfg.query_timeout:
+        if cfg.server_fast_close:
+            self._fast_close()
+        if self.timeouts_in_use:
             for c in list(self.clients):
-                if c.closed or c.state != C_READY:
+                if c.closed or c.state != C_READY or c.console:
                     continue
+                query_timeout, idle_tx_timeout, tx_timeout, client_idle_timeout = self.client_timeouts(c)
                 if c.held is not None:
                     # waiting for a human: approval_timeout is its limit; idle_transaction_timeout
                     # too only if approval_holds_transaction says so
-                    if cfg.approval_holds_transaction and cfg.idle_transaction_timeout and c.tx_status != m.TX_IDLE \
-                            and now - c.last_active > cfg.idle_transaction_timeout:
+                    if cfg.approval_holds_transaction and idle_tx_timeout and c.tx_status != m.TX_IDLE \
+                            and now - c.last_active > idle_tx_timeout:
                         c.fatal("25P03", "idle_transaction_timeout: transaction idle too long (held for approval "
                                          "longer than idle_transaction_timeout; approval_holds_transaction = on)")
                     continue
                 srv = c.server
-                if cfg.query_timeout and srv is not None and srv.queue and now - srv.query_start > cfg.query_timeout:
+                if query_timeout and srv is not None and srv.queue and now - srv.query_start > query_timeout:
                     self.send_cancel(srv)
                     c.fatal("57014", "query_timeout: query ran too long")
-                elif cfg.idle_transaction_timeout and srv is not None and not srv.queue \
-                        and srv.tx_status != m.TX_IDLE and now - c.last_active > cfg.idle_transaction_timeout:
+                elif idle_tx_timeout and srv is not None and not srv.queue \
+                        and srv.tx_status != m.TX_IDLE and now - c.last_active > idle_tx_timeout:
                     c.fatal("25P03", "idle_transaction_timeout: transaction idle too long")
-                elif cfg.client_idle_timeout and (srv is None or not srv.queue) \
-                        and now - c.last_active > cfg.client_idle_timeout:
+                elif tx_timeout and srv is not None and c.tx_status != m.TX_IDLE and now - c.xact_start > tx_timeout:
+                    if srv.queue:
+                        self.send_cancel(srv)
+                    c.fatal("25P03", "transaction_timeout: transaction open too long")
+                elif client_idle_timeout and (srv is None or not srv.queue) \
+                        and now - c.last_active > client_idle_timeout:
                     c.fatal("57P05", "client_idle_timeout: connection idle too long")
+
+    TIMEOUTS = ("query_timeout", "idle_transaction_timeout", "transaction_timeout", "client_idle_timeout")
+
+    def client_timeouts(self, c) -> tuple[float, float, float, float]:
+        """A session's timeouts: its identity's [users] entry, else its pool's user's, else the
+        global settings (PgBouncer reads the pool's user; they are the same unless the database
+        forces a user)."""
+        cfg = self.config
+        out = []
+        for key in self.TIMEOUTS:
+            v = None
+            for name in (c.user, c.pool.server_user if c.pool is not None else None):
+                u = cfg.users.get(name) if name else None
+                if u is not None and getattr(u, key):  # 0 in [users]: not set, as PgBouncer
+                    v = getattr(u, key)
+                    break
+            out.append(getattr(cfg, key) if v is None else v)
+        return tuple(out)
+
+    def _fast_close(self) -> None:
+        """server_fast_close: a session-mode server marked for closing (RECONNECT, a RELOAD that
+        changed its database) closes at the end of its client's transaction, and so does the
+        client, rather than at the end of the session."""
+        for p in list(self.pools.values()):
+            for srv in list(p.active):
+                c = srv.client
+                if c is None or c.mode != "session" or not (srv.close_needed or p.obsolete):
+                    continue
+                if srv.tx_status == m.TX_IDLE and not srv.queue and not c.closed:
+                    c.fatal("08006", "server_fast_close: database configuration changed")
 
 
 def load_policy(cfg: Config) -> Policy | None:

@@ -143,6 +143,9 @@ class ServerHome(Protocol):
     def mask_key(self) -> bytes:
         """Key of the ``hash`` masking method (config)."""
 
+    def tcp_settings(self) -> Any:
+        """The config whose tcp_* settings new connections take (netopts.tune_socket)."""
+
     def release(self, srv: Any) -> None:
         """A server that finished its reset (server_reset_query) with nobody linked."""
 
@@ -191,6 +194,8 @@ class SessionHost(Protocol):
     events: Any
 
     def client_arrived(self, session: Any) -> bool: ...
+
+    def client_count(self, database: str | None = None, user: str | None = None) -> int: ...
 
     def client_left(self, session: Any, logged_in: bool) -> None: ...
 

@@ -185,6 +185,7 @@ class Login:
         else:
             await self._authenticate(auth_type)
             s.groups = tuple(ucfg.groups) if ucfg else ()
+        self._check_client_limits(db, user)
         s.mode = cfg.pool_mode_for(db, user)
         s.rewrite = s.mode != "session" and cfg.max_prepared_statements > 0
         s.pool = s.gw.get_pool(db, user)
@@ -215,6 +216,21 @@ class Login:
         out.append(m.backend_key_data(s.pid, s.key))
         out.append(m.ready_for_query(m.TX_IDLE))
         s.transport.write(b"".join(out))
+
+    def _check_client_limits(self, db, user: str) -> None:
+        """max_db_client_connections (the database's, else the global) and
+        max_user_client_connections (the user's, else the global): logged-in clients of the
+        database / of the identity, this one included."""
+        s = self.session
+        cfg = s.gw.config
+        limit = db.max_db_client_connections if db.max_db_client_connections is not None else cfg.max_db_client_connections
+        if limit and 1 + s.gw.client_count(database=db.name) > limit:
+            raise ClientError("53300", "client connections exceeded (max_db_client_connections)")
+        ucfg = cfg.users.get(user)
+        ulimit = (ucfg.max_user_client_connections if ucfg and ucfg.max_user_client_connections
+                  else cfg.max_user_client_connections)
+        if ulimit and 1 + s.gw.client_count(user=user) > ulimit:
+            raise ClientError("53300", "client connections exceeded (max_user_client_connections)")
 
     async def _judge_extra_params(self, tracked: dict[str, str]) -> None:
         """Parameters of track_extra_parameters given at login reach servers as ``SET name =

@@ -26,7 +26,7 @@ class Pool:
     __slots__ = (
         "gw", "events", "db", "name", "key", "paused", "server_user", "server_password", "server_dbname", "catalog_key", "idle",
         "active", "connecting", "waiters", "welcome", "welcome_waiters", "last_connect_error", "clients",
-        "obsolete", "welcome_since",
+        "obsolete", "welcome_since", "checking", "reserve_in_use",
     )
 
     def __init__(self, gw: PoolHost, db: DatabaseConfig, server_user: str, password: str | None):
@@ -50,12 +50,29 @@ class Pool:
         self.last_connect_error: tuple[float, str, str] | None = None
         self.clients = 0
         self.obsolete = False  # replaced by a reload: servers close when they come back
+        self.checking: set[ServerConn] = set()  # running server_check_query before a hand-out
+        self.reserve_in_use = False  # reserve_pool_timeout passed: the pool may grow into its reserve
 
     # -- settings that follow reloads
     @property
     def size(self) -> int:
+        """Servers the pool may have now: its pool_size (the user's, the database's or the
+        default), plus its reserve_pool_size while a client has waited reserve_pool_timeout."""
         cfg = self.gw.config
-        return self.db.pool_size if self.db.pool_size is not None else cfg.default_pool_size
+        size = cfg.pool_size_for(self.db, self.server_user)
+        if self.reserve_in_use:
+            size += cfg.reserve_pool_size_for(self.db, self.server_user)
+        return size
+
+    @property
+    def lifetime(self) -> float:
+        lt = self.db.server_lifetime
+        return self.gw.config.server_lifetime if lt is None else lt
+
+    @property
+    def idle_timeout(self) -> float:
+        it = self.db.server_idle_timeout
+        return self.gw.config.server_idle_timeout if it is None else it
 
     @property
     def min_size(self) -> int:
@@ -81,6 +98,9 @@ class Pool:
     def mask_key(self) -> bytes:
         return self.gw.config.mask_key
 
+    def tcp_settings(self):
+        return self.gw.config
+
     def catalog_changed(self) -> None:
         self.gw.catalog_changed(self.catalog_key)
 
@@ -88,17 +108,32 @@ class Pool:
 
     def acquire(self, client: Waiter) -> ServerConn | None:
         idle = self.idle
+        cfg = self.gw.config
         while idle and not self.paused:
-            srv = idle.pop()  # LIFO: the warmest connection
+            # LIFO: the warmest connection; server_round_robin: the one idle longest
+            srv = idle.popleft() if cfg.server_round_robin else idle.pop()
             if srv.state == S_IDLE:
                 srv.state = S_ACTIVE
                 self.active.add(srv)
+                if cfg.server_check_query and self.gw.clock - srv.last_used >= cfg.server_check_delay:
+                    self._check(srv, cfg.server_check_query)  # handed out once it answers
+                    continue
                 return srv
         client.wait_started = time.monotonic()
         self.waiters.append(client)
-        if len(self.waiters) > self.connecting and len(self.active) + self.connecting < self.size and not self.paused:
+        if len(self.waiters) > self.connecting + len(self.checking) and len(self.active) + self.connecting < self.size \
+                and not self.paused:
             self._grow()
         return None
+
+    def _check(self, srv: ServerConn, query: str) -> None:
+        """server_check_query on a server idle for server_check_delay: it goes to the next
+        waiting client when its ReadyForQuery arrives (release); an error or a lost connection
+        closes it instead (and another is opened for the waiting clients)."""
+        self.checking.add(srv)
+        srv.resetting = True
+        srv.queue.clear()
+        srv.send(m.query("" if query == "<empty>" else query))
 
     def cancel_wait(self, client: Waiter) -> None:
         try:
@@ -108,6 +143,8 @@ class Pool:
 
     def release(self, srv: ServerConn) -> None:
         srv.client = None
+        if self.checking:
+            self.checking.discard(srv)
         if srv.cancels_in_flight:
             srv.parked = True  # never reuse a server a cancel may still hit
             return
@@ -121,10 +158,11 @@ class Pool:
             if self.paused:
                 self.gw.admin_progress()
             return
-        lifetime = self.gw.config.server_lifetime
+        lifetime = self.lifetime
         # the janitor's clock (a second's resolution, like PgBouncer's cached time): no clock
-        # read per release for limits counted in minutes
-        if self.obsolete or self.gw.stopping == "SIGINT" or (lifetime and self.gw.clock - srv.created_at > lifetime):
+        # read per release for limits counted in minutes; server_lifetime = 0: used once (by a client)
+        if self.obsolete or self.gw.stopping == "SIGINT" or self.gw.clock - srv.created_at > lifetime or (
+                lifetime == 0 and srv.owner is not None):
             self.active.discard(srv)
             srv.close("closing" if self.obsolete or self.gw.stopping else "server_lifetime")
             self._grow()
@@ -153,6 +191,7 @@ class Pool:
 
     def server_gone(self, srv: ServerConn) -> None:
         self.active.discard(srv)
+        self.checking.discard(srv)
         try:
             self.idle.remove(srv)
         except ValueError:
@@ -343,11 +382,22 @@ class Pool:
             for f in waiting:
                 if not f.done():
                     f.set_exception(ServerLoginError("query_wait_timeout: no server connection became free in time", "08P01"))
+        # reserve_pool_timeout: the first waiting client waited that long, the pool may grow
+        # into its reserve (until nobody waits)
+        if self.waiters:
+            if not self.reserve_in_use and cfg.reserve_pool_timeout and \
+                    cfg.reserve_pool_size_for(self.db, self.server_user) and \
+                    now - self.waiters[0].wait_started >= cfg.reserve_pool_timeout:
+                self.reserve_in_use = True
+                log.warning("pool %s: taking connection from reserve_pool", self.name)
+        else:
+            self.reserve_in_use = False
         # idle servers
         keep = self.min_size
+        lifetime, idle_timeout = self.lifetime, self.idle_timeout
         for srv in list(self.idle):
-            too_old = cfg.server_lifetime and now - srv.created_at > cfg.server_lifetime
-            too_idle = cfg.server_idle_timeout and now - srv.last_used > cfg.server_idle_timeout
+            too_old = now - srv.created_at > lifetime or (lifetime == 0 and srv.owner is not None)
+            too_idle = idle_timeout and now - srv.last_used > idle_timeout
             if (too_old or too_idle) and self.total() > keep:
                 self.idle.remove(srv)
                 srv.close("server_lifetime" if too_old else "server_idle_timeout")

@@ -31,6 +31,7 @@ from .interfaces import (
     R_EXECUTE, R_EXECUTE_REFUSAL, R_FAKE_CLOSE, R_FAKE_DONE, R_FAKE_PARSE, R_PARSE, R_PARSE_SKIP,
     R_QUERY, R_QUERY_REFUSAL, R_QUERY_SKIP, R_SYNC, ClientSide, ServerHome, next_socket_id,
 )
+from .netopts import tune_socket
 from .params import TRACKED, param_key_of
 
 log = logging.getLogger("pooler.server")
@@ -234,6 +235,7 @@ class ServerConn(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self.state = S_LOGIN
+        tune_socket(transport.get_extra_info("socket"), self.pool.tcp_settings())
         transport.write(m.startup_message(self.pool.startup_params()))  # type: ignore[attr-defined]
 
     def connection_lost(self, exc: Exception | None) -> None:

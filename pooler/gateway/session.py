@@ -47,6 +47,7 @@ from .interfaces import (FAKE_FIRST, FAKE_LAST, R_BIND, R_BIND_SKIP, R_CLOSE, R_
                          R_EXECUTE, R_EXECUTE_REFUSAL, R_FAKE_CLOSE, R_PARSE, R_PARSE_SKIP, R_QUERY,
                          R_QUERY_REFUSAL, R_QUERY_SKIP, R_SYNC, SessionHost, next_socket_id)
 from .login import ClientError, Login, TlsFailed
+from .netopts import tune_socket
 from .params import TRACKED_PARAMS, canonical, param_key_of, quote_literal, sync_sql
 from .server import S_CLOSED, ServerConn, ServerLoginError, fd_row, socket_row
 from .statements import StatementBook
@@ -75,7 +76,7 @@ class ClientSession(asyncio.Protocol):
     __slots__ = (
         "_identity", "_left", "addr", "app_name", "auth_method", "book", "closed", "connected_at",
         "cskip", "database", "end_reason", "events", "first_refusal", "governor", "groups", "gw",
-        "key", "last_active", "login", "login_name", "login_task", "max_packet", "mode",
+        "key", "last_active", "xact_start", "login", "login_name", "login_task", "max_packet", "mode",
         "param_key", "params", "pending_param_sync", "pid", "pool", "rbuf", "reading_paused",
         "ready_query", "ready_unit", "rewrite", "server", "skip_until_sync", "state", "tls",
         "token_expiry", "transport", "tx_status", "unix", "user", "wait_started", "waiting",
@@ -117,6 +118,7 @@ class ClientSession(asyncio.Protocol):
         self.pending_param_sync = False
         self.connected_at = time.monotonic()
         self.last_active = self.connected_at
+        self.xact_start = 0.0
         self.end_reason = ""  # why the session ended (events.logout)
         self._left = False
         self._identity: tuple | None = None  # (user, groups), once logged in
@@ -149,6 +151,8 @@ class ClientSession(asyncio.Protocol):
             self.addr = "unix"
         else:
             self.addr = f"{peer[0]}:{peer[1]}"
+        if not self.unix:
+            tune_socket(transport.get_extra_info("socket"), self.gw.config)
         if not self.gw.client_arrived(self):
             transport.write(m.error_response("53300", "no more connections allowed (max_client_conn)", "FATAL"))
             transport.close()
@@ -985,6 +989,8 @@ class ClientSession(asyncio.Protocol):
         up to and including it. At 'I' in transaction and statement pooling the server goes back
         to its pool (and to the next waiting client) before the reply is written, so the server
         is busy again while this client wakes up."""
+        if status != m.TX_IDLE and self.tx_status == m.TX_IDLE:
+            self.xact_start = self.gw.clock  # transaction_timeout counts from here
         self.tx_status = status
         ev = self.events.ready
         if ev is not None:
