@@ -27,8 +27,9 @@ class ConfigError(Exception):
 @dataclass(slots=True)
 class DatabaseConfig:
     name: str
-    host: str = "127.0.0.1"
+    host: str = "127.0.0.1"  # or a comma-separated list (load_balance_hosts chooses)
     port: int = 5432
+    load_balance_hosts: str = "round-robin"
     dbname: str | None = None  # None: same as the client's database name
     user: str | None = None  # None: the client's user name
     password: str | None = None
@@ -317,6 +318,13 @@ def _size(v: str) -> int:
     return n
 
 
+def _hosts(v: str) -> str:
+    hosts = v.split(",")
+    if any(not h.strip() for h in hosts):
+        raise ValueError(f"empty host name in the list {v!r}")
+    return ",".join(h.strip() for h in hosts)
+
+
 def _track_extra(v: str) -> tuple[str, ...]:
     names = _list(v)
     for n in names:
@@ -506,7 +514,7 @@ PGBOUNCER_IGNORED = {
 }
 
 DB_KEYS = {
-    "host": _str, "port": _port, "dbname": _str, "user": _str, "password": _str,
+    "host": _hosts, "port": _port, "load_balance_hosts": _choice("round-robin", "disable"), "dbname": _str, "user": _str, "password": _str,
     "pool_size": _nonneg_int, "min_pool_size": _nonneg_int, "pool_mode": _choice(*POOL_MODES),
     "max_db_connections": _nonneg_int, "connect_query": _str, "client_encoding": _str,
     "datestyle": _str, "timezone": _str, "application_name": _str,

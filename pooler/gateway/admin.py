@@ -321,7 +321,7 @@ class Console:
                          db.min_pool_size if db.min_pool_size is not None else cfg.min_pool_size,
                          db.reserve_pool_size if db.reserve_pool_size is not None else cfg.reserve_pool_size,
                          int(db.server_lifetime if db.server_lifetime is not None else cfg.server_lifetime),
-                         db.pool_mode, None, limit or 0,
+                         db.pool_mode, db.load_balance_hosts if "," in db.host else None, limit or 0,
                          sum(p.total() for p in pools), climit or 0,
                          sum(1 for c in gw.clients if c.pool is not None and c.pool.db.name == name),
                          int(gw.pool_paused(name)), int(name in gw.disabled_dbs)))
@@ -343,7 +343,7 @@ class Console:
             rows.append((p.db.name, p.server_user, active.get(id(p), 0), len(p.waiters), 0, 0, linked,
                          sum(1 for srv in p.active if srv.cancels_in_flight), 0, len(p.idle),
                          len(p.active) - linked - len(p.checking), len(p.checking), p.connecting, int(wait), int((wait % 1) * 1e6),
-                         p.db.pool_mode or cfg.pool_mode, None))
+                         p.db.pool_mode or cfg.pool_mode, p.db.load_balance_hosts if "," in p.db.host else None))
         rows.append(("pgbouncer", "pgbouncer", gw.console_sessions(), 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
                      "statement", None))
         return result("pools", rows)

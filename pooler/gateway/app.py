@@ -621,12 +621,13 @@ class Gateway:
 
     async def _send_cancel(self, srv: ServerConn) -> None:
         db = srv.pool.db
+        host = srv.peer.rpartition(":")[0] if srv.peer else db.host  # the host of a list it connected to
         try:
             async with asyncio.timeout(self.config.server_connect_timeout or 15):
-                if db.host.startswith("/"):
-                    r, w = await asyncio.open_unix_connection(f"{db.host}/.s.PGSQL.{db.port}")
+                if host.startswith("/"):
+                    r, w = await asyncio.open_unix_connection(f"{host}/.s.PGSQL.{db.port}")
                 else:
-                    r, w = await asyncio.open_connection(db.host, db.port)
+                    r, w = await asyncio.open_connection(host, db.port)
                 w.write(m.cancel_request(srv.pid, srv.key))
                 await w.drain()
                 await r.read()  # the server closes the connection once it has signalled
@@ -740,7 +741,8 @@ def make_jwt(cfg: Config) -> JwtAuthenticator | None:
 
 
 def _conn_changed(a: DatabaseConfig, b: DatabaseConfig) -> bool:
-    return (a.host, a.port, a.dbname, a.user) != (b.host, b.port, b.dbname, b.user)
+    return (a.host, a.port, a.dbname, a.user, a.load_balance_hosts) != (b.host, b.port, b.dbname, b.user,
+                                                                         b.load_balance_hosts)
 
 
 def dump_state(gw: "Gateway") -> str:

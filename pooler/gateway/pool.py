@@ -26,7 +26,7 @@ class Pool:
     __slots__ = (
         "gw", "events", "db", "name", "key", "paused", "server_user", "server_password", "server_dbname", "catalog_key", "idle",
         "active", "connecting", "waiters", "welcome", "welcome_waiters", "last_connect_error", "clients",
-        "obsolete", "welcome_since", "checking", "reserve_in_use",
+        "obsolete", "welcome_since", "checking", "reserve_in_use", "rrcounter",
     )
 
     def __init__(self, gw: PoolHost, db: DatabaseConfig, server_user: str, password: str | None):
@@ -52,6 +52,7 @@ class Pool:
         self.obsolete = False  # replaced by a reload: servers close when they come back
         self.checking: set[ServerConn] = set()  # running server_check_query before a hand-out
         self.reserve_in_use = False  # reserve_pool_timeout passed: the pool may grow into its reserve
+        self.rrcounter = 0  # which host of a host list the next connection goes to
 
     # -- settings that follow reloads
     @property
@@ -226,12 +227,25 @@ class Pool:
 
     async def open_connection(self, side: bool = False) -> ServerConn:
         """Connect and log in one server connection (and run connect_query). ``side``
-        connections are the gateway's own (catalog reads): never pooled, never counted."""
+        connections are the gateway's own (catalog reads): never pooled, never counted.
+        With a host list, a host that cannot be reached is skipped for the next one (each
+        entry tried once) before the attempt counts as failed."""
+        tries = self.db.host.count(",") + 1
+        for attempt in range(tries):
+            host = self._next_host(failed=attempt > 0)
+            try:
+                return await self._open_on(host, side)
+            except ServerLoginError as e:
+                if attempt + 1 >= tries or not e.unreachable:
+                    raise
+                log.warning("pool %s: %s: %s; trying the next host of the list", self.name, host, e)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _open_on(self, host: str, side: bool) -> ServerConn:
         loop = asyncio.get_running_loop()
         srv: ServerConn | None = None
         cfg = self.gw.config
         try:
-            host = self.db.host
             if host.startswith("/"):
                 path = f"{host}/.s.PGSQL.{self.db.port}"
                 coro = loop.create_unix_connection(lambda: ServerConn(self, side), path)
@@ -242,7 +256,7 @@ class Pool:
             timeout = cfg.server_connect_timeout or None
             async with asyncio.timeout(timeout):
                 _, srv = await coro
-                srv.peer = f"{host}:{self.db.port}"
+                srv.peer = f"{host}:{self.db.port}"  # (cancel requests go there too)
                 await srv.login()
             if self.db.connect_query:
                 await self._run_connect_query(srv)
@@ -250,17 +264,35 @@ class Pool:
         except (OSError, TimeoutError, ServerLoginError) as e:
             if srv is not None:
                 srv.close(str(e))
+            unreachable = srv is None and not isinstance(e, ServerLoginError)
             if isinstance(e, ServerLoginError):
                 msg, state = str(e), e.sqlstate
             elif isinstance(e, TimeoutError):
                 msg, state = "server_connect_timeout: could not connect to server in time", "08001"
             else:
                 msg, state = f"could not connect to server: {e.strerror or e}", "08001"
-            raise ServerLoginError(msg, state) from None
+            err = ServerLoginError(msg, state)
+            err.unreachable = unreachable
+            raise err from None
         except BaseException:
             if srv is not None:
                 srv.close("connect cancelled")
             raise
+
+    def _next_host(self, failed: bool = False) -> str:
+        """The host of a new connection. A host list is used as PgBouncer uses it: round-robin
+        takes the next entry for every connection; disable stays on one entry until a
+        connection to it fails, then moves to the next."""
+        host = self.db.host
+        if "," not in host:
+            return host
+        hosts = host.split(",")
+        if self.db.load_balance_hosts == "disable" and (failed or self.last_connect_error is not None):
+            self.rrcounter += 1
+        chosen = hosts[self.rrcounter % len(hosts)]
+        if self.db.load_balance_hosts == "round-robin":
+            self.rrcounter += 1
+        return chosen
 
     async def _connect(self) -> None:
         try:

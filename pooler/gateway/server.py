@@ -164,6 +164,7 @@ class ServerLoginError(Exception):
     def __init__(self, message: str, sqlstate: str = "08006") -> None:
         super().__init__(message)
         self.sqlstate = sqlstate
+        self.unreachable = False  # the host could not be reached at all (a host list tries the next)
 
 
 class ServerConn(asyncio.Protocol):
