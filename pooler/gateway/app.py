@@ -148,6 +148,11 @@ class Gateway:
                  else "waiting for clients to disconnect")
         for s in self.listeners:
             s.close()
+        if how == "SIGINT":
+            for p in self.pools.values():
+                waiting, p.waiters = list(p.waiters), collections.deque()
+                for c in waiting:
+                    c.fatal("57P01", "server shutting down")
         self._check_stopped()
 
     def _check_stopped(self) -> None:

@@ -143,6 +143,9 @@ class ServerHome(Protocol):
     def mask_key(self) -> bytes:
         """Key of the ``hash`` masking method (config)."""
 
+    def has_scram_secret(self) -> bool:
+        """The auth_file holds only a SCRAM secret for the upstream user."""
+
     def tcp_settings(self) -> Any:
         """The config whose tcp_* settings new connections take (netopts.tune_socket)."""
 
@@ -189,6 +192,7 @@ class SessionHost(Protocol):
     """What a client session (and its login) asks of the gateway."""
 
     config: Any  # config.Config
+    stopping: str | None  # how the gateway is stopping (None: it is not)
     policy: Any  # policy.engine.Policy | None
     jwt: Any  # auth.jwt.JwtAuthenticator | None
     events: Any

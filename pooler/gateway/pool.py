@@ -102,12 +102,23 @@ class Pool:
     def tcp_settings(self):
         return self.gw.config
 
+    def has_scram_secret(self) -> bool:
+        """The auth_file holds a SCRAM secret (not a password) for the upstream user."""
+        from ..auth.passwords import is_scram
+
+        secret = self.gw.config.auth_users.get(self.server_user)
+        return secret is not None and is_scram(secret)
+
     def catalog_changed(self) -> None:
         self.gw.catalog_changed(self.catalog_key)
 
     # ------------------------------------------------------------------ handing out
 
     def acquire(self, client: Waiter) -> ServerConn | None:
+        if self.gw.stopping == "SIGINT":
+            # SHUTDOWN WAIT_FOR_SERVERS: no server for a new transaction (PgBouncer's pause_client)
+            client.fatal("57P01", "server shutting down")
+            return None
         idle = self.idle
         cfg = self.gw.config
         while idle and not self.paused:

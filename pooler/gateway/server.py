@@ -374,8 +374,18 @@ class ServerConn(asyncio.Protocol):
                 secret = pw if is_md5(pw) else md5_secret(self.pool.server_user, pw)
                 self.transport.write(m.password_message(md5_response(secret, data).encode() + b"\x00"))
             elif code == 10:
+                from ..auth.passwords import is_md5
+                if pw is None and self.pool.has_scram_secret():
+                    raise ServerLoginError(
+                        f"server login failed: wrong password type: the server asks for SCRAM-SHA-256 and the auth_file "
+                        f"holds only a SCRAM secret for user {self.pool.server_user!r}, from which no SCRAM login can be "
+                        "made (give the password itself in [databases] password=, password_file or password_env)", "28P01")
                 if pw is None:
                     raise ServerLoginError(f"server asked for a password for user {self.pool.server_user!r} but none is configured", "28P01")
+                if is_md5(pw):
+                    raise ServerLoginError(
+                        f"server login failed: wrong password type: the server asks for SCRAM-SHA-256 and the password "
+                        f"for user {self.pool.server_user!r} is an md5 secret, with which no SCRAM login can be made", "28P01")
                 mechs = m.parse_sasl_mechanisms(data)
                 if "SCRAM-SHA-256" not in mechs:
                     raise ServerLoginError(f"server offers no supported SASL mechanism ({mechs})")

@@ -154,7 +154,8 @@ class ClientSession(asyncio.Protocol):
         if not self.unix:
             tune_socket(transport.get_extra_info("socket"), self.gw.config)
         if not self.gw.client_arrived(self):
-            transport.write(m.error_response("53300", "no more connections allowed (max_client_conn)", "FATAL"))
+            transport.write(m.error_response("57P03", "pooler is shutting down", "FATAL") if self.gw.stopping else
+                            m.error_response("53300", "no more connections allowed (max_client_conn)", "FATAL"))
             transport.close()
             self.closed = True
             self.state = C_CLOSED
