@@ -20,6 +20,10 @@ JWT_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256",
                   "EdDSA", "HS256", "HS384", "HS512")
 
 
+DEFAULT_AUTH_QUERY = ("SELECT rolname, CASE WHEN rolvaliduntil < now() THEN NULL ELSE rolpassword END "
+                      "FROM pg_authid WHERE rolname=$1 AND rolcanlogin")
+
+
 class ConfigError(Exception):
     pass
 
@@ -49,6 +53,9 @@ class DatabaseConfig:
     timezone: str | None = None
     application_name: str | None = None
     auth_type: str | None = None
+    auth_user: str | None = None  # None: the global auth_user
+    auth_query: str | None = None
+    auth_dbname: str | None = None
     approver_groups: tuple[str, ...] = ()  # who approves this database's held statements (else the global)
 
 
@@ -78,6 +85,9 @@ class Config:
     unix_socket_mode: int = 0o777
     auth_type: str = "md5"
     auth_file: str | None = None
+    auth_user: str | None = None  # looks up secrets of users the auth_file lacks, with auth_query
+    auth_query: str = DEFAULT_AUTH_QUERY
+    auth_dbname: str | None = None  # None: the database the client asked for
     pool_mode: str = "session"
     default_pool_size: int = 20
     min_pool_size: int = 0
@@ -405,6 +415,9 @@ SETTINGS = {
     "unix_socket_mode": ("unix_socket_mode", _octal),
     "auth_type": ("auth_type", _choice(*AUTH_TYPES)),
     "auth_file": ("auth_file", _opt_str),
+    "auth_user": ("auth_user", _opt_str),
+    "auth_query": ("auth_query", _str),
+    "auth_dbname": ("auth_dbname", _opt_str),
     "pool_mode": ("pool_mode", _choice(*POOL_MODES)),
     "default_pool_size": ("default_pool_size", _nonneg_int),
     "min_pool_size": ("min_pool_size", _nonneg_int),
@@ -502,7 +515,7 @@ SETTINGS = {
 
 # PgBouncer settings this gateway accepts but does not act on (yet); a warning says so.
 PGBOUNCER_IGNORED = {
-    "auth_hba_file", "auth_query", "auth_user", "auth_dbname",
+    "auth_hba_file",
     "disable_pqexec", "dns_max_ttl", "dns_nxdomain_ttl",
     "dns_zone_check_period", "pkt_buf", "sbuf_loopcnt", "tcp_defer_accept", "tcp_socket_buffer",
     "syslog", "syslog_ident", "syslog_facility", "user", "listen_backlog",
@@ -521,9 +534,10 @@ DB_KEYS = {
     "auth_type": _choice(*AUTH_TYPES), "password_file": _str, "password_env": _str,
     "approver_groups": _list, "max_db_client_connections": _nonneg_int,
     "reserve_pool_size": _nonneg_int, "server_lifetime": _seconds, "server_idle_timeout": _seconds,
+    "auth_user": _str, "auth_query": _str, "auth_dbname": _str,
 }
 DB_ALIASES = {"reserve_pool": "reserve_pool_size"}  # PgBouncer's old name
-DB_IGNORED = {"auth_user", "auth_query", "auth_dbname"}
+DB_IGNORED: set[str] = set()
 USER_KEYS = {"pool_mode": _choice(*POOL_MODES), "max_user_connections": _nonneg_int,
              "groups": _list, "auth_type": _choice(*AUTH_TYPES), "alias": _list,
              "pool_size": _nonneg_int, "reserve_pool_size": _nonneg_int,

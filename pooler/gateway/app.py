@@ -28,7 +28,7 @@ from .metrics import Metrics
 from .observers import Decisions, SessionLog, Stats
 from .params import set_extra_params
 from .pool import Pool
-from .server import ServerConn
+from .server import ServerConn, ServerLoginError
 from .session import C_READY, ClientSession
 
 log = logging.getLogger("pooler")
@@ -310,6 +310,41 @@ class Gateway:
             return False
         self.clients.add(c)
         return True
+
+    def auth_query_user(self, db: DatabaseConfig) -> str | None:
+        return db.auth_user or self.config.auth_user
+
+    async def auth_query_secret(self, db: DatabaseConfig, user: str) -> str | None:
+        """auth_query run upstream as auth_user (on auth_dbname, else the client's database) for
+        a user the auth_file does not list: the user's secret (md5 or SCRAM), or None when it
+        has none (no such user, no password, expired). Raises ServerLoginError."""
+        cfg = self.config
+        auth_user = self.auth_query_user(db)
+        query = db.auth_query or cfg.auth_query
+        target = DatabaseConfig(**{f: getattr(db, f) for f in db.__slots__})
+        target.dbname = db.auth_dbname or cfg.auth_dbname or db.dbname or db.name
+        pw = db.password if db.password is not None and db.user == auth_user else cfg.auth_users.get(auth_user)
+        pool = Pool(self, target, auth_user, pw if pw is None or not is_scram(pw) else None)
+        limit = cfg.server_connect_timeout or 15
+        try:
+            async with asyncio.timeout(2 * limit):
+                srv = await pool.open_connection(side=True)
+                try:
+                    results = await srv.run_messages(
+                        m.parse(b"", m.cstr(query) + b"\x00\x00") + m.bind(b"", b"", [user.encode()], [0])
+                        + m.describe_portal(b"") + m.execute() + m.message(b"S"))
+                finally:
+                    srv.close("auth_query done")
+        except TimeoutError:
+            raise ServerLoginError("auth_query: no answer in time", "08006") from None
+        except RuntimeError as e:  # the server's ErrorResponse
+            raise ServerLoginError(f"auth_query failed: {e}", "08006") from None
+        rows = results[-1] if results else []
+        if len(rows) > 1:
+            raise ServerLoginError("auth_query returned more than one row", "08006")
+        if not rows or len(rows[0]) < 2 or rows[0][1] is None:
+            return None
+        return rows[0][1].decode("utf-8", "replace")
 
     def client_count(self, database: str | None = None, user: str | None = None) -> int:
         """Logged-in sessions of a database or of a user (console sessions aside)."""

@@ -135,6 +135,7 @@ class ServerHome(Protocol):
     name: str
     server_user: str
     server_password: str | None
+    scram_keys: tuple[bytes, bytes] | None  # SCRAM pass-through keys (auth_query), when no password is known
     events: Any  # events.Events: the gateway's observers
 
     def startup_params(self) -> dict[str, str]:
@@ -213,6 +214,12 @@ class SessionHost(Protocol):
         """A failed login: -> seconds to wait before refusing it."""
 
     def scram_secret(self, user: str, secret: str) -> Any: ...
+
+    def auth_query_user(self, db: Any) -> str | None:
+        """The auth_user of a database (its own, else the global one)."""
+
+    async def auth_query_secret(self, db: Any, user: str) -> str | None:
+        """A user's secret looked up upstream with auth_query (None: it has none)."""
 
     def get_pool(self, db: Any, user: str) -> Any: ...
 

@@ -31,6 +31,7 @@ from ..protocol.frontend import T_PASSWORD
 from ..protocol.startup_options import OptionsError, parse_startup_options
 from .admin import ADMIN_DATABASES, WELCOME
 from .governor import WAIT_APPROVAL, WAIT_CATALOG
+from .server import ServerLoginError
 from .params import BUILTIN_PARAMS, TRACKED_LOWER, TRACKED_PARAMS, param_key_of, set_sql
 
 MAX_STARTUP_PACKET = 10000  # PostgreSQL's limit; the startup packet itself may be up to max_packet_size, as in PgBouncer
@@ -81,6 +82,8 @@ class Login:
         self.buf_limit = MAX_LOGIN_BUFFER + self.startup_limit
         self.waiter: asyncio.Future | None = None
         self.eof = False
+        self.fetched: str | None = None  # the secret auth_query found for this user
+        self.scram_keys: tuple[bytes, bytes] | None = None  # (ClientKey, ServerKey) proved against it
 
     # ------------------------------------------------------------------ input (from the session's transport callbacks)
 
@@ -183,12 +186,19 @@ class Login:
             await self._authenticate_jwt(db)
             user = s.user  # the token's identity
         else:
-            await self._authenticate(auth_type)
+            await self._authenticate(auth_type, db)
             s.groups = tuple(ucfg.groups) if ucfg else ()
         self._check_client_limits(db, user)
         s.mode = cfg.pool_mode_for(db, user)
         s.rewrite = s.mode != "session" and cfg.max_prepared_statements > 0
         s.pool = s.gw.get_pool(db, user)
+        if self.fetched is not None and s.pool.server_password is None and s.pool.server_user == user:
+            # the upstream login of a user known by auth_query only: its md5 secret, or the keys
+            # its SCRAM login just proved (PgBouncer's SCRAM pass-through)
+            if self.scram_keys is not None:
+                s.pool.scram_keys = self.scram_keys
+            elif is_md5(self.fetched):
+                s.pool.server_password = self.fetched
         welcome = await s.pool.get_welcome()
         if s.closed:
             raise asyncio.CancelledError
@@ -360,13 +370,18 @@ class Login:
             loop = asyncio.get_running_loop()
             s.token_expiry = loop.call_at(loop.time() + max(0.0, ident.expires - time.time()), s.token_expired)
 
-    async def _authenticate(self, auth_type: str) -> None:
+    async def _authenticate(self, auth_type: str, db=None) -> None:
         s = self.session
         cfg = s.gw.config
         user = s.user
         if auth_type in ("trust", "any"):
             return
         secret = cfg.auth_users.get(user)
+        if secret is None and db is not None and s.gw.auth_query_user(db):
+            try:
+                secret = self.fetched = await s.gw.auth_query_secret(db, user)
+            except ServerLoginError as e:
+                raise ClientError("08P01", f"authentication failed: {e}") from None
         failed = ClientError("28P01", f'password authentication failed for user "{user}"')
         if auth_type == "plain":
             s.transport.write(m.authentication_cleartext())
@@ -405,6 +420,8 @@ class Login:
             await self._refuse(reason if mock else str(e), failed)
         if mock:
             await self._refuse(reason, failed)
+        if self.fetched is not None and secret == self.fetched and is_scram(secret):
+            self.scram_keys = (server.client_key, scram_secret.server_key)
         s.transport.write(m.authentication_sasl_final(verifier))
 
 

@@ -26,7 +26,7 @@ class Pool:
     __slots__ = (
         "gw", "events", "db", "name", "key", "paused", "server_user", "server_password", "server_dbname", "catalog_key", "idle",
         "active", "connecting", "waiters", "welcome", "welcome_waiters", "last_connect_error", "clients",
-        "obsolete", "welcome_since", "checking", "reserve_in_use", "rrcounter",
+        "obsolete", "welcome_since", "checking", "reserve_in_use", "rrcounter", "scram_keys",
     )
 
     def __init__(self, gw: PoolHost, db: DatabaseConfig, server_user: str, password: str | None):
@@ -53,6 +53,7 @@ class Pool:
         self.checking: set[ServerConn] = set()  # running server_check_query before a hand-out
         self.reserve_in_use = False  # reserve_pool_timeout passed: the pool may grow into its reserve
         self.rrcounter = 0  # which host of a host list the next connection goes to
+        self.scram_keys: tuple[bytes, bytes] | None = None  # SCRAM pass-through (auth_query): ClientKey, ServerKey
 
     # -- settings that follow reloads
     @property

@@ -373,6 +373,15 @@ class ServerConn(asyncio.Protocol):
                 from ..auth.passwords import is_md5, md5_response, md5_secret
                 secret = pw if is_md5(pw) else md5_secret(self.pool.server_user, pw)
                 self.transport.write(m.password_message(md5_response(secret, data).encode() + b"\x00"))
+            elif code == 10 and pw is None and self.pool.scram_keys is not None:
+                # SCRAM pass-through: the keys a client proved against the secret auth_query fetched
+                from ..auth.passwords import ScramKeysClient
+                mechs = m.parse_sasl_mechanisms(data)
+                if "SCRAM-SHA-256" not in mechs:
+                    raise ServerLoginError(f"server offers no supported SASL mechanism ({mechs})")
+                self.scram = ScramKeysClient(*self.pool.scram_keys)
+                first = self.scram.get_client_first().encode()
+                self.transport.write(m.message(b"p", m.cstr("SCRAM-SHA-256") + struct.pack("!i", len(first)) + first))
             elif code == 10:
                 from ..auth.passwords import is_md5
                 if pw is None and self.pool.has_scram_secret():
