@@ -74,6 +74,7 @@ class UserConfig:
     groups: tuple[str, ...] = ()
     auth_type: str | None = None
     alias: tuple[str, ...] = ()  # token logins: other startup user names this identity may use
+    allow_replication: bool = False  # may open replication connections (replication=database|true)
 
 
 @dataclass(slots=True)
@@ -543,7 +544,7 @@ USER_KEYS = {"pool_mode": _choice(*POOL_MODES), "max_user_connections": _nonneg_
              "pool_size": _nonneg_int, "reserve_pool_size": _nonneg_int,
              "max_user_client_connections": _nonneg_int, "query_timeout": _seconds,
              "idle_transaction_timeout": _seconds, "transaction_timeout": _seconds,
-             "client_idle_timeout": _seconds}
+             "client_idle_timeout": _seconds, "allow_replication": _bool}
 
 
 def parse_connstr(s: str) -> list[tuple[str, str]]:

@@ -31,7 +31,7 @@ from ..protocol.frontend import T_PASSWORD
 from ..protocol.startup_options import OptionsError, parse_startup_options
 from .admin import ADMIN_DATABASES, WELCOME
 from .governor import WAIT_APPROVAL, WAIT_CATALOG
-from .server import ServerLoginError
+from .server import ReplicationRelay, ServerLoginError
 from .params import BUILTIN_PARAMS, TRACKED_LOWER, TRACKED_PARAMS, param_key_of, set_sql
 
 MAX_STARTUP_PACKET = 10000  # PostgreSQL's limit; the startup packet itself may be up to max_packet_size, as in PgBouncer
@@ -170,8 +170,11 @@ class Login:
         s.user = s.login_name = user
         s.database = params.get("database") or user
         s.app_name = params.get("application_name", "")
-        tracked = _tracked_params(params, cfg.ignore_startup_parameters)
+        replication = _replication_mode(params.get("replication"))
+        tracked = _tracked_params(params, cfg.ignore_startup_parameters, replication is not None)
         if s.database in ADMIN_DATABASES:
+            if replication is not None:
+                raise ClientError("08P01", "replication connections to the admin console are not possible")
             await self._console_login(user)
             return
         db = cfg.database(s.database)
@@ -199,6 +202,9 @@ class Login:
                 s.pool.scram_keys = self.scram_keys
             elif is_md5(self.fetched):
                 s.pool.server_password = self.fetched
+        if replication is not None:
+            await self._replication(params, tracked)
+            return
         welcome = await s.pool.get_welcome()
         if s.closed:
             raise asyncio.CancelledError
@@ -223,6 +229,37 @@ class Login:
         out = [m.authentication_ok()]
         for k, v in view.items():
             out.append(m.parameter_status(k, v))
+        out.append(m.backend_key_data(s.pid, s.key))
+        out.append(m.ready_for_query(m.TX_IDLE))
+        s.transport.write(b"".join(out))
+
+    async def _replication(self, params: dict[str, str], tracked: dict[str, str]) -> None:
+        """replication=database|true: only identities with allow_replication; a server
+        connection of its own (never pooled) is logged in with the client's replication and
+        options parameters as sent (PgBouncer 1.23+), then bytes pass through unread: neither
+        rules nor masking see a replication stream (docs/operations.md)."""
+        s = self.session
+        cfg = s.gw.config
+        ucfg = cfg.users.get(s.user)
+        if ucfg is None or not ucfg.allow_replication:
+            await self._refuse(f"{s.user!r} may not open replication connections", ClientError(
+                "42501", f'replication connections are not allowed for user "{s.user}" (allow_replication in [users])'))
+        extra = {"replication": params["replication"]}
+        if "options" in params:
+            extra["options"] = params["options"]
+        extra.update(tracked)
+        srv = await s.pool.open_replication(extra)
+        if s.closed:
+            srv.close("client left")
+            raise asyncio.CancelledError
+        relay = ReplicationRelay(s, srv.transport)
+        srv.transport.set_protocol(relay)
+        s.relay = relay
+        s.mode = "session"
+        s.params = dict(srv.params)
+        s.pid, s.key = s.gw.register_cancel_key(s)
+        out = [m.authentication_ok()]
+        out += [m.parameter_status(k, v) for k, v in srv.params.items()]
         out.append(m.backend_key_data(s.pid, s.key))
         out.append(m.ready_for_query(m.TX_IDLE))
         s.transport.write(b"".join(out))
@@ -425,14 +462,32 @@ class Login:
         s.transport.write(m.authentication_sasl_final(verifier))
 
 
-def _tracked_params(params: dict[str, str], ignore: tuple[str, ...]) -> dict[str, str]:
+def _replication_mode(value: str | None) -> str | None:
+    """The replication startup parameter: None (a normal session), "database" (logical) or
+    "physical", as PostgreSQL reads it."""
+    if value is None:
+        return None
+    v = value.strip().lower()
+    if v == "database":
+        return "database"
+    if v in ("1", "true", "on", "yes"):
+        return "physical"
+    if v in ("0", "false", "off", "no"):
+        return None
+    raise ClientError("08P01", f'invalid value for parameter "replication": "{value}"')
+
+
+def _tracked_params(params: dict[str, str], ignore: tuple[str, ...], replication: bool = False) -> dict[str, str]:
     """The startup packet's session parameters, those inside ``options`` included, as PgBouncer
     takes them: tracked ones kept (canonical names), ignore_startup_parameters skipped (``options``
-    in it skips every unknown parameter inside options), anything else refused."""
+    in it skips every unknown parameter inside options), anything else refused. A replication
+    connection's options are passed to its server as sent (not read here)."""
     ignored = {i.lower() for i in ignore}
     tracked: dict[str, str] = {}
     for k, v in params.items():
-        if k in ("user", "database") or k.startswith("_pq_."):
+        if k in ("user", "database", "replication") or k.startswith("_pq_."):
+            continue
+        if k == "options" and replication:
             continue
         if k == "options":
             try:
@@ -451,8 +506,6 @@ def _tracked_params(params: dict[str, str], ignore: tuple[str, ...]) -> dict[str
         canon = TRACKED_LOWER.get(k.lower())
         if canon is not None:
             tracked[canon] = v
-        elif k == "replication":
-            raise ClientError("08P01", "replication connections are not supported")
         elif k.lower() in ignored:
             continue
         else:

@@ -237,6 +237,19 @@ class Pool:
             self.connecting += 1
             asyncio.get_running_loop().create_task(self._connect())
 
+    async def open_replication(self, startup_extra: dict[str, str]) -> ServerConn:
+        """A replication connection for one client (never pooled, not counted in the pool):
+        logged in with the pool's credentials and ``startup_extra`` (replication, options)."""
+        tries = self.db.host.count(",") + 1
+        for attempt in range(tries):
+            host = self._next_host(failed=attempt > 0)
+            try:
+                return await self._open_on(host, True, startup_extra)
+            except ServerLoginError as e:
+                if attempt + 1 >= tries or not e.unreachable:
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
     async def open_connection(self, side: bool = False) -> ServerConn:
         """Connect and log in one server connection (and run connect_query). ``side``
         connections are the gateway's own (catalog reads): never pooled, never counted.
@@ -253,24 +266,24 @@ class Pool:
                 log.warning("pool %s: %s: %s; trying the next host of the list", self.name, host, e)
         raise AssertionError("unreachable")  # pragma: no cover
 
-    async def _open_on(self, host: str, side: bool) -> ServerConn:
+    async def _open_on(self, host: str, side: bool, startup_extra: dict | None = None) -> ServerConn:
         loop = asyncio.get_running_loop()
         srv: ServerConn | None = None
         cfg = self.gw.config
         try:
             if host.startswith("/"):
                 path = f"{host}/.s.PGSQL.{self.db.port}"
-                coro = loop.create_unix_connection(lambda: ServerConn(self, side), path)
+                coro = loop.create_unix_connection(lambda: ServerConn(self, side, startup_extra), path)
             elif cfg.server_ssl is not None:
-                coro = self._connect_tls(host, cfg, side)
+                coro = self._connect_tls(host, cfg, side, startup_extra)
             else:
-                coro = loop.create_connection(lambda: ServerConn(self, side), host, self.db.port)
+                coro = loop.create_connection(lambda: ServerConn(self, side, startup_extra), host, self.db.port)
             timeout = cfg.server_connect_timeout or None
             async with asyncio.timeout(timeout):
                 _, srv = await coro
                 srv.peer = f"{host}:{self.db.port}"  # (cancel requests go there too)
                 await srv.login()
-            if self.db.connect_query:
+            if self.db.connect_query and not startup_extra:
                 await self._run_connect_query(srv)
             return srv
         except (OSError, TimeoutError, ServerLoginError) as e:
@@ -334,7 +347,7 @@ class Pool:
         self.active.add(srv)
         self.release(srv)
 
-    async def _connect_tls(self, host: str, cfg, side: bool = False):
+    async def _connect_tls(self, host: str, cfg, side: bool = False, startup_extra: dict | None = None):
         """server_tls_sslmode: send SSLRequest; on 'S' wrap the socket in TLS, on 'N' go on in
         plaintext unless the mode requires TLS."""
         loop = asyncio.get_running_loop()
@@ -359,12 +372,12 @@ class Pool:
             await loop.sock_sendall(sock, m.ssl_request())
             answer = await loop.sock_recv(sock, 1)
             if answer == b"S":
-                return await loop.create_connection(lambda: ServerConn(self, side), sock=sock, ssl=cfg.server_ssl,
+                return await loop.create_connection(lambda: ServerConn(self, side, startup_extra), sock=sock, ssl=cfg.server_ssl,
                                                     server_hostname=host)
             if answer == b"N":
                 if cfg.server_tls_sslmode in ("require", "verify-ca", "verify-full"):
                     raise ServerLoginError(f"server does not accept TLS (server_tls_sslmode = {cfg.server_tls_sslmode})", "08001")
-                return await loop.create_connection(lambda: ServerConn(self, side), sock=sock)
+                return await loop.create_connection(lambda: ServerConn(self, side, startup_extra), sock=sock)
             raise ServerLoginError("unexpected answer from server to SSLRequest", "08P01")
         except BaseException:
             sock.close()

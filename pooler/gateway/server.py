@@ -167,6 +167,30 @@ class ServerLoginError(Exception):
         self.unreachable = False  # the host could not be reached at all (a host list tries the next)
 
 
+class ReplicationRelay(asyncio.Protocol):
+    """The server side of a replication connection once logged in (it takes over the server's
+    transport): bytes pass both ways unread, with backpressure both ways. Never pooled."""
+
+    def __init__(self, client, transport) -> None:
+        self.client = client  # the session (ClientSide-like: write, pause_reading, resume_reading, relay_lost)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.client.write(data)
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc) -> None:
+        self.client.relay_lost()
+
+    def pause_writing(self) -> None:
+        self.client.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.client.resume_reading()
+
+
 class ServerConn(asyncio.Protocol):
 
     # every attribute is declared: slot access is what the hot path reads most
@@ -175,13 +199,14 @@ class ServerConn(asyncio.Protocol):
         "collect_waiter", "collected", "collected_names", "created_at", "ddl_pending", "dirty", "events", "in_copy",
         "key", "last_used", "login_waiter", "masking", "owner", "param_key", "params", "parked",
         "peer", "pending_sync", "pid", "pool", "prepared", "query_start", "queue", "rbuf",
-        "reading_paused", "received", "reset_waiter", "resetting", "rneed", "rowplan", "scram",
+        "reading_paused", "received", "reset_waiter", "resetting", "rneed", "rowplan", "scram", "startup_extra",
         "sent", "side", "skip", "state", "transport", "tx_status", "w_bytes", "w_start",
         "writing_paused", "id", "connected_wall", "close_needed",
     )
 
-    def __init__(self, pool: ServerHome, side: bool = False) -> None:
+    def __init__(self, pool: ServerHome, side: bool = False, startup_extra: dict | None = None) -> None:
         self.pool = pool
+        self.startup_extra = startup_extra  # more StartupMessage parameters (replication connections)
         self.events = pool.events
         self.id = next_socket_id()
         self.connected_wall = time.time()
@@ -237,7 +262,10 @@ class ServerConn(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         self.state = S_LOGIN
         tune_socket(transport.get_extra_info("socket"), self.pool.tcp_settings())
-        transport.write(m.startup_message(self.pool.startup_params()))  # type: ignore[attr-defined]
+        params = self.pool.startup_params()
+        if self.startup_extra:
+            params.update(self.startup_extra)
+        transport.write(m.startup_message(params))  # type: ignore[attr-defined]
 
     def connection_lost(self, exc: Exception | None) -> None:
         prev = self.state

@@ -57,7 +57,7 @@ log = logging.getLogger("pooler.client")
 _unpack_len = struct.Struct("!i").unpack_from
 
 # states
-C_LOGIN, C_READY, C_CLOSED, C_CONSOLE = range(4)
+C_LOGIN, C_READY, C_CLOSED, C_CONSOLE, C_RELAY = range(5)  # C_RELAY: a replication connection
 
 # message types the gateway may answer itself while no server is linked
 _LOCAL_CANDIDATES = frozenset(b"SHCdcfQ")
@@ -81,7 +81,7 @@ class ClientSession(asyncio.Protocol):
         "ready_query", "ready_unit", "rewrite", "server", "skip_until_sync", "state", "tls",
         "token_expiry", "transport", "tx_status", "unix", "user", "wait_started", "waiting",
         "writing_paused", "id", "connected_wall", "console", "admin_user", "console_waiting",
-        "held", "held_ticket",
+        "held", "held_ticket", "relay",
     )
 
     def __init__(self, gw: SessionHost, unix: bool = False) -> None:
@@ -137,6 +137,7 @@ class ClientSession(asyncio.Protocol):
         self.max_packet = gw.config.max_packet_size
         self.tx_status = m.TX_IDLE
         self.held = None  # approvals.book.Request of the statement waiting for approval
+        self.relay = None  # ReplicationRelay of a replication connection (replication=database|true)
         self.held_ticket = b""  # the message that runs once it is approved
         # the stages' own state
         self.book = StatementBook(gw)
@@ -165,6 +166,8 @@ class ClientSession(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.state == C_READY:
             self._client_data(data)
+        elif self.state == C_RELAY:
+            self.relay.transport.write(data)
         elif self.state == C_LOGIN:
             if not self.login.feed(data):
                 self._close_now("too much data during login")
@@ -177,9 +180,11 @@ class ClientSession(asyncio.Protocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
-        was_ready = self.state == C_READY or self.state == C_CONSOLE
+        was_ready = self.state == C_READY or self.state == C_CONSOLE or self.state == C_RELAY
         self.state = C_CLOSED
         self.closed = True
+        if self.relay is not None:
+            self.relay.transport.close()
         self._let_go("client disconnected")
         if self.login is not None:
             self.login.end_of_input()
@@ -202,15 +207,23 @@ class ClientSession(asyncio.Protocol):
                 ev(self, self.end_reason or "client disconnected")
         self.gw.client_left(self, was_ready)
 
+    def relay_lost(self) -> None:
+        """The server of a replication connection closed: so does the client's."""
+        self._close_now("server closed the replication connection")
+
     def pause_writing(self) -> None:
         # the client reads slowly: stop reading from its server until it catches up
         self.writing_paused = True
+        if self.relay is not None:
+            self.relay.transport.pause_reading()
         srv = self.server
         if srv is not None:
             srv.pause_reading()
 
     def resume_writing(self) -> None:
         self.writing_paused = False
+        if self.relay is not None:
+            self.relay.transport.resume_reading()
         srv = self.server
         if srv is not None:
             srv.resume_reading()
@@ -345,7 +358,7 @@ class ClientSession(asyncio.Protocol):
             return
         # logged in: anything the client already sent is processed now
         login, self.login = self.login, None
-        self.state = C_CONSOLE if self.console else C_READY
+        self.state = C_CONSOLE if self.console else C_RELAY if self.relay is not None else C_READY
         ev = self.events.login
         if ev is not None:
             ev(self)
