@@ -515,16 +515,24 @@ SETTINGS = {
 }
 
 # PgBouncer settings this gateway accepts but does not act on (yet); a warning says so.
+# PgBouncer settings whose effect the gateway cannot give, and whose absence would admit or run
+# as what the operator meant to prevent: refused when set (docs/operations.md).
+PGBOUNCER_REFUSED = {
+    "auth_hba_file": "no HBA rules engine here (use auth_type per database/user and network controls)",
+    "auth_ident_file": "no ident maps here (no HBA rules engine)",
+    "disable_pqexec": "the simple query protocol cannot be switched off here (the rules govern it instead)",
+    "user": "the gateway does not drop privileges itself: run it as the wanted OS user",
+}
+
 PGBOUNCER_IGNORED = {
-    "auth_hba_file",
-    "disable_pqexec", "dns_max_ttl", "dns_nxdomain_ttl",
+    "dns_max_ttl", "dns_nxdomain_ttl",
     "dns_zone_check_period", "pkt_buf", "sbuf_loopcnt", "tcp_defer_accept", "tcp_socket_buffer",
     "syslog", "syslog_ident", "syslog_facility", "user", "listen_backlog",
     "suspend_timeout", "peer_id",
     "client_tls_ecdhcurve", "client_tls_dheparams", "log_failed_connections",
     "cancel_wait_timeout", "query_wait_notify", "service_name", "job_name", "conffile",
     "autodb_idle_timeout", "server_reset_query_always_is_deprecated", "unix_socket_group",
-    "idle_transaction_timeout_is_set", "scram_iterations", "resolv_conf", "auth_ident_file",
+    "idle_transaction_timeout_is_set", "scram_iterations", "resolv_conf",
 }
 
 DB_KEYS = {
@@ -778,6 +786,10 @@ def load(path: str | os.PathLike) -> Config:
                     setattr(cfg, attr, parser(value))
                 except ValueError as e:
                     raise ConfigError(f"{where}: invalid value for {key}: {e}") from None
+            elif k in PGBOUNCER_REFUSED:
+                v = value.strip().strip("'\"")
+                if v and not (k == "disable_pqexec" and v.lower() in ("0", "no", "off", "false")):
+                    raise ConfigError(f"{where}: {key} is not supported: {PGBOUNCER_REFUSED[k]}; remove the setting")
             elif k in PGBOUNCER_IGNORED:
                 cfg.warnings.append(f"{where}: setting {key} is not supported by pooler; ignored")
             else:

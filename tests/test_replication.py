@@ -51,6 +51,10 @@ def test_logical_replication_mode_passes_options_as_sent_and_is_never_pooled(rep
             names = [d.name for d in cur.description]
             pools = [dict(zip(names, r)) for r in cur.fetchall() if r[0] == "postgres"]
             assert all(p["sv_active"] == 0 and p["sv_idle"] == 0 for p in pools)
+            cur = adm.execute("SHOW CLIENTS")
+            names = [d.name for d in cur.description]
+            clients = [dict(zip(names, r)) for r in cur.fetchall() if r[2] == "postgres"]
+            assert [(c["replication"], c["state"]) for c in clients] == [("logical", "active")]
     with psycopg.connect(repl_gw.dsn(), autocommit=True) as c:  # normal sessions are unaffected
         assert c.execute("SHOW extra_float_digits").fetchone() == ("1",)
 

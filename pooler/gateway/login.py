@@ -252,7 +252,8 @@ class Login:
         if s.closed:
             srv.close("client left")
             raise asyncio.CancelledError
-        relay = ReplicationRelay(s, srv.transport)
+        relay = ReplicationRelay(s, srv.transport, "logical" if params["replication"].strip().lower() == "database"
+                                 else "physical")
         srv.transport.set_protocol(relay)
         s.relay = relay
         s.mode = "session"

@@ -125,7 +125,8 @@ def tls_info(transport) -> str:
 
 def socket_row(kind: str, user: str, database: str, state: str, transport, connect_wall: float,
                request_wall: float, wait: float, close_needed: bool, me, link, remote_pid: int,
-               app_name: str, prepared: int, ident: int, debug: bool, pending: int) -> tuple:
+               app_name: str, prepared: int, ident: int, debug: bool, pending: int,
+               replication: str = "none") -> tuple:
     """A row of SHOW CLIENTS/SERVERS/SOCKETS (admin.COLUMNS["clients"] and, with ``debug``, the
     buffer columns)."""
     from time import localtime, strftime
@@ -135,7 +136,7 @@ def socket_row(kind: str, user: str, database: str, state: str, transport, conne
 
     addr, port = _addr(transport.get_extra_info("peername") if transport is not None else None)
     laddr, lport = _addr(transport.get_extra_info("sockname") if transport is not None else None)
-    row = (kind, user or "(nouser)", database or "(nodb)", "none", state, addr, port, laddr, lport,
+    row = (kind, user or "(nouser)", database or "(nodb)", replication, state, addr, port, laddr, lport,
            ts(connect_wall), ts(request_wall), int(wait), int((wait % 1) * 1e6), int(close_needed),
            f"0x{id(me):x}", f"0x{id(link):x}" if link is not None else "", remote_pid, tls_info(transport),
            app_name, prepared, ident)
@@ -171,9 +172,10 @@ class ReplicationRelay(asyncio.Protocol):
     """The server side of a replication connection once logged in (it takes over the server's
     transport): bytes pass both ways unread, with backpressure both ways. Never pooled."""
 
-    def __init__(self, client, transport) -> None:
+    def __init__(self, client, transport, mode: str) -> None:
         self.client = client  # the session (ClientSide-like: write, pause_reading, resume_reading, relay_lost)
         self.transport = transport
+        self.mode = mode  # "logical" (replication=database) or "physical", as SHOW CLIENTS says
 
     def data_received(self, data: bytes) -> None:
         self.client.write(data)

@@ -417,7 +417,7 @@ class ClientSession(asyncio.Protocol):
             return "login"
         if self.waiting:
             return "waiting"
-        return "active" if self.server is not None else "idle"
+        return "active" if self.server is not None or self.relay is not None else "idle"
 
     def socket_row(self, debug: bool) -> tuple:
         now = time.monotonic()
@@ -425,7 +425,8 @@ class ClientSession(asyncio.Protocol):
         return socket_row("C", self.user or self.login_name, self.database, self.state_name(), self.transport,
                           self.connected_wall, time.time() - (now - self.last_active), wait, False, self,
                           self.server, 0, self.params.get("application_name", self.app_name),
-                          len(self.book.stmts), self.id, debug, len(self.rbuf))
+                          len(self.book.stmts), self.id, debug, len(self.rbuf),
+                          self.relay.mode if self.relay is not None else "none")
 
     def fd_row(self) -> tuple | None:
         if self.state == C_LOGIN or self.closed:
