@@ -154,16 +154,31 @@ ensure_venv() {
       "$py" -m venv "$VENV" || die "python3 -m venv failed even after installing ${pkgs[*]}"
     fi
   fi
-  # Reinstall only when pyproject.toml (or the venv's Python) changed: fast when up to date.
-  stamp="$(sha256sum pyproject.toml | cut -d' ' -f1) $("$VENV/bin/python" --version 2>&1)"
+  # Reinstall only when pyproject.toml, setup.py, the compiled sources (or the venv's Python)
+  # changed: fast when up to date.
+  stamp="$(cat pyproject.toml setup.py pooler/masking/_rows.pyx | sha256sum | cut -d' ' -f1) $("$VENV/bin/python" --version 2>&1)"
   if [ -f "$VENV/.dev-stamp" ] && [ "$(cat "$VENV/.dev-stamp")" = "$stamp" ] &&
-     [ -x "$VENV/bin/pooler" ] && "$VENV/bin/python" -c 'import pooler, pytest, psycopg' >/dev/null 2>&1; then
+     [ -x "$VENV/bin/pooler" ] && "$VENV/bin/python" -c 'import pooler, pytest, psycopg, pooler.masking._rows' >/dev/null 2>&1; then
     return 0
   fi
-  log "pip install -e '.[test]' into .venv"
+  ensure_compiler
+  log "pip install -e '.[test]' into .venv (builds pooler/masking/_rows.pyx)"
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e ".[test]" >&2 ||
     die "pip install -e '.[test]' failed"
+  "$VENV/bin/python" -c 'import pooler.masking._rows' ||
+    die "the compiled masked-row rewrite (pooler/masking/_rows.pyx) did not build: see the pip output above"
   echo "$stamp" >"$VENV/.dev-stamp"
+}
+
+# A C compiler and the Python headers build pooler/masking/_rows.pyx (Cython comes from PyPI
+# as a build requirement).
+ensure_compiler() {
+  local pkgs=()
+  command -v cc >/dev/null 2>&1 || command -v gcc >/dev/null 2>&1 || pkgs+=(gcc libc6-dev)
+  if ! "$VENV/bin/python" -c 'import os, sysconfig, sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))'; then
+    pkgs+=(python3-dev)
+  fi
+  if [ ${#pkgs[@]} -gt 0 ]; then apt_install "${pkgs[@]}"; fi
 }
 
 setup() {

@@ -153,7 +153,14 @@ class Variant:
 _TIME = re.compile(rb"^Time: ([0-9.]+) ms", re.M)
 
 
-def query_sql(rows: int) -> str:
+DISTINCT_FIRST = 1001  # --distinct: customers from this id on are the bench's own, one per row
+_DISTINCT_PHONE = re.compile(rb"\+1-555-[0-9]{7}")
+
+
+def query_sql(rows: int, distinct: bool = False) -> str:
+    if distinct:
+        return (f"SELECT c.id, c.email, c.phone, c.city, 1 FROM customers c "
+                f"WHERE c.id >= {DISTINCT_FIRST} ORDER BY c.id LIMIT {rows}")
     per = -(-rows // CUSTOMERS)
     sql = f"SELECT c.id, c.email, c.phone, c.city, g FROM customers c, generate_series(1, {per}) g"
     if per * CUSTOMERS != rows:
@@ -190,7 +197,7 @@ _RAW_EMAIL = re.compile(rb"[^*|\n]@[A-Za-z0-9.-]+\.[A-Za-z]{2,}")
 
 
 def check_output(outfile: Path, rows: int, masked: bool, raw_emails: set[bytes],
-                 raw_phones: set[bytes]) -> str | None:
+                 raw_phones: set[bytes], distinct: bool = False) -> str | None:
     """None when the output is right; else what is wrong."""
     data = outfile.read_bytes()
     # drop the "Timing is on." first line and the "Time: ..." last line
@@ -212,6 +219,9 @@ def check_output(outfile: Path, rows: int, masked: bool, raw_emails: set[bytes],
             s = max(0, body.rfind(b"\n", 0, m.start()) + 1)
             e = body.find(b"\n", m.end())
             return f"a raw phone number reached the masked client: {body[s:e]!r}"
+        m = _DISTINCT_PHONE.search(body) if distinct else None
+        if m:
+            return f"a raw phone number reached the masked client: {m.group(0)!r}"
         # every 997th of the first 20000 rows in full: e-mail masked, phone not raw
         lines = body.split(b"\n", 20000)[:-1]
         for line in lines[::997] + [lines[-1]] if lines else []:
@@ -224,7 +234,7 @@ def check_output(outfile: Path, rows: int, masked: bool, raw_emails: set[bytes],
                 return f"phone not masked: {line!r}"
     else:
         head = body[:100000].split(b"\n")[0].split(b"|")
-        if len(head) != 5 or head[1] not in raw_emails:
+        if len(head) != 5 or not (head[1] in raw_emails or (distinct and head[1].startswith(b"bench."))):
             return f"unmasked output does not show the real e-mail: {head!r}"
     return None
 
@@ -399,6 +409,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--profile", metavar="FILE",
                     help="record the gateway with py-spy (collapsed stacks to FILE) during the first masked "
                          "run and print its top frames (pip install py-spy)")
+    ap.add_argument("--distinct", action="store_true",
+                    help="every row's e-mail and phone different (the per-column memo never hits)")
+    ap.add_argument("--python-twin", action="store_true",
+                    help="add 'gateway+mask py': a second gateway with POOLER_PURE_PYTHON=1 (the masked-row "
+                         "rewrite in Python, not its compiled twin), in the same rounds")
     ap.add_argument("--pool-size", type=int, default=2, help="server connections per pool (default 2)")
     ap.add_argument("--no-pgbouncer", action="store_true", help="skip PgBouncer even where it is installed")
     ap.add_argument("--pgbouncer", default=None, help="pgbouncer binary (default: $PATH, /usr/sbin, /usr/local/sbin)")
@@ -438,6 +453,13 @@ def main(argv: list[str] | None = None) -> int:
         raw_phones = {line.split("|")[1].encode() for line in raw}
         if len(raw_emails) != CUSTOMERS:
             raise RuntimeError(f"expected {CUSTOMERS} customers, found {len(raw_emails)}")
+        if args.distinct:  # one customer per row: every e-mail and phone of the result differs
+            log(f"--distinct: adding {args.rows} customers with e-mails and phones of their own")
+            pg.execute("INSERT INTO customers (id, full_name, email, phone, city) "
+                       f"SELECT i, 'Bench ' || i, 'bench.' || i || '@example.com', '+1-555-' || lpad(i::text, 7, '0'), "
+                       f"'Springfield' FROM generate_series({DISTINCT_FIRST}, {DISTINCT_FIRST + args.rows + 20000}) i",
+                       dbname=DB)
+            pg.execute("VACUUM ANALYZE customers", dbname=DB)
 
         wd = tmp / "gateway"
         wd.mkdir()
@@ -467,15 +489,30 @@ def main(argv: list[str] | None = None) -> int:
         variants.append(Variant("gateway", gw.host, gw.port, "reader", gw_pid=gpid, pooler_pid=gpid, proc=gw))
         variants.append(Variant("gateway+mask", gw.host, gw.port, "agent", masked=True, gw_pid=gpid,
                                 pooler_pid=gpid, proc=gw))
+        if args.python_twin:
+            wd2 = tmp / "gateway-py"
+            wd2.mkdir()
+            gwpy = GatewayProc({DB: upstream}, settings=dict(gw.settings, listen_port=None), users=USERS,
+                               workdir=str(wd2))
+            os.environ["POOLER_PURE_PYTHON"] = "1"
+            try:
+                gwpy.settings["listen_port"] = str(gwpy.port)
+                gwpy.write_ini()
+                gwpy.start()
+            finally:
+                del os.environ["POOLER_PURE_PYTHON"]
+            started.append(gwpy)
+            variants.append(Variant("gateway+mask py", gwpy.host, gwpy.port, "agent", masked=True,
+                                    gw_pid=gwpy.proc.pid, pooler_pid=gwpy.proc.pid, proc=gwpy))
 
         by_name = {v.name: v for v in variants}
-        sql = query_sql(args.rows)
+        sql = query_sql(args.rows, args.distinct)
         log(f"query: {sql}")
         # warm-up: connections, the gateway's rule decisions, its catalog for the masking plans
         for v in variants:
-            secs, _, err = run_psql(psql, v, query_sql(min(args.rows, 20000)), outdir / "warmup.out")
+            secs, _, err = run_psql(psql, v, query_sql(min(args.rows, 20000), args.distinct), outdir / "warmup.out")
             bad = err if secs != secs else check_output(outdir / "warmup.out", min(args.rows, 20000),
-                                                        v.masked, raw_emails, raw_phones)
+                                                        v.masked, raw_emails, raw_phones, args.distinct)
             if bad:
                 raise RuntimeError(f"warm-up of {v.name} failed: {bad.strip()[-2000:]}")
         (outdir / "warmup.out").unlink(missing_ok=True)
@@ -498,7 +535,7 @@ def main(argv: list[str] | None = None) -> int:
                 if v.gw_pid:
                     v.peak_kb.append(proc_status(v.gw_pid).get("VmHWM", 0))
                 problem = err.strip() if secs != secs else check_output(out, args.rows, v.masked,
-                                                                         raw_emails, raw_phones)
+                                                                         raw_emails, raw_phones, args.distinct)
                 out.unlink(missing_ok=True)
                 if problem:
                     v.failures += 1

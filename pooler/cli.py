@@ -1,5 +1,6 @@
 """Command line: ``pooler run CONFIG``, ``pooler demo``, ``pooler token``, ``pooler rules``,
-``pooler approvals`` (cli_approvals.py)."""
+``pooler approvals`` (cli_approvals.py), ``pooler recordings`` (cli_recordings.py), ``pooler replay``
+and ``pooler rules test --against`` (cli_replay.py)."""
 
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     with asyncio.Runner(loop_factory=new_event_loop) as runner:
         try:
             runner.run(main())
-        except OSError as e:
+        except (OSError, RuntimeError) as e:
             log.error("could not start: %s", e)
             return 1
     return 0
@@ -79,6 +80,9 @@ def cmd_rules(args: argparse.Namespace) -> int:
     from .policy.bundle import load_rules, run_rule_tests
     from .policy.rules import RuleLoadError
 
+    if args.against and args.action != "test":
+        print("pooler rules: --against goes with test (pooler rules test DIR --against RECORDINGS)", file=sys.stderr)
+        return 2
     directory = Path(args.dir)
     if not directory.is_dir():
         print(f"pooler rules: {directory} is not a directory", file=sys.stderr)
@@ -88,6 +92,10 @@ def cmd_rules(args: argparse.Namespace) -> int:
     except RuleLoadError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    if args.against:
+        from .cli_replay import rules_against
+
+        return rules_against(args, rs)
     problems = 0
     if args.action == "check":
         for rf in rs.files:
@@ -134,9 +142,28 @@ def main(argv: list[str] | None = None) -> int:
     ru.add_argument("action", choices=["check", "test"], help="check: compile and lint; test: run the *.test.toml cases")
     ru.add_argument("dir", help="rules directory")
     ru.add_argument("--default-action", default="allow", choices=["allow", "deny"])
+    ag = ru.add_argument_group("test against recordings (exit status 1 when any decision would change)")
+    ag.add_argument("--against", metavar="RECORDINGS",
+                    help="decide every recorded statement again with DIR's rules and report what would change")
+    ag.add_argument("--baseline", metavar="RULES_DIR",
+                    help="compare with this rule set decided the same way, instead of the recorded decisions")
+    ag.add_argument("--since", help="only statements from this time (ISO-8601, 'yesterday', '3h ago', ...)")
+    ag.add_argument("--until", help="only statements before this time")
+    ag.add_argument("--identity", help="only sessions of this identity")
+    ag.add_argument("--database", help="only sessions of this database")
+    ag.add_argument("--catalog", metavar="DSN",
+                    help="read masking's catalog from this database (libpq string or URL), as the gateway does: "
+                         "views are seen through, user-defined functions known")
+    ag.add_argument("--json", action="store_true", help="the report as one JSON object")
     ru.set_defaults(func=cmd_rules)
     from .cli_approvals import add_parser as add_approvals
 
     add_approvals(sub)
+    from .cli_recordings import add_parser as add_recordings
+
+    add_recordings(sub)
+    from .cli_replay import add_parser as add_replay
+
+    add_replay(sub)
     args = p.parse_args(argv)
     return args.func(args)

@@ -146,7 +146,22 @@ class Config:
     approvals_listen: str | None = None  # host:port of the reviewers' HTTP API and page
     approval_url: str | None = None  # the page's address as reviewers reach it (notices show it)
     approval_webhook: str | None = None  # POST each new/decided request as JSON here
-    approvals_store: str = "memory"
+    approvals_store: str = "memory"  # or a PostgreSQL connection string shared by several gateways
+    approvals_gateway_name: str | None = None  # this gateway in the shared store (default host:listen_port)
+    # session recordings (docs/recordings.md): off while record_dir is unset
+    record_dir: str | None = None
+    record_results: int = 5  # first rows of each result recorded (as the client received them)
+    record_result_bytes: int = 8192  # ... at most this many bytes of values per statement
+    record_rotate_size: int = 64 * 1024 * 1024
+    record_rotate_age: float = 3600.0  # 0: no age limit (a file still closes when the UTC day changes)
+    record_retention_days: float = 0.0  # 0: closed files are kept however old
+    record_retention_size: int = 0  # 0: no cap on all files together
+    record_compression: str = "gzip"
+    record_fsync: str = "1s"  # always | rotate | an interval
+    record_hmac_key_file: str | None = None
+    record_hmac_key_env: str | None = None
+    record_failure: str = "block"  # block | continue
+    record_key: bytes = b""  # resolved from record_hmac_key_file/env; never logged
     verbose: int = 0
     application_name_add_host: bool = False
     rules_dir: str | None = None  # None: "rules/" beside the config file, when it exists
@@ -346,6 +361,41 @@ def _track_extra(v: str) -> tuple[str, ...]:
     return names
 
 
+def _bytes(v: str) -> int:
+    """A size in bytes (0 allowed: none / no cap)."""
+    m = re.fullmatch(r"\s*([0-9]+)\s*(B|kB|KB|MB|GB)?\s*", v)
+    if not m:
+        raise ValueError(f"expected a size in bytes (e.g. 8192 or 8kB), got {v!r}")
+    return int(m.group(1)) * {None: 1, "B": 1, "kB": 1024, "KB": 1024, "MB": 1024**2, "GB": 1024**3}[m.group(2)]
+
+
+def _days(v: str) -> float:
+    try:
+        n = float(v)
+    except ValueError:
+        raise ValueError(f"expected a number of days, got {v!r}") from None
+    if n < 0:
+        raise ValueError(f"must not be negative, got {v}")
+    return n
+
+
+def _fsync_policy(v: str) -> str:
+    s = v.strip().lower()
+    if s in ("always", "rotate"):
+        return s
+    _seconds(s)
+    return s
+
+
+def fsync_interval(policy: str) -> float:
+    """record_fsync as the writer takes it: 0 (every chunk), inf (only at close), or seconds."""
+    if policy == "always":
+        return 0.0
+    if policy == "rotate":
+        return float("inf")
+    return _seconds(policy) or 0.0
+
+
 def _tls_protocols(v: str) -> str:
     from .tls import parse_protocols
 
@@ -397,9 +447,46 @@ def _http_url(v: str) -> str | None:
 def _approvals_store(v: str) -> str:
     v = v.strip()
     if v != "memory":
-        raise ValueError("only 'memory' is supported: requests and grants live in this gateway; a store "
-                         "shared by several gateways (a PostgreSQL connection string) is not built yet")
+        store_connect_args(v)
     return v
+
+
+# libpq keywords the approvals store's connection string may use, as the client (asyncpg) names them
+_STORE_KEYS = {"host": "host", "hostaddr": "host", "port": "port", "user": "user", "password": "password",
+               "dbname": "database", "sslmode": "ssl", "connect_timeout": "timeout",
+               "application_name": "application_name"}
+
+
+def store_connect_args(v: str) -> dict:
+    """``approvals_store``'s connection string (a URL or libpq ``key=value`` pairs) as keyword
+    arguments of ``asyncpg.connect``; ValueError names what is wrong (never the password)."""
+    if v.startswith(("postgresql://", "postgres://")):
+        return {"dsn": v}
+    try:
+        pairs = parse_connstr(v)
+    except ValueError as e:
+        raise ValueError(f"expected memory or a PostgreSQL connection string: {e}") from None
+    if not pairs:
+        raise ValueError("expected memory or a PostgreSQL connection string")
+    out: dict = {}
+    for k, val in pairs:
+        name = _STORE_KEYS.get(k)
+        if name is None:
+            raise ValueError(f"unsupported key {k!r} in the connection string (supported: {', '.join(sorted(_STORE_KEYS))})")
+        if name == "port":
+            if not val.isdigit():
+                raise ValueError(f"port must be a number, not {val!r}")
+            out[name] = int(val)
+        elif name == "timeout":
+            try:
+                out[name] = float(val)
+            except ValueError:
+                raise ValueError(f"connect_timeout must be a number of seconds, not {val!r}") from None
+        elif name == "application_name":
+            out["server_settings"] = {"application_name": val}
+        else:
+            out[name] = val
+    return out
 
 
 def _claim(v: str) -> str:
@@ -474,8 +561,21 @@ SETTINGS = {
     "approval_url": ("approval_url", _opt_str),
     "approval_webhook": ("approval_webhook", _http_url),
     "approvals_store": ("approvals_store", _approvals_store),
+    "approvals_gateway_name": ("approvals_gateway_name", _opt_str),
     "metrics_listen": ("metrics_listen", _listen),
     "stats_period": ("stats_period", _seconds),
+    "record_dir": ("record_dir", _opt_str),
+    "record_results": ("record_results", _nonneg_int),
+    "record_result_bytes": ("record_result_bytes", _bytes),
+    "record_rotate_size": ("record_rotate_size", _size),
+    "record_rotate_age": ("record_rotate_age", _seconds),
+    "record_retention_days": ("record_retention_days", _days),
+    "record_retention_size": ("record_retention_size", _bytes),
+    "record_compression": ("record_compression", _choice("gzip", "zstd", "none")),
+    "record_fsync": ("record_fsync", _fsync_policy),
+    "record_hmac_key_file": ("record_hmac_key_file", _opt_str),
+    "record_hmac_key_env": ("record_hmac_key_env", _opt_str),
+    "record_failure": ("record_failure", _choice("block", "continue")),
     "verbose": ("verbose", _nonneg_int),
     "application_name_add_host": ("application_name_add_host", _bool),
     "rules_dir": ("rules_dir", _opt_str),
@@ -678,6 +778,33 @@ def _resolve_mask_key(cfg: Config, path) -> None:
         cfg.mask_key = _PROCESS_MASK_KEY
 
 
+def _resolve_record_key(cfg: Config, path) -> None:
+    """The HMAC key of the recordings' hash chain (record_hmac_key_file / _env); errors name
+    the file or variable, never the key."""
+    cfg.record_key = b""
+    if cfg.record_hmac_key_file and cfg.record_hmac_key_env:
+        raise ConfigError(f"{path}: give only one of record_hmac_key_file, record_hmac_key_env")
+    if cfg.record_hmac_key_file:
+        f = cfg.resolve(cfg.record_hmac_key_file)
+        try:
+            key = f.read_bytes().strip()
+        except OSError as e:
+            raise ConfigError(f"{path}: record_hmac_key_file: cannot read {f}: {e.strerror}") from None
+        if not key:
+            raise ConfigError(f"{path}: record_hmac_key_file {f} is empty")
+        cfg.record_key = key
+    elif cfg.record_hmac_key_env:
+        key = os.environ.get(cfg.record_hmac_key_env, "").strip()
+        if not key:
+            raise ConfigError(f"{path}: environment variable {cfg.record_hmac_key_env} (record_hmac_key_env) is not set")
+        cfg.record_key = key.encode()
+    if cfg.record_compression == "zstd":
+        try:
+            import zstandard  # noqa: F401
+        except ImportError:
+            raise ConfigError(f"{path}: record_compression = zstd needs the zstandard package") from None
+
+
 def _resolve_db_secret(cfg: Config, db: DatabaseConfig, where: str) -> None:
     """password_file / password_env -> db.password (read at every load, so a reload rotates it).
     Errors name the file or variable, never a secret."""
@@ -850,16 +977,20 @@ def _complete(cfg: Config, path: Path) -> None:
     if not 0 < cfg.rule_timeout <= 10:
         raise ConfigError(f"{path}: rule_timeout must be between 0 and 10 seconds")
     _resolve_mask_key(cfg, path)
+    _resolve_record_key(cfg, path)
     if not cfg.listen_addr and not cfg.unix_socket_dir:
         raise ConfigError(f"{path}: neither listen_addr nor unix_socket_dir is set")
 
 
 # settings a running gateway cannot take (they are read once, at start)
 RESTART_KEYS = frozenset({"listen_addr", "listen_port", "unix_socket_dir", "unix_socket_mode", "pidfile", "so_reuseport",
-                          "logfile", "max_packet_size", "track_extra_parameters", "metrics_listen", "approvals_listen", "approval_webhook",
-                          "approvals_store", "approval_max_grant"})
+                          "logfile", "max_packet_size", "track_extra_parameters", "metrics_listen", "approvals_listen",
+                          "approval_webhook", "approvals_store", "approval_max_grant", "approvals_gateway_name",
+                          "record_dir", "record_rotate_size", "record_rotate_age", "record_retention_days",
+                          "record_retention_size", "record_compression", "record_fsync", "record_hmac_key_file",
+                          "record_hmac_key_env"})
 # settings whose values are never shown (SHOW CONFIG, SHOW <setting>)
-SECRET_KEYS = frozenset({"mask_hash_key"})
+SECRET_KEYS = frozenset({"mask_hash_key", "approvals_store"})  # (a connection string may hold a password)
 
 
 def with_setting(cfg: Config, key: str, value: str) -> Config:

@@ -113,6 +113,8 @@ def run_demo(args: argparse.Namespace) -> int:
         print(f"pooler demo: {path} has no [databases] entry", file=sys.stderr)
         return 1
     db = next(iter(cfg.databases.values()))
+    if not cfg.record_dir:  # the demo always records (docs/recordings.md), beside its own files
+        cfg.record_dir = f"{DEMO_DIR}/recordings"
     from .pgcluster import PgCluster, seed_demo
 
     log.info("starting a throwaway PostgreSQL on %s:%s", db.host, db.port)
@@ -172,6 +174,11 @@ def run_demo(args: argparse.Namespace) -> int:
             f"    {hint}psql 'host={host} port={cfg.listen_port} "
             f"dbname={db.name} user={example}'\n\n"
             + token_hint + console_hint +
+            f"  Sessions are recorded in {cfg.resolve(cfg.record_dir)} (docs/recordings.md); they stay "
+            f"when the demo stops. Check them with:\n\n    pooler recordings verify {cfg.resolve(cfg.record_dir)}\n\n"
+            f"  and play them back (list, then show one; `pooler replay statements` searches them):\n\n"
+            f"    pooler replay list {cfg.resolve(cfg.record_dir)}\n"
+            f"    pooler replay show {cfg.resolve(cfg.record_dir)} last\n\n" +
             f"  Client logins are in {cfg.resolve(cfg.auth_file) if cfg.auth_file else '(trust)'}; "
             "press Ctrl-C to stop and remove everything.\n",
             file=sys.stderr, flush=True)

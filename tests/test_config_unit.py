@@ -220,6 +220,19 @@ def test_encrypted_tls_key_fails_fast_instead_of_prompting(tmp_path):
                                     "client_tls_cert_file = gw.crt\nclient_tls_key_file = gw.key\n"))
 
 
+def test_the_approvals_store_connection_string_becomes_client_arguments():
+    assert config.store_connect_args("host=db port=5433 dbname=gw user=approvals password='p w' sslmode=require") == {
+        "host": "db", "port": 5433, "database": "gw", "user": "approvals", "password": "p w", "ssl": "require"}
+    assert config.store_connect_args("postgresql://a:b@db/gw") == {"dsn": "postgresql://a:b@db/gw"}
+    with pytest.raises(ValueError, match="unsupported key 'target_session_attrs'"):
+        config.store_connect_args("host=db target_session_attrs=any")
+    with pytest.raises(ValueError, match="port must be a number"):
+        config.store_connect_args("host=db port=x")
+    with pytest.raises(ValueError) as e:
+        config.store_connect_args("host=db password=s3cret oops")
+    assert "s3cret" not in str(e.value)
+
+
 @pytest.mark.parametrize("line", ["auth_hba_file = /etc/pgbouncer/hba.conf", "auth_ident_file = ident.map",
                                   "disable_pqexec = 1", "user = postgres"])
 def test_pgbouncer_settings_that_would_weaken_access_are_refused(tmp_path, line):

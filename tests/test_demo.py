@@ -60,6 +60,28 @@ def test_demo_starts_serves_sample_data_and_cleans_up(tmp_path):
                      r"'host=127\.0\.0\.1 port=\d+ dbname=shop user=agent-42 sslmode=require'", out)
     assert tok not in out  # tokens are never logged
     assert "demo-upstream-secret" not in out  # the upstream secret is never printed
+    # every session was recorded beside the demo's files, the chain holds, and no secret is in it
+    from pooler.recording import files as rf
+    from pooler.recording.reader import iter_sessions
+    from pooler.recording.verify import verify
+
+    rec = tmp_path / ".demo" / "recordings"
+    assert f"Sessions are recorded in {rec}" in out
+    assert verify(rec).ok
+    users = [s["login"]["user"] for s in iter_sessions(rec)]
+    assert {"agent", "agent-42", "ops-bot"} <= set(users)
+    assert any(e.get("sql") == "DELETE FROM orders WHERE id = 1" and e.get("action") == "deny"
+               for s in iter_sessions(rec) for e in s["events"])
+    # ... and the demo says how to play them back: the token agent's session, as README shows it
+    assert f"pooler replay show {rec} last" in out
+    from tests.replay_helpers import pooler
+
+    shown = pooler("replay", "show", str(rec), "last", "--identity", "agent-42")
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.startswith("session ") and "agent-42 (agents)  →  shop" in shown.stdout
+    assert "auth jwt over TLS" in shown.stdout and "DENY     rules/20_agents.star" in shown.stdout
+    text = "\n".join(b"\n".join(rf.read_lines(f.path)[0]).decode() for f in rf.list_files(rec))
+    assert tok not in text and "agent-password" not in text and "demo-upstream-secret" not in text
     m = re.search(r"removing the throwaway PostgreSQL", out)
     assert m, out
     # the cluster is gone: nothing listens on its port any more

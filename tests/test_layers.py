@@ -13,16 +13,16 @@ PKG = Path(__file__).resolve().parent.parent / "pooler"
 LAYERS = [
     {"pooler", "pooler.protocol", "pooler.sql", "pooler.tls", "pooler.auth"},
     {"pooler.masking"},
-    {"pooler.policy", "pooler.config", "pooler.approvals"},
+    {"pooler.policy", "pooler.config", "pooler.approvals", "pooler.recording"},
     {"pooler.gateway"},
     {"pooler.runtime", "pooler.pgcluster"},
-    {"pooler.cli", "pooler.demo", "pooler.__main__", "pooler.cli_approvals"},
+    {"pooler.cli", "pooler.demo", "pooler.__main__", "pooler.cli_approvals", "pooler.cli_recordings", "pooler.cli_replay"},
 ]
 
 # inside the asyncio shell, bottom up: each module imports only modules listed before it
 GATEWAY_ORDER = [
-    "interfaces", "netopts", "params", "events", "server", "pool", "catalogs", "statements", "holds", "governor",
-    "admin", "login", "session", "observers", "metrics", "approvals_http", "app",
+    "interfaces", "netopts", "params", "events", "server", "pool", "catalogs", "statements", "approval_store", "holds",
+    "governor", "admin", "login", "session", "observers", "recorder", "metrics", "approvals_http", "app",
 ]
 
 

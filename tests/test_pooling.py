@@ -353,6 +353,47 @@ def test_cancel_reaches_only_its_own_query(gw_factory):
     other.close()
 
 
+def test_cancel_of_a_statement_waiting_for_a_server_fails_it_unrun(pg, gw_factory):
+    """A client waiting for a server (the pool is busy) sends a cancel: its statement never
+    reaches PostgreSQL, it fails with 57014 at once, and the session goes on (simple and
+    extended protocol)."""
+    gw = gw_factory(settings={"default_pool_size": 1, "admin_users": "admin"},
+                    databases={"postgres": f"host=127.0.0.1 port={pg.port} dbname=postgres user={pg.superuser} "
+                                           f"password={pg.password}"})
+    with psycopg.connect(pg.dsn(), autocommit=True) as direct:
+        direct.execute("DROP SEQUENCE IF EXISTS cancel_waiting; CREATE SEQUENCE cancel_waiting")
+    holder = psycopg.connect(gw.dsn(), autocommit=True)
+    waiter = psycopg.connect(gw.dsn(), autocommit=True)
+    console = psycopg.connect(gw.dsn(user="admin", dbname="pgbouncer"), autocommit=True)
+    try:
+        holder.execute("BEGIN")
+        holder.execute("SELECT 1")
+        for sql, params in (("SELECT nextval('cancel_waiting')", None), ("SELECT nextval(%s)", ("cancel_waiting",))):
+            box = {}
+
+            def run():
+                try:
+                    box["result"] = waiter.execute(sql, params).fetchone()
+                except psycopg.Error as e:
+                    box["error"] = e
+            t = threading.Thread(target=run, daemon=True)
+            t.start()
+            deadline = time.monotonic() + 10
+            while console.execute("SHOW POOLS").fetchall()[0][3] != 1:  # cl_waiting: it waits for the server
+                assert time.monotonic() < deadline, "the statement never waited"
+                time.sleep(0.02)
+            waiter.cancel()
+            t.join(10)
+            assert isinstance(box.get("error"), psycopg.errors.QueryCanceled), box
+        holder.execute("COMMIT")
+        assert waiter.execute("SELECT 1").fetchone() == (1,)
+        with psycopg.connect(pg.dsn(), autocommit=True) as direct:
+            assert direct.execute("SELECT last_value, is_called FROM cancel_waiting").fetchone() == (1, False)
+    finally:
+        for conn in (holder, waiter, console):
+            conn.close()
+
+
 def test_cancel_with_unknown_key_is_harmless(gw):
     with socket.create_connection((gw.host, gw.port)) as s:
         s.sendall(m.cancel_request(12345, 67890))

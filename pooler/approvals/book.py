@@ -22,7 +22,7 @@ import re
 import secrets
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Callable
 
 log = logging.getLogger("pooler.approvals")
@@ -123,6 +123,37 @@ class Request:
 
 
 Listener = Callable[[str, object], None]
+
+
+def _from_record(cls, d: dict):
+    """A Request or Grant from its stored record (asdict), lists back to tuples."""
+    kw = {}
+    for f in fields(cls):
+        if f.name not in d:
+            continue
+        v = d[f.name]
+        if isinstance(v, list) and f.name != "approvals":
+            v = tuple(v)
+        elif f.name == "approvals":
+            v = [tuple(x) for x in v]
+        kw[f.name] = v
+    return cls(**kw)
+
+
+def request_record(r: Request) -> dict:
+    return asdict(r)
+
+
+def request_from(d: dict) -> Request:
+    return _from_record(Request, d)
+
+
+def grant_record(g: Grant) -> dict:
+    return asdict(g)
+
+
+def grant_from(d: dict) -> Grant:
+    return _from_record(Grant, d)
 
 
 def new_id(taken) -> str:
@@ -284,6 +315,39 @@ class ApprovalBook:
         """A dry run of ``r`` ended (or was skipped): reviewers are told."""
         r.preview = preview
         self._tell("preview", r)
+
+    def apply(self, rec: Request) -> None:
+        """A request as the shared store has it (approvals_store): kept in the mirror; a local
+        pending one that the store says is decided is decided here too (its session wakes)."""
+        mine = self.pending.get(rec.id)
+        if mine is not None:
+            if rec.state == PENDING:
+                if rec.approvals != mine.approvals:
+                    mine.approvals = rec.approvals
+                    self._tell("approval", mine)
+                return
+            mine.approvals, mine.grant_id = rec.approvals, rec.grant_id
+            self._decide(mine, rec.state, rec.decided_by, rec.outcome)
+            return
+        known = self.decided.get(rec.id)
+        if known is not None:
+            return  # decided here already (the first word stands)
+        if rec.state == PENDING:
+            self.pending[rec.id] = rec
+            self._tell("new", rec)
+        else:
+            self.decided[rec.id] = rec
+            while len(self.decided) > HISTORY:
+                self.decided.popitem(last=False)
+            self._tell(rec.state, rec)
+
+    def apply_grant(self, g: Grant) -> None:
+        known = self.grants.get(g.id)
+        self.grants[g.id] = g
+        if known is None:
+            self._tell("granted", g)
+        elif g.revoked_by and not known.revoked_by:
+            self._tell("revoked", g)
 
     def listing(self) -> list[Request]:
         """Pending first (oldest first), then the decided, newest first."""

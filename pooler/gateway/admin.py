@@ -16,6 +16,7 @@ Rules this module keeps:
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
@@ -54,7 +55,7 @@ HELP = ("\n\tSHOW HELP|CONFIG|DATABASES|POOLS|CLIENTS|SERVERS|USERS|VERSION\n"
         "\tSHOW FDS|SOCKETS|ACTIVE_SOCKETS|LISTS|MEM|STATE\n"
         "\tSHOW DNS_HOSTS|DNS_ZONES\n"
         "\tSHOW STATS|STATS_TOTALS|STATS_AVERAGES|TOTALS\n"
-        "\tSHOW RULES|DECISIONS|APPROVALS|GRANTS\n"
+        "\tSHOW RULES|DECISIONS|APPROVALS|GRANTS|RECORDINGS\n"
         "\tAPPROVE <id> [FOR <interval>]\n"
         "\tDENY <id> '<reason>'\n"
         "\tREVOKE <grant_id>\n"
@@ -130,6 +131,8 @@ COLUMNS = {
     "rules": [("file", "s"), ("version", "s"), ("loaded", "T"), ("decisions", "q"), ("allow", "q"),
               ("deny", "q"), ("mask", "q"), ("require_approval", "q")],
     "decisions": [("rule", "s"), ("action", "s"), ("count", "q"), ("last", "T"), ("last_reason", "s")],
+    "recordings": [("dir", "s"), ("file", "s"), ("records", "q"), ("bytes", "q"), ("write_failures", "q"),
+                   ("lost", "q"), ("queued", "q"), ("sessions", "q"), ("failing", "s"), ("blocked", "s")],
     "approvals": [("id", "s"), ("state", "s"), ("user", "s"), ("groups", "s"), ("database", "s"),
                   ("client_addr", "s"), ("application_name", "s"), ("rule", "s"), ("reason", "s"),
                   ("statement", "s"), ("params", "s"), ("tables_read", "s"), ("tables_written", "s"),
@@ -216,7 +219,7 @@ class Console:
             "dns_hosts": self.show_empty, "dns_zones": self.show_empty, "stats": self.show_stats,
             "stats_totals": self.show_stats_totals, "stats_averages": self.show_stats_averages,
             "totals": self.show_totals, "rules": self.show_rules, "decisions": self.show_decisions,
-            "approvals": self.show_approvals, "grants": self.show_grants,
+            "approvals": self.show_approvals, "grants": self.show_grants, "recordings": self.show_recordings,
         }
 
     # ------------------------------------------------------------------ dispatch
@@ -340,9 +343,11 @@ class Console:
         for p in gw.pools.values():
             wait = now - p.waiters[0].wait_started if p.waiters else 0.0
             linked = sum(1 for srv in p.active if srv.client is not None)
+            canceled = sum(1 for srv in p.active if srv.client is None and srv.parked)
             rows.append((p.db.name, p.server_user, active.get(id(p), 0), len(p.waiters), 0, 0, linked,
-                         sum(1 for srv in p.active if srv.cancels_in_flight), 0, len(p.idle),
-                         len(p.active) - linked - len(p.checking), len(p.checking), p.connecting, int(wait), int((wait % 1) * 1e6),
+                         sum(1 for srv in p.active if srv.cancels_in_flight), canceled, len(p.idle),
+                         len(p.active) - linked - canceled - len(p.checking), len(p.checking), p.connecting,
+                         int(wait), int((wait % 1) * 1e6),
                          p.db.pool_mode or cfg.pool_mode, p.db.load_balance_hosts if "," in p.db.host else None))
         rows.append(("pgbouncer", "pgbouncer", gw.console_sessions(), 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
                      "statement", None))
@@ -353,9 +358,11 @@ class Console:
                 and (not only_active or c.has_buffered())]
 
     def _server_rows(self, debug: bool, only_active: bool = False) -> list:
+        """Every server connection, in PgBouncer's order of lists: active (linked), used and
+        being_canceled, idle, then new (still logging in)."""
         rows = []
         for p in self.gw.pools.values():
-            for srv in list(p.active) + list(p.idle):
+            for srv in sorted(p.active, key=lambda x: x.client is None) + list(p.idle) + list(p.logging_in):
                 if not only_active or srv.has_buffered():
                     rows.append(srv.socket_row(debug))
         return rows
@@ -464,6 +471,15 @@ class Console:
                          preview_text(r.preview)))
         return result("approvals", rows)
 
+    def show_recordings(self, s) -> bytes:
+        """The session recorder (docs/recordings.md): one row, none while record_dir is unset."""
+        rec = self.gw.recorder
+        if rec is None:
+            return result("recordings", [])
+        f = rec.figures()
+        return result("recordings", [(f["dir"], f["file"], f["records"], f["bytes"], f["failures"], f["lost"],
+                                      f["queued"], f["sessions"], f["failing"], "yes" if f["blocked"] else "no")])
+
     def show_grants(self, s) -> bytes:
         now = time.time()
         rows = [(g.id, g.user, g.database, g.sql, g.granted_by, timestamp(g.created), timestamp(g.until), g.uses,
@@ -472,38 +488,55 @@ class Console:
 
     # ------------------------------------------------------------------ approvals
 
-    def approve(self, s, rid: str, interval: str | None) -> bytes:
+    def approve(self, s, rid: str, interval: str | None) -> bytes | None:
         self._need_admin(s)
-        desk = self.gw.approvals
         try:
             seconds = parse_interval(interval) if interval else None
-            r = desk.book.approve(rid, desk.console_reviewer(s), seconds)
         except ApprovalError as e:
             raise AdminError(f"APPROVE failed: {e}", "42501") from None
-        log.info("APPROVE %s by %s%s", rid, s.user, f" for {interval}" if interval else "")
-        if r.state != "approved":
-            return m.notice_response("00000", f"request {rid} has {len(r.approvals)} of {r.required} approvals") + ready("APPROVE")
-        return ready("APPROVE")
+        desk = self.gw.approvals
 
-    def deny(self, s, rid: str, reason: str) -> bytes:
+        async def done(r):
+            log.info("APPROVE %s by %s%s", rid, s.user, f" for {interval}" if interval else "")
+            if r.state != "approved":
+                return m.notice_response("00000", f"request {rid} has {len(r.approvals)} of {r.required} approvals")
+            return b""
+        return self._decide(s, "APPROVE", desk.approve(rid, desk.console_reviewer(s), seconds), done)
+
+    def deny(self, s, rid: str, reason: str) -> bytes | None:
         self._need_admin(s)
         desk = self.gw.approvals
-        try:
-            desk.book.deny(rid, desk.console_reviewer(s), reason)
-        except ApprovalError as e:
-            raise AdminError(f"DENY failed: {e}", "42501") from None
-        log.info("DENY %s by %s: %s", rid, s.user, reason)
-        return ready("DENY")
 
-    def revoke(self, s, gid: str) -> bytes:
+        async def done(r):
+            log.info("DENY %s by %s: %s", rid, s.user, reason)
+            return b""
+        return self._decide(s, "DENY", desk.deny(rid, desk.console_reviewer(s), reason), done)
+
+    def revoke(self, s, gid: str) -> bytes | None:
         self._need_admin(s)
         desk = self.gw.approvals
-        try:
-            desk.book.revoke(gid, desk.console_reviewer(s))
-        except ApprovalError as e:
-            raise AdminError(f"REVOKE failed: {e}", "42501") from None
-        log.info("REVOKE %s by %s", gid, s.user)
-        return ready("REVOKE")
+
+        async def done(g):
+            log.info("REVOKE %s by %s", gid, s.user)
+            return b""
+        return self._decide(s, "REVOKE", desk.revoke(gid, desk.console_reviewer(s)), done)
+
+    def _decide(self, s, command: str, decision, done) -> None:
+        """A decision goes to the approvals desk (and, with a shared store, to PostgreSQL): the
+        console answers when it is made."""
+        async def run() -> None:
+            try:
+                r = await decision
+                reply = await done(r) + ready(command)
+            except ApprovalError as e:
+                log.error("%s failed: %s", command, e)
+                reply = m.error_response("42501", f"{command} failed: {e}") + m.ready_for_query()
+            except Exception as e:  # noqa: BLE001 - the console session always gets an answer
+                log.exception("%s failed", command)
+                reply = m.error_response("XX000", f"{command} failed: {e}") + m.ready_for_query()
+            s.console_reply(reply)
+        asyncio.get_running_loop().create_task(run())
+        return None
 
     # ------------------------------------------------------------------ commands
 

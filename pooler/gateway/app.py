@@ -6,6 +6,7 @@ import asyncio
 import collections
 import logging
 import os
+import resource
 import secrets
 import signal
 import socket
@@ -20,13 +21,13 @@ from ..policy.engine import Policy
 from ..policy.rules import RuleLoadError
 from ..protocol import messages as m
 from .admin import Console, ready, timestamp
-from .approvals_http import ApprovalsHttp
 from .holds import ApprovalDesk
 from .catalogs import CatalogHolder
 from .events import Events
 from .metrics import Metrics
 from .observers import Decisions, SessionLog, Stats
 from .params import set_extra_params
+from .recorder import Recorder
 from .pool import Pool
 from .server import ServerConn, ServerLoginError
 from .session import C_READY, ClientSession
@@ -54,11 +55,19 @@ class Gateway:
         self.console = Console(self)  # the admin console (admin.py)
         self.approvals = ApprovalDesk(self)  # statements held for approval (holds.py)
         # approvals_listen: the reviewers' HTTP API and page (approvals_http.py)
-        self.approvals_http = ApprovalsHttp(self) if config.approvals_listen else None
+        self.approvals_http = None
+        if config.approvals_listen:
+            from .approvals_http import ApprovalsHttp  # aiohttp: ~10 MB, loaded only when used
+            self.approvals_http = ApprovalsHttp(self)
         self.metrics: Metrics | None = None  # metrics_listen: Prometheus, /healthz, /readyz (metrics.py)
         if config.metrics_listen:
             self.metrics = Metrics(self)
             self.events.subscribe(self.metrics)
+        self.record_block: str | None = None  # why statements are refused (recordings cannot be written)
+        self.recorder: Recorder | None = None  # record_dir: session recordings (recorder.py)
+        if config.record_dir:
+            self.recorder = Recorder(self)
+            self.events.subscribe(self.recorder)
         self.pause_mode = "none"  # "none" | "pause" | "suspend": SHOW STATE, PAUSE, SUSPEND
         self.paused_dbs: set[str] = set()  # PAUSE db, KILL db
         self.disabled_dbs: set[str] = set()  # DISABLE db: new logins refused
@@ -73,6 +82,7 @@ class Gateway:
         self.clock = time.monotonic()  # advanced every second by the janitor (interfaces.PoolHost)
         self.stopped = asyncio.Event()
         self._signals_seen = 0
+        self.rules_failed = False  # the last reload's rules did not load (RELOAD answers F0000)
         self.unix_path: str | None = None
         self.limits_in_use = self._limits_in_use(config)
         self.timeouts_in_use = self._timeouts_in_use(config)
@@ -89,6 +99,12 @@ class Gateway:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         cfg = self.config
+        self._raise_fd_limit()
+        if self.recorder is not None:
+            try:
+                self.recorder.start()  # before any client: nothing runs unrecorded
+            except OSError as e:
+                raise RuntimeError(f"record_dir {cfg.record_dir}: {e.strerror or e}") from None
         if cfg.listen_addr:
             for addr in [a.strip() for a in cfg.listen_addr.split(",") if a.strip()]:
                 host = None if addr == "*" else addr
@@ -114,6 +130,7 @@ class Gateway:
         self.stats.start()
         if self.metrics is not None:
             self.metrics.start(cfg.metrics_listen)
+        await self.approvals.start()
         if self.approvals_http is not None:
             try:
                 await self.approvals_http.start(cfg.approvals_listen)
@@ -124,6 +141,29 @@ class Gateway:
             where.append(self.unix_path)
         log.info("listening on %s (pool_mode=%s, auth_type=%s)", ", ".join(where), cfg.pool_mode,
                  cfg.auth_type)
+
+    def _raise_fd_limit(self) -> None:
+        """Every client and server is a file descriptor: raise the soft RLIMIT_NOFILE towards
+        what max_client_conn and the pools may use (up to the hard limit), and log the figures
+        as PgBouncer does (a limit too low shows as refused accepts, not as an error)."""
+        cfg = self.config
+        users = len(set(cfg.auth_users) | set(cfg.users)) or 1
+        need = cfg.max_client_conn + 64 + sum(
+            (d.pool_size if d.pool_size is not None else cfg.default_pool_size) * (1 if d.user else users)
+            for d in cfg.databases.values())
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != resource.RLIM_INFINITY and soft < need:
+            new = need if hard == resource.RLIM_INFINITY else min(need, hard)
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+                soft = new
+            except (ValueError, OSError) as e:
+                log.warning("could not raise the file descriptor limit to %d: %s", new, e)
+        log.info("kernel file descriptor limit: %d (hard: %d); max_client_conn: %d, max expected fd use: %d",
+                 soft, hard, cfg.max_client_conn, need)
+        if soft != resource.RLIM_INFINITY and soft < need:
+            log.warning("the file descriptor limit (%d) is below what max_client_conn and the pools may use (%d): "
+                        "raise the hard limit (ulimit -Hn, LimitNOFILE=)", soft, need)
 
     def install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()
@@ -142,27 +182,43 @@ class Gateway:
             log.info("%s again: shutting down immediately", how)
             self._finish()
             return
+        if self.pause_mode == "suspend":
+            # every socket is paused: nothing would ever finish (PgBouncer dies here too)
+            log.info("%s received: suspend was in progress, going down immediately", how)
+            self.stopping = how
+            self._finish()
+            return
         self.stopping = how
         log.info("%s received: %s", how,
                  "waiting for servers to finish their transactions" if how == "SIGINT"
                  else "waiting for clients to disconnect")
-        for s in self.listeners:
-            s.close()
+        # as PgBouncer: TCP listeners close (new connections are refused); the Unix socket
+        # stays, so an operator can still reach the console, and a client that is not the
+        # console's is told "pooler is shutting down" (login.py)
+        for srv in self.listeners:
+            if any(sock.family in (socket.AF_INET, socket.AF_INET6) for sock in srv.sockets or ()):
+                srv.close()
         if how == "SIGINT":
+            # WAIT_FOR_SERVERS is PgBouncer's PAUSE: idle servers close, servers close when
+            # their transactions end, and a client that needs a server (a new transaction, or
+            # waiting for one already) is disconnected with "server shutting down"
+            self.pause_mode = "pause"
             for p in self.pools.values():
-                waiting, p.waiters = list(p.waiters), collections.deque()
-                for c in waiting:
-                    c.fatal("57P01", "server shutting down")
+                p.paused = True
+                p.close_all("server shutting down")
+                for c in list(p.waiters):
+                    c.fatal("08P01", "server shutting down")
         self._check_stopped()
 
     def _check_stopped(self) -> None:
         if self.stopping is None:
             return
         if self.stopping == "SIGINT":
-            busy = any(p.active for p in self.pools.values())
+            busy = any(p.active or p.connecting for p in self.pools.values())
         else:
             busy = any(not c.console for c in self.clients)  # console sessions do not hold it up
         if not busy:
+            log.info("%s connections dropped, exiting", "server" if self.stopping == "SIGINT" else "client")
             self._finish()
 
     def _finish(self) -> None:
@@ -188,6 +244,8 @@ class Gateway:
         if self._janitor:
             self._janitor.cancel()
         self.stats.stop()
+        if self.recorder is not None:
+            self.recorder.stop()
         self.approvals.stop()
         if self.approvals_http is not None:
             asyncio.get_running_loop().create_task(self.approvals_http.stop())
@@ -216,7 +274,11 @@ class Gateway:
         except config_mod.ConfigError as e:
             log.error("reload failed, keeping the running configuration: %s", e)
             return False
-        return self._apply(new, reload_rules=True)
+        self.rules_failed = False
+        # rules that do not load fail the RELOAD too (as PgBouncer's RELOAD fails when its TLS
+        # files do, the settings applied): the console must not say RELOAD over a rule set
+        # that did not change
+        return self._apply(new, reload_rules=True) and not self.rules_failed
 
     def set_setting(self, key: str, value: str) -> str | None:
         """The console's SET: the running config with one setting changed, applied as a reload
@@ -249,6 +311,7 @@ class Gateway:
                 policy = load_policy(new)
             except RuleLoadError as e:
                 log.error("rules not reloaded, the running rule set keeps serving: %s", e)
+                self.rules_failed = True
                 policy = self.policy
                 if self.metrics is not None:
                     self.metrics.rule_reloads.labels("failed").inc()
@@ -289,6 +352,7 @@ class Gateway:
                 setattr(new, attr, getattr(old, attr))
         self._scram_cache.clear()
         self.config = new
+        self.events.refresh()  # record_results may have changed (events.row)
         self.limits_in_use = self._limits_in_use(new)
         self.timeouts_in_use = self._timeouts_in_use(new)
         log.info("configuration reloaded from %s", new.path)
@@ -303,8 +367,6 @@ class Gateway:
     # ------------------------------------------------------------------ clients
 
     def client_arrived(self, c: ClientSession) -> bool:
-        if self.stopping is not None:
-            return False
         if self.config.max_client_conn and len(self.clients) >= self.config.max_client_conn:
             log.warning("max_client_conn (%d) reached, refusing %s", self.config.max_client_conn, c.addr)
             return False
@@ -563,11 +625,15 @@ class Gateway:
                 continue
             p.paused = True
             for c in list(self.clients):
-                if c.pool is p and not c.closed:
+                if c.pool is p and not c.closed:  # active, waiting and logging-in clients alike
                     c.fatal("08P01", "database removed")
             p.close_all("database removed")
-            for srv in p.servers():
+            for srv in p.servers() + list(p.logging_in):
                 srv.close("database removed")
+            # the pool is gone (as PgBouncer's kill_pool frees it): SHOW POOLS no longer lists
+            # it; the next login makes a new one, paused until RESUME
+            p.obsolete = True
+            del self.pools[key]
 
     def kill_client(self, ident: int) -> bool:
         for c in self.clients:
@@ -643,6 +709,9 @@ class Gateway:
         if c is None:
             log.info("cancel request with an unknown key ignored")
             return
+        ev = self.events.canceled
+        if ev is not None:
+            ev(c)
         if c.console:
             if c.console_waiting:
                 self.admin_cancel(c)
@@ -651,6 +720,14 @@ class Gateway:
             self.approvals.withdraw(c.held, "canceled by the client")
             return
         srv = c.server
+        if srv is None and c.waiting and c.pool is not None and c in c.pool.waiters:
+            # waiting for a server (not for masking's catalog: that wait ends by itself):
+            # nothing was sent, so the request is dropped and fails as PostgreSQL fails a
+            # cancelled statement (PgBouncer ignores this cancel: the statement would run once
+            # a server comes, however late)
+            c.pool.cancel_wait(c)
+            c.server_unavailable("57014", "canceling statement due to user request")
+            return
         if srv is None or not srv.queue:
             return  # nothing of this client is running: nothing to cancel
         self.send_cancel(srv)

@@ -170,7 +170,7 @@ class ApprovalsHttp:
         if interval is not None and not isinstance(interval, str):
             raise web.HTTPBadRequest(text='"for" must be a string such as "10 minutes"')
         seconds = parse_interval(interval) if interval else None
-        r = self.desk.book.approve(request.match_info["id"], who, seconds)
+        r = await self.desk.approve(request.match_info["id"], who, seconds)
         log.info("approval request %s approved by %s over the API%s", r.id, who.name,
                  f" for {interval}" if interval else "")
         return _json(r.as_dict(time.time()))
@@ -181,7 +181,7 @@ class ApprovalsHttp:
         reason = body.get("reason")
         if not isinstance(reason, str):
             raise web.HTTPBadRequest(text='a denial needs {"reason": "..."}')
-        r = self.desk.book.deny(request.match_info["id"], who, reason)
+        r = await self.desk.deny(request.match_info["id"], who, reason)
         return _json(r.as_dict(time.time()))
 
     async def grants(self, request: web.Request) -> web.Response:
@@ -191,7 +191,7 @@ class ApprovalsHttp:
 
     async def revoke(self, request: web.Request) -> web.Response:
         who = await self.reviewer(request)
-        g = self.desk.book.revoke(request.match_info["id"], who)
+        g = await self.desk.revoke(request.match_info["id"], who)
         return _json(g.as_dict(time.time()))
 
     async def events(self, request: web.Request) -> web.StreamResponse:

@@ -21,6 +21,8 @@ The events, in a session's order (``session`` is the ClientSession, ``server`` t
     login_failed(session, reason)                    a login refused (reason for the log only)
     decided(session, kind, sql, decision)            a Query ('Q') or Parse ('P') judged; decision
                                                      is the policy's Decision (None: no rules)
+    bound(session, data, pos, end)                   a Bind (the message is data[pos:end]): an
+                                                     execution's parameters
     refused(session, sqlstate, message)              the gateway refused a request itself
     held(session, request)                           a statement waits for approval (approvals.book.Request)
     hold_ended(session, request)                     ... and its request ended (request.state says how)
@@ -31,7 +33,13 @@ The events, in a session's order (``session`` is the ClientSession, ``server`` t
                                                      one statement's result ended (CommandComplete or
                                                      EmptyQueryResponse): its tag, rows from the tag
                                                      (None where it has none), server bytes, duration
+    suspended(session, server, nbytes, seconds)      an Execute's row limit was reached (PortalSuspended):
+                                                     the portal may be executed again for more rows
     failed(session, server, sqlstate, message)       the server answered a request with an error
+    row(session, server, body)                       a DataRow as the client was sent it (masked),
+                                                     body without type and length; None for a row
+                                                     streamed in pieces. Only the first
+                                                     ``Events.rows_wanted`` rows of each result
     masked(session, report)                          a masked result ended: [(column, method, values
                                                      masked)]
     ready(session, server, status, started, sent, received)
@@ -40,8 +48,9 @@ The events, in a session's order (``session`` is the ClientSession, ``server`` t
                                                      its first request; bytes both ways)
     server_released(session, server)                 the server went back to its pool (or closed)
     logout(session, reason)                          the session ended
+    canceled(session)                                a cancel request for the session arrived
 
-``completed`` and ``failed`` make every server take the reply loop that reads each message (the
+``completed``, ``suspended``, ``failed`` and ``row`` make every server take the reply loop that reads each message (the
 fast lane forwards small replies without looking at their tags): subscribe to them only where
 they are needed.
 """
@@ -53,8 +62,8 @@ from typing import Any, Callable
 
 log = logging.getLogger("pooler.events")
 
-EVENTS = ("login", "login_failed", "decided", "refused", "held", "hold_ended", "server_assigned", "forwarded", "completed",
-          "failed", "masked", "ready", "server_released", "logout")
+EVENTS = ("login", "login_failed", "decided", "bound", "refused", "held", "hold_ended", "server_assigned", "forwarded",
+          "completed", "suspended", "failed", "row", "masked", "ready", "server_released", "logout", "canceled")
 
 
 class Observer:
@@ -65,17 +74,23 @@ class Observer:
     def login(self, session) -> None: ...
     def login_failed(self, session, reason: str) -> None: ...
     def decided(self, session, kind: str, sql: str, decision) -> None: ...
+    def bound(self, session, data: bytes, pos: int, end: int) -> None: ...
     def refused(self, session, sqlstate: str, message: str) -> None: ...
     def held(self, session, request) -> None: ...
     def hold_ended(self, session, request) -> None: ...
     def server_assigned(self, session, server, waited: float) -> None: ...
     def forwarded(self, session, server, nbytes: int) -> None: ...
     def completed(self, session, server, tag: str, rows: int | None, nbytes: int, seconds: float) -> None: ...
+    def suspended(self, session, server, nbytes: int, seconds: float) -> None: ...
     def failed(self, session, server, sqlstate: str, message: str) -> None: ...
+    def row(self, session, server, body: bytes | None) -> None: ...
     def masked(self, session, report: list[tuple[str, int]]) -> None: ...
     def ready(self, session, server, status: int, started: float, sent: int, received: int) -> None: ...
     def server_released(self, session, server) -> None: ...
     def logout(self, session, reason: str) -> None: ...
+    def canceled(self, session) -> None: ...
+
+    rows_wanted = 0  # an observer of ``row``: how many rows of each result it wants
 
 
 def _dispatcher(name: str, handlers: list[Callable], trusted: bool) -> Callable:
@@ -110,26 +125,31 @@ def _dispatcher(name: str, handlers: list[Callable], trusted: bool) -> Callable:
 class Events:
     """The hub: ``subscribe(observer)``; each event attribute is None or a callable."""
 
-    __slots__ = EVENTS + ("observers", "watching")
+    __slots__ = EVENTS + ("observers", "watching", "rows_wanted")
 
     login: Callable | None
     login_failed: Callable | None
     decided: Callable | None
+    bound: Callable | None
     refused: Callable | None
     held: Callable | None
     hold_ended: Callable | None
     server_assigned: Callable | None
     forwarded: Callable | None
     completed: Callable | None
+    suspended: Callable | None
     failed: Callable | None
+    row: Callable | None
     masked: Callable | None
     ready: Callable | None
     server_released: Callable | None
     logout: Callable | None
+    canceled: Callable | None
 
     def __init__(self) -> None:
         self.observers: list[Observer] = []
-        self.watching = False  # completed/failed wanted: replies are read message by message
+        self.watching = False  # completed/failed/row wanted: replies are read message by message
+        self.rows_wanted = 0  # rows of each result ``row`` reports (the most any observer wants)
         self._build()
 
     def subscribe(self, observer: Observer) -> None:
@@ -142,6 +162,10 @@ class Events:
             self.observers.remove(observer)
             self._build()
 
+    def refresh(self) -> None:
+        """An observer changed what it wants (``rows_wanted``)."""
+        self._build()
+
     def _build(self) -> None:
         for name in EVENTS:
             base = getattr(Observer, name)
@@ -149,4 +173,9 @@ class Events:
             handlers = [getattr(o, name) for o in wanted]
             trusted = all(o.trusted for o in wanted)
             setattr(self, name, _dispatcher(name, handlers, trusted) if handlers else None)
-        self.watching = self.completed is not None or self.failed is not None
+        self.rows_wanted = max((o.rows_wanted for o in self.observers
+                                if getattr(type(o), "row", Observer.row) is not Observer.row), default=0)
+        if self.rows_wanted <= 0:
+            self.row = None
+        self.watching = (self.completed is not None or self.failed is not None or self.row is not None
+                         or self.suspended is not None)

@@ -81,6 +81,7 @@ class Governor:
         self.need: Need | None = None
         self.ticket: bytes | None = None
         self.justification = ""  # SET pooler.justification
+        self.parse_name = b""  # the name of the Parse being judged (what events.decided observers read for 'P')
 
     # ------------------------------------------------------------------ what the rules see of the session
 
@@ -132,6 +133,9 @@ class Governor:
         """Judge the message ``data[pos:end]`` of type ``t``: None if it may pass, WAIT_CATALOG
         if it must wait for masking's catalog (then judged again), else (sqlstate, message) of
         the refusal. Raises ProtocolError for a malformed Parse."""
+        blocked = self.session.gw.record_block
+        if blocked is not None and t != T_DESCRIBE:
+            return ("58030", blocked)  # record_failure = block: nothing runs that cannot be recorded
         policy = self.session.gw.policy
         book = self.book
         if t == T_BIND or t == T_DESCRIBE:
@@ -169,6 +173,7 @@ class Governor:
             if name_end < 0 or q_end < 0:
                 raise m.ProtocolError("invalid Parse message")
             raw = body[name_end + 1 : q_end]
+            self.parse_name = body[:name_end]
             if name_end == 0:
                 book.unnamed_ok = False
             if policy is None:

@@ -49,6 +49,10 @@ class ApprovalDesk:
         self.book.listeners.append(self._changed)
         self.sessions: dict[str, Any] = {}  # request id -> the held session
         self.timers: dict[str, asyncio.TimerHandle] = {}
+        self.store = None
+        if cfg.approvals_store != "memory":
+            from .approval_store import PgStore, default_gateway_name  # asyncpg, loaded only when used
+            self.store = PgStore(self, cfg.approvals_store, cfg.approvals_gateway_name or default_gateway_name(cfg))
         self.webhook = Webhook(cfg.approval_webhook) if cfg.approval_webhook else None
         if self.webhook is not None:
             self.book.listeners.append(self.webhook.changed)
@@ -80,6 +84,8 @@ class ApprovalDesk:
             timeout=cfg.approval_timeout)
         self.book.submit(req)
         self.sessions[req.id] = session
+        if self.store is not None:
+            self.store.submitted(req)
         if cfg.approval_timeout:
             self.timers[req.id] = asyncio.get_running_loop().call_later(
                 cfg.approval_timeout, self.book.expire, req.id)
@@ -96,6 +102,8 @@ class ApprovalDesk:
     def granted(self, session, need: Need):
         """A grant that lets this statement run without asking (None if none)."""
         g = self.book.grant_for(session.user, session.database, fingerprint(need.sql))
+        if g is not None and self.store is not None:
+            self.store.grant_used(g)
         if g is not None:
             log.info("statement of %s runs under grant %s (by %s, for its shape)", session.describe(), g.id,
                      g.granted_by)
@@ -194,6 +202,8 @@ class ApprovalDesk:
         if timer is not None:
             timer.cancel()
         session = self.sessions.pop(req.id, None)
+        if self.store is not None and session is not None and kind in (EXPIRED, WITHDRAWN):
+            self.store.ended_here(req)
         log.info("approval request %s %s%s%s", req.id, req.state, f" by {req.decided_by}" if req.decided_by else "",
                  f": {req.outcome}" if req.outcome else "")
         ev = self.gw.events.hold_ended
@@ -202,14 +212,37 @@ class ApprovalDesk:
         if session is not None:
             session.approval_decided(req)
 
+    async def start(self) -> None:
+        if self.store is not None:
+            await self.store.start()
+
     def stop(self) -> None:
-        """The gateway stops: every pending request is refused to its client."""
-        for rid in list(self.book.pending):
+        """The gateway stops: every request held here is refused to its client."""
+        for rid in list(self.sessions):
             self.book.withdraw(rid, "the gateway is shutting down")
+        if self.store is not None:
+            asyncio.get_running_loop().create_task(self.store.stop())
         for task in list(self.previews):
             task.cancel()
         if self.webhook is not None:
             self.webhook.stop()
+
+    # ------------------------------------------------------------------ deciding (console, API)
+
+    async def approve(self, rid: str, reviewer: Reviewer, seconds: float | None) -> Request:
+        if self.store is not None:
+            return await self.store.decide("approve", rid, reviewer, seconds)
+        return self.book.approve(rid, reviewer, seconds)
+
+    async def deny(self, rid: str, reviewer: Reviewer, reason: str) -> Request:
+        if self.store is not None:
+            return await self.store.decide("deny", rid, reviewer, reason)
+        return self.book.deny(rid, reviewer, reason)
+
+    async def revoke(self, gid: str, reviewer: Reviewer):
+        if self.store is not None:
+            return await self.store.revoke(gid, reviewer)
+        return self.book.revoke(gid, reviewer)
 
     # ------------------------------------------------------------------ reviewers
 

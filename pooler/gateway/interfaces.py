@@ -197,6 +197,7 @@ class SessionHost(Protocol):
     policy: Any  # policy.engine.Policy | None
     jwt: Any  # auth.jwt.JwtAuthenticator | None
     events: Any
+    record_block: str | None  # why statements are refused now (recordings cannot be written), or None
 
     def client_arrived(self, session: Any) -> bool: ...
 

@@ -191,6 +191,8 @@ class Login:
         else:
             await self._authenticate(auth_type, db)
             s.groups = tuple(ucfg.groups) if ucfg else ()
+        if s.gw.stopping is not None:  # SHUTDOWN WAIT_FOR_*: only the console still takes logins
+            raise ClientError("08P01", "pooler is shutting down")
         self._check_client_limits(db, user)
         s.mode = cfg.pool_mode_for(db, user)
         s.rewrite = s.mode != "session" and cfg.max_prepared_statements > 0

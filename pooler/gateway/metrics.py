@@ -323,3 +323,17 @@ class _PoolCollector:
         wait = HistogramMetricFamily("pooler_approval_wait_seconds", "Time held statements waited for their decision")
         wait.add_metric([], *snap["approval_wait"])
         yield wait
+        rec = self.metrics.gw.recorder
+        if rec is not None:  # the writer's counters: plain numbers its thread sets, read as they are
+            w = rec.writer
+            for name, doc, v in (
+                    ("records", "Recording records written (file and close records included)", w.records),
+                    ("bytes", "Recording bytes written, before compression", w.bytes),
+                    ("write_failures", "Failed attempts to write recordings", w.failures),
+                    ("lost", "Records that could not be written", w.lost)):
+                yield CounterMetricFamily(f"pooler_recording_{name}", doc, value=v)
+            yield GaugeMetricFamily("pooler_recording_queue_depth", "Records encoded and not yet written",
+                                    value=w.queued + rec.nbuf)
+            yield GaugeMetricFamily("pooler_recording_blocked", "1 while statements are refused because "
+                                    "recordings cannot be written (record_failure = block)",
+                                    value=1 if self.metrics.gw.record_block is not None else 0)

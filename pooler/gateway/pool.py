@@ -26,7 +26,7 @@ class Pool:
     __slots__ = (
         "gw", "events", "db", "name", "key", "paused", "server_user", "server_password", "server_dbname", "catalog_key", "idle",
         "active", "connecting", "waiters", "welcome", "welcome_waiters", "last_connect_error", "clients",
-        "obsolete", "welcome_since", "checking", "reserve_in_use", "rrcounter", "scram_keys",
+        "obsolete", "welcome_since", "checking", "reserve_in_use", "rrcounter", "scram_keys", "logging_in",
     )
 
     def __init__(self, gw: PoolHost, db: DatabaseConfig, server_user: str, password: str | None):
@@ -49,7 +49,8 @@ class Pool:
         self.welcome_since = 0.0  # when the first of them started waiting
         self.last_connect_error: tuple[float, str, str] | None = None
         self.clients = 0
-        self.obsolete = False  # replaced by a reload: servers close when they come back
+        self.obsolete = False  # replaced by a reload (or a KILL): servers close when they come back
+        self.logging_in: set[ServerConn] = set()  # connected, login not done yet (SHOW SERVERS' "new")
         self.checking: set[ServerConn] = set()  # running server_check_query before a hand-out
         self.reserve_in_use = False  # reserve_pool_timeout passed: the pool may grow into its reserve
         self.rrcounter = 0  # which host of a host list the next connection goes to
@@ -116,10 +117,6 @@ class Pool:
     # ------------------------------------------------------------------ handing out
 
     def acquire(self, client: Waiter) -> ServerConn | None:
-        if self.gw.stopping == "SIGINT":
-            # SHUTDOWN WAIT_FOR_SERVERS: no server for a new transaction (PgBouncer's pause_client)
-            client.fatal("57P01", "server shutting down")
-            return None
         idle = self.idle
         cfg = self.gw.config
         while idle and not self.paused:
@@ -134,6 +131,11 @@ class Pool:
                 return srv
         client.wait_started = time.monotonic()
         self.waiters.append(client)
+        if self.paused and self.gw.stopping == "SIGINT":
+            # SHUTDOWN WAIT_FOR_SERVERS: no server will come (PgBouncer's pause_client); the
+            # session is ended once the caller has seen it wait
+            asyncio.get_running_loop().call_soon(client.fatal, "08P01", "server shutting down")
+            return None
         if len(self.waiters) > self.connecting + len(self.checking) and len(self.active) + self.connecting < self.size \
                 and not self.paused:
             self._grow()
@@ -282,12 +284,16 @@ class Pool:
             async with asyncio.timeout(timeout):
                 _, srv = await coro
                 srv.peer = f"{host}:{self.db.port}"  # (cancel requests go there too)
+                if not side:
+                    self.logging_in.add(srv)
                 await srv.login()
             if self.db.connect_query and not startup_extra:
                 await self._run_connect_query(srv)
+            self.logging_in.discard(srv)
             return srv
         except (OSError, TimeoutError, ServerLoginError) as e:
             if srv is not None:
+                self.logging_in.discard(srv)
                 srv.close(str(e))
             unreachable = srv is None and not isinstance(e, ServerLoginError)
             if isinstance(e, ServerLoginError):
@@ -301,6 +307,7 @@ class Pool:
             raise err from None
         except BaseException:
             if srv is not None:
+                self.logging_in.discard(srv)
                 srv.close("connect cancelled")
             raise
 

@@ -48,6 +48,7 @@ _TAG_FIRST = frozenset(b"DCAP")
 # EmptyQueryResponse (CommandComplete too, unless _check_tag must see its tag).
 _PLAIN_REPLIES = frozenset(b"12TDnts" b"I")
 _PLAIN_REQUESTS = frozenset((R_PARSE, R_BIND, R_DESCRIBE, R_EXECUTE))  # answered by plain replies
+_RESULT_PARTS = frozenset(b"DCIs")  # DataRow, CommandComplete, EmptyQueryResponse, PortalSuspended: for events.watching
 FAST_REPLY_MAX = 16384  # larger chunks (streamed results) take the general loop only
 
 _READY_ENDS = (R_SYNC, R_QUERY, R_QUERY_REFUSAL, R_QUERY_SKIP)
@@ -202,7 +203,7 @@ class ServerConn(asyncio.Protocol):
         "key", "last_used", "login_waiter", "masking", "owner", "param_key", "params", "parked",
         "peer", "pending_sync", "pid", "pool", "prepared", "query_start", "queue", "rbuf",
         "reading_paused", "received", "reset_waiter", "resetting", "rneed", "rowplan", "scram", "startup_extra",
-        "sent", "side", "skip", "state", "transport", "tx_status", "w_bytes", "w_start",
+        "sent", "side", "skip", "state", "transport", "tx_status", "w_bytes", "w_rows", "w_start",
         "writing_paused", "id", "connected_wall", "close_needed",
     )
 
@@ -257,6 +258,7 @@ class ServerConn(asyncio.Protocol):
         # whose result is streaming
         self.w_bytes = 0
         self.w_start = 0.0
+        self.w_rows = 0  # rows of this statement's result reported (events.row, up to rows_wanted)
 
     # ------------------------------------------------------------------ transport callbacks
 
@@ -316,10 +318,21 @@ class ServerConn(asyncio.Protocol):
 
     # ------------------------------------------------------------------ what the console shows
 
+    def state_name(self) -> str:
+        """PgBouncer's name for the list this server would be on (SHOW SERVERS' state): new
+        (logging in), active (linked), being_canceled (released while a cancel request for it
+        is in flight), used (linked to nobody but not back in the pool: resetting), idle."""
+        st = self.state
+        if st == S_IDLE:
+            return "idle"
+        if st == S_ACTIVE:
+            return "active" if self.client is not None else "being_canceled" if self.parked else "used"
+        return "new" if st in (S_CONNECTING, S_LOGIN) else "closed"
+
     def socket_row(self, debug: bool) -> tuple:
         """This server as a row of SHOW SERVERS/SOCKETS."""
         c = self.client
-        state = "active" if self.state == S_ACTIVE else "idle" if self.state == S_IDLE else "login"
+        state = self.state_name()
         wall_used = time.time() - (time.monotonic() - self.last_used) if self.last_used else self.connected_wall
         return socket_row("S", self.pool.server_user, self.pool.db.name, state, self.transport,
                           self.connected_wall, wall_used, 0.0, self.close_needed, self, c,
@@ -483,11 +496,14 @@ class ServerConn(asyncio.Protocol):
         n = len(data)
         self.received += n
         queue = self.queue
+        watching = self.events.watching
         if (queue and n <= FAST_REPLY_MAX
                 and not (self.skip or self.rbuf or self.masking or self.ddl_pending or self.in_copy or self.awaiting_sync)
-                and not client.book.mask_portals and not self.events.watching):
+                and not client.book.mask_portals):
             # the fast lane: a whole small reply that needs only forwarding (see _PLAIN_REPLIES);
-            # anything else, or a reply cut short, goes to the general loop below from the start
+            # anything else, or a reply cut short, goes to the general loop below from the start.
+            # Observers of results (watching) get them from the positions noted on the way.
+            marks = [] if watching else None
             pos = 0
             while n - pos >= 5:
                 t = data[pos]
@@ -496,6 +512,8 @@ class ServerConn(asyncio.Protocol):
                 if end > n or length < 4:
                     break
                 if t in _PLAIN_REPLIES or (t == T_COMPLETE and length > 4 and data[pos + 5] not in _TAG_FIRST):
+                    if marks is not None and t in _RESULT_PARTS:
+                        marks.append(pos)
                     pos = end
                     continue
                 if t == T_READY and end == n and length == 5:
@@ -503,10 +521,11 @@ class ServerConn(asyncio.Protocol):
                     if (last == R_SYNC or last == R_QUERY) and (len(queue) == 1 or _only_plain(queue)):
                         queue.clear()
                         self.tx_status = status = data[pos + 5]
+                        if watching:
+                            self._watch_lane(client, data, marks)
                         client.server_ready(self, status, data)
                         return
                 break
-        watching = self.events.watching
         skip = self.skip
         if skip:
             if watching:
@@ -536,13 +555,15 @@ class ServerConn(asyncio.Protocol):
         plan = self.rowplan
         masking = self.masking
         wfrom = 0  # watching: where the bytes of the statement being answered begin in data
+        keep = self.events.rows_wanted if watching else 0  # rows of each result to report (events.row)
         while n - pos >= 5:
             t = data[pos]
             (length,) = _unpack_len(data, pos + 1)
             end = pos + 1 + length
             if t == T_DATAROW or t == T_COPYDATA:
                 if plan is not None and t == T_DATAROW:
-                    # a masked result: rewrite whole rows, one at a time
+                    # a masked result: rewrite whole rows, every complete one that follows in one
+                    # call (RowPlan.rewrite_run, compiled where built)
                     if end > n or length < 4:
                         if length < 4:
                             self._protocol_violation("invalid message length from server")
@@ -554,19 +575,28 @@ class ServerConn(asyncio.Protocol):
                         out = []
                     out.append(data[fwd:pos])
                     try:
-                        out.append(plan.rewrite(data, pos, end))
+                        rows, pos = plan.rewrite_run(data, pos, n)
                     except Exception as e:  # noqa: BLE001 - MaskingError, or a malformed row
                         self._masking_failed(client, str(e) if isinstance(e, MaskingError) else "malformed DataRow")
                         return
-                    pos = fwd = end
+                    out.append(rows)
+                    fwd = pos
+                    if keep and self.w_rows < keep:
+                        self._watch_rows(client, rows, keep)  # as the client gets them: masked
                     continue
                 if end > n:
                     if length < 4:
                         self._protocol_violation("invalid message length from server")
                         return
+                    if keep and t == T_DATAROW and self.w_rows < keep:
+                        self.w_rows += 1
+                        self.events.row(client, self, None)  # streamed in pieces: not kept
                     self.skip = end - n  # stream the partial row; the rest follows
                     pos = n
                     break
+                if keep and t == T_DATAROW and self.w_rows < keep:
+                    self.w_rows += 1
+                    self.events.row(client, self, data[pos + 5 : end])
                 pos = end
                 continue
             if end > n or length < 4:
@@ -626,6 +656,7 @@ class ServerConn(asyncio.Protocol):
                 pos = end
                 if watching:
                     self.w_bytes = 0  # a round ended: the next statement's bytes start here
+                    self.w_rows = 0
                     wfrom = end
                 if not queue:
                     # nothing outstanding: forward, then the server may go back to its pool
@@ -755,8 +786,11 @@ class ServerConn(asyncio.Protocol):
                     queue.popleft()
                 elif masking and head == R_QUERY and t == T_EMPTY and queue[0][1] is not None:
                     queue[0][1].index += 1
-                if watching and t == T_EMPTY:
-                    self._watch_completed(client, b"", self.w_bytes + end - wfrom)
+                if watching:
+                    if t == T_EMPTY:
+                        self._watch_completed(client, b"", self.w_bytes + end - wfrom)
+                    else:
+                        self._watch_suspended(client, self.w_bytes + end - wfrom)
                     self.w_bytes, wfrom = 0, end
             elif t == T_NOTICE:
                 if masking and queue and _masked_info(queue[0][1]):
@@ -793,7 +827,42 @@ class ServerConn(asyncio.Protocol):
 
     # -- events.completed / events.failed (only while someone listens: events.watching)
 
+    def _watch_rows(self, client: ClientSide, rows: bytes, keep: int) -> None:
+        """events.row for the first rows of masked DataRows rewritten in one run."""
+        p, n, row = 0, len(rows), self.events.row
+        while p < n and self.w_rows < keep:
+            (length,) = _unpack_len(rows, p + 1)
+            e = p + 1 + length
+            self.w_rows += 1
+            row(client, self, rows[p + 5 : e])
+            p = e
+
+    def _watch_lane(self, client: ClientSide, data: bytes, marks: list) -> None:
+        """The events of a reply the fast lane forwards whole: what the general loop reports for
+        the same messages (``marks``: where its DataRows and statement ends are)."""
+        keep = self.events.rows_wanted
+        wfrom = 0
+        for p in marks:
+            t = data[p]
+            (length,) = _unpack_len(data, p + 1)
+            e = p + 1 + length
+            if t == T_DATAROW:
+                if keep and self.w_rows < keep:
+                    self.w_rows += 1
+                    self.events.row(client, self, data[p + 5 : e])
+                continue
+            if t == T_COMPLETE:
+                self._watch_completed(client, data[p + 5 : e - 1], self.w_bytes + e - wfrom)
+            elif t == T_EMPTY:
+                self._watch_completed(client, b"", self.w_bytes + e - wfrom)
+            else:
+                self._watch_suspended(client, self.w_bytes + e - wfrom)
+            self.w_bytes, wfrom = 0, e
+        self.w_bytes = 0
+        self.w_rows = 0
+
     def _watch_completed(self, client: ClientSide, tag: bytes, nbytes: int) -> None:
+        self.w_rows = 0
         now = time.monotonic()
         start = self.w_start if self.w_start > self.query_start else self.query_start
         self.w_start = now
@@ -804,7 +873,17 @@ class ServerConn(asyncio.Protocol):
         if ev is not None:
             ev(client, self, text, rows, nbytes, now - start)
 
+    def _watch_suspended(self, client: ClientSide, nbytes: int) -> None:
+        self.w_rows = 0
+        now = time.monotonic()
+        start = self.w_start if self.w_start > self.query_start else self.query_start
+        self.w_start = now
+        ev = self.events.suspended
+        if ev is not None:
+            ev(client, self, nbytes, now - start)
+
     def _watch_failed(self, client: ClientSide, body: bytes) -> None:
+        self.w_rows = 0
         self.w_start = time.monotonic()
         ev = self.events.failed
         if ev is not None:

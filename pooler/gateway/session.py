@@ -155,8 +155,7 @@ class ClientSession(asyncio.Protocol):
         if not self.unix:
             tune_socket(transport.get_extra_info("socket"), self.gw.config)
         if not self.gw.client_arrived(self):
-            transport.write(m.error_response("57P03", "pooler is shutting down", "FATAL") if self.gw.stopping else
-                            m.error_response("53300", "no more connections allowed (max_client_conn)", "FATAL"))
+            transport.write(m.error_response("53300", "no more connections allowed (max_client_conn)", "FATAL"))
             transport.close()
             self.closed = True
             self.state = C_CLOSED
@@ -550,6 +549,8 @@ class ClientSession(asyncio.Protocol):
                 self.first_refusal = refusal
             self._pump()
             return True
+        if kinds is not None and self.events.bound is not None:
+            self._report_binds(data, first)
         srv = self.server
         out: list[bytes] = []
         if srv is None:
@@ -563,6 +564,17 @@ class ClientSession(asyncio.Protocol):
             self._attach(srv, out, 0.0)
         self._send_unit(srv, data, kinds, out)
         return True
+
+    def _report_binds(self, data: bytes, pos: int) -> None:
+        """events.bound for the Binds of a fast-lane unit (framed already: lengths are sound)."""
+        ev = self.events.bound
+        n = len(data)
+        while n - pos >= 5:
+            (length,) = _unpack_len(data, pos + 1)
+            end = pos + 1 + length
+            if data[pos] == T_BIND:
+                ev(self, data, pos, end)
+            pos = end
 
     def _send_unit(self, srv: ServerConn, data: bytes, kinds: list | None, out: list) -> None:
         """Forward a decided fast-lane unit after ``out`` (what _attach put first)."""
@@ -654,6 +666,10 @@ class ClientSession(asyncio.Protocol):
                         self._refuse(srv, t, refusal, out)
                         pos = end
                         continue
+                    if t == T_BIND:
+                        ev = self.events.bound
+                        if ev is not None:
+                            ev(self, data, pos, end)
                 # -- acquire
                 if srv is None:
                     if t == T_TERMINATE:

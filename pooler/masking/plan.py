@@ -16,6 +16,7 @@ Rules this module keeps:
 from __future__ import annotations
 
 import logging
+import os
 import re
 import struct
 from dataclasses import dataclass, field
@@ -291,6 +292,20 @@ class RowPlan:
         body = b"".join(parts)
         return b"D" + _pack_i32(len(body) + 4) + body
 
+    def rewrite_run(self, data: bytes, pos: int, n: int) -> tuple[bytes, int]:
+        """The complete DataRows that follow one another from data[pos] (up to n), rewritten;
+        and where the first message that is not such a row starts. The compiled twin in
+        _rows.pyx takes this method's place when it is built (``compiled``)."""
+        parts = []
+        while n - pos >= 5 and data[pos] == 68:  # 'D'
+            (length,) = _unpack_i32(data, pos + 1)
+            end = pos + 1 + length
+            if end > n or length < 4:
+                break
+            parts.append(self.rewrite(data, pos, end))
+            pos = end
+        return b"".join(parts), pos
+
     def report(self) -> list[tuple[str, str, int]]:
         """(column, masking method, values masked) of each masked column of the result."""
         return [(c.name, c.method.name, n) for c, n in zip(self.tpl.columns, self.counts)]
@@ -335,3 +350,22 @@ def scrub_message(type_byte: bytes, body: bytes) -> bytes:
                "gateway because it could contain values of masked columns")
     fields["M"] = msg
     return m.build_error_from_fields(fields, type_byte)
+
+
+# --------------------------------------------------------------------------- the compiled twin
+
+# pooler/masking/_rows.pyx, built by ./dev.sh setup (and pip install) where a C compiler is
+# found; the Python above stays the definition of what it does (tests/test_masking_compiled.py
+# demands the same bytes from both). POOLER_PURE_PYTHON=1 keeps the Python path.
+python_rewrite_run = RowPlan.rewrite_run
+compiled = False
+if not os.environ.get("POOLER_PURE_PYTHON"):
+    try:
+        from ._rows import rewrite_run as compiled_rewrite_run
+    except ImportError:
+        compiled_rewrite_run = None
+    if compiled_rewrite_run is not None:
+        RowPlan.rewrite_run = compiled_rewrite_run
+        compiled = True
+else:
+    compiled_rewrite_run = None
