@@ -220,11 +220,14 @@ class Pool:
 
     def _grow(self) -> None:
         """Open connections for waiting clients, within the pool and database limits."""
-        if self.gw.stopping == "SIGINT" or self.paused:
-            return  # no new servers while waiting for transactions to finish, or paused
-        want = len(self.waiters) - self.connecting
+        greeting = self.welcome is None and bool(self.welcome_waiters)
+        if self.gw.stopping == "SIGINT" or (self.paused and not greeting):
+            # no new servers while waiting for transactions to finish, or paused; but a login
+            # gets the first server's parameters even while paused (the server then closes)
+            return
+        want = 0 if self.paused else len(self.waiters) - self.connecting
         size = self.size
-        if self.welcome is None and self.welcome_waiters:
+        if greeting:
             want = max(want, 1 - self.connecting)  # logins wait for a first server
             size = max(size, 1)
         while want > 0 and self.total() < size:
