@@ -22,6 +22,10 @@ JWT_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256",
                   "EdDSA", "HS256", "HS384", "HS512")
 
 
+DEFAULT_AUTH_QUERY = ("SELECT rolname, CASE WHEN rolvaliduntil < now() THEN NULL ELSE rolpassword END "
+                      "FROM pg_authid WHERE rolname=$1 AND rolcanlogin")
+
+
 class ConfigError(Exception):
     pass
 
@@ -29,8 +33,9 @@ class ConfigError(Exception):
 @dataclass(slots=True)
 class DatabaseConfig:
     name: str
-    host: str = "127.0.0.1"
+    host: str = "127.0.0.1"  # or a comma-separated list (load_balance_hosts chooses)
     port: int = 5432
+    load_balance_hosts: str = "round-robin"
     dbname: str | None = None  # None: same as the client's database name
     user: str | None = None  # None: the client's user name
     password: str | None = None
@@ -40,12 +45,19 @@ class DatabaseConfig:
     min_pool_size: int | None = None
     pool_mode: str | None = None
     max_db_connections: int | None = None
+    max_db_client_connections: int | None = None
+    reserve_pool_size: int | None = None
+    server_lifetime: float | None = None  # None: the global setting
+    server_idle_timeout: float | None = None
     connect_query: str | None = None
     client_encoding: str | None = None
     datestyle: str | None = None
     timezone: str | None = None
     application_name: str | None = None
     auth_type: str | None = None
+    auth_user: str | None = None  # None: the global auth_user
+    auth_query: str | None = None
+    auth_dbname: str | None = None
     approver_groups: tuple[str, ...] = ()  # who approves this database's held statements (else the global)
 
 
@@ -53,10 +65,18 @@ class DatabaseConfig:
 class UserConfig:
     name: str
     pool_mode: str | None = None
+    pool_size: int | None = None
+    reserve_pool_size: int | None = None
     max_user_connections: int | None = None
+    max_user_client_connections: int | None = None
+    query_timeout: float | None = None  # None: the global setting
+    idle_transaction_timeout: float | None = None
+    transaction_timeout: float | None = None
+    client_idle_timeout: float | None = None
     groups: tuple[str, ...] = ()
     auth_type: str | None = None
     alias: tuple[str, ...] = ()  # token logins: other startup user names this identity may use
+    allow_replication: bool = False  # may open replication connections (replication=database|true)
 
 
 @dataclass(slots=True)
@@ -68,12 +88,29 @@ class Config:
     unix_socket_mode: int = 0o777
     auth_type: str = "md5"
     auth_file: str | None = None
+    auth_user: str | None = None  # looks up secrets of users the auth_file lacks, with auth_query
+    auth_query: str = DEFAULT_AUTH_QUERY
+    auth_dbname: str | None = None  # None: the database the client asked for
     pool_mode: str = "session"
     default_pool_size: int = 20
     min_pool_size: int = 0
     max_client_conn: int = 100
     max_db_connections: int = 0
     max_user_connections: int = 0
+    max_db_client_connections: int = 0
+    max_user_client_connections: int = 0
+    reserve_pool_size: int = 0
+    reserve_pool_timeout: float = 5.0
+    server_check_query: str = "<empty>"  # PgBouncer's default: an empty query; "" turns checks off
+    server_check_delay: float = 30.0
+    server_round_robin: bool = False
+    server_fast_close: bool = False
+    tcp_keepalive: bool = True
+    tcp_keepidle: int = 0  # 0: the OS default
+    tcp_keepintvl: int = 0
+    tcp_keepcnt: int = 0
+    tcp_user_timeout: int = 0  # milliseconds
+    so_reuseport: bool = False
     server_reset_query: str = "DISCARD ALL"
     server_reset_query_always: bool = False
     server_lifetime: float = 3600.0
@@ -85,9 +122,11 @@ class Config:
     client_idle_timeout: float = 0.0
     client_login_timeout: float = 60.0
     idle_transaction_timeout: float = 0.0
+    transaction_timeout: float = 0.0
     max_prepared_statements: int = 200
     max_packet_size: int = 64 * 1024 * 1024
     ignore_startup_parameters: tuple[str, ...] = ("extra_float_digits",)
+    track_extra_parameters: tuple[str, ...] = ("IntervalStyle",)  # tracked per client besides the built-in ones
     logfile: str | None = None
     pidfile: str | None = None
     log_connections: bool = True
@@ -183,6 +222,25 @@ class Config:
     users: dict[str, UserConfig] = field(default_factory=dict)
     auth_users: dict[str, str] = field(default_factory=dict)  # user -> secret from auth_file
     warnings: list[str] = field(default_factory=list)
+
+    def pool_size_for(self, db: DatabaseConfig, user: str) -> int:
+        """PgBouncer's pool_pool_size: the pool's user's pool_size, the database's, the default."""
+        u = self.users.get(user)
+        if u is not None and u.pool_size is not None:
+            return u.pool_size
+        return db.pool_size if db.pool_size is not None else self.default_pool_size
+
+    def reserve_pool_size_for(self, db: DatabaseConfig, user: str) -> int:
+        u = self.users.get(user)
+        if u is not None and u.reserve_pool_size is not None:
+            return u.reserve_pool_size
+        return db.reserve_pool_size if db.reserve_pool_size is not None else self.reserve_pool_size
+
+    def user_setting(self, user: str, key: str):
+        """A [users] entry's value of ``key`` (a timeout, a limit), else the global one."""
+        u = self.users.get(user)
+        v = getattr(u, key) if u is not None else None
+        return getattr(self, key) if v is None else v
 
     def pool_mode_for(self, db: DatabaseConfig, user: str) -> str:
         u = self.users.get(user)
@@ -301,6 +359,23 @@ def _size(v: str) -> int:
     if n < 1024:
         raise ValueError(f"must be at least 1024 bytes, got {n}")
     return n
+
+
+def _hosts(v: str) -> str:
+    hosts = v.split(",")
+    if any(not h.strip() for h in hosts):
+        raise ValueError(f"empty host name in the list {v!r}")
+    return ",".join(h.strip() for h in hosts)
+
+
+def _track_extra(v: str) -> tuple[str, ...]:
+    names = _list(v)
+    for n in names:
+        if n.lower() == "options":
+            raise ValueError("options itself cannot be tracked, only the parameters it sets")
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.]*", n):
+            raise ValueError(f"not a parameter name: {n!r}")
+    return names
 
 
 def _bytes(v: str) -> int:
@@ -453,12 +528,30 @@ SETTINGS = {
     "unix_socket_mode": ("unix_socket_mode", _octal),
     "auth_type": ("auth_type", _choice(*AUTH_TYPES)),
     "auth_file": ("auth_file", _opt_str),
+    "auth_user": ("auth_user", _opt_str),
+    "auth_query": ("auth_query", _str),
+    "auth_dbname": ("auth_dbname", _opt_str),
     "pool_mode": ("pool_mode", _choice(*POOL_MODES)),
     "default_pool_size": ("default_pool_size", _nonneg_int),
     "min_pool_size": ("min_pool_size", _nonneg_int),
     "max_client_conn": ("max_client_conn", _nonneg_int),
     "max_db_connections": ("max_db_connections", _nonneg_int),
     "max_user_connections": ("max_user_connections", _nonneg_int),
+    "max_db_client_connections": ("max_db_client_connections", _nonneg_int),
+    "max_user_client_connections": ("max_user_client_connections", _nonneg_int),
+    "reserve_pool_size": ("reserve_pool_size", _nonneg_int),
+    "reserve_pool_timeout": ("reserve_pool_timeout", _seconds),
+    "server_check_query": ("server_check_query", _str),
+    "server_check_delay": ("server_check_delay", _seconds),
+    "server_round_robin": ("server_round_robin", _bool),
+    "server_fast_close": ("server_fast_close", _bool),
+    "tcp_keepalive": ("tcp_keepalive", _bool),
+    "tcp_keepidle": ("tcp_keepidle", _nonneg_int),
+    "tcp_keepintvl": ("tcp_keepintvl", _nonneg_int),
+    "tcp_keepcnt": ("tcp_keepcnt", _nonneg_int),
+    "tcp_user_timeout": ("tcp_user_timeout", _nonneg_int),
+    "so_reuseport": ("so_reuseport", _bool),
+    "transaction_timeout": ("transaction_timeout", _seconds),
     "server_reset_query": ("server_reset_query", _str),
     "server_reset_query_always": ("server_reset_query_always", _bool),
     "server_lifetime": ("server_lifetime", _seconds),
@@ -473,6 +566,7 @@ SETTINGS = {
     "max_prepared_statements": ("max_prepared_statements", _nonneg_int),
     "max_packet_size": ("max_packet_size", _size),
     "ignore_startup_parameters": ("ignore_startup_parameters", _list),
+    "track_extra_parameters": ("track_extra_parameters", _track_extra),
     "logfile": ("logfile", _opt_str),
     "pidfile": ("pidfile", _opt_str),
     "log_connections": ("log_connections", _bool),
@@ -559,32 +653,44 @@ SETTINGS = {
 }
 
 # PgBouncer settings this gateway accepts but does not act on (yet); a warning says so.
+# PgBouncer settings whose effect the gateway cannot give, and whose absence would admit or run
+# as what the operator meant to prevent: refused when set (docs/operations.md).
+PGBOUNCER_REFUSED = {
+    "auth_hba_file": "no HBA rules engine here (use auth_type per database/user and network controls)",
+    "auth_ident_file": "no ident maps here (no HBA rules engine)",
+    "disable_pqexec": "the simple query protocol cannot be switched off here (the rules govern it instead)",
+    "user": "the gateway does not drop privileges itself: run it as the wanted OS user",
+}
+
 PGBOUNCER_IGNORED = {
-    "auth_hba_file", "auth_query", "auth_user", "auth_dbname",
-    "reserve_pool_size", "reserve_pool_timeout", "server_check_query", "server_check_delay",
-    "server_fast_close", "server_round_robin", "disable_pqexec", "dns_max_ttl", "dns_nxdomain_ttl",
+    "dns_max_ttl", "dns_nxdomain_ttl",
     "dns_zone_check_period", "pkt_buf", "sbuf_loopcnt", "tcp_defer_accept", "tcp_socket_buffer",
-    "tcp_keepalive", "tcp_keepcnt", "tcp_keepidle", "tcp_keepintvl", "tcp_user_timeout",
-    "so_reuseport", "syslog", "syslog_ident", "syslog_facility", "user", "listen_backlog",
-    "suspend_timeout", "track_extra_parameters", "peer_id", "max_db_client_connections",
+    "syslog", "syslog_ident", "syslog_facility", "user", "listen_backlog",
+    "suspend_timeout", "peer_id",
     "client_tls_ecdhcurve", "client_tls_dheparams", "log_failed_connections",
     "cancel_wait_timeout", "query_wait_notify", "service_name", "job_name", "conffile",
     "autodb_idle_timeout", "server_reset_query_always_is_deprecated", "unix_socket_group",
-    "idle_transaction_timeout_is_set", "scram_iterations", "resolv_conf", "auth_ident_file",
+    "idle_transaction_timeout_is_set", "scram_iterations", "resolv_conf",
 }
 
 DB_KEYS = {
-    "host": _str, "port": _port, "dbname": _str, "user": _str, "password": _str,
+    "host": _hosts, "port": _port, "load_balance_hosts": _choice("round-robin", "disable"), "dbname": _str, "user": _str, "password": _str,
     "pool_size": _nonneg_int, "min_pool_size": _nonneg_int, "pool_mode": _choice(*POOL_MODES),
     "max_db_connections": _nonneg_int, "connect_query": _str, "client_encoding": _str,
     "datestyle": _str, "timezone": _str, "application_name": _str,
     "auth_type": _choice(*AUTH_TYPES), "password_file": _str, "password_env": _str,
-    "approver_groups": _list,
+    "approver_groups": _list, "max_db_client_connections": _nonneg_int,
+    "reserve_pool_size": _nonneg_int, "server_lifetime": _seconds, "server_idle_timeout": _seconds,
+    "auth_user": _str, "auth_query": _str, "auth_dbname": _str,
 }
-DB_IGNORED = {"auth_user", "auth_query", "auth_dbname", "reserve_pool", "reserve_pool_size",
-              "server_lifetime", "max_db_client_connections"}
+DB_ALIASES = {"reserve_pool": "reserve_pool_size"}  # PgBouncer's old name
+DB_IGNORED: set[str] = set()
 USER_KEYS = {"pool_mode": _choice(*POOL_MODES), "max_user_connections": _nonneg_int,
-             "groups": _list, "auth_type": _choice(*AUTH_TYPES), "alias": _list}
+             "groups": _list, "auth_type": _choice(*AUTH_TYPES), "alias": _list,
+             "pool_size": _nonneg_int, "reserve_pool_size": _nonneg_int,
+             "max_user_client_connections": _nonneg_int, "query_timeout": _seconds,
+             "idle_transaction_timeout": _seconds, "transaction_timeout": _seconds,
+             "client_idle_timeout": _seconds, "allow_replication": _bool}
 
 
 def parse_connstr(s: str) -> list[tuple[str, str]]:
@@ -868,6 +974,10 @@ def load(path: str | os.PathLike) -> Config:
                     setattr(cfg, attr, parser(value))
                 except ValueError as e:
                     raise ConfigError(f"{where}: invalid value for {key}: {e}") from None
+            elif k in PGBOUNCER_REFUSED:
+                v = value.strip().strip("'\"")
+                if v and not (k == "disable_pqexec" and v.lower() in ("0", "no", "off", "false")):
+                    raise ConfigError(f"{where}: {key} is not supported: {PGBOUNCER_REFUSED[k]}; remove the setting")
             elif k in PGBOUNCER_IGNORED:
                 cfg.warnings.append(f"{where}: setting {key} is not supported by pooler; ignored")
             else:
@@ -879,6 +989,7 @@ def load(path: str | os.PathLike) -> Config:
                 raise ConfigError(f"{where}: database {key}: {e}") from None
             db = DatabaseConfig(name=key)
             for k, v in pairs:
+                k = DB_ALIASES.get(k, k)
                 if k in DB_KEYS:
                     try:
                         setattr(db, k, DB_KEYS[k](v))
@@ -934,9 +1045,9 @@ def _complete(cfg: Config, path: Path) -> None:
 
 
 # settings a running gateway cannot take (they are read once, at start)
-RESTART_KEYS = frozenset({"listen_addr", "listen_port", "unix_socket_dir", "unix_socket_mode", "pidfile",
-                          "logfile", "max_packet_size", "metrics_listen", "approvals_listen", "approval_webhook",
-                          "approvals_store", "approval_max_grant", "approvals_gateway_name",
+RESTART_KEYS = frozenset({"listen_addr", "listen_port", "unix_socket_dir", "unix_socket_mode", "pidfile", "so_reuseport",
+                          "logfile", "max_packet_size", "track_extra_parameters", "metrics_listen", "approvals_listen",
+                          "approval_webhook", "approvals_store", "approval_max_grant", "approvals_gateway_name",
                           "record_dir", "record_rotate_size", "record_rotate_age", "record_retention_days",
                           "record_retention_size", "record_compression", "record_fsync", "record_hmac_key_file",
                           "record_hmac_key_env"}

@@ -231,3 +231,40 @@ def test_the_approvals_store_connection_string_becomes_client_arguments():
     with pytest.raises(ValueError) as e:
         config.store_connect_args("host=db password=s3cret oops")
     assert "s3cret" not in str(e.value)
+
+
+@pytest.mark.parametrize("line", ["auth_hba_file = /etc/pgbouncer/hba.conf", "auth_ident_file = ident.map",
+                                  "disable_pqexec = 1", "user = postgres"])
+def test_pgbouncer_settings_that_would_weaken_access_are_refused(tmp_path, line):
+    ini = tmp_path / "g.ini"
+    ini.write_text(f"[databases]\nx = host=127.0.0.1\n[pgbouncer]\nauth_type = trust\n{line}\n")
+    with pytest.raises(config.ConfigError, match=rf"g.ini:5: {line.split()[0]} is not supported: .*remove the setting"):
+        config.load(ini)
+
+
+def test_disable_pqexec_off_is_accepted(tmp_path):
+    ini = tmp_path / "g.ini"
+    ini.write_text("[databases]\nx = host=127.0.0.1\n[pgbouncer]\nauth_type = trust\ndisable_pqexec = 0\n")
+    assert config.load(ini).databases["x"].host == "127.0.0.1"
+
+
+def test_new_pgbouncer_keys_parse_with_errors_naming_file_line_key(tmp_path):
+    ini = tmp_path / "g.ini"
+    ini.write_text("[databases]\nx = host=a,b load_balance_hosts=disable reserve_pool=2 server_lifetime=0\n"
+                   "[pgbouncer]\nauth_type = trust\nreserve_pool_size = 3\ntrack_extra_parameters = search_path\n"
+                   "tcp_keepidle = 30\nso_reuseport = 1\nauth_user = pgb\n"
+                   "[users]\nu = pool_size=4 transaction_timeout=5 allow_replication=1\n")
+    cfg = config.load(ini)
+    db, u = cfg.databases["x"], cfg.users["u"]
+    assert (db.host, db.load_balance_hosts, db.reserve_pool_size, db.server_lifetime) == ("a,b", "disable", 2, 0.0)
+    assert (cfg.reserve_pool_size, cfg.track_extra_parameters, cfg.tcp_keepidle, cfg.so_reuseport) == (3, ("search_path",), 30, True)
+    assert (u.pool_size, u.transaction_timeout, u.allow_replication, cfg.auth_user) == (4, 5.0, True, "pgb")
+    ini.write_text("[databases]\nx = host=a\n[pgbouncer]\nauth_type = trust\nreserve_pool_timeout = soon\n")
+    with pytest.raises(config.ConfigError, match=r"g.ini:5: invalid value for reserve_pool_timeout"):
+        config.load(ini)
+    ini.write_text("[databases]\nx = host=a\n[pgbouncer]\nauth_type = trust\n[users]\nu = pool_size=-1\n")
+    with pytest.raises(config.ConfigError, match=r"g.ini:6: user u: invalid pool_size: must not be negative"):
+        config.load(ini)
+    ini.write_text("[databases]\nx = host=a\n[pgbouncer]\nauth_type = trust\ntrack_extra_parameters = options\n")
+    with pytest.raises(config.ConfigError, match=r"g.ini:5: invalid value for track_extra_parameters: options itself"):
+        config.load(ini)

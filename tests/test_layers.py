@@ -21,8 +21,8 @@ LAYERS = [
 
 # inside the asyncio shell, bottom up: each module imports only modules listed before it
 GATEWAY_ORDER = [
-    "interfaces", "params", "events", "server", "pool", "catalogs", "statements", "approval_store", "holds", "governor",
-    "admin", "login", "session", "observers", "recorder", "audit", "metrics", "approvals_http", "app",
+    "interfaces", "netopts", "params", "events", "server", "pool", "catalogs", "statements", "approval_store", "holds",
+    "governor", "admin", "login", "session", "observers", "recorder", "audit", "metrics", "approvals_http", "app",
 ]
 
 

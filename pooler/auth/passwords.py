@@ -97,6 +97,7 @@ class ScramServer:
 
     def __init__(self, secret: ScramSecret) -> None:
         self.secret = secret
+        self.client_key: bytes | None = None  # the client's ClientKey, once its proof checked out
         self.nonce = ""
         self.client_first_bare = ""
         self.server_first = ""
@@ -148,5 +149,45 @@ class ScramServer:
         client_key = bytes(a ^ b for a, b in zip(proof, client_sig))
         if not hmac.compare_digest(hashlib.sha256(client_key).digest(), self.secret.stored_key):
             raise ScramError("password authentication failed")
+        self.client_key = client_key
         server_sig = hmac.digest(self.secret.server_key, auth_message, "sha256")
         return b"v=" + base64.b64encode(server_sig)
+
+
+class ScramKeysClient:
+    """Client side of SCRAM-SHA-256 from keys instead of a password: the ClientKey a client
+    proved at its own SCRAM login against the same secret, and the secret's ServerKey
+    (PgBouncer's SCRAM pass-through, for secrets fetched with auth_query). The method names are
+    scramp.ScramClient's, so the server login code drives either."""
+
+    def __init__(self, client_key: bytes, server_key: bytes) -> None:
+        self.client_key = client_key
+        self.server_key = server_key
+        self.nonce = base64.b64encode(os.urandom(18)).decode()
+        self.bare = f"n=,r={self.nonce}"
+        self.expected = b""
+        self.final_wo_proof = ""
+        self.server_first_msg = ""
+
+    def get_client_first(self) -> str:
+        return "n,," + self.bare
+
+    def set_server_first(self, msg: str) -> None:
+        attrs = dict(a.split("=", 1) for a in msg.split(",") if "=" in a)
+        r = attrs.get("r", "")
+        if not r.startswith(self.nonce) or "s" not in attrs or "i" not in attrs:
+            raise ScramError("malformed SCRAM server-first-message")
+        self.server_first_msg = msg
+        self.final_wo_proof = f"c=biws,r={r}"
+
+    def get_client_final(self) -> str:
+        auth = f"{self.bare},{self.server_first_msg},{self.final_wo_proof}".encode()
+        stored = hashlib.sha256(self.client_key).digest()
+        sig = hmac.digest(stored, auth, "sha256")
+        proof = bytes(a ^ b for a, b in zip(self.client_key, sig))
+        self.expected = hmac.digest(self.server_key, auth, "sha256")
+        return f"{self.final_wo_proof},p={base64.b64encode(proof).decode()}"
+
+    def set_server_final(self, msg: str) -> None:
+        if not msg.startswith("v=") or not hmac.compare_digest(base64.b64decode(msg[2:]), self.expected):
+            raise ScramError("server signature does not match (the server holds another secret)")

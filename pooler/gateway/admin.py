@@ -333,11 +333,15 @@ class Console:
                 continue
             pools = [p for p in gw.pools.values() if p.db.name == name]
             limit = db.max_db_connections if db.max_db_connections is not None else cfg.max_db_connections
+            climit = db.max_db_client_connections if db.max_db_client_connections is not None \
+                else cfg.max_db_client_connections
             rows.append((name, db.host, db.port, db.dbname or name, db.user,
                          db.pool_size if db.pool_size is not None else cfg.default_pool_size,
-                         db.min_pool_size if db.min_pool_size is not None else cfg.min_pool_size, 0,
-                         int(cfg.server_lifetime), db.pool_mode, None, limit or 0,
-                         sum(p.total() for p in pools), 0,
+                         db.min_pool_size if db.min_pool_size is not None else cfg.min_pool_size,
+                         db.reserve_pool_size if db.reserve_pool_size is not None else cfg.reserve_pool_size,
+                         int(db.server_lifetime if db.server_lifetime is not None else cfg.server_lifetime),
+                         db.pool_mode, db.load_balance_hosts if "," in db.host else None, limit or 0,
+                         sum(p.total() for p in pools), climit or 0,
                          sum(1 for c in gw.clients if c.pool is not None and c.pool.db.name == name),
                          int(gw.pool_paused(name)), int(name in gw.disabled_dbs)))
         if cfg.admin_legacy_columns:
@@ -358,8 +362,9 @@ class Console:
             canceled = sum(1 for srv in p.active if srv.client is None and srv.parked)
             rows.append((p.db.name, p.server_user, active.get(id(p), 0), len(p.waiters), 0, 0, linked,
                          sum(1 for srv in p.active if srv.cancels_in_flight), canceled, len(p.idle),
-                         len(p.active) - linked - canceled, 0, p.connecting, int(wait), int((wait % 1) * 1e6),
-                         p.db.pool_mode or cfg.pool_mode, None))
+                         len(p.active) - linked - canceled - len(p.checking), len(p.checking), p.connecting,
+                         int(wait), int((wait % 1) * 1e6),
+                         p.db.pool_mode or cfg.pool_mode, p.db.load_balance_hosts if "," in p.db.host else None))
         rows.append(("pgbouncer", "pgbouncer", gw.console_sessions(), 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
                      "statement", None))
         return result("pools", rows)
@@ -398,8 +403,12 @@ class Console:
         for name in sorted(names):
             u = cfg.users.get(name)
             limit = u.max_user_connections if u and u.max_user_connections else cfg.max_user_connections
-            rows.append((name, "", "", u.pool_mode if u else None, limit,
-                         sum(p.total() for p in gw.pools.values() if p.server_user == name), 0,
+            climit = u.max_user_client_connections if u and u.max_user_client_connections \
+                else cfg.max_user_client_connections
+            rows.append((name, "" if u is None or u.pool_size is None else str(u.pool_size),
+                         "" if u is None or u.reserve_pool_size is None else str(u.reserve_pool_size),
+                         u.pool_mode if u else None, limit,
+                         sum(p.total() for p in gw.pools.values() if p.server_user == name), climit,
                          sum(1 for c in gw.clients if c.user == name and c.state_name() != "login")))
         return result("users", rows)
 

@@ -27,9 +27,10 @@ from .catalogs import CatalogHolder
 from .events import Events
 from .metrics import Metrics
 from .observers import Decisions, SessionLog, Stats
+from .params import set_extra_params
 from .recorder import Recorder
 from .pool import Pool
-from .server import ServerConn
+from .server import ServerConn, ServerLoginError
 from .session import C_READY, ClientSession
 
 log = logging.getLogger("pooler")
@@ -37,6 +38,9 @@ log = logging.getLogger("pooler")
 # recording settings read once, when the recorder starts (RELOAD keeps them; SET refuses them)
 _RECORD_AT_START = ("record_dir", "record_rotate_size", "record_rotate_age", "record_retention_days",
                     "record_retention_size", "record_compression", "record_fsync", "record_key")
+# settings a reload reads but cannot apply (sockets and buffers made at start, the tracked
+# parameter set): the running value stays, with a warning
+RESTART_ONLY = ("track_extra_parameters", "max_packet_size", "so_reuseport")
 
 
 class Gateway:
@@ -45,6 +49,7 @@ class Gateway:
 
     def __init__(self, config: Config) -> None:
         self.config = config
+        set_extra_params(config.track_extra_parameters)  # read once: a restart applies a change
         self.events = Events()  # observers of what happens (events.py)
         self.session_log = SessionLog(self)
         self.stats = Stats(self)
@@ -90,6 +95,7 @@ class Gateway:
         self.rules_failed = False  # the last reload's rules did not load (RELOAD answers F0000)
         self.unix_path: str | None = None
         self.limits_in_use = self._limits_in_use(config)
+        self.timeouts_in_use = self._timeouts_in_use(config)
         self.policy: Policy | None = load_policy(config)
         self.policy_loaded_at = time.time()
         self._policy_loaded()
@@ -113,7 +119,7 @@ class Gateway:
             for addr in [a.strip() for a in cfg.listen_addr.split(",") if a.strip()]:
                 host = None if addr == "*" else addr
                 srv = await loop.create_server(lambda: ClientSession(self), host, cfg.listen_port,
-                                               reuse_address=True, backlog=512)
+                                               reuse_address=True, reuse_port=cfg.so_reuseport or None, backlog=512)
                 self.listeners.append(srv)
         if cfg.unix_socket_dir:
             path = os.path.join(cfg.unix_socket_dir, f".s.PGSQL.{cfg.listen_port}")
@@ -379,10 +385,15 @@ class Gateway:
             log.warning("%s: changes need a restart; the recorder keeps its settings", ", ".join(kept))
             for k in _RECORD_AT_START:
                 setattr(new, k, getattr(old, k))
+        for attr in RESTART_ONLY:
+            if getattr(new, attr) != getattr(old, attr):
+                log.warning("%s changes need a restart; the running value stays", attr)
+                setattr(new, attr, getattr(old, attr))
         self._scram_cache.clear()
         self.config = new
         self.events.refresh()  # record_results may have changed (events.row)
         self.limits_in_use = self._limits_in_use(new)
+        self.timeouts_in_use = self._timeouts_in_use(new)
         log.info("configuration reloaded from %s", new.path)
         return True
 
@@ -400,6 +411,46 @@ class Gateway:
             return False
         self.clients.add(c)
         return True
+
+    def auth_query_user(self, db: DatabaseConfig) -> str | None:
+        return db.auth_user or self.config.auth_user
+
+    async def auth_query_secret(self, db: DatabaseConfig, user: str) -> str | None:
+        """auth_query run upstream as auth_user (on auth_dbname, else the client's database) for
+        a user the auth_file does not list: the user's secret (md5 or SCRAM), or None when it
+        has none (no such user, no password, expired). Raises ServerLoginError."""
+        cfg = self.config
+        auth_user = self.auth_query_user(db)
+        query = db.auth_query or cfg.auth_query
+        target = DatabaseConfig(**{f: getattr(db, f) for f in db.__slots__})
+        target.dbname = db.auth_dbname or cfg.auth_dbname or db.dbname or db.name
+        pw = db.password if db.password is not None and db.user == auth_user else cfg.auth_users.get(auth_user)
+        pool = Pool(self, target, auth_user, pw if pw is None or not is_scram(pw) else None)
+        limit = cfg.server_connect_timeout or 15
+        try:
+            async with asyncio.timeout(2 * limit):
+                srv = await pool.open_connection(side=True)
+                try:
+                    results = await srv.run_messages(
+                        m.parse(b"", m.cstr(query) + b"\x00\x00") + m.bind(b"", b"", [user.encode()], [0])
+                        + m.describe_portal(b"") + m.execute() + m.message(b"S"))
+                finally:
+                    srv.close("auth_query done")
+        except TimeoutError:
+            raise ServerLoginError("auth_query: no answer in time", "08006") from None
+        except RuntimeError as e:  # the server's ErrorResponse
+            raise ServerLoginError(f"auth_query failed: {e}", "08006") from None
+        rows = results[-1] if results else []
+        if len(rows) > 1:
+            raise ServerLoginError("auth_query returned more than one row", "08006")
+        if not rows or len(rows[0]) < 2 or rows[0][1] is None:
+            return None
+        return rows[0][1].decode("utf-8", "replace")
+
+    def client_count(self, database: str | None = None, user: str | None = None) -> int:
+        """Logged-in sessions of a database or of a user (console sessions aside)."""
+        return sum(1 for c in self.clients if c.state == C_READY and not c.closed and not c.console
+                   and (database is None or c.database == database) and (user is None or c.user == user))
 
     def client_left(self, c: ClientSession, logged_in: bool) -> None:
         self.clients.discard(c)
@@ -488,20 +539,32 @@ class Gateway:
         return True
 
     def _free_idle_slot(self, match) -> bool:
-        """At a database/user limit: close an idle server of a sibling pool to make room."""
+        """At a database/user limit: close the most idle server of the sibling pools to make
+        room, as PgBouncer's evict_connection does."""
+        oldest = None
         for p in self.pools.values():
             if match(p) and p.idle:
-                srv = p.idle.popleft()
-                srv.close("making room for another pool")
-                return True
-        return False
+                srv = p.idle[0]  # each pool's least recently used
+                if oldest is None or srv.last_used < oldest[1].last_used:
+                    oldest = (p, srv)
+        if oldest is None:
+            return False
+        p, srv = oldest
+        p.idle.remove(srv)
+        srv.close("evicted")
+        return True
 
     def server_closed(self, pool: Pool) -> None:
         for p in self.pools.values():
-            if p is not pool and p.waiters and p.db.name == pool.db.name:
+            if p is not pool and p.wanting() and (p.db.name == pool.db.name or p.server_user == pool.server_user):
                 p._grow()
         if self.stopping:
             self._check_stopped()
+
+    @classmethod
+    def _timeouts_in_use(cls, cfg: Config) -> bool:
+        return any(getattr(cfg, k) for k in cls.TIMEOUTS) or any(
+            getattr(u, k) for u in cfg.users.values() for k in cls.TIMEOUTS)
 
     @staticmethod
     def _limits_in_use(cfg: Config) -> bool:
@@ -512,7 +575,8 @@ class Gateway:
     def pool_has_idle(self, pool: Pool) -> None:
         # a sibling blocked on max_db_connections can use this slot
         for p in self.pools.values():
-            if p is not pool and p.waiters and p.db.name == pool.db.name and not p.connecting:
+            if p is not pool and p.wanting() and not p.connecting and (
+                    p.db.name == pool.db.name or p.server_user == pool.server_user):
                 if not self.may_open_server(p):
                     continue
                 p._grow()
@@ -724,12 +788,13 @@ class Gateway:
 
     async def _send_cancel(self, srv: ServerConn) -> None:
         db = srv.pool.db
+        host = srv.peer.rpartition(":")[0] if srv.peer else db.host  # the host of a list it connected to
         try:
             async with asyncio.timeout(self.config.server_connect_timeout or 15):
-                if db.host.startswith("/"):
-                    r, w = await asyncio.open_unix_connection(f"{db.host}/.s.PGSQL.{db.port}")
+                if host.startswith("/"):
+                    r, w = await asyncio.open_unix_connection(f"{host}/.s.PGSQL.{db.port}")
                 else:
-                    r, w = await asyncio.open_connection(db.host, db.port)
+                    r, w = await asyncio.open_connection(host, db.port)
                 w.write(m.cancel_request(srv.pid, srv.key))
                 await w.drain()
                 await r.read()  # the server closes the connection once it has signalled
@@ -759,28 +824,65 @@ class Gateway:
             p.janitor(now)
         for holder in self.catalogs.values():
             holder.tick(now)  # the catalog's background refresh (mask_catalog_ttl)
-        if cfg.client_idle_timeout or cfg.idle_transaction_timeout or cfg.query_timeout:
+        if cfg.server_fast_close:
+            self._fast_close()
+        if self.timeouts_in_use:
             for c in list(self.clients):
-                if c.closed or c.state != C_READY:
+                if c.closed or c.state != C_READY or c.console:
                     continue
+                query_timeout, idle_tx_timeout, tx_timeout, client_idle_timeout = self.client_timeouts(c)
                 if c.held is not None:
                     # waiting for a human: approval_timeout is its limit; idle_transaction_timeout
                     # too only if approval_holds_transaction says so
-                    if cfg.approval_holds_transaction and cfg.idle_transaction_timeout and c.tx_status != m.TX_IDLE \
-                            and now - c.last_active > cfg.idle_transaction_timeout:
+                    if cfg.approval_holds_transaction and idle_tx_timeout and c.tx_status != m.TX_IDLE \
+                            and now - c.last_active > idle_tx_timeout:
                         c.fatal("25P03", "idle_transaction_timeout: transaction idle too long (held for approval "
                                          "longer than idle_transaction_timeout; approval_holds_transaction = on)")
                     continue
                 srv = c.server
-                if cfg.query_timeout and srv is not None and srv.queue and now - srv.query_start > cfg.query_timeout:
+                if query_timeout and srv is not None and srv.queue and now - srv.query_start > query_timeout:
                     self.send_cancel(srv)
                     c.fatal("57014", "query_timeout: query ran too long")
-                elif cfg.idle_transaction_timeout and srv is not None and not srv.queue \
-                        and srv.tx_status != m.TX_IDLE and now - c.last_active > cfg.idle_transaction_timeout:
+                elif idle_tx_timeout and srv is not None and not srv.queue \
+                        and srv.tx_status != m.TX_IDLE and now - c.last_active > idle_tx_timeout:
                     c.fatal("25P03", "idle_transaction_timeout: transaction idle too long")
-                elif cfg.client_idle_timeout and (srv is None or not srv.queue) \
-                        and now - c.last_active > cfg.client_idle_timeout:
+                elif tx_timeout and srv is not None and c.tx_status != m.TX_IDLE and now - c.xact_start > tx_timeout:
+                    if srv.queue:
+                        self.send_cancel(srv)
+                    c.fatal("25P03", "transaction_timeout: transaction open too long")
+                elif client_idle_timeout and (srv is None or not srv.queue) \
+                        and now - c.last_active > client_idle_timeout:
                     c.fatal("57P05", "client_idle_timeout: connection idle too long")
+
+    TIMEOUTS = ("query_timeout", "idle_transaction_timeout", "transaction_timeout", "client_idle_timeout")
+
+    def client_timeouts(self, c) -> tuple[float, float, float, float]:
+        """A session's timeouts: its identity's [users] entry, else its pool's user's, else the
+        global settings (PgBouncer reads the pool's user; they are the same unless the database
+        forces a user)."""
+        cfg = self.config
+        out = []
+        for key in self.TIMEOUTS:
+            v = None
+            for name in (c.user, c.pool.server_user if c.pool is not None else None):
+                u = cfg.users.get(name) if name else None
+                if u is not None and getattr(u, key):  # 0 in [users]: not set, as PgBouncer
+                    v = getattr(u, key)
+                    break
+            out.append(getattr(cfg, key) if v is None else v)
+        return tuple(out)
+
+    def _fast_close(self) -> None:
+        """server_fast_close: a session-mode server marked for closing (RECONNECT, a RELOAD that
+        changed its database) closes at the end of its client's transaction, and so does the
+        client, rather than at the end of the session."""
+        for p in list(self.pools.values()):
+            for srv in list(p.active):
+                c = srv.client
+                if c is None or c.mode != "session" or not (srv.close_needed or p.obsolete):
+                    continue
+                if srv.tx_status == m.TX_IDLE and not srv.queue and not c.closed:
+                    c.fatal("08006", "server_fast_close: database configuration changed")
 
 
 def load_policy(cfg: Config) -> Policy | None:
@@ -812,7 +914,8 @@ def make_jwt(cfg: Config) -> JwtAuthenticator | None:
 
 
 def _conn_changed(a: DatabaseConfig, b: DatabaseConfig) -> bool:
-    return (a.host, a.port, a.dbname, a.user) != (b.host, b.port, b.dbname, b.user)
+    return (a.host, a.port, a.dbname, a.user, a.load_balance_hosts) != (b.host, b.port, b.dbname, b.user,
+                                                                         b.load_balance_hosts)
 
 
 def dump_state(gw: "Gateway") -> str:

@@ -95,6 +95,27 @@ class Governor:
         self._sinfo = [None, None]
         self._skey = [None, None]
 
+    def search_path_seen(self, value: str) -> None:
+        """The session's search_path may now be ``value``: the rules see its schemas from now on
+        (the path only grows, so no SET that fails or is rolled back hides a schema)."""
+        path = tuple(a or b for a, b in _SEARCH_PATH_ITEM.findall(value) if (a or b))
+        path = tuple(dict.fromkeys(p for p in path + self.search_path if p != "$user"))
+        if path != self.search_path:
+            self.search_path = path
+            self.session_changed()
+
+    def judge_setting(self, name: str, value: str, sql: str) -> Refusal | None:
+        """A parameter given at login (startup packet or ``options``) beyond the built-in ones
+        (track_extra_parameters): judged as the statement ``sql`` that will apply it on servers
+        (``SET name = 'value'``), as if the client had sent it. None, WAIT_CATALOG,
+        WAIT_APPROVAL or a refusal, as ``decide``."""
+        if name.lower() == "search_path":
+            self.search_path_seen(value)
+        if self.session.gw.policy is None:
+            return None
+        msg = m.query(sql)
+        return self.decide(T_QUERY, msg, 0, len(msg))
+
     def session_info(self) -> SessionInfo:
         s = self.session
         in_tx = s.tx_status != m.TX_IDLE
@@ -372,11 +393,7 @@ class Governor:
             elif cmd in ("SET", "RESET") and f.set_name == "pooler.justification":
                 self.justification = (f.set_value or "") if cmd == "SET" else ""
             elif cmd == "SET" and f.set_name == "search_path" and f.set_value is not None:
-                path = tuple(a or b for a, b in _SEARCH_PATH_ITEM.findall(f.set_value) if (a or b))
-                path = tuple(dict.fromkeys(p for p in path + self.search_path if p != "$user"))
-                if path != self.search_path:
-                    self.search_path = path
-                    self.session_changed()
+                self.search_path_seen(f.set_value)
             elif cmd not in ("SET", "RESET") and ("search_path" in f.guc_writes or "?" in f.guc_writes):
                 return ("42501", "refused by the gateway: set_config() of search_path (or of a computed "
                                  "setting name) cannot be followed by the rules; use SET search_path")

@@ -135,6 +135,7 @@ class ServerHome(Protocol):
     name: str
     server_user: str
     server_password: str | None
+    scram_keys: tuple[bytes, bytes] | None  # SCRAM pass-through keys (auth_query), when no password is known
     events: Any  # events.Events: the gateway's observers
 
     def startup_params(self) -> dict[str, str]:
@@ -142,6 +143,12 @@ class ServerHome(Protocol):
 
     def mask_key(self) -> bytes:
         """Key of the ``hash`` masking method (config)."""
+
+    def has_scram_secret(self) -> bool:
+        """The auth_file holds only a SCRAM secret for the upstream user."""
+
+    def tcp_settings(self) -> Any:
+        """The config whose tcp_* settings new connections take (netopts.tune_socket)."""
 
     def release(self, srv: Any) -> None:
         """A server that finished its reset (server_reset_query) with nobody linked."""
@@ -186,12 +193,15 @@ class SessionHost(Protocol):
     """What a client session (and its login) asks of the gateway."""
 
     config: Any  # config.Config
+    stopping: str | None  # how the gateway is stopping (None: it is not)
     policy: Any  # policy.engine.Policy | None
     jwt: Any  # auth.jwt.JwtAuthenticator | None
     events: Any
     record_block: str | None  # why statements are refused now (recordings cannot be written), or None
 
     def client_arrived(self, session: Any) -> bool: ...
+
+    def client_count(self, database: str | None = None, user: str | None = None) -> int: ...
 
     def client_left(self, session: Any, logged_in: bool) -> None: ...
 
@@ -205,6 +215,12 @@ class SessionHost(Protocol):
         """A failed login: -> seconds to wait before refusing it."""
 
     def scram_secret(self, user: str, secret: str) -> Any: ...
+
+    def auth_query_user(self, db: Any) -> str | None:
+        """The auth_user of a database (its own, else the global one)."""
+
+    async def auth_query_secret(self, db: Any, user: str) -> str | None:
+        """A user's secret looked up upstream with auth_query (None: it has none)."""
 
     def get_pool(self, db: Any, user: str) -> Any: ...
 

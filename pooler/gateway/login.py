@@ -28,10 +28,14 @@ from ..auth.passwords import (ScramError, ScramSecret, ScramServer, is_md5, is_s
                               verify_md5)
 from ..protocol import messages as m
 from ..protocol.frontend import T_PASSWORD
+from ..protocol.startup_options import OptionsError, parse_startup_options
 from .admin import ADMIN_DATABASES, WELCOME
-from .params import TRACKED_LOWER, TRACKED_PARAMS, param_key_of
+from .governor import WAIT_APPROVAL, WAIT_CATALOG
+from .server import ReplicationRelay, ServerLoginError
+from .params import BUILTIN_PARAMS, TRACKED_LOWER, TRACKED_PARAMS, param_key_of, set_sql
 
-MAX_STARTUP_PACKET = 10000
+MAX_STARTUP_PACKET = 10000  # PostgreSQL's limit; the startup packet itself may be up to max_packet_size, as in PgBouncer
+MAX_LOGIN_BUFFER = 1 << 20  # what a client may send ahead during login (besides one startup packet)
 
 
 class ClientError(Exception):
@@ -74,15 +78,19 @@ class Login:
     def __init__(self, session: LoggingIn) -> None:
         self.session = session
         self.buf = bytearray()  # what the client sent and login has not read yet
+        self.startup_limit = max(MAX_STARTUP_PACKET, session.gw.config.max_packet_size)
+        self.buf_limit = MAX_LOGIN_BUFFER + self.startup_limit
         self.waiter: asyncio.Future | None = None
         self.eof = False
+        self.fetched: str | None = None  # the secret auth_query found for this user
+        self.scram_keys: tuple[bytes, bytes] | None = None  # (ClientKey, ServerKey) proved against it
 
     # ------------------------------------------------------------------ input (from the session's transport callbacks)
 
     def feed(self, data: bytes) -> bool:
         """Bytes from the client; False when it sent more than any login needs (close it)."""
         self.buf += data
-        if len(self.buf) > 1 << 20:
+        if len(self.buf) > self.buf_limit:
             return False
         self._wake()
         return True
@@ -109,7 +117,7 @@ class Login:
 
     async def _read_startup(self) -> bytes:
         (length,) = struct.unpack("!i", await self._read(4))
-        if length < 8 or length > MAX_STARTUP_PACKET:
+        if length < 8 or length > self.startup_limit:
             raise m.ProtocolError("invalid length of startup packet")
         return await self._read(length - 4)
 
@@ -162,20 +170,11 @@ class Login:
         s.user = s.login_name = user
         s.database = params.get("database") or user
         s.app_name = params.get("application_name", "")
-        tracked = {}
-        for k, v in params.items():
-            if k in ("user", "database") or k.startswith("_pq_."):
-                continue
-            canon = TRACKED_LOWER.get(k.lower())
-            if canon is not None:
-                tracked[canon] = v
-            elif k == "replication":
-                raise ClientError("08P01", "replication connections are not supported")
-            elif k in cfg.ignore_startup_parameters or k.lower() in cfg.ignore_startup_parameters:
-                continue
-            else:
-                raise ClientError("08P01", f"unsupported startup parameter: {k}")
+        replication = _replication_mode(params.get("replication"))
+        tracked = _tracked_params(params, cfg.ignore_startup_parameters, replication is not None)
         if s.database in ADMIN_DATABASES:
+            if replication is not None:
+                raise ClientError("08P01", "replication connections to the admin console are not possible")
             await self._console_login(user)
             return
         db = cfg.database(s.database)
@@ -190,13 +189,24 @@ class Login:
             await self._authenticate_jwt(db)
             user = s.user  # the token's identity
         else:
-            await self._authenticate(auth_type)
+            await self._authenticate(auth_type, db)
             s.groups = tuple(ucfg.groups) if ucfg else ()
         if s.gw.stopping is not None:  # SHUTDOWN WAIT_FOR_*: only the console still takes logins
             raise ClientError("08P01", "pooler is shutting down")
+        self._check_client_limits(db, user)
         s.mode = cfg.pool_mode_for(db, user)
         s.rewrite = s.mode != "session" and cfg.max_prepared_statements > 0
         s.pool = s.gw.get_pool(db, user)
+        if self.fetched is not None and s.pool.server_password is None and s.pool.server_user == user:
+            # the upstream login of a user known by auth_query only: its md5 secret, or the keys
+            # its SCRAM login just proved (PgBouncer's SCRAM pass-through)
+            if self.scram_keys is not None:
+                s.pool.scram_keys = self.scram_keys
+            elif is_md5(self.fetched):
+                s.pool.server_password = self.fetched
+        if replication is not None:
+            await self._replication(params, tracked)
+            return
         welcome = await s.pool.get_welcome()
         if s.closed:
             raise asyncio.CancelledError
@@ -209,11 +219,14 @@ class Login:
         view.update(tracked)
         if cfg.application_name_add_host:
             view["application_name"] = f"{view.get('application_name', '')} - {s.addr}"
-        s.params = {p: view.get(p, "") for p in TRACKED_PARAMS}
+        # built-in parameters always have a value (the server reports them); extra ones only
+        # when the client or the server gave one
+        s.params = {p: view.get(p, "") for p in TRACKED_PARAMS if p in view or p in BUILTIN_PARAMS}
         s.param_key = param_key_of(s.params)
         s.governor.reading_changed(s.params)
         if s.governor.lexing is not None and s.gw.policy is not None:
             raise ClientError("0A000", s.governor.lexing)
+        await self._judge_extra_params(tracked)
         s.pid, s.key = s.gw.register_cancel_key(s)
         out = [m.authentication_ok()]
         for k, v in view.items():
@@ -221,6 +234,78 @@ class Login:
         out.append(m.backend_key_data(s.pid, s.key))
         out.append(m.ready_for_query(m.TX_IDLE))
         s.transport.write(b"".join(out))
+
+    async def _replication(self, params: dict[str, str], tracked: dict[str, str]) -> None:
+        """replication=database|true: only identities with allow_replication; a server
+        connection of its own (never pooled) is logged in with the client's replication and
+        options parameters as sent (PgBouncer 1.23+), then bytes pass through unread: neither
+        rules nor masking see a replication stream (docs/operations.md)."""
+        s = self.session
+        cfg = s.gw.config
+        ucfg = cfg.users.get(s.user)
+        if ucfg is None or not ucfg.allow_replication:
+            await self._refuse(f"{s.user!r} may not open replication connections", ClientError(
+                "42501", f'replication connections are not allowed for user "{s.user}" (allow_replication in [users])'))
+        extra = {"replication": params["replication"]}
+        if "options" in params:
+            extra["options"] = params["options"]
+        extra.update(tracked)
+        srv = await s.pool.open_replication(extra)
+        if s.closed:
+            srv.close("client left")
+            raise asyncio.CancelledError
+        relay = ReplicationRelay(s, srv.transport, "logical" if params["replication"].strip().lower() == "database"
+                                 else "physical")
+        srv.transport.set_protocol(relay)
+        s.relay = relay
+        s.mode = "session"
+        s.params = dict(srv.params)
+        s.pid, s.key = s.gw.register_cancel_key(s)
+        out = [m.authentication_ok()]
+        out += [m.parameter_status(k, v) for k, v in srv.params.items()]
+        out.append(m.backend_key_data(s.pid, s.key))
+        out.append(m.ready_for_query(m.TX_IDLE))
+        s.transport.write(b"".join(out))
+
+    def _check_client_limits(self, db, user: str) -> None:
+        """max_db_client_connections (the database's, else the global) and
+        max_user_client_connections (the user's, else the global): logged-in clients of the
+        database / of the identity, this one included."""
+        s = self.session
+        cfg = s.gw.config
+        limit = db.max_db_client_connections if db.max_db_client_connections is not None else cfg.max_db_client_connections
+        if limit and 1 + s.gw.client_count(database=db.name) > limit:
+            raise ClientError("53300", "client connections exceeded (max_db_client_connections)")
+        ucfg = cfg.users.get(user)
+        ulimit = (ucfg.max_user_client_connections if ucfg and ucfg.max_user_client_connections
+                  else cfg.max_user_client_connections)
+        if ulimit and 1 + s.gw.client_count(user=user) > ulimit:
+            raise ClientError("53300", "client connections exceeded (max_user_client_connections)")
+
+    async def _judge_extra_params(self, tracked: dict[str, str]) -> None:
+        """Parameters of track_extra_parameters given at login reach servers as ``SET name =
+        'value'``: the rules judge that statement before the session starts, as if sent."""
+        s = self.session
+        gov = s.governor
+        for name, value in tracked.items():
+            if name in BUILTIN_PARAMS:
+                continue
+            sql = set_sql(name, value)
+            while True:
+                verdict = gov.judge_setting(name, value, sql)
+                if verdict is not WAIT_CATALOG:
+                    break
+                fut = asyncio.get_running_loop().create_future()
+                gov.wait_for_catalog(lambda: fut.done() or fut.set_result(None))
+                await fut
+                if s.closed:
+                    raise asyncio.CancelledError
+            if verdict is WAIT_APPROVAL:
+                gov.need = None
+                raise ClientError("42501", f"refused by the gateway: the rules hold {sql} for approval; a "
+                                           "parameter given at login cannot wait for one (SET it after login)")
+            if verdict is not None:
+                raise ClientError(verdict[0], f"{verdict[1]} (startup parameter {name})")
 
     async def _console_login(self, user: str) -> None:
         """The admin console's virtual database: admin_users and stats_users, authenticated as
@@ -325,13 +410,18 @@ class Login:
             loop = asyncio.get_running_loop()
             s.token_expiry = loop.call_at(loop.time() + max(0.0, ident.expires - time.time()), s.token_expired)
 
-    async def _authenticate(self, auth_type: str) -> None:
+    async def _authenticate(self, auth_type: str, db=None) -> None:
         s = self.session
         cfg = s.gw.config
         user = s.user
         if auth_type in ("trust", "any"):
             return
         secret = cfg.auth_users.get(user)
+        if secret is None and db is not None and s.gw.auth_query_user(db):
+            try:
+                secret = self.fetched = await s.gw.auth_query_secret(db, user)
+            except ServerLoginError as e:
+                raise ClientError("08P01", f"authentication failed: {e}") from None
         failed = ClientError("28P01", f'password authentication failed for user "{user}"')
         if auth_type == "plain":
             s.transport.write(m.authentication_cleartext())
@@ -370,7 +460,60 @@ class Login:
             await self._refuse(reason if mock else str(e), failed)
         if mock:
             await self._refuse(reason, failed)
+        if self.fetched is not None and secret == self.fetched and is_scram(secret):
+            self.scram_keys = (server.client_key, scram_secret.server_key)
         s.transport.write(m.authentication_sasl_final(verifier))
+
+
+def _replication_mode(value: str | None) -> str | None:
+    """The replication startup parameter: None (a normal session), "database" (logical) or
+    "physical", as PostgreSQL reads it."""
+    if value is None:
+        return None
+    v = value.strip().lower()
+    if v == "database":
+        return "database"
+    if v in ("1", "true", "on", "yes"):
+        return "physical"
+    if v in ("0", "false", "off", "no"):
+        return None
+    raise ClientError("08P01", f'invalid value for parameter "replication": "{value}"')
+
+
+def _tracked_params(params: dict[str, str], ignore: tuple[str, ...], replication: bool = False) -> dict[str, str]:
+    """The startup packet's session parameters, those inside ``options`` included, as PgBouncer
+    takes them: tracked ones kept (canonical names), ignore_startup_parameters skipped (``options``
+    in it skips every unknown parameter inside options), anything else refused. A replication
+    connection's options are passed to its server as sent (not read here)."""
+    ignored = {i.lower() for i in ignore}
+    tracked: dict[str, str] = {}
+    for k, v in params.items():
+        if k in ("user", "database", "replication") or k.startswith("_pq_."):
+            continue
+        if k == "options" and replication:
+            continue
+        if k == "options":
+            try:
+                pairs = parse_startup_options(v)
+            except OptionsError as e:
+                raise ClientError("08P01", str(e)) from None
+            for ok, ov in pairs:
+                canon = TRACKED_LOWER.get(ok.lower())
+                if canon is not None:
+                    tracked[canon] = ov
+                elif ok.lower() not in ignored and "options" not in ignored:
+                    raise ClientError("08P01", f"unsupported startup parameter in options: {ok} (the gateway "
+                                               "passes only parameters it tracks: add it to track_extra_parameters, "
+                                               "or to ignore_startup_parameters to drop it)")
+            continue
+        canon = TRACKED_LOWER.get(k.lower())
+        if canon is not None:
+            tracked[canon] = v
+        elif k.lower() in ignored:
+            continue
+        else:
+            raise ClientError("08P01", f"unsupported startup parameter: {k}")
+    return tracked
 
 
 class TlsFailed(Exception):

@@ -249,19 +249,27 @@ class Metrics(Observer):
             problems.append("shutting down")
         if not listening:
             problems.append("not listening")
-        for name, host, port in dbs:
-            try:
-                if host.startswith("/"):
-                    with socket.socket(socket.AF_UNIX) as s:
-                        s.settimeout(1.0)
-                        s.connect(f"{host}/.s.PGSQL.{port}")
-                else:
-                    socket.create_connection((host, port), timeout=1.0).close()
-            except OSError as e:
-                problems.append(f"database {name}: {host}:{port} unreachable ({e.strerror or e})")
+        for name, hosts, port in dbs:
+            for host in hosts.split(","):  # every host of a list must be up (PgBouncer's rule)
+                problem = self._reachable(name, host, port)
+                if problem:
+                    problems.append(problem)
         if problems:
             return 503, "text/plain", ("not ready: " + "; ".join(problems) + "\n").encode()
         return 200, "text/plain", b"ready\n"
+
+    @staticmethod
+    def _reachable(name: str, host: str, port: int) -> str | None:
+        try:
+            if host.startswith("/"):
+                with socket.socket(socket.AF_UNIX) as s:
+                    s.settimeout(1.0)
+                    s.connect(f"{host}/.s.PGSQL.{port}")
+            else:
+                socket.create_connection((host, port), timeout=1.0).close()
+        except OSError as e:
+            return f"database {name}: {host}:{port} unreachable ({e.strerror or e})"
+        return None
 
 
 class _PoolCollector:

@@ -7,7 +7,10 @@ client's on every hand-over is then mostly an ``is``.
 
 from __future__ import annotations
 
-TRACKED_PARAMS = (
+import re
+
+# always tracked, as PgBouncer's varcache (IntervalStyle is PgBouncer's default track_extra_parameters)
+BUILTIN_PARAMS = (
     "client_encoding",
     "DateStyle",
     "TimeZone",
@@ -15,8 +18,27 @@ TRACKED_PARAMS = (
     "standard_conforming_strings",
     "application_name",
 )
-TRACKED = frozenset(TRACKED_PARAMS)
-TRACKED_LOWER = {p.lower(): p for p in TRACKED_PARAMS}
+# The tracked set of this process: the built-in ones and track_extra_parameters
+# (``set_extra_params``, at the gateway's start). Mutated in place, never rebound: the modules
+# that imported these names see the change.
+TRACKED_PARAMS: list[str] = list(BUILTIN_PARAMS)
+TRACKED: set[str] = set(BUILTIN_PARAMS)
+TRACKED_LOWER: dict[str, str] = {p.lower(): p for p in BUILTIN_PARAMS}
+
+
+def set_extra_params(extra) -> None:
+    """track_extra_parameters: the names (as the server reports them) tracked besides the
+    built-in ones. Names are matched case-insensitively, as PgBouncer does."""
+    names = list(BUILTIN_PARAMS)
+    for e in extra:
+        if e.lower() not in {n.lower() for n in names}:
+            names.append(e)
+    TRACKED_PARAMS[:] = names
+    TRACKED.clear()
+    TRACKED.update(names)
+    TRACKED_LOWER.clear()
+    TRACKED_LOWER.update({p.lower(): p for p in names})
+    _CANONICAL.clear()
 
 _CANONICAL: dict[tuple, tuple] = {}
 
@@ -45,6 +67,24 @@ def sync_sql(wanted: dict[str, str], have: dict[str, str]) -> list[str]:
     out = []
     for k in TRACKED_PARAMS:
         v = wanted.get(k)
-        if v is not None and have.get(k) != v:
-            out.append(f"SET {k} = {quote_literal(v)}")
+        if v is None:
+            if have.get(k) is not None:  # an extra parameter another client set, this one did not
+                out.append(f"RESET {k}")
+        elif have.get(k) != v:
+            out.append(set_sql(k, v))
     return out
+
+
+_LIST_ITEM = re.compile(r'\s*(?:"((?:[^"]|"")*)"|([^,\s]+))\s*(?:,|$)')
+
+
+def set_sql(name: str, value: str) -> str:
+    """The statement that gives a server the parameter's value as a startup packet would.
+    search_path is a list of names (PgBouncer's GUC_LIST_QUOTE case): a quoted literal would
+    make it one schema named after the whole list."""
+    if name.lower() == "search_path":
+        items = [(a.replace('""', '"') if a else b) for a, b in _LIST_ITEM.findall(value) if (a or b)]
+        if not items:
+            return "SET search_path = ''"
+        return "SET search_path = " + ", ".join('"' + i.replace('"', '""') + '"' for i in items)
+    return f"SET {name} = {quote_literal(value)}"

@@ -26,7 +26,7 @@ class Pool:
     __slots__ = (
         "gw", "events", "db", "name", "key", "paused", "server_user", "server_password", "server_dbname", "catalog_key", "idle",
         "active", "connecting", "waiters", "welcome", "welcome_waiters", "last_connect_error", "clients",
-        "obsolete", "logging_in",
+        "obsolete", "welcome_since", "checking", "reserve_in_use", "rrcounter", "scram_keys", "logging_in",
     )
 
     def __init__(self, gw: PoolHost, db: DatabaseConfig, server_user: str, password: str | None):
@@ -45,17 +45,37 @@ class Pool:
         self.connecting = 0
         self.waiters: collections.deque[Waiter] = collections.deque()
         self.welcome: dict[str, str] | None = None
-        self.welcome_waiters: list[asyncio.Future] = []
+        self.welcome_waiters: list[asyncio.Future] = []  # logins waiting for the first server's parameters
+        self.welcome_since = 0.0  # when the first of them started waiting
         self.last_connect_error: tuple[float, str, str] | None = None
         self.clients = 0
         self.obsolete = False  # replaced by a reload (or a KILL): servers close when they come back
         self.logging_in: set[ServerConn] = set()  # connected, login not done yet (SHOW SERVERS' "new")
+        self.checking: set[ServerConn] = set()  # running server_check_query before a hand-out
+        self.reserve_in_use = False  # reserve_pool_timeout passed: the pool may grow into its reserve
+        self.rrcounter = 0  # which host of a host list the next connection goes to
+        self.scram_keys: tuple[bytes, bytes] | None = None  # SCRAM pass-through (auth_query): ClientKey, ServerKey
 
     # -- settings that follow reloads
     @property
     def size(self) -> int:
+        """Servers the pool may have now: its pool_size (the user's, the database's or the
+        default), plus its reserve_pool_size while a client has waited reserve_pool_timeout."""
         cfg = self.gw.config
-        return self.db.pool_size if self.db.pool_size is not None else cfg.default_pool_size
+        size = cfg.pool_size_for(self.db, self.server_user)
+        if self.reserve_in_use:
+            size += cfg.reserve_pool_size_for(self.db, self.server_user)
+        return size
+
+    @property
+    def lifetime(self) -> float:
+        lt = self.db.server_lifetime
+        return self.gw.config.server_lifetime if lt is None else lt
+
+    @property
+    def idle_timeout(self) -> float:
+        it = self.db.server_idle_timeout
+        return self.gw.config.server_idle_timeout if it is None else it
 
     @property
     def min_size(self) -> int:
@@ -64,6 +84,11 @@ class Pool:
 
     def total(self) -> int:
         return len(self.idle) + len(self.active) + self.connecting
+
+    def wanting(self) -> bool:
+        """Clients wait for a server of this pool: for a request, or for their login (the
+        pool's first server, whose parameters greet them)."""
+        return bool(self.waiters) or (self.welcome is None and bool(self.welcome_waiters))
 
     # ------------------------------------------------------------------ what its servers ask (interfaces.ServerHome)
 
@@ -76,6 +101,16 @@ class Pool:
     def mask_key(self) -> bytes:
         return self.gw.config.mask_key
 
+    def tcp_settings(self):
+        return self.gw.config
+
+    def has_scram_secret(self) -> bool:
+        """The auth_file holds a SCRAM secret (not a password) for the upstream user."""
+        from ..auth.passwords import is_scram
+
+        secret = self.gw.config.auth_users.get(self.server_user)
+        return secret is not None and is_scram(secret)
+
     def catalog_changed(self) -> None:
         self.gw.catalog_changed(self.catalog_key)
 
@@ -83,11 +118,16 @@ class Pool:
 
     def acquire(self, client: Waiter) -> ServerConn | None:
         idle = self.idle
+        cfg = self.gw.config
         while idle and not self.paused:
-            srv = idle.pop()  # LIFO: the warmest connection
+            # LIFO: the warmest connection; server_round_robin: the one idle longest
+            srv = idle.popleft() if cfg.server_round_robin else idle.pop()
             if srv.state == S_IDLE:
                 srv.state = S_ACTIVE
                 self.active.add(srv)
+                if cfg.server_check_query and self.gw.clock - srv.last_used >= cfg.server_check_delay:
+                    self._check(srv, cfg.server_check_query)  # handed out once it answers
+                    continue
                 return srv
         client.wait_started = time.monotonic()
         self.waiters.append(client)
@@ -96,9 +136,19 @@ class Pool:
             # session is ended once the caller has seen it wait
             asyncio.get_running_loop().call_soon(client.fatal, "08P01", "server shutting down")
             return None
-        if len(self.waiters) > self.connecting and len(self.active) + self.connecting < self.size and not self.paused:
+        if len(self.waiters) > self.connecting + len(self.checking) and len(self.active) + self.connecting < self.size \
+                and not self.paused:
             self._grow()
         return None
+
+    def _check(self, srv: ServerConn, query: str) -> None:
+        """server_check_query on a server idle for server_check_delay: it goes to the next
+        waiting client when its ReadyForQuery arrives (release); an error or a lost connection
+        closes it instead (and another is opened for the waiting clients)."""
+        self.checking.add(srv)
+        srv.resetting = True
+        srv.queue.clear()
+        srv.send(m.query("" if query == "<empty>" else query))
 
     def cancel_wait(self, client: Waiter) -> None:
         try:
@@ -108,6 +158,8 @@ class Pool:
 
     def release(self, srv: ServerConn) -> None:
         srv.client = None
+        if self.checking:
+            self.checking.discard(srv)
         if srv.cancels_in_flight:
             srv.parked = True  # never reuse a server a cancel may still hit
             return
@@ -121,10 +173,11 @@ class Pool:
             if self.paused:
                 self.gw.admin_progress()
             return
-        lifetime = self.gw.config.server_lifetime
+        lifetime = self.lifetime
         # the janitor's clock (a second's resolution, like PgBouncer's cached time): no clock
-        # read per release for limits counted in minutes
-        if self.obsolete or self.gw.stopping == "SIGINT" or (lifetime and self.gw.clock - srv.created_at > lifetime):
+        # read per release for limits counted in minutes; server_lifetime = 0: used once (by a client)
+        if self.obsolete or self.gw.stopping == "SIGINT" or self.gw.clock - srv.created_at > lifetime or (
+                lifetime == 0 and srv.owner is not None):
             self.active.discard(srv)
             srv.close("closing" if self.obsolete or self.gw.stopping else "server_lifetime")
             self._grow()
@@ -153,12 +206,13 @@ class Pool:
 
     def server_gone(self, srv: ServerConn) -> None:
         self.active.discard(srv)
+        self.checking.discard(srv)
         try:
             self.idle.remove(srv)
         except ValueError:
             pass
         self.gw.server_closed(self)
-        if self.waiters:
+        if self.wanting():
             self._grow()
         self.gw.admin_progress()
 
@@ -166,10 +220,17 @@ class Pool:
 
     def _grow(self) -> None:
         """Open connections for waiting clients, within the pool and database limits."""
-        if self.gw.stopping == "SIGINT" or self.paused:
-            return  # no new servers while waiting for transactions to finish, or paused
-        want = len(self.waiters) - self.connecting
-        while want > 0 and self.total() < self.size:
+        greeting = self.welcome is None and bool(self.welcome_waiters)
+        if self.gw.stopping == "SIGINT" or (self.paused and not greeting):
+            # no new servers while waiting for transactions to finish, or paused; but a login
+            # gets the first server's parameters even while paused (the server then closes)
+            return
+        want = 0 if self.paused else len(self.waiters) - self.connecting
+        size = self.size
+        if greeting:
+            want = max(want, 1 - self.connecting)  # logins wait for a first server
+            size = max(size, 1)
+        while want > 0 and self.total() < size:
             if not self.gw.may_open_server(self):
                 break
             self.connecting += 1
@@ -181,29 +242,55 @@ class Pool:
             self.connecting += 1
             asyncio.get_running_loop().create_task(self._connect())
 
+    async def open_replication(self, startup_extra: dict[str, str]) -> ServerConn:
+        """A replication connection for one client (never pooled, not counted in the pool):
+        logged in with the pool's credentials and ``startup_extra`` (replication, options)."""
+        tries = self.db.host.count(",") + 1
+        for attempt in range(tries):
+            host = self._next_host(failed=attempt > 0)
+            try:
+                return await self._open_on(host, True, startup_extra)
+            except ServerLoginError as e:
+                if attempt + 1 >= tries or not e.unreachable:
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
     async def open_connection(self, side: bool = False) -> ServerConn:
         """Connect and log in one server connection (and run connect_query). ``side``
-        connections are the gateway's own (catalog reads): never pooled, never counted."""
+        connections are the gateway's own (catalog reads): never pooled, never counted.
+        With a host list, a host that cannot be reached is skipped for the next one (each
+        entry tried once) before the attempt counts as failed."""
+        tries = self.db.host.count(",") + 1
+        for attempt in range(tries):
+            host = self._next_host(failed=attempt > 0)
+            try:
+                return await self._open_on(host, side)
+            except ServerLoginError as e:
+                if attempt + 1 >= tries or not e.unreachable:
+                    raise
+                log.warning("pool %s: %s: %s; trying the next host of the list", self.name, host, e)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _open_on(self, host: str, side: bool, startup_extra: dict | None = None) -> ServerConn:
         loop = asyncio.get_running_loop()
         srv: ServerConn | None = None
         cfg = self.gw.config
         try:
-            host = self.db.host
             if host.startswith("/"):
                 path = f"{host}/.s.PGSQL.{self.db.port}"
-                coro = loop.create_unix_connection(lambda: ServerConn(self, side), path)
+                coro = loop.create_unix_connection(lambda: ServerConn(self, side, startup_extra), path)
             elif cfg.server_ssl is not None:
-                coro = self._connect_tls(host, cfg, side)
+                coro = self._connect_tls(host, cfg, side, startup_extra)
             else:
-                coro = loop.create_connection(lambda: ServerConn(self, side), host, self.db.port)
+                coro = loop.create_connection(lambda: ServerConn(self, side, startup_extra), host, self.db.port)
             timeout = cfg.server_connect_timeout or None
             async with asyncio.timeout(timeout):
                 _, srv = await coro
-                srv.peer = f"{host}:{self.db.port}"
+                srv.peer = f"{host}:{self.db.port}"  # (cancel requests go there too)
                 if not side:
                     self.logging_in.add(srv)
                 await srv.login()
-            if self.db.connect_query:
+            if self.db.connect_query and not startup_extra:
                 await self._run_connect_query(srv)
             self.logging_in.discard(srv)
             return srv
@@ -211,18 +298,36 @@ class Pool:
             if srv is not None:
                 self.logging_in.discard(srv)
                 srv.close(str(e))
+            unreachable = srv is None and not isinstance(e, ServerLoginError)
             if isinstance(e, ServerLoginError):
                 msg, state = str(e), e.sqlstate
             elif isinstance(e, TimeoutError):
                 msg, state = "server_connect_timeout: could not connect to server in time", "08001"
             else:
                 msg, state = f"could not connect to server: {e.strerror or e}", "08001"
-            raise ServerLoginError(msg, state) from None
+            err = ServerLoginError(msg, state)
+            err.unreachable = unreachable
+            raise err from None
         except BaseException:
             if srv is not None:
                 self.logging_in.discard(srv)
                 srv.close("connect cancelled")
             raise
+
+    def _next_host(self, failed: bool = False) -> str:
+        """The host of a new connection. A host list is used as PgBouncer uses it: round-robin
+        takes the next entry for every connection; disable stays on one entry until a
+        connection to it fails, then moves to the next."""
+        host = self.db.host
+        if "," not in host:
+            return host
+        hosts = host.split(",")
+        if self.db.load_balance_hosts == "disable" and (failed or self.last_connect_error is not None):
+            self.rrcounter += 1
+        chosen = hosts[self.rrcounter % len(hosts)]
+        if self.db.load_balance_hosts == "round-robin":
+            self.rrcounter += 1
+        return chosen
 
     async def _connect(self) -> None:
         try:
@@ -252,7 +357,7 @@ class Pool:
         self.active.add(srv)
         self.release(srv)
 
-    async def _connect_tls(self, host: str, cfg, side: bool = False):
+    async def _connect_tls(self, host: str, cfg, side: bool = False, startup_extra: dict | None = None):
         """server_tls_sslmode: send SSLRequest; on 'S' wrap the socket in TLS, on 'N' go on in
         plaintext unless the mode requires TLS."""
         loop = asyncio.get_running_loop()
@@ -277,12 +382,12 @@ class Pool:
             await loop.sock_sendall(sock, m.ssl_request())
             answer = await loop.sock_recv(sock, 1)
             if answer == b"S":
-                return await loop.create_connection(lambda: ServerConn(self, side), sock=sock, ssl=cfg.server_ssl,
+                return await loop.create_connection(lambda: ServerConn(self, side, startup_extra), sock=sock, ssl=cfg.server_ssl,
                                                     server_hostname=host)
             if answer == b"N":
                 if cfg.server_tls_sslmode in ("require", "verify-ca", "verify-full"):
                     raise ServerLoginError(f"server does not accept TLS (server_tls_sslmode = {cfg.server_tls_sslmode})", "08001")
-                return await loop.create_connection(lambda: ServerConn(self, side), sock=sock)
+                return await loop.create_connection(lambda: ServerConn(self, side, startup_extra), sock=sock)
             raise ServerLoginError("unexpected answer from server to SSLRequest", "08P01")
         except BaseException:
             sock.close()
@@ -315,12 +420,18 @@ class Pool:
         if self.welcome is not None:
             return self.welcome
         fut = asyncio.get_running_loop().create_future()
+        if not self.welcome_waiters:
+            self.welcome_since = time.monotonic()
         self.welcome_waiters.append(fut)
-        if self.total() == 0 or (not self.connecting and not self.idle):
-            if self.gw.may_open_server(self) and self.total() < max(self.size, 1):
-                self.connecting += 1
-                asyncio.get_running_loop().create_task(self._connect())
-        await fut
+        if not self.connecting:
+            # at max_db_connections / max_user_connections the login queues: a server that
+            # frees elsewhere in the database (or of the user) makes room (Gateway.pool_has_idle)
+            self._grow()
+        try:
+            await fut
+        finally:
+            if fut in self.welcome_waiters:
+                self.welcome_waiters.remove(fut)  # the client left while waiting
         return self.welcome  # type: ignore[return-value]
 
     # ------------------------------------------------------------------ maintenance
@@ -332,16 +443,33 @@ class Pool:
             while self.waiters and now - self.waiters[0].wait_started > cfg.query_wait_timeout:
                 c = self.waiters.popleft()
                 c.fatal("08P01", "query_wait_timeout: no server connection became free in time")
+        if cfg.query_wait_timeout and self.welcome is None and self.welcome_waiters and not self.connecting \
+                and now - self.welcome_since > cfg.query_wait_timeout:
+            waiting, self.welcome_waiters = self.welcome_waiters, []
+            for f in waiting:
+                if not f.done():
+                    f.set_exception(ServerLoginError("query_wait_timeout: no server connection became free in time", "08P01"))
+        # reserve_pool_timeout: the first waiting client waited that long, the pool may grow
+        # into its reserve (until nobody waits)
+        if self.waiters:
+            if not self.reserve_in_use and cfg.reserve_pool_timeout and \
+                    cfg.reserve_pool_size_for(self.db, self.server_user) and \
+                    now - self.waiters[0].wait_started >= cfg.reserve_pool_timeout:
+                self.reserve_in_use = True
+                log.warning("pool %s: taking connection from reserve_pool", self.name)
+        else:
+            self.reserve_in_use = False
         # idle servers
         keep = self.min_size
+        lifetime, idle_timeout = self.lifetime, self.idle_timeout
         for srv in list(self.idle):
-            too_old = cfg.server_lifetime and now - srv.created_at > cfg.server_lifetime
-            too_idle = cfg.server_idle_timeout and now - srv.last_used > cfg.server_idle_timeout
+            too_old = now - srv.created_at > lifetime or (lifetime == 0 and srv.owner is not None)
+            too_idle = idle_timeout and now - srv.last_used > idle_timeout
             if (too_old or too_idle) and self.total() > keep:
                 self.idle.remove(srv)
                 srv.close("server_lifetime" if too_old else "server_idle_timeout")
         self.ensure_min()
-        if self.waiters:
+        if self.wanting():
             self._grow()
 
     def close_all(self, reason: str) -> None:

@@ -31,6 +31,7 @@ from .interfaces import (
     R_EXECUTE, R_EXECUTE_REFUSAL, R_FAKE_CLOSE, R_FAKE_DONE, R_FAKE_PARSE, R_PARSE, R_PARSE_SKIP,
     R_QUERY, R_QUERY_REFUSAL, R_QUERY_SKIP, R_SYNC, ClientSide, ServerHome, next_socket_id,
 )
+from .netopts import tune_socket
 from .params import TRACKED, param_key_of
 
 log = logging.getLogger("pooler.server")
@@ -125,7 +126,8 @@ def tls_info(transport) -> str:
 
 def socket_row(kind: str, user: str, database: str, state: str, transport, connect_wall: float,
                request_wall: float, wait: float, close_needed: bool, me, link, remote_pid: int,
-               app_name: str, prepared: int, ident: int, debug: bool, pending: int) -> tuple:
+               app_name: str, prepared: int, ident: int, debug: bool, pending: int,
+               replication: str = "none") -> tuple:
     """A row of SHOW CLIENTS/SERVERS/SOCKETS (admin.COLUMNS["clients"] and, with ``debug``, the
     buffer columns)."""
     from time import localtime, strftime
@@ -135,7 +137,7 @@ def socket_row(kind: str, user: str, database: str, state: str, transport, conne
 
     addr, port = _addr(transport.get_extra_info("peername") if transport is not None else None)
     laddr, lport = _addr(transport.get_extra_info("sockname") if transport is not None else None)
-    row = (kind, user or "(nouser)", database or "(nodb)", "none", state, addr, port, laddr, lport,
+    row = (kind, user or "(nouser)", database or "(nodb)", replication, state, addr, port, laddr, lport,
            ts(connect_wall), ts(request_wall), int(wait), int((wait % 1) * 1e6), int(close_needed),
            f"0x{id(me):x}", f"0x{id(link):x}" if link is not None else "", remote_pid, tls_info(transport),
            app_name, prepared, ident)
@@ -164,6 +166,32 @@ class ServerLoginError(Exception):
     def __init__(self, message: str, sqlstate: str = "08006") -> None:
         super().__init__(message)
         self.sqlstate = sqlstate
+        self.unreachable = False  # the host could not be reached at all (a host list tries the next)
+
+
+class ReplicationRelay(asyncio.Protocol):
+    """The server side of a replication connection once logged in (it takes over the server's
+    transport): bytes pass both ways unread, with backpressure both ways. Never pooled."""
+
+    def __init__(self, client, transport, mode: str) -> None:
+        self.client = client  # the session (ClientSide-like: write, pause_reading, resume_reading, relay_lost)
+        self.transport = transport
+        self.mode = mode  # "logical" (replication=database) or "physical", as SHOW CLIENTS says
+
+    def data_received(self, data: bytes) -> None:
+        self.client.write(data)
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc) -> None:
+        self.client.relay_lost()
+
+    def pause_writing(self) -> None:
+        self.client.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.client.resume_reading()
 
 
 class ServerConn(asyncio.Protocol):
@@ -174,13 +202,14 @@ class ServerConn(asyncio.Protocol):
         "collect_waiter", "collected", "collected_names", "created_at", "ddl_pending", "dirty", "events", "in_copy",
         "key", "last_used", "login_waiter", "masking", "owner", "param_key", "params", "parked",
         "peer", "pending_sync", "pid", "pool", "prepared", "query_start", "queue", "rbuf",
-        "reading_paused", "received", "reset_waiter", "resetting", "rneed", "rowplan", "scram",
+        "reading_paused", "received", "reset_waiter", "resetting", "rneed", "rowplan", "scram", "startup_extra",
         "sent", "side", "skip", "state", "transport", "tx_status", "w_bytes", "w_rows", "w_start",
         "writing_paused", "id", "connected_wall", "close_needed",
     )
 
-    def __init__(self, pool: ServerHome, side: bool = False) -> None:
+    def __init__(self, pool: ServerHome, side: bool = False, startup_extra: dict | None = None) -> None:
         self.pool = pool
+        self.startup_extra = startup_extra  # more StartupMessage parameters (replication connections)
         self.events = pool.events
         self.id = next_socket_id()
         self.connected_wall = time.time()
@@ -236,7 +265,11 @@ class ServerConn(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self.state = S_LOGIN
-        transport.write(m.startup_message(self.pool.startup_params()))  # type: ignore[attr-defined]
+        tune_socket(transport.get_extra_info("socket"), self.pool.tcp_settings())
+        params = self.pool.startup_params()
+        if self.startup_extra:
+            params.update(self.startup_extra)
+        transport.write(m.startup_message(params))  # type: ignore[attr-defined]
 
     def connection_lost(self, exc: Exception | None) -> None:
         prev = self.state
@@ -383,9 +416,28 @@ class ServerConn(asyncio.Protocol):
                 from ..auth.passwords import is_md5, md5_response, md5_secret
                 secret = pw if is_md5(pw) else md5_secret(self.pool.server_user, pw)
                 self.transport.write(m.password_message(md5_response(secret, data).encode() + b"\x00"))
+            elif code == 10 and pw is None and self.pool.scram_keys is not None:
+                # SCRAM pass-through: the keys a client proved against the secret auth_query fetched
+                from ..auth.passwords import ScramKeysClient
+                mechs = m.parse_sasl_mechanisms(data)
+                if "SCRAM-SHA-256" not in mechs:
+                    raise ServerLoginError(f"server offers no supported SASL mechanism ({mechs})")
+                self.scram = ScramKeysClient(*self.pool.scram_keys)
+                first = self.scram.get_client_first().encode()
+                self.transport.write(m.message(b"p", m.cstr("SCRAM-SHA-256") + struct.pack("!i", len(first)) + first))
             elif code == 10:
+                from ..auth.passwords import is_md5
+                if pw is None and self.pool.has_scram_secret():
+                    raise ServerLoginError(
+                        f"server login failed: wrong password type: the server asks for SCRAM-SHA-256 and the auth_file "
+                        f"holds only a SCRAM secret for user {self.pool.server_user!r}, from which no SCRAM login can be "
+                        "made (give the password itself in [databases] password=, password_file or password_env)", "28P01")
                 if pw is None:
                     raise ServerLoginError(f"server asked for a password for user {self.pool.server_user!r} but none is configured", "28P01")
+                if is_md5(pw):
+                    raise ServerLoginError(
+                        f"server login failed: wrong password type: the server asks for SCRAM-SHA-256 and the password "
+                        f"for user {self.pool.server_user!r} is an md5 secret, with which no SCRAM login can be made", "28P01")
                 mechs = m.parse_sasl_mechanisms(data)
                 if "SCRAM-SHA-256" not in mechs:
                     raise ServerLoginError(f"server offers no supported SASL mechanism ({mechs})")

@@ -47,6 +47,7 @@ from .interfaces import (FAKE_FIRST, FAKE_LAST, R_BIND, R_BIND_SKIP, R_CLOSE, R_
                          R_EXECUTE, R_EXECUTE_REFUSAL, R_FAKE_CLOSE, R_PARSE, R_PARSE_SKIP, R_QUERY,
                          R_QUERY_REFUSAL, R_QUERY_SKIP, R_SYNC, SessionHost, next_socket_id)
 from .login import ClientError, Login, TlsFailed
+from .netopts import tune_socket
 from .params import TRACKED_PARAMS, canonical, param_key_of, quote_literal, sync_sql
 from .server import S_CLOSED, ServerConn, ServerLoginError, fd_row, socket_row
 from .statements import StatementBook
@@ -56,7 +57,7 @@ log = logging.getLogger("pooler.client")
 _unpack_len = struct.Struct("!i").unpack_from
 
 # states
-C_LOGIN, C_READY, C_CLOSED, C_CONSOLE = range(4)
+C_LOGIN, C_READY, C_CLOSED, C_CONSOLE, C_RELAY = range(5)  # C_RELAY: a replication connection
 
 # message types the gateway may answer itself while no server is linked
 _LOCAL_CANDIDATES = frozenset(b"SHCdcfQ")
@@ -75,12 +76,12 @@ class ClientSession(asyncio.Protocol):
     __slots__ = (
         "_identity", "_left", "addr", "app_name", "auth_method", "book", "closed", "connected_at",
         "cskip", "database", "end_reason", "events", "first_refusal", "governor", "groups", "gw",
-        "key", "last_active", "login", "login_name", "login_task", "max_packet", "mode",
+        "key", "last_active", "xact_start", "login", "login_name", "login_task", "max_packet", "mode",
         "param_key", "params", "pending_param_sync", "pid", "pool", "rbuf", "reading_paused",
         "ready_query", "ready_unit", "rewrite", "server", "skip_until_sync", "state", "tls",
         "token_expiry", "transport", "tx_status", "unix", "user", "wait_started", "waiting",
         "writing_paused", "id", "connected_wall", "console", "admin_user", "console_waiting",
-        "held", "held_ticket",
+        "held", "held_ticket", "relay",
     )
 
     def __init__(self, gw: SessionHost, unix: bool = False) -> None:
@@ -117,6 +118,7 @@ class ClientSession(asyncio.Protocol):
         self.pending_param_sync = False
         self.connected_at = time.monotonic()
         self.last_active = self.connected_at
+        self.xact_start = 0.0
         self.end_reason = ""  # why the session ended (events.logout)
         self._left = False
         self._identity: tuple | None = None  # (user, groups), once logged in
@@ -135,6 +137,7 @@ class ClientSession(asyncio.Protocol):
         self.max_packet = gw.config.max_packet_size
         self.tx_status = m.TX_IDLE
         self.held = None  # approvals.book.Request of the statement waiting for approval
+        self.relay = None  # ReplicationRelay of a replication connection (replication=database|true)
         self.held_ticket = b""  # the message that runs once it is approved
         # the stages' own state
         self.book = StatementBook(gw)
@@ -149,6 +152,8 @@ class ClientSession(asyncio.Protocol):
             self.addr = "unix"
         else:
             self.addr = f"{peer[0]}:{peer[1]}"
+        if not self.unix:
+            tune_socket(transport.get_extra_info("socket"), self.gw.config)
         if not self.gw.client_arrived(self):
             transport.write(m.error_response("53300", "no more connections allowed (max_client_conn)", "FATAL"))
             transport.close()
@@ -160,6 +165,8 @@ class ClientSession(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.state == C_READY:
             self._client_data(data)
+        elif self.state == C_RELAY:
+            self.relay.transport.write(data)
         elif self.state == C_LOGIN:
             if not self.login.feed(data):
                 self._close_now("too much data during login")
@@ -172,9 +179,11 @@ class ClientSession(asyncio.Protocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
-        was_ready = self.state == C_READY or self.state == C_CONSOLE
+        was_ready = self.state == C_READY or self.state == C_CONSOLE or self.state == C_RELAY
         self.state = C_CLOSED
         self.closed = True
+        if self.relay is not None:
+            self.relay.transport.close()
         self._let_go("client disconnected")
         if self.login is not None:
             self.login.end_of_input()
@@ -197,15 +206,23 @@ class ClientSession(asyncio.Protocol):
                 ev(self, self.end_reason or "client disconnected")
         self.gw.client_left(self, was_ready)
 
+    def relay_lost(self) -> None:
+        """The server of a replication connection closed: so does the client's."""
+        self._close_now("server closed the replication connection")
+
     def pause_writing(self) -> None:
         # the client reads slowly: stop reading from its server until it catches up
         self.writing_paused = True
+        if self.relay is not None:
+            self.relay.transport.pause_reading()
         srv = self.server
         if srv is not None:
             srv.pause_reading()
 
     def resume_writing(self) -> None:
         self.writing_paused = False
+        if self.relay is not None:
+            self.relay.transport.resume_reading()
         srv = self.server
         if srv is not None:
             srv.resume_reading()
@@ -340,7 +357,7 @@ class ClientSession(asyncio.Protocol):
             return
         # logged in: anything the client already sent is processed now
         login, self.login = self.login, None
-        self.state = C_CONSOLE if self.console else C_READY
+        self.state = C_CONSOLE if self.console else C_RELAY if self.relay is not None else C_READY
         ev = self.events.login
         if ev is not None:
             ev(self)
@@ -399,7 +416,7 @@ class ClientSession(asyncio.Protocol):
             return "login"
         if self.waiting:
             return "waiting"
-        return "active" if self.server is not None else "idle"
+        return "active" if self.server is not None or self.relay is not None else "idle"
 
     def socket_row(self, debug: bool) -> tuple:
         now = time.monotonic()
@@ -407,7 +424,8 @@ class ClientSession(asyncio.Protocol):
         return socket_row("C", self.user or self.login_name, self.database, self.state_name(), self.transport,
                           self.connected_wall, time.time() - (now - self.last_active), wait, False, self,
                           self.server, 0, self.params.get("application_name", self.app_name),
-                          len(self.book.stmts), self.id, debug, len(self.rbuf))
+                          len(self.book.stmts), self.id, debug, len(self.rbuf),
+                          self.relay.mode if self.relay is not None else "none")
 
     def fd_row(self) -> tuple | None:
         if self.state == C_LOGIN or self.closed:
@@ -973,9 +991,17 @@ class ClientSession(asyncio.Protocol):
 
     def param_sync_done(self, srv: ServerConn) -> None:
         self.pending_param_sync = False
+        reported = self.pool.welcome or srv.params  # what the server reports (ParameterStatus)
         for k in TRACKED_PARAMS:
-            if k in srv.params:
-                self.params[k] = srv.params[k]
+            if k in reported:
+                if k in srv.params:
+                    self.params[k] = srv.params[k]  # the server's canonical form
+            elif k in self.params:
+                # track_extra_parameters of a parameter the server never reports (search_path
+                # before PostgreSQL 18): the sync set it, so the server has it now
+                srv.params[k] = self.params[k]
+            else:
+                srv.params.pop(k, None)  # the sync RESET it
         self.param_key = srv.param_key = param_key_of(srv.params)
         self.governor.reading_changed(self.params)
 
@@ -994,6 +1020,8 @@ class ClientSession(asyncio.Protocol):
         up to and including it. At 'I' in transaction and statement pooling the server goes back
         to its pool (and to the next waiting client) before the reply is written, so the server
         is busy again while this client wakes up."""
+        if status != m.TX_IDLE and self.tx_status == m.TX_IDLE:
+            self.xact_start = self.gw.clock  # transaction_timeout counts from here
         self.tx_status = status
         ev = self.events.ready
         if ev is not None:
