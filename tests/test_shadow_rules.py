@@ -86,9 +86,13 @@ def test_shadow_decisions_are_counted_logged_and_audited_but_never_enforced(sgw,
             in log)  # the start's line
     assert "shadow: rules/50_candidate.star would deny (enforced: allow)" in log
 
-    shadow = wait_docs(lambda: read_lines(sgw.audit), of("shadow-decision"), n=6)
-    would = [d for d in shadow if d["rule"]["name"] == "rules/50_candidate.star" and d["pooler"]["shadow"]["action"] == "deny"]
+    def would_deny(d):
+        return (of("shadow-decision")(d) and d["rule"]["name"] == "rules/50_candidate.star"
+                and d["pooler"]["shadow"]["action"] == "deny")
+    # the audit writer is a thread of its own: wait until the four would-be denials are written
+    would = wait_docs(lambda: read_lines(sgw.audit), would_deny, n=4)
     assert len(would) == 4
+    shadow = [d for d in read_lines(sgw.audit) if of("shadow-decision")(d)]
     assert would[0]["pooler"]["shadow"]["enforced_action"] == "allow" and would[0]["pooler"]["shadow"]["would_change"]
     assert would[0]["event"]["reason"] == "agents will not read orders" and would[0]["user"]["name"] == "agent"
     assert would[0]["db"]["statement"] == "SELECT id FROM shadow_orders"
