@@ -350,12 +350,20 @@ def _octal(v: str) -> int:
         raise ValueError(f"expected an octal mode such as 0777, got {v!r}") from None
 
 
-def _size(v: str) -> int:
+_SIZE_UNITS = {None: 1, "B": 1, "kB": 1024, "KB": 1024, "MB": 1024**2, "GB": 1024**3}
+
+
+def _bytes(v: str) -> int:
+    """A size in bytes (0 allowed: none / no cap)."""
     m = re.fullmatch(r"\s*([0-9]+)\s*(B|kB|KB|MB|GB)?\s*", v)
     if not m:
         raise ValueError(f"expected a size in bytes (e.g. 65536 or 64MB), got {v!r}")
-    mult = {None: 1, "B": 1, "kB": 1024, "KB": 1024, "MB": 1024**2, "GB": 1024**3}[m.group(2)]
-    n = int(m.group(1)) * mult
+    return int(m.group(1)) * _SIZE_UNITS[m.group(2)]
+
+
+def _size(v: str) -> int:
+    """A buffer or packet size: at least 1024 bytes."""
+    n = _bytes(v)
     if n < 1024:
         raise ValueError(f"must be at least 1024 bytes, got {n}")
     return n
@@ -376,14 +384,6 @@ def _track_extra(v: str) -> tuple[str, ...]:
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.]*", n):
             raise ValueError(f"not a parameter name: {n!r}")
     return names
-
-
-def _bytes(v: str) -> int:
-    """A size in bytes (0 allowed: none / no cap)."""
-    m = re.fullmatch(r"\s*([0-9]+)\s*(B|kB|KB|MB|GB)?\s*", v)
-    if not m:
-        raise ValueError(f"expected a size in bytes (e.g. 8192 or 8kB), got {v!r}")
-    return int(m.group(1)) * {None: 1, "B": 1, "kB": 1024, "KB": 1024, "MB": 1024**2, "GB": 1024**3}[m.group(2)]
 
 
 def _days(v: str) -> float:

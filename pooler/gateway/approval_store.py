@@ -46,10 +46,13 @@ class StoreError(Exception):
     pass
 
 
+# what a store that cannot be reached (or answers with an error) raises
+_UNREACHABLE = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError)
+
+
 class PgStore:
     def __init__(self, desk, dsn: str, gateway_name: str) -> None:
         self.desk = desk
-        self.dsn = dsn
         self.connect_args = store_connect_args(dsn)
         self.name = gateway_name
         self.pool = None  # asyncpg pool for writes
@@ -87,7 +90,7 @@ class PgStore:
                     raise
                 self.pool = pool
             await self._listen()
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as e:
+        except _UNREACHABLE as e:
             raise StoreError(f"approvals_store unreachable: {e}") from None
         log.info("approvals store ready (%d requests and %d grants shared)", len(self.book.pending),
                  len(self.book.grants))
@@ -212,7 +215,7 @@ class PgStore:
                                         req.id, req.state)
                         return
                     await self._write(c, req)
-                await self._notify(c, request=req.id)
+                    await self._notify(c, request=req.id)
         self._spawn(write())
 
     def grant_used(self, g) -> None:
@@ -224,56 +227,59 @@ class PgStore:
                                 "to_jsonb((record->>'uses')::int + 1)) WHERE id = $1", g.id)
         self._spawn(write())
 
-    async def decide(self, action: str, rid: str, reviewer, arg):
-        """APPROVE / DENY in one transaction on the stored record; returns the request after it."""
+    async def _in_store(self, what: str, work):
+        """``work(connection)`` in one transaction on the store (its NOTIFY goes out at commit);
+        a store that cannot be reached is the reviewer's error: nothing was ``what``."""
         if self.pool is None:
-            raise ApprovalError("the approvals store is unreachable; nothing was decided", 503)
+            raise ApprovalError(f"the approvals store is unreachable; nothing was {what}", 503)
         try:
-            async with self.pool.acquire() as c:
-                async with c.transaction():
-                    row = await c.fetchrow("SELECT record FROM pooler_approval_requests WHERE id = $1 FOR UPDATE", rid)
-                    if row is None:
-                        raise ApprovalError(f"approval request {rid!r} does not exist", 404)
-                    req = request_from(orjson.loads(row["record"]))
-                    scratch = ApprovalBook(max_grant=self.book.max_grant)
-                    (scratch.pending if req.state == PENDING else scratch.decided)[rid] = req
-                    if action == "approve":
-                        req = scratch.approve(rid, reviewer, arg)
-                    else:
-                        req = scratch.deny(rid, reviewer, arg)
-                    await c.execute("UPDATE pooler_approval_requests SET state = $2, record = $3 WHERE id = $1",
-                                    rid, req.state, orjson.dumps(request_record(req)).decode())
-                    for g in scratch.grants.values():
-                        await c.execute("INSERT INTO pooler_approval_grants (id, until, record) VALUES ($1, $2, $3)",
-                                        g.id, g.until, orjson.dumps(grant_record(g)).decode())
-                await self._notify(c, request=rid, **({"grant": req.grant_id} if req.grant_id else {}))
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as e:
-            raise ApprovalError(f"the approvals store is unreachable ({e}); nothing was decided", 503) from None
+            async with self.pool.acquire() as c, c.transaction():
+                return await work(c)
+        except _UNREACHABLE as e:
+            raise ApprovalError(f"the approvals store is unreachable ({e}); nothing was {what}", 503) from None
+
+    async def decide(self, action: str, rid: str, reviewer, arg):
+        """APPROVE / DENY on the stored record, under its row lock; returns the request after it."""
+        scratch = ApprovalBook(max_grant=self.book.max_grant)
+
+        async def work(c):
+            row = await c.fetchrow("SELECT record FROM pooler_approval_requests WHERE id = $1 FOR UPDATE", rid)
+            if row is None:
+                raise ApprovalError(f"approval request {rid!r} does not exist", 404)
+            req = request_from(orjson.loads(row["record"]))
+            (scratch.pending if req.state == PENDING else scratch.decided)[rid] = req
+            req = scratch.approve(rid, reviewer, arg) if action == "approve" else scratch.deny(rid, reviewer, arg)
+            await c.execute("UPDATE pooler_approval_requests SET state = $2, record = $3 WHERE id = $1",
+                            rid, req.state, orjson.dumps(request_record(req)).decode())
+            for g in scratch.grants.values():
+                await c.execute("INSERT INTO pooler_approval_grants (id, until, record) VALUES ($1, $2, $3)",
+                                g.id, g.until, orjson.dumps(grant_record(g)).decode())
+            await self._notify(c, request=rid, **({"grant": req.grant_id} if req.grant_id else {}))
+            return req
+
+        req = await self._in_store("decided", work)
         # the deciding gateway knows the outcome now: its reviewer sees it at once (the
         # notification that follows finds it applied)
         self.book.apply(req)
         for g in scratch.grants.values():
             self.book.apply_grant(g)
-        return self.book.decided.get(rid, req) if req.state != PENDING else self.book.pending.get(rid, req)
+        return req
 
     async def revoke(self, gid: str, reviewer):
-        if self.pool is None:
-            raise ApprovalError("the approvals store is unreachable; nothing was revoked", 503)
-        try:
-            async with self.pool.acquire() as c:
-                async with c.transaction():
-                    row = await c.fetchrow("SELECT record FROM pooler_approval_grants WHERE id = $1 FOR UPDATE", gid)
-                    if row is None:
-                        raise ApprovalError(f"grant {gid!r} does not exist", 404)
-                    scratch = ApprovalBook(max_grant=self.book.max_grant)
-                    g = grant_from(orjson.loads(row["record"]))
-                    scratch.grants[gid] = g
-                    scratch.revoke(gid, reviewer)
-                    await c.execute("UPDATE pooler_approval_grants SET record = $2 WHERE id = $1", gid,
-                                    orjson.dumps(grant_record(g)).decode())
-                await self._notify(c, grant=gid)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as e:
-            raise ApprovalError(f"the approvals store is unreachable ({e}); nothing was revoked", 503) from None
+        async def work(c):
+            row = await c.fetchrow("SELECT record FROM pooler_approval_grants WHERE id = $1 FOR UPDATE", gid)
+            if row is None:
+                raise ApprovalError(f"grant {gid!r} does not exist", 404)
+            scratch = ApprovalBook(max_grant=self.book.max_grant)
+            g = grant_from(orjson.loads(row["record"]))
+            scratch.grants[gid] = g
+            scratch.revoke(gid, reviewer)
+            await c.execute("UPDATE pooler_approval_grants SET record = $2 WHERE id = $1", gid,
+                            orjson.dumps(grant_record(g)).decode())
+            await self._notify(c, grant=gid)
+            return g
+
+        g = await self._in_store("revoked", work)
         self.book.apply_grant(g)
         return g
 
