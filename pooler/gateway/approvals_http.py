@@ -85,9 +85,9 @@ class ApprovalsHttp:
         for q in list(self.streams):
             if not q.full():
                 q.put_nowait(None)
-        if self.runner is not None:
-            await self.runner.cleanup()
-            self.runner = None
+        runner, self.runner = self.runner, None  # a second stop (signal, then shutdown) finds nothing to clean
+        if runner is not None:
+            await runner.cleanup()
 
     # ------------------------------------------------------------------ authentication
 
