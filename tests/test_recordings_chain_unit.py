@@ -261,3 +261,25 @@ def test_pooler_recordings_verify_command(tmp_path):
     assert bad.returncode == 1 and not rep["ok"]
     assert rep["problems"][0].endswith(f"{files[1].path.name}:3: hash does not match: this record was changed, "
                                        "or one was removed or inserted before it")
+
+
+def test_a_writer_thread_that_dies_or_falls_behind_is_reported_so_block_can_block(tmp_path, monkeypatch):
+    w = Writer(tmp_path / "a", gateway="test", rotate_size=1 << 20, rotate_age=0, compression="gzip", fsync=0.0)
+    w.start()
+    assert w.behind() is None
+
+    def broken(lines):
+        raise RuntimeError("a bug in the writer")
+    monkeypatch.setattr(w, "_write", broken)
+    w.submit([encode({"t": "stmt", "ts": time.time(), "sid": "t.1", "i": 1, "q": 1, "sql": "SELECT 1"})])
+    w._thread.join(10)
+    assert not w._thread.is_alive()
+    assert "RuntimeError: a bug in the writer" in w.behind()
+    w.stop()
+
+    slow = Writer(tmp_path / "b", gateway="test", rotate_size=1 << 20, rotate_age=0, compression="gzip",
+                  fsync=0.0, max_queued=3)  # never started: nothing takes the records
+    slow.submit([encode({"t": "stmt", "ts": time.time(), "sid": "t.2", "i": i, "q": i, "sql": "SELECT 1"})
+                 for i in range(5)])
+    assert slow.lost == 5
+    assert "fell behind" in slow.behind()

@@ -177,7 +177,7 @@ class Recorder(Observer):
         self._check_failure()
 
     def _check_failure(self) -> None:
-        why = self.writer.failing or self.broken
+        why = self.writer.failing or self.broken or self.writer.behind()
         gw = self.gw
         if why is not None and gw.config.record_failure == "block":
             if gw.record_block is None:

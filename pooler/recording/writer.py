@@ -73,6 +73,7 @@ class Writer:
         self._lost = 0  # records the thread could not write (the thread's)
         self._stopping = False
         self.failing: str | None = None  # why records cannot be written now (None: they can)
+        self._dropped_looked = 0  # behind(): drops already reported
         self.records = 0  # records written
         self.bytes = 0  # bytes written (before compression)
         self.failures = 0  # failed attempts to write
@@ -142,7 +143,25 @@ class Writer:
 
     # ------------------------------------------------------------------ the thread
 
+    def behind(self) -> str | None:
+        """Why records are not being written although nothing raised (None: they are): the
+        thread is gone, or it fell so far behind that records were dropped since the last
+        look. Read by the loop with ``failing``, so that record_failure = block blocks."""
+        if self._thread is not None and not self._thread.is_alive() and not self._stopping:
+            return self.failing or "the recording writer thread stopped"
+        dropped, self._dropped_looked = self._dropped - self._dropped_looked, self._dropped
+        if dropped or self.queued >= self.max_queued:
+            return f"the recording writer fell behind ({self.queued} records queued, {dropped} dropped)"
+        return None
+
     def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as e:  # noqa: BLE001 - a writer that dies must be seen: failing stays set
+            self.failing = f"the recording writer failed ({type(e).__name__}: {e})"
+            log.exception("recordings: the writer thread failed; nothing more is written")
+
+    def _loop(self) -> None:
         queue = self._chunks
         while True:
             if not queue and not self._stopping:
