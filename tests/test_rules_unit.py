@@ -68,6 +68,9 @@ def test_default_action_applies_without_an_opinion(tmp_path):
     ('    return mask({"public.t.a": "scramble"})\n', "unknown masking method"),
     ('    return deny("")\n', "non-empty reason"),
     ('    fail("boom")\n', "boom"),
+    ('    return {"pooler_action": "deny_it"}\n', "expected one of"),
+    ('    return {"pooler_action": "mask", "columns": ["public.t.a"]}\n', "takes a dict"),
+    ('    return {"pooler_action": "deny", "reason": 42}\n', "not a string"),
 ])
 def test_a_broken_rule_denies_naming_file_and_line(tmp_path, body, needle):
     p = policy_from(tmp_path, {"broken.star": "# a comment\ndef on_statement(stmt, session):\n" + body})

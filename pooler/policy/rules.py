@@ -237,10 +237,18 @@ def _parse_result(rf: RuleFile, result) -> Decision | None:
                         "allow(), deny(reason), require_approval(reason) or mask({...})", where, error=True)
     action = result["pooler_action"]
     reason = result.get("reason") or ""
+    if action not in ACTIONS or not isinstance(reason, str):
+        # fail closed: an action nobody knows (or a reason that is not text) is no opinion to skip
+        return Decision("deny", f"rule error: on_statement returned action {str(action)[:40]!r} "
+                        f"(expected one of {', '.join(ACTIONS)})" if action not in ACTIONS
+                        else "rule error: the reason is not a string", where, error=True)
     if action == "mask":
         from ..masking.methods import MethodError, parse_method
 
         cols = result.get("columns") or {}
+        if not isinstance(cols, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in cols.items()):
+            return Decision("deny", "rule error: mask() takes a dict of \"schema.table.column\": \"method\"",
+                            where, error=True)
         for col, spec in cols.items():
             try:
                 parse_method(spec)
