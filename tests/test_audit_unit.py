@@ -89,6 +89,15 @@ def test_statements_are_normalized_so_no_constant_leaves():
     assert "hunter2" not in text and "$1" in text and fp
     assert ecs.statement("SELECT * FROM t WHERE ssn = '123-45-6789'")[0] == "SELECT * FROM t WHERE ssn = $1"
     assert ecs.statement("SELEKT password 'x'") == (None, None)  # unparseable: no text at all
+    # constants normalize leaves in utility statements, and comments, are gone too
+    for sql, secret in [("CREATE SERVER s FOREIGN DATA WRAPPER postgres_fdw OPTIONS (host 'h', password 'hunter2')",
+                         "hunter2"), ("ALTER ROLE bob SET app.key = 'k-123'", "k-123"),
+                        ("COPY t FROM PROGRAM 'curl -H token:abc'", "abc"),
+                        ("PREPARE p AS SELECT * FROM t WHERE ssn = '123-45-6789'", "6789"),
+                        ("SELECT 1 /* password: swordfish */", "swordfish"), ("SELECT 'é' -- t0k3n", "t0k3n")]:
+        text = ecs.statement(sql)[0]
+        assert text and secret not in text, text
+    assert ecs.statement("ALTER ROLE bob SET app.key = 'k'")[0] == "ALTER ROLE bob SET app.key = $1"
     assert ecs.statement("SELECT 1 WHERE id = 2")[1] == ecs.statement("SELECT 1 WHERE id = 3")[1]
     long = "SELECT " + ", ".join(f"col_{i}" for i in range(2000)) + " FROM t"
     text = ecs.statement(long)[0]

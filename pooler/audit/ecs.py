@@ -15,11 +15,12 @@ Rules this module keeps:
 from __future__ import annotations
 
 import os
+import re
 import socket
 import time
 
 import orjson
-from pglast.parser import ParseError, fingerprint, normalize
+from pglast.parser import ParseError, fingerprint, normalize, scan
 
 from .. import __version__
 
@@ -56,16 +57,44 @@ def statement(sql: str) -> tuple[str | None, str | None]:
     got = _NORMALIZED.get(sql)
     if got is None:
         try:
-            text = normalize(sql)
+            text = _no_constants(normalize(sql))
             if len(text) > STATEMENT_MAX:
                 text = f"{text[:STATEMENT_MAX]} …[{len(text) - STATEMENT_MAX} more characters]"
             got = (text, fingerprint(sql))
         except (ParseError, ValueError, TypeError):
             got = (None, None)
-        if len(_NORMALIZED) >= 2000:
-            _NORMALIZED.clear()
-        _NORMALIZED[sql] = got
+        if len(sql) <= 20_000:  # a huge statement is not kept (the cache holds 2,000 texts)
+            if len(_NORMALIZED) >= 2000:
+                _NORMALIZED.clear()
+            _NORMALIZED[sql] = got
     return got
+
+
+# tokens that may carry a value or a secret: pglast's normalize leaves the constants of utility
+# statements (CREATE SERVER ... OPTIONS (password '...'), ALTER ROLE ... SET, COPY ... PROGRAM,
+# PREPARE, COMMENT ... IS) and every comment in place
+_CONSTANT_TOKENS = frozenset({"SCONST", "USCONST", "ICONST", "FCONST", "BCONST", "XCONST"})
+_COMMENT_TOKENS = frozenset({"C_COMMENT", "SQL_COMMENT"})
+_PARAM = re.compile(r"\$(\d+)")
+
+
+def _no_constants(text: str) -> str:
+    """``text`` with every constant left by normalize replaced by a ``$n`` of its own and every
+    comment dropped (ValueError when it cannot be scanned: then nothing is shown)."""
+    toks = [t for t in scan(text) if t.name in _CONSTANT_TOKENS or t.name in _COMMENT_TOKENS]
+    if not toks:
+        return text
+    b = text.encode("utf-8")
+    n = max((int(x) for x in _PARAM.findall(text)), default=0)
+    out, at = [], 0
+    for t in toks:  # scan's offsets are bytes, end inclusive
+        out.append(b[at:t.start])
+        if t.name in _CONSTANT_TOKENS:
+            n += 1
+            out.append(f"${n}".encode())
+        at = t.end + 1
+    out.append(b[at:])
+    return b"".join(out).decode("utf-8").strip()
 
 
 def endpoint(addr: str) -> dict:
