@@ -1053,7 +1053,8 @@ RESTART_KEYS = frozenset({"listen_addr", "listen_port", "unix_socket_dir", "unix
                           "record_hmac_key_env"}
                          | {k for k in SETTINGS if k.startswith("audit_")})  # SET never redirects the audit stream
 # settings whose values are never shown (SHOW CONFIG, SHOW <setting>)
-SECRET_KEYS = frozenset({"mask_hash_key", "approvals_store"})  # (a connection string may hold a password)
+# (a connection string may hold a password; an HTTP address an API key)
+SECRET_KEYS = frozenset({"mask_hash_key", "approvals_store", "audit_http_url"})
 
 
 def with_setting(cfg: Config, key: str, value: str) -> Config:

@@ -223,3 +223,11 @@ def test_syslog_to_a_stream_unix_socket_uses_octet_counting(tmp_path):
     finally:
         sink.stop()
         lsock.close()
+
+
+def test_an_http_destination_is_logged_without_its_credentials():
+    from pooler.audit.sinks import HttpSink, shown_url
+    assert shown_url("https://u:pw@siem.example:8088/collector?dd-api-key=abc") == "https://siem.example:8088/collector?..."
+    assert shown_url("http://h/x") == "http://h/x"
+    from pooler.gateway.audit import _where
+    assert "abc" not in _where(HttpSink("https://siem.example/c?key=abc", 10))

@@ -24,6 +24,7 @@ import socket
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 
@@ -274,6 +275,7 @@ class HttpSink(Sink):
                  timeout: float = 5.0, fmt: str = "ndjson", headers: dict[str, str] | None = None) -> None:
         super().__init__(queue_size)
         self.url = url
+        self.shown = shown_url(url)  # for logs: a token in the address never reaches them
         self.batch = batch
         self.flush = flush
         self.retries = retries
@@ -320,7 +322,7 @@ class HttpSink(Sink):
                 time.sleep(pause)
                 pause = min(pause * 2, MAX_PAUSE)
         self.failed += len(items)
-        self._warn(f"{self.url}: {why}; a batch of {len(items)} event(s) not delivered after {self.retries + 1} tries")
+        self._warn(f"{self.shown}: {why}; a batch of {len(items)} event(s) not delivered after {self.retries + 1} tries")
 
 
 def _peer_closed(s: socket.socket) -> bool:
@@ -336,3 +338,12 @@ def _peer_closed(s: socket.socket) -> bool:
 
 _HOSTNAME = socket.gethostname()
 _PID = os.getpid()
+
+
+def shown_url(url: str) -> str:
+    """``url`` without its user:password@ and its query (either may carry an API key)."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urllib.parse.urlunsplit((parts.scheme, host, parts.path, "..." if parts.query else "", ""))

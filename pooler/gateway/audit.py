@@ -275,5 +275,5 @@ class Audit(Observer):
 
 
 def _where(s: Sink) -> str:
-    return getattr(s, "path", None) or getattr(s, "target", None) or getattr(s, "url", "?")
+    return getattr(s, "path", None) or getattr(s, "target", None) or getattr(s, "shown", "?")
 
