@@ -102,13 +102,22 @@ def test_failed_logins_and_password_literals_never_put_a_secret_in_a_recording(g
         c.execute("DROP ROLE IF EXISTS rec_pw_role")
         c.execute("CREATE ROLE rec_pw_role LOGIN PASSWORD 'hunter2-8842'")
         c.execute("ALTER ROLE rec_pw_role PASSWORD 'hunter3-9953' VALID UNTIL 'infinity'")
+        c.execute("ALTER ROLE rec_pw_role PASSWORD U&'hunter4-1164'")  # quoting that a pattern would miss
         c.execute("DROP ROLE rec_pw_role")
+        # parameters: of a statement that speaks of a password, and a connection string's password
+        # (their results are lengths: a value the client is shown is recorded as it was shown)
+        assert c.execute("SELECT length(%s::text) AS password", ["hunter5-2275"]).fetchone()[0] == 12
+        assert c.execute("SELECT length(%s::text)", ["host=db password=hunter6-3386 user=x"]).fetchone()[0] == 36
     (s,) = wait_logged_out(d)
     redacted = [x for x in of(s, "stmt") if x.get("redacted")]
-    assert [x["sql"] for x in redacted] == ["CREATE ROLE rec_pw_role LOGIN PASSWORD '********'",
-                                           "ALTER ROLE rec_pw_role PASSWORD '********' VALID UNTIL 'infinity'"]
+    assert [x["sql"] for x in redacted][:2] == ["CREATE ROLE rec_pw_role LOGIN PASSWORD '********'",
+                                               "ALTER ROLE rec_pw_role PASSWORD '********' VALID UNTIL 'infinity'"]
+    assert redacted[2]["sql"] == "ALTER ROLE rec_pw_role PASSWORD '********'"
+    binds = [x["params"] for x in of(s, "bind")]
+    assert ["********"] in binds and ["host=db password=******** user=x"] in binds
     g.stop()
     text = all_text(d)
     assert '"t":"login_failed"' in text and '"user":"postgres"' in text
-    for secret in ("wrong-pass-5519", "right-pass-7731", "hunter2-8842", "hunter3-9953"):
+    for secret in ("wrong-pass-5519", "right-pass-7731", "hunter2-8842", "hunter3-9953", "hunter4-1164", "hunter5-2275",
+                   "hunter6-3386"):
         assert secret not in text

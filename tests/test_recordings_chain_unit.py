@@ -216,6 +216,15 @@ def test_rotation_and_retention_decisions():
     ("create user x with password 'it''s' valid until 'infinity'", "create user x with password '********' valid until 'infinity'"),
     ("ALTER ROLE bob PASSWORD $pw$ s3cr3t $pw$", "ALTER ROLE bob PASSWORD '********'"),
     ("SELECT dblink_connect('host=db password=hunter2 user=x')", "SELECT dblink_connect('host=db password=******** user=x')"),
+    ("ALTER ROLE bob PASSWORD U&'hunter2'", "ALTER ROLE bob PASSWORD '********'"),
+    ("ALTER ROLE bob PASSWORD /**/ 'hunter2'", "ALTER ROLE bob PASSWORD /**/ '********'"),
+    ("CREATE USER MAPPING FOR a SERVER s OPTIONS (user 'a', \"password\" 'hunter2')",
+     "CREATE USER MAPPING FOR a SERVER s OPTIONS (user 'a', \"password\" '********')"),
+    ("CREATE SUBSCRIPTION s CONNECTION 'postgresql://u:hunter2@h/db' PUBLICATION p",
+     "CREATE SUBSCRIPTION s CONNECTION '********' PUBLICATION p"),
+    ("SELECT dblink_connect('postgresql://u:hunter2@h/db')", "SELECT dblink_connect('postgresql://u:********@h/db')"),
+    ("SELECT 1 /* password hunter2 */", "SELECT 1 /* ******** */"),
+    ("ALTER ROLE bob PASSWORD 'hunter2", "[not recorded: the statement mentions a password and could not be read]"),
 ])
 def test_password_literals_never_reach_a_record(sql, shown):
     assert redact(sql) == (shown, True)

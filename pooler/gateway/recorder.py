@@ -29,7 +29,7 @@ import orjson
 
 from ..approvals.present import bind_parts
 from ..config import fsync_interval
-from ..recording.format import json_default, redact
+from ..recording.format import hide_in_value, json_default, may_hold_secret, redact
 from ..recording.writer import Writer
 from .events import Observer
 
@@ -48,7 +48,7 @@ _ROUTE = re.compile(r"\s*(?:(?:--[^\n]*\n|/\*.*?\*/)\s*)*(execute|copy)\b", re.I
 
 
 class _Sess:
-    __slots__ = ("sid", "i", "q", "pending", "names", "rows", "row_bytes", "rows_cut", "last_q",
+    __slots__ = ("sid", "i", "q", "pending", "names", "secret_names", "rows", "row_bytes", "rows_cut", "last_q",
                  "statements", "errors", "refused", "rows_total", "received", "started")
 
     def __init__(self, sid: str) -> None:
@@ -57,6 +57,7 @@ class _Sess:
         self.q = 0
         self.pending: collections.deque = collections.deque()  # [q, simple?, answered?] of executions sent
         self.names: dict[bytes, int] = {}  # prepared statement name -> q of its Parse
+        self.secret_names: set[bytes] = set()  # ... those whose text held a secret: their parameters are hidden
         self.rows: list | None = None  # rows of the result streaming now
         self.row_bytes = 0
         self.rows_cut = False
@@ -250,7 +251,12 @@ class Recorder(Observer):
         if kind == "Q":
             st.pending.append([q, True, False])
         else:
-            st.names[s.governor.parse_name] = q
+            name = s.governor.parse_name
+            st.names[name] = q
+            if may_hold_secret(sql):
+                st.secret_names.add(name)
+            else:
+                st.secret_names.discard(name)
 
     def bound(self, s, data: bytes, pos: int, end: int) -> None:
         st = self.live.get(s)
@@ -262,13 +268,20 @@ class Recorder(Observer):
             return  # a malformed Bind: the server refuses it
         cap = self.gw.config.record_result_bytes
         params, size, cut = [], 0, False
+        secret = stmt in st.secret_names  # PASSWORD $1, dblink_connect($1) after a password= ...
         for v, f in zip(values, formats):
             if v is not None:
                 size += len(v)
                 if size > cap:
                     cut = True
                     break
-            params.append(_value(v, f == 1))
+            p = _value(v, f == 1)
+            if v is not None:
+                if secret:
+                    p = "********"
+                elif type(p) is str:
+                    p = hide_in_value(p)
+            params.append(p)
         q = st.names.get(stmt)
         fields = {"q": q, "stmt": stmt.decode("utf-8", "replace"), "portal": portal.decode("utf-8", "replace"),
                   "params": params}
