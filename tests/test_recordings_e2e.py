@@ -10,6 +10,7 @@ import subprocess
 import psycopg
 import pytest
 
+from pooler.recording.reader import iter_events
 from pooler.recording.verify import verify
 from tests.recording_helpers import of, recording_gw, wait_logged_out
 
@@ -129,3 +130,19 @@ def test_notices_are_recorded_with_their_statement(gw_factory, tmp_path):
     (n,) = of(s, "notice")
     assert (n["severity"], n["sqlstate"], n["message"]) == ("WARNING", "01000", "agent was warned: 42")
     assert n["q"] == next(x["q"] for x in of(s, "stmt") if x["sql"].startswith("DO "))
+
+
+def test_after_an_error_in_a_pipeline_the_next_result_is_the_next_statements(gw_factory, tmp_path):
+    d = tmp_path / "rec"
+    g = gw_factory(settings={"record_dir": str(d), "record_fsync": "always"})
+    with psycopg.connect(g.dsn(), autocommit=True) as c:
+        with pytest.raises(psycopg.errors.DivisionByZero):
+            with c.pipeline():
+                c.execute("SELECT 1/0")
+                c.execute("SELECT 2")  # skipped by the server after the error
+        assert c.execute("SELECT 42").fetchone() == (42,)
+    g.stop()
+    recs = [r for r in iter_events(d) if r.get("sid")]
+    q42 = next(r["q"] for r in recs if r["t"] == "stmt" and r["sql"] == "SELECT 42")
+    done = [r for r in recs if r["t"] == "done" and r.get("tag") == "SELECT 1"]
+    assert [r["q"] for r in done] == [q42]

@@ -409,6 +409,14 @@ class Recorder(Observer):
         if st is not None:
             self._rec(st, "cancel")
 
+    def ready(self, s, srv, status: int, started: float, sent: int, received: int) -> None:
+        """A round ended with nothing outstanding: executions still awaiting a result were
+        skipped by the server after an error (or bound and never executed); none of them may
+        take the next statement's result."""
+        st = self.live.get(s)
+        if st is not None and st.pending:
+            st.pending.clear()
+
     def logout(self, s, reason: str) -> None:
         st = self.live.pop(s, None)
         if st is not None:
