@@ -43,12 +43,18 @@ _RECORD_AT_START = ("record_dir", "record_rotate_size", "record_rotate_age", "re
 RESTART_ONLY = ("track_extra_parameters", "max_packet_size", "so_reuseport")
 
 
+# auth_query lookups run at once, at most (they come before the client proved anything: a flood
+# of logins with unknown names queues here instead of opening a server connection each)
+AUTH_QUERY_CONNECTIONS = 4
+
+
 class Gateway:
     """The process: listeners, pools, the policy, observers, cancel routing, timers, signals.
     It is each session's SessionHost and each pool's PoolHost (interfaces.py)."""
 
     def __init__(self, config: Config) -> None:
         self.config = config
+        self._auth_query_slots: asyncio.Semaphore | None = None  # made on the loop, at the first lookup
         set_extra_params(config.track_extra_parameters)  # read once: a restart applies a change
         self.events = Events()  # observers of what happens (events.py)
         self.session_log = SessionLog(self)
@@ -368,7 +374,9 @@ class Gateway:
             else:
                 pool.db = db
                 pw = self._server_password(new, db, user)
-                if pw != pool.server_password:
+                if pw is None and pool.server_password is not None and self.auth_query_user(db):
+                    pass  # a secret a login fetched with auth_query: the config never held it
+                elif pw != pool.server_password:
                     # a rotated upstream secret: new connections use it; open sessions stay
                     pool.server_password = pw
                     log.info("pool %s: upstream credentials changed; new server connections use them", pool.name)
@@ -427,8 +435,10 @@ class Gateway:
         pw = db.password if db.password is not None and db.user == auth_user else cfg.auth_users.get(auth_user)
         pool = Pool(self, target, auth_user, pw if pw is None or not is_scram(pw) else None)
         limit = cfg.server_connect_timeout or 15
+        if self._auth_query_slots is None:
+            self._auth_query_slots = asyncio.Semaphore(AUTH_QUERY_CONNECTIONS)
         try:
-            async with asyncio.timeout(2 * limit):
+            async with asyncio.timeout(2 * limit), self._auth_query_slots:
                 srv = await pool.open_connection(side=True)
                 try:
                     results = await srv.run_messages(

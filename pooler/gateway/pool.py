@@ -127,7 +127,7 @@ class Pool:
                 self.active.add(srv)
                 if cfg.server_check_query and self.gw.clock - srv.last_used >= cfg.server_check_delay:
                     self._check(srv, cfg.server_check_query)  # handed out once it answers
-                    continue
+                    break  # this client waits for it (one check per client, not one per idle server)
                 return srv
         client.wait_started = time.monotonic()
         self.waiters.append(client)
@@ -176,8 +176,8 @@ class Pool:
         lifetime = self.lifetime
         # the janitor's clock (a second's resolution, like PgBouncer's cached time): no clock
         # read per release for limits counted in minutes; server_lifetime = 0: used once (by a client)
-        if self.obsolete or self.gw.stopping == "SIGINT" or self.gw.clock - srv.created_at > lifetime or (
-                lifetime == 0 and srv.owner is not None):
+        if self.obsolete or self.gw.stopping == "SIGINT" or (
+                srv.owner is not None if lifetime == 0 else self.gw.clock - srv.created_at > lifetime):
             self.active.discard(srv)
             srv.close("closing" if self.obsolete or self.gw.stopping else "server_lifetime")
             self._grow()
@@ -463,7 +463,7 @@ class Pool:
         keep = self.min_size
         lifetime, idle_timeout = self.lifetime, self.idle_timeout
         for srv in list(self.idle):
-            too_old = now - srv.created_at > lifetime or (lifetime == 0 and srv.owner is not None)
+            too_old = srv.owner is not None if lifetime == 0 else now - srv.created_at > lifetime
             too_idle = idle_timeout and now - srv.last_used > idle_timeout
             if (too_old or too_idle) and self.total() > keep:
                 self.idle.remove(srv)
