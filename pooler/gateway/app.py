@@ -21,7 +21,7 @@ from ..policy.engine import Policy
 from ..policy.rules import RuleLoadError
 from ..protocol import messages as m
 from .admin import Console, ready, timestamp
-from .audit import Audit, audit_settings, sinks_of
+from .audit import Audit, AuditDecisions, audit_settings, sinks_of
 from .holds import ApprovalDesk
 from .catalogs import CatalogHolder
 from .events import Events
@@ -78,6 +78,7 @@ class Gateway:
         self.audit: Audit | None = Audit(self, sinks) if sinks else None
         if self.audit is not None:
             self.events.subscribe(self.audit)
+        self.audit_decisions = AuditDecisions(self.audit) if self.audit is not None else None
         self.record_block: str | None = None  # why statements are refused (recordings cannot be written)
         self.recorder: Recorder | None = None  # record_dir: session recordings (recorder.py)
         if config.record_dir:
@@ -406,10 +407,13 @@ class Gateway:
         return True
 
     def _policy_loaded(self) -> None:
-        if self.policy is not None:
-            self.events.subscribe(self.decisions)
-        else:
-            self.events.unsubscribe(self.decisions)
+        for o in (self.decisions, self.audit_decisions):  # (they listen to decisions of rules only)
+            if o is None:
+                continue
+            if self.policy is not None:
+                self.events.subscribe(o)
+            else:
+                self.events.unsubscribe(o)
 
     # ------------------------------------------------------------------ clients
 

@@ -161,7 +161,8 @@ class Audit(Observer):
 
     # -- statements
 
-    def decided(self, s, kind: str, sql: str, d) -> None:
+    def statement_decided(self, s, kind: str, sql: str, d) -> None:
+        """events.decided, through AuditDecisions (subscribed only while rules are loaded)."""
         if d is None or d.action == "allow":
             if self._denied:
                 self._denied.pop(s, None)
@@ -277,3 +278,14 @@ class Audit(Observer):
 def _where(s: Sink) -> str:
     return getattr(s, "path", None) or getattr(s, "target", None) or getattr(s, "shown", "?")
 
+
+class AuditDecisions(Observer):
+    """The audit stream's ear for decisions, subscribed only while a rule set is active: without
+    one every decision is None (nothing to audit), and a listener of ``decided`` would take the
+    proxy loop off its no-rules path for every statement."""
+
+    def __init__(self, audit: Audit) -> None:
+        self.audit = audit
+
+    def decided(self, s, kind: str, sql: str, d) -> None:
+        self.audit.statement_decided(s, kind, sql, d)
