@@ -91,6 +91,8 @@ def test_every_kind_of_event_is_written_to_the_audit_file(pg, people, gw_factory
         c.execute(f"DENY {second['pooler']['approval']['id']} 'too broad'")
         job.join(30)
         assert refused and "too broad" in refused[0]
+        with pytest.raises(psycopg.Error, match="already denied"):
+            c.execute(f"APPROVE {second['pooler']['approval']['id']}")  # too late: audited as a failure
         c.execute("SET default_pool_size = 7")
         c.execute("SET mask_hash_key = 'topsecret-key-material'")
         with pytest.raises(psycopg.Error):
@@ -157,6 +159,8 @@ def test_every_kind_of_event_is_written_to_the_audit_file(pg, people, gw_factory
     admin = {(d["pooler"]["admin"]["command"], d["event"]["outcome"]): d for d in docs()
              if action(d).startswith("admin-")}
     assert admin[("APPROVE", "success")]["user"]["name"] == "admin"
+    late = admin[("APPROVE", "failure")]
+    assert late["pooler"]["admin"]["argument"] == second["pooler"]["approval"]["id"] and "already" in late["error"]["message"]
     assert [d["pooler"]["admin"]["argument"] for d in by["admin-set"]] == ["default_pool_size = 7",
                                                                           "mask_hash_key = ********"]
     assert admin[("KILL_CLIENT", "failure")]["error"]["message"] == "client not found"

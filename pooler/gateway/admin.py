@@ -512,7 +512,7 @@ class Console:
             raise AdminError(f"APPROVE failed: {e}", "42501") from None
         desk = self.gw.approvals
 
-        async def done(r):
+        def done(r):
             log.info("APPROVE %s by %s%s", rid, s.user, f" for {interval}" if interval else "")
             if r.state != "approved":
                 return m.notice_response("00000", f"request {rid} has {len(r.approvals)} of {r.required} approvals")
@@ -523,7 +523,7 @@ class Console:
         self._need_admin(s)
         desk = self.gw.approvals
 
-        async def done(r):
+        def done(r):
             log.info("DENY %s by %s: %s", rid, s.user, reason)
             return b""
         return self._decide(s, "DENY", desk.deny(rid, desk.console_reviewer(s), reason), done)
@@ -532,7 +532,7 @@ class Console:
         self._need_admin(s)
         desk = self.gw.approvals
 
-        async def done(g):
+        def done(g):
             log.info("REVOKE %s by %s", gid, s.user)
             return b""
         return self._decide(s, "REVOKE", desk.revoke(gid, desk.console_reviewer(s)), done)
@@ -540,16 +540,24 @@ class Console:
     def _decide(self, s, command: str, decision, done) -> None:
         """A decision goes to the approvals desk (and, with a shared store, to PostgreSQL): the
         console answers when it is made."""
+        told, self._told = self._told, ("", "")  # audited when decided (admin_command), with its outcome
+
         async def run() -> None:
+            ok, message = False, ""
             try:
                 r = await decision
-                reply = await done(r) + ready(command)
+                reply = done(r) + ready(command)
+                ok = True
             except ApprovalError as e:
                 log.error("%s failed: %s", command, e)
-                reply = m.error_response("42501", f"{command} failed: {e}") + m.ready_for_query()
+                message = f"{command} failed: {e}"
+                reply = m.error_response("42501", message) + m.ready_for_query()
             except Exception as e:  # noqa: BLE001 - the console session always gets an answer
                 log.exception("%s failed", command)
-                reply = m.error_response("XX000", f"{command} failed: {e}") + m.ready_for_query()
+                message = f"{command} failed: {e}"
+                reply = m.error_response("XX000", message) + m.ready_for_query()
+            self._told = told
+            self._tell(s, ok, message)
             s.console_reply(reply)
         asyncio.get_running_loop().create_task(run())
         return None
