@@ -14,7 +14,6 @@ Output: colour only on a terminal (``--color``, ``NO_COLOR``), long output throu
 from __future__ import annotations
 
 import os
-import re
 import shlex
 import shutil
 import subprocess
@@ -337,24 +336,6 @@ def rules_against(args, candidate) -> int:
     return 1 if rep.changes else 0
 
 
-def _connect_args(dsn: str) -> dict:
-    """asyncpg.connect's arguments for a URL or a libpq keyword/value string."""
-    if "://" in dsn:
-        return {"dsn": dsn}
-    names = {"host": "host", "port": "port", "user": "user", "password": "password", "dbname": "database",
-             "sslmode": "ssl"}
-    out: dict = {}
-    for m in re.finditer(r"(\w+)\s*=\s*('(?:[^'\\]|\\.)*'|\S+)", dsn):
-        key, value = m.group(1), m.group(2)
-        if value.startswith("'"):
-            value = re.sub(r"\\(.)", r"\1", value[1:-1])
-        if key not in names:
-            raise ValueError(f"connection option {key!r} is not supported here (host, port, user, password, "
-                             "dbname, sslmode; or a postgresql:// URL)")
-        out[names[key]] = int(value) if key == "port" else value
-    return out
-
-
 def load_catalog(dsn: str):
     """Masking's catalog of one database (the queries the gateway runs: masking.catalog.CATALOG_SQL),
     read with asyncpg, as masking.catalog.Catalog."""
@@ -362,6 +343,7 @@ def load_catalog(dsn: str):
 
     import asyncpg
 
+    from .config import store_connect_args
     from .masking.catalog import CATALOG_SQL, Catalog
 
     selects = [q.strip() for q in CATALOG_SQL.split(";") if q.strip().upper().startswith("SELECT")]
@@ -372,7 +354,7 @@ def load_catalog(dsn: str):
         return str(v).encode()
 
     async def read():
-        conn = await asyncpg.connect(timeout=15, **_connect_args(dsn))
+        conn = await asyncpg.connect(**{"timeout": 15, **store_connect_args(dsn)})
         try:
             await conn.execute("SET search_path = pg_catalog")
             return [[[raw(v) for v in row] for row in await conn.fetch(q, timeout=60)] for q in selects]
