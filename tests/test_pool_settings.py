@@ -58,7 +58,7 @@ def pid(conn) -> int:
 
 
 def console(gw):
-    return psycopg.connect(gw.dsn(user="postgres", dbname="pgbouncer"), autocommit=True)
+    return psycopg.connect(gw.dsn(user="postgres", dbname="pgbouncer"), autocommit=True, prepare_threshold=None)
 
 
 def show(gw, what) -> list[dict]:
@@ -142,6 +142,18 @@ def test_per_database_server_lifetime_zero_uses_a_server_once(gw_factory, pg):
     assert len(pids) == 1
     rows = {r["name"]: r for r in show(gw, "DATABASES")}
     assert rows["once"]["server_lifetime"] == 0 and rows["kept"]["server_lifetime"] == 3600
+
+
+def test_fast_logins_over_the_unix_socket_are_not_lost(gw_factory, pg):
+    # over a Unix socket with trust, PostgreSQL's whole login reply can arrive before the task
+    # that opened the connection awaits it: a login that finished that early was waited for
+    # until server_connect_timeout (one in a few dozen)
+    gw = gw_factory(databases={"once": f"host={pg.socket_dir} port={pg.port} dbname=postgres "
+                                       f"user={pg.superuser} server_lifetime=0"},
+                    settings={"server_connect_timeout": "5"})
+    with psycopg.connect(gw.dsn(dbname="once"), autocommit=True) as c:
+        pids = {pid(c) for _ in range(150)}
+    assert len(pids) == 150  # each transaction logged in a new server, none timed out
 
 
 def test_per_database_server_idle_timeout_closes_idle_servers(gw_factory, pg, roles):

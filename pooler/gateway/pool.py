@@ -298,6 +298,8 @@ class Pool:
             if srv is not None:
                 self.logging_in.discard(srv)
                 srv.close(str(e))
+                if srv.login_waiter is not None:
+                    srv.login_waiter.cancel()  # nobody awaits it any more
             unreachable = srv is None and not isinstance(e, ServerLoginError)
             if isinstance(e, ServerLoginError):
                 msg, state = str(e), e.sqlstate
@@ -312,6 +314,8 @@ class Pool:
             if srv is not None:
                 self.logging_in.discard(srv)
                 srv.close("connect cancelled")
+                if srv.login_waiter is not None:
+                    srv.login_waiter.cancel()
             raise
 
     def _next_host(self, failed: bool = False) -> str:

@@ -265,6 +265,9 @@ class ServerConn(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self.state = S_LOGIN
+        # made here, not in login(): over a Unix socket a trust login can be over (or refused)
+        # before the opener's task resumes to await it
+        self.login_waiter = asyncio.get_running_loop().create_future()
         tune_socket(transport.get_extra_info("socket"), self.pool.tcp_settings())
         params = self.pool.startup_params()
         if self.startup_extra:
@@ -365,8 +368,9 @@ class ServerConn(asyncio.Protocol):
     # ------------------------------------------------------------------ login
 
     async def login(self) -> None:
-        self.login_waiter = asyncio.get_running_loop().create_future()
-        await self.login_waiter
+        w = self.login_waiter
+        assert w is not None  # connection_made made it
+        await w
 
     def _login_data(self, data: bytes) -> None:
         buf = self.rbuf + data if self.rbuf else data
