@@ -62,7 +62,7 @@ def cgw(pg, gw_factory):
 
 
 def console(g, user: str = "admin") -> psycopg.Connection:
-    return psycopg.connect(g.dsn(user=user, dbname="pgbouncer"), autocommit=True)
+    return psycopg.connect(g.dsn(user=user, dbname="pgbouncer"), autocommit=True, prepare_threshold=None)
 
 
 def show(conn, what: str) -> list[dict]:

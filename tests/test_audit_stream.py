@@ -79,7 +79,7 @@ def test_every_kind_of_event_is_written_to_the_audit_file(pg, people, gw_factory
     job = threading.Thread(target=lambda: held.append(_run(g, "UPDATE audit_people SET id = id")), daemon=True)
     job.start()
     req = wait_docs(docs, of("approval-requested"))[0]
-    with psycopg.connect(g.dsn(user="admin", password=PASSWORD, dbname="pgbouncer"), autocommit=True) as c:
+    with psycopg.connect(g.dsn(user="admin", password=PASSWORD, dbname="pgbouncer"), autocommit=True, prepare_threshold=None) as c:
         c.execute(f"APPROVE {req['pooler']['approval']['id']}")
         job.join(30)
         assert held == [2]
@@ -200,7 +200,7 @@ def test_a_config_file_that_breaks_is_a_failed_config_reload(gw_factory, tmp_pat
     g = gw_factory(settings={"audit_file": str(audit), "admin_users": "admin"},
                    databases={"postgres": upstream_entry(pg)})
     g.ini.write_text(g.ini.read_text() + "pool_mode = sometimes\n")
-    with psycopg.connect(g.dsn(user="admin", dbname="pgbouncer"), autocommit=True) as c:
+    with psycopg.connect(g.dsn(user="admin", dbname="pgbouncer"), autocommit=True, prepare_threshold=None) as c:
         with pytest.raises(psycopg.Error, match="RELOAD failed"):
             c.execute("RELOAD")
     d = wait_docs(lambda: read_lines(audit), of("config-reload"))[0]

@@ -66,7 +66,7 @@ def login_in_thread(gw, user, dbname="postgres"):
 
 
 def pools(gw) -> dict:
-    with psycopg.connect(gw.dsn(user="postgres", dbname="pgbouncer"), autocommit=True) as c:
+    with psycopg.connect(gw.dsn(user="postgres", dbname="pgbouncer"), autocommit=True, prepare_threshold=None) as c:
         cur = c.execute("SHOW POOLS")
         names = [d.name for d in cur.description]
         return {(r["database"], r["user"]): r for r in (dict(zip(names, row)) for row in cur.fetchall())}

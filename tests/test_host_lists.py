@@ -26,7 +26,7 @@ def server_addrs(gw, n, dbname="postgres"):
 
 
 def console_rows(gw, what):
-    with psycopg.connect(gw.dsn(user="postgres", dbname="pgbouncer"), autocommit=True) as c:
+    with psycopg.connect(gw.dsn(user="postgres", dbname="pgbouncer"), autocommit=True, prepare_threshold=None) as c:
         cur = c.execute(f"SHOW {what}")
         names = [d.name for d in cur.description]
         return [dict(zip(names, r)) for r in cur.fetchall()]

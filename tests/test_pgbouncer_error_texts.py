@@ -45,7 +45,7 @@ def test_shutdown_wait_for_servers_closes_a_client_that_needs_a_new_server(gw_fa
     idle = psycopg.connect(gw.dsn(), autocommit=True)
     busy.execute("SELECT 1")  # a transaction is open
     idle.execute("SELECT 1")
-    with psycopg.connect(gw.dsn(dbname="pgbouncer"), autocommit=True) as c:
+    with psycopg.connect(gw.dsn(dbname="pgbouncer"), autocommit=True, prepare_threshold=None) as c:
         c.execute("SHUTDOWN WAIT_FOR_SERVERS")
         with pytest.raises(psycopg.errors.ProtocolViolation, match="pooler is shutting down"):
             c.execute("RESUME")

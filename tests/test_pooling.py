@@ -364,7 +364,7 @@ def test_cancel_of_a_statement_waiting_for_a_server_fails_it_unrun(pg, gw_factor
         direct.execute("DROP SEQUENCE IF EXISTS cancel_waiting; CREATE SEQUENCE cancel_waiting")
     holder = psycopg.connect(gw.dsn(), autocommit=True)
     waiter = psycopg.connect(gw.dsn(), autocommit=True)
-    console = psycopg.connect(gw.dsn(user="admin", dbname="pgbouncer"), autocommit=True)
+    console = psycopg.connect(gw.dsn(user="admin", dbname="pgbouncer"), autocommit=True, prepare_threshold=None)
     try:
         holder.execute("BEGIN")
         holder.execute("SELECT 1")

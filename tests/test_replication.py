@@ -46,7 +46,7 @@ def test_logical_replication_mode_passes_options_as_sent_and_is_never_pooled(rep
         assert c.execute("SHOW extra_float_digits").fetchone() == ("3",)
         walsenders = pg.psql("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'walsender'").strip()
         assert walsenders == "1"
-        with psycopg.connect(repl_gw.dsn(dbname="pgbouncer"), autocommit=True) as adm:
+        with psycopg.connect(repl_gw.dsn(dbname="pgbouncer"), autocommit=True, prepare_threshold=None) as adm:
             cur = adm.execute("SHOW POOLS")
             names = [d.name for d in cur.description]
             pools = [dict(zip(names, r)) for r in cur.fetchall() if r[0] == "postgres"]

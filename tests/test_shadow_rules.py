@@ -44,7 +44,7 @@ def sgw(pg, gw_factory, tmp_path):
 
 
 def rows(g, what: str) -> list[dict]:
-    with psycopg.connect(g.dsn(user="admin", dbname="pgbouncer"), autocommit=True) as c:
+    with psycopg.connect(g.dsn(user="admin", dbname="pgbouncer"), autocommit=True, prepare_threshold=None) as c:
         cur = c.execute(f"SHOW {what}")
         names = [d.name for d in cur.description]
         return [dict(zip(names, r)) for r in cur.fetchall()]
@@ -105,7 +105,7 @@ def test_shadow_mode_is_declared_in_the_file_and_reloads_with_it(sgw, tmp_path):
     rules = tmp_path / "rules"
     (rules / "50_candidate.star").write_text(CANDIDATE.replace('MODE = "shadow"', 'MODE = "enforce"'))
     (rules / "60_broken.star").unlink()
-    with psycopg.connect(sgw.dsn(user="admin", dbname="pgbouncer"), autocommit=True) as c:
+    with psycopg.connect(sgw.dsn(user="admin", dbname="pgbouncer"), autocommit=True, prepare_threshold=None) as c:
         c.execute("RELOAD")
     with psycopg.connect(sgw.dsn(user="agent"), autocommit=True) as a:
         with pytest.raises(psycopg.errors.InsufficientPrivilege, match="agents will not read orders"):
