@@ -90,6 +90,19 @@ def test_a_file_left_open_by_a_crash_is_closed_at_the_next_start(tmp_path):
     assert w2.records > 0
 
 
+def test_a_damaged_record_in_a_file_left_open_is_kept_for_verify_not_cut(tmp_path):
+    w = write(tmp_path, n_sessions=1, per=8, stop=False, compression="none")
+    os.close(w._fd)
+    lines = lines_of(w._path)
+    lines[3] = b"damaged"  # a record someone broke, then the crash left half a record at the end
+    w._path.write_bytes(b"".join(line + b"\n" for line in lines) + b'{"t":"stmt","sid":"t.0","i":8,"sq')
+    write(tmp_path, n_sessions=1, per=5, compression="none")
+    kept = lines_of(rf.list_files(tmp_path)[0].path)
+    assert kept[3] == b"damaged" and len(kept) == len(lines) + 1  # the records after it stay; a close is added
+    rep = verify(tmp_path)
+    assert not rep.ok and len(rep.problems) == 1 and ":4:" in rep.problems[0], rep.problems
+
+
 def _tamper_setup(tmp_path, **kw):
     write(tmp_path, n_sessions=6, per=20, **kw)
     files = rf.list_files(tmp_path)

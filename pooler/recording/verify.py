@@ -75,7 +75,7 @@ def verify(root: str | os.PathLike, key: bytes | None = None) -> Report:
                     rec = None
             if got is None or type(rec) is not dict:
                 rep.problems.append(f"{name}:{lineno}: not a sealed record (the line was changed)")
-                broken += 1
+                broken += 1  # (still a line the file holds: its close record counts it)
                 chain = None
                 continue
             body, h = got
@@ -142,9 +142,9 @@ def verify(root: str | os.PathLike, key: bytes | None = None) -> Report:
             else:
                 pending_unclosed = name
         elif close_rec is not None:
-            if close_rec.get("records") != count - 1:
+            if close_rec.get("records") != count + broken - 1:
                 rep.problems.append(f"{name}: its close record counts {close_rec.get('records')} records, "
-                                    f"the file holds {count - 1}")
+                                    f"the file holds {count + broken - 1}")
             if close_rec.get("reason") == "recovered":
                 extra = f", {close_rec['cut_bytes']} bytes of a cut-off record removed" if close_rec.get("cut_bytes") else ""
                 rep.notes.append(f"{name}: the gateway stopped without closing it; closed at the next start{extra}")

@@ -423,15 +423,13 @@ class Writer:
             return
         self._seq = max(f.seq for f in files)
         last = files[-1]
-        lines, problem = read_lines(last.path)
+        lines, problem = read_lines(last.path)  # whole lines only: a half-written last one is left out
         prev = None
-        good = 0  # bytes of whole records (plain files)
-        for line in lines:
-            got = unseal(line)
-            if got is None:
-                break
-            prev = got[1]
-            good += len(line) + 1
+        for line in lines:  # the chain goes on from the last record that reads (a damaged one
+            got = unseal(line)  # in the middle stays where it is, for verify to report)
+            if got is not None:
+                prev = got[1]
+        good = sum(len(line) + 1 for line in lines)  # bytes of whole lines (plain files)
         if prev is not None:
             self._prev = prev
         if last.is_open:
@@ -439,7 +437,8 @@ class Writer:
 
     def _close_left_open(self, f: RecFile, lines: list[bytes], good: int, problem: str | None) -> None:
         """A file a gateway left open (it stopped without closing it): cut a half-written last
-        record, add a ``close`` record saying so, compress it."""
+        record (only that: a damaged line before it is evidence, kept for verify), add a
+        ``close`` record saying so, compress it."""
         fd = os.open(f.path, os.O_WRONLY | os.O_APPEND)
         try:
             cut = f.size - good
