@@ -244,6 +244,27 @@ def test_server_fast_close_ends_an_idle_session_mode_client_after_reconnect(gw_f
         gw.stop()
 
 
+def test_server_fast_close_ends_a_session_whose_database_a_reload_changed(gw_factory, pg, roles):
+    gw = per_user_gw(gw_factory, pg, settings={"pool_mode": "session", "server_fast_close": "1"})
+    c = psycopg.connect(gw.dsn(user="ps_a"), autocommit=True)
+    c.execute("SELECT 1")
+    gw.databases["postgres"] = f"host={pg.socket_dir} port={pg.port} dbname=postgres"  # the same cluster, another way
+    gw.write_ini()
+    with console(gw) as adm:
+        adm.execute("RELOAD")
+
+    def closed():
+        try:
+            c.execute("SELECT 1")
+        except psycopg.Error as e:
+            return str(e)
+        return None
+    assert "server_fast_close" in wait_until(closed, "the fast close")
+    with psycopg.connect(gw.dsn(user="ps_a"), autocommit=True) as again:  # a new session: the new pool
+        assert again.execute("SELECT 2").fetchone() == (2,)
+    c.close()
+
+
 # --------------------------------------------------------------------------- sockets
 
 

@@ -89,6 +89,9 @@ class Gateway:
         self.disabled_dbs: set[str] = set()  # DISABLE db: new logins refused
         self._admin_waits: list[tuple] = []  # (console session, command, database): PAUSE, SUSPEND, WAIT_CLOSE
         self.pools: dict[tuple, Pool] = {}
+        # pools a RELOAD replaced while sessions still held their servers (server_fast_close
+        # looks there too); dropped once their last server is gone
+        self.retired_pools: set[Pool] = set()
         self.clients: set[ClientSession] = set()
         self.cancel_keys: dict[tuple[int, int], ClientSession] = {}
         self.listeners: list[asyncio.base_events.Server] = []
@@ -372,6 +375,8 @@ class Gateway:
                 pool.obsolete = True
                 del self.pools[key]
                 pool.close_all("configuration changed")
+                if pool.active:
+                    self.retired_pools.add(pool)
             else:
                 pool.db = db
                 pw = self._server_password(new, db, user)
@@ -836,6 +841,8 @@ class Gateway:
         self.admin_progress()
         for p in list(self.pools.values()):
             p.janitor(now)
+        if self.retired_pools:
+            self.retired_pools = {p for p in self.retired_pools if p.active}  # sessions still on them
         for holder in self.catalogs.values():
             holder.tick(now)  # the catalog's background refresh (mask_catalog_ttl)
         if cfg.server_fast_close:
@@ -890,7 +897,7 @@ class Gateway:
         """server_fast_close: a session-mode server marked for closing (RECONNECT, a RELOAD that
         changed its database) closes at the end of its client's transaction, and so does the
         client, rather than at the end of the session."""
-        for p in list(self.pools.values()):
+        for p in (*self.pools.values(), *self.retired_pools):
             for srv in list(p.active):
                 c = srv.client
                 if c is None or c.mode != "session" or not (srv.close_needed or p.obsolete):
