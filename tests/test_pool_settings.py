@@ -128,6 +128,34 @@ def test_max_db_client_connections_refuses_with_pgbouncers_text(gw_factory, pg, 
     c2.close()
 
 
+def test_a_burst_of_logins_cannot_get_past_max_db_client_connections(gw_factory, pg, roles):
+    gw = per_user_gw(gw_factory, pg, db_extra=" max_db_client_connections=3")
+    outcomes: list = []
+
+    def login():
+        try:
+            outcomes.append(psycopg.connect(gw.dsn(user="ps_a")))
+        except psycopg.OperationalError as e:
+            outcomes.append(str(e))
+
+    # all at once, on a fresh pool: each login then waits for the first server's parameters
+    # after its limit check, the moment a count of finished logins would let them all in
+    threads = [threading.Thread(target=login) for _ in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    conns = [o for o in outcomes if isinstance(o, psycopg.Connection)]
+    refused = [o for o in outcomes if isinstance(o, str)]
+    assert len(conns) == 3 and len(refused) == 9, refused
+    assert all("client connections exceeded (max_db_client_connections)" in r for r in refused)
+    conns.pop().close()  # a client that leaves frees its place
+    with psycopg.connect(gw.dsn(user="ps_b")) as late:
+        assert late.execute("SELECT 1").fetchone() == (1,)
+    for c in conns:
+        c.close()
+
+
 # --------------------------------------------------------------------------- per-database timeouts
 
 

@@ -92,6 +92,8 @@ class Gateway:
         # pools a RELOAD replaced while sessions still held their servers (server_fast_close
         # looks there too); dropped once their last server is gone
         self.retired_pools: set[Pool] = set()
+        self.admitted_db: dict[str, int] = {}  # clients counted against the client limits (admit)
+        self.admitted_user: dict[str, int] = {}
         self.clients: set[ClientSession] = set()
         self.cancel_keys: dict[tuple[int, int], ClientSession] = {}
         self.listeners: list[asyncio.base_events.Server] = []
@@ -466,13 +468,31 @@ class Gateway:
             return None
         return rows[0][1].decode("utf-8", "replace")
 
-    def client_count(self, database: str | None = None, user: str | None = None) -> int:
-        """Logged-in sessions of a database or of a user (console sessions aside)."""
-        return sum(1 for c in self.clients if c.state == C_READY and not c.closed and not c.console
-                   and (database is None or c.database == database) and (user is None or c.user == user))
+    def admit(self, c: ClientSession, database: str, user: str, db_limit: int, user_limit: int) -> str | None:
+        """max_db_client_connections / max_user_client_connections: a client is counted from the
+        moment it passes this check (after authentication) until it leaves, so logins that are
+        still finishing count too and a burst cannot get past a limit."""
+        dbs, users = self.admitted_db, self.admitted_user
+        if db_limit and dbs.get(database, 0) >= db_limit:
+            return "max_db_client_connections"
+        if user_limit and users.get(user, 0) >= user_limit:
+            return "max_user_client_connections"
+        dbs[database] = dbs.get(database, 0) + 1
+        users[user] = users.get(user, 0) + 1
+        c.admitted = (database, user)
+        return None
 
     def client_left(self, c: ClientSession, logged_in: bool) -> None:
         self.clients.discard(c)
+        if c.admitted is not None:
+            database, user = c.admitted
+            c.admitted = None
+            for counts, k in ((self.admitted_db, database), (self.admitted_user, user)):
+                n = counts[k] - 1
+                if n:
+                    counts[k] = n
+                else:
+                    del counts[k]
         if c.pid:
             self.cancel_keys.pop((c.pid, c.key), None)
         if c.console:

@@ -269,18 +269,18 @@ class Login:
 
     def _check_client_limits(self, db, user: str) -> None:
         """max_db_client_connections (the database's, else the global) and
-        max_user_client_connections (the user's, else the global): logged-in clients of the
-        database / of the identity, this one included."""
+        max_user_client_connections (the user's, else the global): clients of the database /
+        of the identity that passed this check and have not left, this one included."""
         s = self.session
         cfg = s.gw.config
         limit = db.max_db_client_connections if db.max_db_client_connections is not None else cfg.max_db_client_connections
-        if limit and 1 + s.gw.client_count(database=db.name) > limit:
-            raise ClientError("53300", "client connections exceeded (max_db_client_connections)")
         ucfg = cfg.users.get(user)
         ulimit = (ucfg.max_user_client_connections if ucfg and ucfg.max_user_client_connections
                   else cfg.max_user_client_connections)
-        if ulimit and 1 + s.gw.client_count(user=user) > ulimit:
-            raise ClientError("53300", "client connections exceeded (max_user_client_connections)")
+        # counted even with no limit set: a RELOAD that sets one then finds the clients already in
+        over = s.gw.admit(s, db.name, user, limit or 0, ulimit or 0)
+        if over is not None:
+            raise ClientError("53300", f"client connections exceeded ({over})")
 
     async def _judge_extra_params(self, tracked: dict[str, str]) -> None:
         """Parameters of track_extra_parameters given at login reach servers as ``SET name =

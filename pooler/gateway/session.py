@@ -81,7 +81,7 @@ class ClientSession(asyncio.Protocol):
         "ready_query", "ready_unit", "rewrite", "server", "skip_until_sync", "state", "tls",
         "token_expiry", "transport", "tx_status", "unix", "user", "wait_started", "waiting",
         "writing_paused", "id", "connected_wall", "console", "admin_user", "console_waiting",
-        "held", "held_ticket", "relay",
+        "held", "held_ticket", "relay", "admitted",
     )
 
     def __init__(self, gw: SessionHost, unix: bool = False) -> None:
@@ -90,6 +90,7 @@ class ClientSession(asyncio.Protocol):
         self.id = next_socket_id()
         self.connected_wall = time.time()
         self.console = False  # a session of the admin console (admin.py), not of a database
+        self.admitted: tuple[str, str] | None = None  # (database, user) it counts against (Gateway.admit)
         self.admin_user = False  # ... of an admin_users user (else stats_users: SHOW only)
         self.console_waiting = False  # its command waits (PAUSE, SUSPEND, WAIT_CLOSE)
         self.unix = unix
