@@ -93,3 +93,22 @@ def test_logical_decoding_with_pg_recvlogical_start_replication(gw_factory):
         assert "table public.items: INSERT: id[integer]:1 name[text]:'through the gateway'" in changes
     finally:
         cluster.stop()
+
+
+def test_reconnect_closes_a_replication_connection_at_once_and_limits_count_it(gw_factory, pg):
+    gw = gw_factory(settings={"admin_users": "postgres", "max_db_connections": "1"},
+                    users={pg.superuser: "allow_replication=1"},
+                    databases={"postgres": upstream_entry(pg)})
+    stream = psycopg.connect(gw.dsn(), replication="database", autocommit=True)
+    assert stream.execute("IDENTIFY_SYSTEM").fetchone()[3] == "postgres"
+    # the replication connection is the database's one server connection: a second cannot open
+    with pytest.raises(psycopg.OperationalError, match=r"no more connections allowed.*max_db_connections"):
+        psycopg.connect(gw.dsn(), replication="database")
+    with psycopg.connect(gw.dsn(dbname="pgbouncer"), autocommit=True, prepare_threshold=None) as adm:
+        adm.execute("RECONNECT postgres")
+    # a stream never comes back to be released: it is closed now, as PgBouncer closes it
+    with pytest.raises(psycopg.OperationalError, match="database configuration changed"):
+        stream.execute("IDENTIFY_SYSTEM")
+    stream.close()
+    with psycopg.connect(gw.dsn(), autocommit=True) as c:  # its place is free again
+        assert c.execute("SELECT 1").fetchone() == (1,)

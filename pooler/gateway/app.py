@@ -377,6 +377,7 @@ class Gateway:
                 pool.obsolete = True
                 del self.pools[key]
                 pool.close_all("configuration changed")
+                pool.close_relays("database configuration changed")
                 if pool.active:
                     self.retired_pools.add(pool)
             else:
@@ -484,6 +485,8 @@ class Gateway:
 
     def client_left(self, c: ClientSession, logged_in: bool) -> None:
         self.clients.discard(c)
+        if c.pool is not None and c.pool.relays:
+            c.pool.relays.discard(c)
         if c.admitted is not None:
             database, user = c.admitted
             c.admitted = None
@@ -564,7 +567,7 @@ class Gateway:
         return pool
 
     def _db_servers(self, dbname: str) -> int:
-        return sum(p.total() for p in self.pools.values() if p.db.name == dbname)
+        return sum(p.total() + len(p.relays) for p in self.pools.values() if p.db.name == dbname)
 
     def may_open_server(self, pool: Pool) -> bool:
         cfg = self.config
@@ -573,7 +576,8 @@ class Gateway:
             return self._free_idle_slot(lambda p: p.db.name == pool.db.name and p is not pool)
         ulimit = cfg.users.get(pool.server_user)
         ulimit = ulimit.max_user_connections if ulimit and ulimit.max_user_connections else cfg.max_user_connections
-        if ulimit and sum(p.total() for p in self.pools.values() if p.server_user == pool.server_user) >= ulimit:
+        if ulimit and sum(p.total() + len(p.relays) for p in self.pools.values()
+                          if p.server_user == pool.server_user) >= ulimit:
             return self._free_idle_slot(lambda p: p.server_user == pool.server_user and p is not pool)
         return True
 
@@ -693,6 +697,7 @@ class Gateway:
             p.close_all("reconnect")
             for srv in p.servers():
                 srv.close_needed = srv.dirty = True
+            p.close_relays("database configuration changed")  # a stream never comes back to be closed
 
     def kill(self, dbname: str | None) -> None:
         """KILL [db]: the database(s) paused, every client and server of them closed now."""

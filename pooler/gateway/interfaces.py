@@ -201,6 +201,11 @@ class SessionHost(Protocol):
 
     def client_arrived(self, session: Any) -> bool: ...
 
+    def may_open_server(self, pool: Any) -> bool:
+        """Room for one more server connection of the pool's database and user (a replication
+        connection asks too)."""
+        ...
+
     def admit(self, session: Any, database: str, user: str, db_limit: int, user_limit: int) -> str | None:
         """Count a client against its database's and user's client limits; the name of the
         limit it would exceed instead (it is then not counted)."""

@@ -250,7 +250,12 @@ class Login:
         if "options" in params:
             extra["options"] = params["options"]
         extra.update(tracked)
-        srv = await s.pool.open_replication(extra)
+        pool = s.pool
+        if not s.gw.may_open_server(pool):  # (it closes an idle server of the database to make room if it can)
+            raise ClientError("53300", f'no more connections allowed to database "{pool.db.name}" or by user '
+                                       f'"{pool.server_user}" (max_db_connections / max_user_connections)')
+        pool.relays.add(s)  # counted from now: a burst of replication logins cannot pass the limits
+        srv = await pool.open_replication(extra)
         if s.closed:
             srv.close("client left")
             raise asyncio.CancelledError

@@ -27,6 +27,7 @@ class Pool:
         "gw", "events", "db", "name", "key", "paused", "server_user", "server_password", "server_dbname", "catalog_key", "idle",
         "active", "connecting", "waiters", "welcome", "welcome_waiters", "last_connect_error", "clients",
         "obsolete", "welcome_since", "checking", "reserve_in_use", "rrcounter", "scram_keys", "logging_in",
+        "relays",
     )
 
     def __init__(self, gw: PoolHost, db: DatabaseConfig, server_user: str, password: str | None):
@@ -51,6 +52,10 @@ class Pool:
         self.clients = 0
         self.obsolete = False  # replaced by a reload (or a KILL): servers close when they come back
         self.logging_in: set[ServerConn] = set()  # connected, login not done yet (SHOW SERVERS' "new")
+        # sessions of replication connections (a server connection each, never pooled): they count
+        # against max_db_connections / max_user_connections and close at RECONNECT or a RELOAD
+        # that changes the database, as PgBouncer closes close_needed replication servers at once
+        self.relays: set = set()
         self.checking: set[ServerConn] = set()  # running server_check_query before a hand-out
         self.reserve_in_use = False  # reserve_pool_timeout passed: the pool may grow into its reserve
         self.rrcounter = 0  # which host of a host list the next connection goes to
@@ -84,6 +89,10 @@ class Pool:
 
     def total(self) -> int:
         return len(self.idle) + len(self.active) + self.connecting
+
+    def close_relays(self, reason: str) -> None:
+        for c in list(self.relays):
+            c.fatal("08006", reason)
 
     def wanting(self) -> bool:
         """Clients wait for a server of this pool: for a request, or for their login (the
