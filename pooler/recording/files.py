@@ -92,20 +92,23 @@ def retention(files: list[RecFile], now: float, days: float, size_cap: int, keep
     however old), then the oldest while the total exceeds ``size_cap`` bytes (0: no cap). The
     file being written (``keep``) is never removed."""
     gone: list[RecFile] = []
+    taken: set[Path] = set()  # the paths in ``gone``: a set, so that thousands of files stay linear
     candidates = [f for f in files if f.path != keep]
     if days:
         limit = now - days * 86400
         for f in candidates:
             if f.mtime < limit:
                 gone.append(f)
+                taken.add(f.path)
     if size_cap:
-        total = sum(f.size for f in files if f not in gone)
+        total = sum(f.size for f in files if f.path not in taken)
         for f in candidates:
             if total <= size_cap:
                 break
-            if f in gone:
+            if f.path in taken:
                 continue
             gone.append(f)
+            taken.add(f.path)
             total -= f.size
     gone.sort(key=lambda f: f.seq)
     return gone
