@@ -177,8 +177,12 @@ def test_verify_catches_a_deleted_middle_file(tmp_path):
 def test_hmac_chain_needs_its_key(tmp_path):
     _tamper_setup(tmp_path, key=b"secret-key")
     assert verify(tmp_path, b"secret-key").ok
-    assert "give it with --key-file" in verify(tmp_path).problems[0]
-    assert "another key" in verify(tmp_path, b"other").problems[0]
+    assert len(rf.list_files(tmp_path)) > 1
+    # the only problem is the key: files the verifier cannot check are not "truncated" or "broken"
+    (missing,) = verify(tmp_path).problems
+    assert "give it with --key-file" in missing
+    (other,) = verify(tmp_path, b"other").problems
+    assert "another key" in other
 
 
 def test_without_the_key_a_forger_cannot_rechain(tmp_path):
