@@ -50,12 +50,13 @@ def file_name(seq: int, t: float) -> str:
     return f"rec-{seq:08d}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime(t))}.jsonl"
 
 
-def list_files(root: str | os.PathLike) -> list[RecFile]:
-    """Every recording file under ``root``, in sequence order (oldest first)."""
+def list_files(root: str | os.PathLike, from_day: str | None = None) -> list[RecFile]:
+    """Every recording file under ``root``, in sequence order (oldest first); with ``from_day``
+    (``YYYY-MM-DD``) only those in that day's directory and later ones."""
     out = []
     root = Path(root)
     try:
-        days = sorted(d for d in os.listdir(root) if DAY.match(d))
+        days = sorted(d for d in os.listdir(root) if DAY.match(d) and (from_day is None or d >= from_day))
     except FileNotFoundError:
         return []
     for d in days:
