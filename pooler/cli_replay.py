@@ -264,7 +264,7 @@ def _follow(root: Path, s: dict, args) -> int:
     style = _style(args)
     tl = render.Timeline(style, s["sid"], not args.no_rows)
     try:
-        for rec in follow_session(root, s["sid"], interval=0.2):
+        for rec in follow_session(root, s["sid"], interval=0.2, start=s.get("start")):
             if args.json:
                 sys.stdout.write(_json_line(rec) + "\n")
             else:

@@ -109,7 +109,7 @@ class Recorder(Observer):
     def login(self, s): self._add("login", s)
     def login_failed(self, s, reason): self._add("login_failed", s, reason)
     def decided(self, s, kind, sql, decision): self._add("decided", s, kind, sql, decision)
-    def refused(self, s, sqlstate, message): self._add("refused", s, sqlstate, message)
+    def refused(self, s, sqlstate, message, what): self._add("refused", s, sqlstate, message, what)
     def server_assigned(self, s, srv, waited): self._add("server_assigned", s, srv, waited)
     def forwarded(self, s, srv, nbytes): self._add("forwarded", s, srv, nbytes)
     def completed(self, s, srv, tag, rows, nbytes, seconds): self._add("completed", s, srv, tag, rows, nbytes, seconds)

@@ -6,11 +6,13 @@ Rules this module keeps:
 - On the loop it only builds a document, serializes it (orjson) and puts it on each
   destination's bounded queue: no I/O, no waiting. Allowed statements are not audited (the
   ``decided`` handler returns at once for them): the stream is for what a security team acts on.
-- A denial is one document: the rule's decision (``decided``), or a held statement's request
-  that ended without approval (``hold_ended``), is kept until the refusal that answers it
-  (``refused``), which adds the SQLSTATE and the message the client got. Refusals
-  the gateway makes without a rule (FunctionCall, COPY of masked columns, ...) are denials too,
-  attributed to ``rule.name = "gateway"``.
+- A denial is one document, made at the refusal that answers it (``refused``): the event names
+  the statement refused and the rules' decision it follows (a deny, or a held statement's
+  request that ended without approval), with the SQLSTATE and the message the client got.
+  Nothing is kept between events, so a refusal is never taken for an earlier statement's.
+  Refusals the gateway makes without a rule (FunctionCall, SQL it cannot read, COPY of masked
+  columns, recordings that cannot be written, ...) are denials too, attributed to
+  ``rule.name = "gateway"``, with the statement they refused.
 - Trusted (called without the hub's guard, so the hot path pays one Python call for
   ``decided``), hence every handler guards itself: an audit bug is logged, never raised into a
   session.
@@ -26,7 +28,6 @@ from ..audit import ecs
 from ..audit.ecs import INFO, NOTICE, WARNING
 from ..audit.sinks import FileSink, HttpSink, Item, Sink, SyslogSink
 from ..audit.syslog import FACILITIES
-from ..policy.rules import Decision
 from .events import Observer
 
 log = logging.getLogger("pooler.audit")
@@ -68,7 +69,6 @@ class Audit(Observer):
     def __init__(self, gw, sinks: list[Sink]) -> None:
         self.gw = gw
         self.sinks = sinks
-        self._denied: dict[object, tuple[str, str, object]] = {}  # session -> (kind, sql, decision) awaiting its refusal
         self._masked: dict[object, dict[tuple[str, str], int]] = {}  # session -> (column, method) -> values masked
 
     # -- delivery
@@ -109,7 +109,7 @@ class Audit(Observer):
     @staticmethod
     def _statement(kind: str, sql: str, decision) -> dict:
         """How the statement came (its normalized text is ``db.statement``)."""
-        return {"protocol": "simple" if kind == "Q" else "extended", "fingerprint": ecs.statement(sql)[1] if sql else None}
+        return {"protocol": {"Q": "simple", "F": "function"}.get(kind, "extended"), "fingerprint": ecs.statement(sql)[1] if sql else None}
 
     def _ruleset(self) -> str | None:
         p = self.gw.policy
@@ -148,7 +148,6 @@ class Audit(Observer):
 
     @_guarded
     def logout(self, s, reason: str) -> None:
-        self._denied.pop(s, None)
         masked = self._masked.pop(s, None)
         if not s.user:
             return  # never logged in (a failed login was told already)
@@ -163,16 +162,13 @@ class Audit(Observer):
 
     def statement_decided(self, s, kind: str, sql: str, d) -> None:
         """events.decided, through AuditDecisions (subscribed only while rules are loaded)."""
-        if d is None or d.action == "allow":
-            if self._denied:
-                self._denied.pop(s, None)
-            return
+        if d is None or d.action != "mask":
+            return  # allowed: not audited; deny, require_approval: told with the refusal or the hold that follows
         self._decided(s, kind, sql, d)
 
     @_guarded
     def _decided(self, s, kind: str, sql: str, d) -> None:
         if d.action == "mask":
-            self._denied.pop(s, None)
             f = self._who(s)
             f["db"]["statement"] = ecs.statement(sql)[0]
             f["rule"] = self._rule(d)
@@ -181,18 +177,19 @@ class Audit(Observer):
             self.emit(ecs.document("statement-masked", ["database"], ["access", "allowed"], "success",
                                    f"{d.rule} masks {', '.join(c for c, _ in d.masks)} for {s.user}",
                                    severity=NOTICE, reason=d.reason, **f))
-        else:  # deny, require_approval: told with the refusal or the hold that follows
-            self._denied[s] = (kind, sql, d)
 
     @_guarded
-    def refused(self, s, sqlstate: str, message: str) -> None:
-        kind, sql, d = self._denied.pop(s, (None, "", None))
+    def refused(self, s, sqlstate: str, message: str, what) -> None:
+        d = what.decision
+        if d is not None and not d.refused:
+            d = None  # (a statement the rules allowed or masked that the gateway refused: its refusal)
         f = self._who(s)
         f["error"] = {"code": sqlstate, "message": message}
+        if what.sql:
+            f["db"]["statement"] = ecs.statement(what.sql)[0]
+            f["pooler"]["statement"] = self._statement(what.kind, what.sql, d)
         if d is not None:
-            f["db"]["statement"] = ecs.statement(sql)[0]
             f["rule"] = self._rule(d)
-            f["pooler"]["statement"] = self._statement(kind, sql, d)
             f["pooler"]["decision"] = {"action": d.action, "rule_error": True if d.error else None}
         else:
             f["rule"] = {"name": "gateway"}
@@ -217,7 +214,6 @@ class Audit(Observer):
 
     @_guarded
     def held(self, s, r) -> None:
-        self._denied.pop(s, None)
         f = self._who(s)
         f["db"]["statement"] = ecs.statement(r.sql)[0]
         f["rule"] = {"name": r.rule or "(default_action)", "ruleset": self._ruleset()}
@@ -236,8 +232,6 @@ class Audit(Observer):
                                    "reviewers": [who for who, _ in r.approvals], "outcome": r.outcome,
                                    "grant": r.grant_id, "waited": round(max(0.0, r.decided_at - r.created), 3)}
         approved = r.state == "approved"
-        if not approved:  # the refusal its client gets next is this rule's denial
-            self._denied[s] = ("Q" if r.route == "simple" else "P", r.sql, Decision("require_approval", r.reason, r.rule))
         by = f" by {r.decided_by}" if r.decided_by else ""
         self.emit(ecs.document("approval-decided", ["database"], ["end", "allowed" if approved else "denied"],
                                "success" if approved else "failure", f"approval {r.id} {r.state}{by}",

@@ -24,7 +24,9 @@ The events, in a session's order (``session`` is the ClientSession, ``server`` t
                                                      is the policy's Decision (None: no rules)
     bound(session, data, pos, end)                   a Bind (the message is data[pos:end]): an
                                                      execution's parameters
-    refused(session, sqlstate, message)              the gateway refused a request itself
+    refused(session, sqlstate, message, what)        the gateway refused a request itself; ``what``
+                                                     (a ``Refused``) says which statement, and whether
+                                                     ``decided`` told it already
     held(session, request)                           a statement waits for approval (approvals.book.Request)
     hold_ended(session, request)                     ... and its request ended (request.state says how)
     server_assigned(session, server, waited)         a server linked to the session (waited: seconds
@@ -81,9 +83,25 @@ they are needed.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any, Callable
 
 log = logging.getLogger("pooler.events")
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """What a refusal (``refused``) answers. A refusal the rules' decision explains follows that
+    statement's ``decided`` (``decided`` True, ``decision`` the rules' Decision). One the
+    gateway makes before the rules decide (recordings cannot be written, SQL it cannot read as
+    the server would, a FunctionCall, PREPARE of a name in use, ...) has had no ``decided``:
+    ``decided`` is False, and ``kind`` and ``sql`` are all an observer learns of the statement
+    (``decision`` None: the gateway refused it, not a rule)."""
+
+    kind: str  # the message refused: 'Q' Query, 'P' Parse, 'B' Bind, 'D' Describe, 'F' FunctionCall
+    sql: str  # its statement text as the gateway read it ("" for a message without one)
+    decision: Any = None  # the rules' Decision the refusal follows; None when the gateway refused it itself
+    decided: bool = False  # ``decided`` reported this statement just before (its record exists)
 
 EVENTS = ("login", "login_failed", "decided", "bound", "refused", "held", "hold_ended", "server_assigned", "forwarded",
           "completed", "suspended", "failed", "notice", "row", "masked", "ready", "server_released", "logout", "canceled",
@@ -99,7 +117,7 @@ class Observer:
     def login_failed(self, session, reason: str) -> None: ...
     def decided(self, session, kind: str, sql: str, decision) -> None: ...
     def bound(self, session, data: bytes, pos: int, end: int) -> None: ...
-    def refused(self, session, sqlstate: str, message: str) -> None: ...
+    def refused(self, session, sqlstate: str, message: str, what: Refused) -> None: ...
     def held(self, session, request) -> None: ...
     def hold_ended(self, session, request) -> None: ...
     def server_assigned(self, session, server, waited: float) -> None: ...

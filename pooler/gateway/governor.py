@@ -32,6 +32,7 @@ from ..protocol import messages as m
 from ..protocol.frontend import T_BIND, T_DESCRIBE, T_FUNCTION, T_PARSE, T_QUERY
 from ..sql.lexing import SETTINGS as LEXING_SETTINGS, codec as reading_codec, unsafe_session, unsafe_value
 from ..sql.lineage import UNKNOWN, StatementLineage
+from .events import Refused
 from .holds import Need
 
 log = logging.getLogger("pooler.client")
@@ -44,6 +45,7 @@ _unpack_len = struct.Struct("!i").unpack_from
 struct_error = struct.error
 _SEARCH_PATH_ITEM = re.compile(r'\s*(?:"((?:[^"]|"")*)"|([^,\s]+))\s*(?:,|$)')
 _NO_LINEAGE = StatementLineage(None, frozenset((UNKNOWN,)))
+MESSAGE_KIND = {T_QUERY: "Q", T_PARSE: "P", T_BIND: "B", T_DESCRIBE: "D", T_FUNCTION: "F"}
 
 
 class GovernedSession(Protocol):
@@ -82,6 +84,9 @@ class Governor:
         self.ticket: bytes | None = None
         self.justification = ""  # SET pooler.justification
         self.parse_name = b""  # the name of the Parse being judged (what events.decided observers read for 'P')
+        # the last refusal ``decide`` returned and what it answers (events.Refused): the session
+        # reports both with events.refused (matched by identity, so a stale one is never used)
+        self.refusing: tuple[Refusal, Refused] | None = None
 
     # ------------------------------------------------------------------ what the rules see of the session
 
@@ -135,7 +140,8 @@ class Governor:
         the refusal. Raises ProtocolError for a malformed Parse."""
         blocked = self.session.gw.record_block
         if blocked is not None and t != T_DESCRIBE:
-            return ("58030", blocked)  # record_failure = block: nothing runs that cannot be recorded
+            # record_failure = block: nothing runs that cannot be recorded
+            return self._unread(("58030", blocked), t, data, pos, end)
         policy = self.session.gw.policy
         book = self.book
         if t == T_BIND or t == T_DESCRIBE:
@@ -146,14 +152,15 @@ class Governor:
             # the unnamed statement must be one this client parsed on this server
             if t == T_BIND:
                 if data[pos + 5] == 0 and data[pos + 6] == 0 and not book.unnamed_ok:
-                    return ("26000", "unnamed prepared statement does not exist")
+                    return self._unread(("26000", "unnamed prepared statement does not exist"), t, data, pos, end)
             elif data[pos + 5] == 83 and data[pos + 6] == 0 and not book.unnamed_ok:
-                return ("26000", "unnamed prepared statement does not exist")
+                return self._unread(("26000", "unnamed prepared statement does not exist"), t, data, pos, end)
             return None
         if t == T_FUNCTION:
             if policy is None:
                 return None
-            return ("42501", "refused by the gateway: the FunctionCall protocol message is not allowed; use a SQL statement")
+            return self._unread(("42501", "refused by the gateway: the FunctionCall protocol message is not allowed; "
+                                          "use a SQL statement"), t, data, pos, end)
         if t == T_QUERY:
             book.unnamed_ok = False  # a simple Query destroys the unnamed statement
             raw = data[pos + 5 : end - 1]
@@ -162,7 +169,7 @@ class Governor:
                     self._unjudged("Q", raw)
                 return None
             if self.lexing is not None:
-                return ("0A000", f"refused by the gateway: {self.lexing}")
+                return self._unread(("0A000", f"refused by the gateway: {self.lexing}"), t, data, pos, end)
         else:  # Parse
             if policy is None and data[pos + 5] == 0 and self.events.decided is None:
                 book.unnamed_ok = True  # the server checks the rest of the message
@@ -183,12 +190,12 @@ class Governor:
                     self._unjudged("P", raw)
                 return None
             if self.lexing is not None:
-                return ("0A000", f"refused by the gateway: {self.lexing}")
+                return self._unread(("0A000", f"refused by the gateway: {self.lexing}"), t, data, pos, end)
         try:
             sql = raw.decode(self.codec)
         except UnicodeDecodeError:
-            return ("42501", f"refused by the gateway: statement text is not valid "
-                             f"{self.session.params.get('client_encoding') or 'UTF8'}")
+            return self._unread(("42501", f"refused by the gateway: statement text is not valid "
+                                          f"{self.session.params.get('client_encoding') or 'UTF8'}"), t, data, pos, end)
         si = self.session_info()
         catalog = holder = None
         if policy.rules.may_mask:
@@ -211,7 +218,7 @@ class Governor:
         if not d.refused and verdict.session_work:  # Query and Parse alike: EXECUTE can come either way
             d = self._session_work(policy, verdict, si, catalog)
             if isinstance(d, tuple):
-                return d
+                return self._refused(d, t, sql)
         ev = self.events.decided
         if t == T_PARSE and book.gated:
             book.gated.pop(data[pos + 5 : pos + 5 + name_end], None)  # the name gets a new text
@@ -219,34 +226,37 @@ class Governor:
             if d.masks:  # a statement that could never run masked is refused now, not after a review
                 early = self._mask_ctx(Decision("mask", d.reason, d.rule, d.masks), verdict, sql, si)
                 if isinstance(early, tuple):
-                    return early
+                    return self._refused(early, t, sql)
             replay = self.ticket is not None
             got = self._approval(t, d, sql, verdict, data, pos, end)
             if ev is not None and not (replay and self.ticket is None):
                 ev(self.session, "Q" if t == T_QUERY else "P", sql, d)  # (not again when it runs approved)
             if isinstance(got, tuple):
-                return got
+                return self._refused(got, t, sql, d, True)
             d = got
         elif ev is not None:
             ev(self.session, "Q" if t == T_QUERY else "P", sql, d)
+        # from here on a refusal answers a statement events.decided told
         if d.refused:
-            return refusal_text(d)
+            return self._refused(refusal_text(d), t, sql, d, True)
         if book.mask_portals:
             for f in verdict.facts:
                 if f.command in ("FETCH", "MOVE") and f.prepared_name is not None:
                     if f.prepared_name.encode(self.codec) in book.mask_portals:  # names as the client sent them
-                        return ("42501", f'refused by the gateway: portal "{f.prepared_name}" reads masked columns; '
-                                         "FETCH of it could not be masked (use Execute with a row limit)")
+                        return self._refused(
+                            ("42501", f'refused by the gateway: portal "{f.prepared_name}" reads masked columns; '
+                                      "FETCH of it could not be masked (use Execute with a row limit)"), t, sql, d, True)
         ctx = None
         if d.action == "mask":
             ctx = self._mask_ctx(d, verdict, sql, si)
             if isinstance(ctx, tuple):
-                return ctx
+                return self._refused(ctx, t, sql, d, True)
         if t == T_PARSE:
             if self._prep_new:
-                return ("42501", "refused by the gateway: send SQL-level PREPARE as a simple query (the "
-                                 "gateway follows what it prepares only there); drivers' protocol-level "
-                                 "prepared statements need no PREPARE")
+                return self._refused(
+                    ("42501", "refused by the gateway: send SQL-level PREPARE as a simple query (the "
+                              "gateway follows what it prepares only there); drivers' protocol-level "
+                              "prepared statements need no PREPARE"), t, sql, d, True)
             if name_end == 0:
                 book.unnamed_ok = True
                 if ctx is not None:
@@ -271,6 +281,29 @@ class Governor:
         else:
             self.query_mask = None
         return None
+
+    # ------------------------------------------------------------------ what a refusal answers
+
+    def _refused(self, refusal: Refusal, t: int, sql: str, decision=None, decided: bool = False) -> Refusal:
+        """``refusal`` of the message of type ``t`` with text ``sql``; kept (``refusing``) for
+        events.refused. ``decision``: the rules' Decision it follows (with ``decided``: told by
+        events.decided already); None when the gateway refuses it itself."""
+        self.refusing = (refusal, Refused(MESSAGE_KIND.get(t, chr(t)), sql, decision, decided))
+        return refusal
+
+    def _unread(self, refusal: Refusal, t: int, data: bytes, pos: int, end: int) -> Refusal:
+        """A refusal made before the statement's text was read: read it now, for the record
+        (as the session's encoding reads it, undecodable bytes replaced)."""
+        sql = ""
+        if t == T_QUERY:
+            sql = data[pos + 5 : end - 1].decode(self.codec, "replace")
+        elif t == T_PARSE:
+            body = data[pos + 5 : end]
+            name_end = body.find(b"\x00")
+            q_end = body.find(b"\x00", name_end + 1)
+            if name_end >= 0 and q_end >= 0:
+                sql = body[name_end + 1 : q_end].decode(self.codec, "replace")
+        return self._refused(refusal, t, sql)
 
     # ------------------------------------------------------------------ approvals
 

@@ -123,7 +123,7 @@ class Metrics(Observer):
                 self._reasons.add(label)
         self._child(self._failed, label).inc()
 
-    def refused(self, s, sqlstate: str, message: str) -> None:
+    def refused(self, s, sqlstate: str, message: str, what) -> None:
         self._child(self._refusals, sqlstate).inc()
 
     def masked(self, s, report) -> None:

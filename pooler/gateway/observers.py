@@ -34,7 +34,7 @@ class SessionLog(Observer):
                             s.app_name or "-", s.mode, " tls" if s.tls else "",
                             f" token groups={','.join(s.groups) or '-'}" if s.auth_method == "jwt" else "")
 
-    def refused(self, s, sqlstate: str, message: str) -> None:
+    def refused(self, s, sqlstate: str, message: str, what) -> None:
         client_log.info("refused: %s db=%s user=%s: %s", s.addr, s.database, s.user, message)
 
     def masked(self, s, report) -> None:

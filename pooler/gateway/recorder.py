@@ -78,6 +78,19 @@ def _value(v: bytes | None, binary: bool):
     return {"hex": v.hex()}
 
 
+def _route(kind: str, sql: str) -> str:
+    """How a statement came: ``simple``, ``extended``, ``execute`` (SQL-level EXECUTE), ``copy``,
+    ``function`` (a FunctionCall message)."""
+    if kind == "F":
+        return "function"
+    route = "simple" if kind == "Q" else "extended"
+    if sql[:1] not in _PLAIN_START:  # EXECUTE or COPY (perhaps after comments or blanks)
+        mt = _ROUTE.match(sql)
+        if mt is not None:
+            route = mt.group(1).lower()
+    return route
+
+
 def _text_or_hex(v: bytes):
     """A value as text if it reads as PostgreSQL's text output (UTF-8, no control characters
     but tab and newlines), else ``{"hex": ...}`` (binary-format values)."""
@@ -230,11 +243,7 @@ class Recorder(Observer):
             return
         st.q = q = st.q + 1
         st.statements += 1
-        route = "simple" if kind == "Q" else "extended"
-        if sql[:1] not in _PLAIN_START:  # EXECUTE or COPY (perhaps after comments or blanks)
-            mt = _ROUTE.match(sql)
-            if mt is not None:
-                route = mt.group(1).lower()
+        route = _route(kind, sql)
         text, redacted = redact(sql)
         i = st.i
         st.i = i + 1
@@ -290,17 +299,32 @@ class Recorder(Observer):
         self._rec(st, "bind", **fields)
         st.pending.append([q, False, False])
 
-    def refused(self, s, sqlstate: str, message: str) -> None:
+    def refused(self, s, sqlstate: str, message: str, what) -> None:
         st = self.live.get(s)
         if st is None:
             return
         st.refused += 1
-        # a refused Query gets no result from a server: its entry must not take the result of
-        # the statement after it (a refusal comes right after the decision of its message)
-        pending = st.pending
-        if pending and pending[-1][0] == st.q and pending[-1][1] and not pending[-1][2]:
-            pending.pop()
-        self._rec(st, "refused", q=st.q or None, sqlstate=sqlstate, message=message)
+        if what.decided:
+            # a refused Query gets no result from a server: its entry must not take the result of
+            # the statement after it (a refusal comes right after the decision of its message)
+            pending = st.pending
+            if pending and pending[-1][0] == st.q and pending[-1][1] and not pending[-1][2]:
+                pending.pop()
+            q = st.q or None
+        else:
+            # refused before the rules decided (no stmt record): recorded here as its own
+            # statement, so that the refusal is not taken for the previous statement's
+            st.q = q = st.q + 1
+            st.statements += 1
+            text, redacted = redact(what.sql)
+            rec = {"t": "stmt", "ts": _now(), "sid": st.sid, "i": st.i, "q": q, "kind": what.kind,
+                   "route": _route(what.kind, what.sql), "sql": text, "action": "deny", "rule": "gateway",
+                   "reason": message, "masks": [], "gateway": True}
+            st.i += 1
+            if redacted:
+                rec["redacted"] = True
+            self._emit(rec)
+        self._rec(st, "refused", q=q, sqlstate=sqlstate, message=message)
 
     def held(self, s, req) -> None:
         st = self.live.get(s)

@@ -41,7 +41,9 @@ from ..sql.lexing import SETTINGS as LEXING_SETTINGS
 from ..protocol.frontend import (BODYLESS, GOVERNED, MIN_LENGTH, NEEDS_SYNC, T_BIND, T_CLOSE, T_COPY_DATA,
                                  T_COPY_DONE, T_COPY_FAIL, T_DESCRIBE, T_EXECUTE, T_FLUSH, T_FUNCTION,
                                  T_PARSE, T_QUERY, T_SYNC, T_TERMINATE, frame_error)
-from .governor import WAIT_APPROVAL, WAIT_CATALOG, Governor
+from ..policy.rules import Decision
+from .events import Refused
+from .governor import MESSAGE_KIND, WAIT_APPROVAL, WAIT_CATALOG, Governor
 from .holds import refusal_of
 from .interfaces import (FAKE_FIRST, FAKE_LAST, R_BIND, R_BIND_SKIP, R_CLOSE, R_DESCRIBE, R_DESCRIBE_MASK,
                          R_EXECUTE, R_EXECUTE_REFUSAL, R_FAKE_CLOSE, R_PARSE, R_PARSE_SKIP, R_QUERY,
@@ -768,7 +770,10 @@ class ClientSession(asyncio.Protocol):
         if req.state == "approved":
             self.governor.ticket = ticket
         else:
-            self.first_refusal = refusal_of(req)
+            self.first_refusal = refusal = refusal_of(req)
+            # the statement events.decided told when it was held (audited and recorded as such)
+            self.governor.refusing = (refusal, Refused("Q" if req.route == "simple" else "P", req.sql,
+                                                       Decision("require_approval", req.reason, req.rule), True))
         self.resume_reading()
         self._pump()
 
@@ -782,7 +787,13 @@ class ClientSession(asyncio.Protocol):
         detail, hint = (refusal[2], refusal[3]) if len(refusal) > 2 else ("", "")
         ev = self.events.refused
         if ev is not None:
-            ev(self, sqlstate, message)
+            kept = self.governor.refusing
+            self.governor.refusing = None
+            if kept is not None and kept[0] is refusal:
+                what = kept[1]
+            else:  # (every refusal decide makes is kept; this one was made elsewhere)
+                what = Refused(MESSAGE_KIND.get(t, chr(t)), "")
+            ev(self, sqlstate, message, what)
         if srv is None:
             if t == T_QUERY or t == T_FUNCTION:
                 self.write(m.error_response(sqlstate, message, detail=detail, hint=hint) + m.ready_for_query(m.TX_IDLE))

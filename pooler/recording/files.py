@@ -50,12 +50,13 @@ def file_name(seq: int, t: float) -> str:
     return f"rec-{seq:08d}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime(t))}.jsonl"
 
 
-def list_files(root: str | os.PathLike) -> list[RecFile]:
-    """Every recording file under ``root``, in sequence order (oldest first)."""
+def list_files(root: str | os.PathLike, from_day: str | None = None) -> list[RecFile]:
+    """Every recording file under ``root``, in sequence order (oldest first); with ``from_day``
+    (``YYYY-MM-DD``) only those in that day's directory and later ones."""
     out = []
     root = Path(root)
     try:
-        days = sorted(d for d in os.listdir(root) if DAY.match(d))
+        days = sorted(d for d in os.listdir(root) if DAY.match(d) and (from_day is None or d >= from_day))
     except FileNotFoundError:
         return []
     for d in days:
@@ -92,20 +93,23 @@ def retention(files: list[RecFile], now: float, days: float, size_cap: int, keep
     however old), then the oldest while the total exceeds ``size_cap`` bytes (0: no cap). The
     file being written (``keep``) is never removed."""
     gone: list[RecFile] = []
+    taken: set[Path] = set()  # the paths in ``gone``: a set, so that thousands of files stay linear
     candidates = [f for f in files if f.path != keep]
     if days:
         limit = now - days * 86400
         for f in candidates:
             if f.mtime < limit:
                 gone.append(f)
+                taken.add(f.path)
     if size_cap:
-        total = sum(f.size for f in files if f not in gone)
+        total = sum(f.size for f in files if f.path not in taken)
         for f in candidates:
             if total <= size_cap:
                 break
-            if f in gone:
+            if f.path in taken:
                 continue
             gone.append(f)
+            taken.add(f.path)
             total -= f.size
     gone.sort(key=lambda f: f.seq)
     return gone

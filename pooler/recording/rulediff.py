@@ -209,8 +209,10 @@ def compare(sessions, candidate: RuleSet, baseline: RuleSet | None = None, catal
             if not counted:
                 break  # later statements change nothing that is compared
             rep.statements += 1
-            if st["action"] is None and base is None:
-                rep.skipped += 1  # recorded without rules: nothing to compare with
+            if (st["action"] is None and base is None) or st["gateway"]:
+                # recorded without rules: nothing to compare with; refused by the gateway before
+                # the rules decided (it never ran): the rules' decision then was not recorded
+                rep.skipped += 1
                 continue
             after, facts = decide(cand, st["sql"], sess_c, catalog)
             if base is not None:

@@ -29,7 +29,8 @@ _RESULTS = ("done", "error", "suspended")
 
 def statements(session: dict) -> list[dict]:
     """The session's statements in the order sent, each a dict: ``sid``, ``q``, ``ts``, ``kind``,
-    ``route``, ``sql``, ``redacted``, ``action``, ``rule``, ``reason``, ``masks``, ``binds`` (lists
+    ``route``, ``sql``, ``redacted``, ``action``, ``rule``, ``reason``, ``masks``, ``gateway`` (refused
+    by the gateway before the rules decided: ``action`` deny, ``rule`` gateway), ``binds`` (lists
     of parameters), ``refused`` (``{sqlstate, message}`` or None), ``holds``, ``results`` (each
     ``{"t", "ts", "tag", "rows", "bytes", "dur", "sqlstate", "message", "shown", "truncated",
     "masked"}``), ``notices`` (``{severity, sqlstate, message}`` the server sent while answering),
@@ -46,7 +47,8 @@ def statements(session: dict) -> list[dict]:
             st = {"sid": sid, "q": q, "ts": ev.get("ts"), "kind": ev.get("kind"), "route": ev.get("route"),
                   "sql": ev.get("sql", ""), "redacted": bool(ev.get("redacted")), "action": ev.get("action"),
                   "rule": ev.get("rule") or "", "reason": ev.get("reason") or "",
-                  "masks": [list(m) for m in ev.get("masks") or ()], "binds": [], "refused": None, "holds": [],
+                  "masks": [list(m) for m in ev.get("masks") or ()], "gateway": bool(ev.get("gateway")),
+                  "binds": [], "refused": None, "holds": [],
                   "results": [], "notices": [], "canceled": False}
             out.append(st)
             if q is not None:

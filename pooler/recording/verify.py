@@ -45,6 +45,8 @@ def verify(root: str | os.PathLike, key: bytes | None = None) -> Report:
     prev_seq: int | None = None
     pending_unclosed: str | None = None  # the file before ended without close: a problem unless a gap follows
     key = key or None
+    told_keys: set[tuple[str, object]] = set()  # key problems reported already (once, not once per file)
+    unchecked_files = 0
     for idx, f in enumerate(files):
         name = f"{f.path.parent.name}/{f.path.name}"
         newest = idx == len(files) - 1
@@ -65,6 +67,7 @@ def verify(root: str | os.PathLike, key: bytes | None = None) -> Report:
         count = 0
         second_type = None
         close_rec = None
+        unchecked = False  # chained with a key the verifier lacks: nothing more can be told of it
         for lineno, line in enumerate(lines, 1):
             got = unseal(line)
             rec = None
@@ -86,12 +89,18 @@ def verify(root: str | os.PathLike, key: bytes | None = None) -> Report:
                     rep.problems.append(f"{name}:1: does not begin with its file record")
                 else:
                     if rec.get("alg") == "hmac-sha256" and key is None:
-                        rep.problems.append(f"{name}: chained with an HMAC key (key_id {rec.get('key_id')}): "
-                                            "give it with --key-file or --key-env")
+                        if ("missing", rec.get("key_id")) not in told_keys:
+                            told_keys.add(("missing", rec.get("key_id")))
+                            rep.problems.append(f"{name}: chained with an HMAC key (key_id {rec.get('key_id')}): "
+                                                "give it with --key-file or --key-env")
+                        unchecked = True
                         break
                     if key is not None and rec.get("key_id") != key_id(key):
-                        rep.problems.append(f"{name}: chained with another key (key_id {rec.get('key_id') or 'none'}, "
-                                            f"given {key_id(key)})")
+                        if ("other", rec.get("key_id")) not in told_keys:
+                            told_keys.add(("other", rec.get("key_id")))
+                            rep.problems.append(f"{name}: chained with another key (key_id "
+                                                f"{rec.get('key_id') or 'none'}, given {key_id(key)})")
+                        unchecked = True
                         break
                     if rec.get("seq") != f.seq:
                         rep.problems.append(f"{name}:1: its file record says sequence {rec.get('seq')} (file renamed)")
@@ -124,6 +133,13 @@ def verify(root: str | os.PathLike, key: bytes | None = None) -> Report:
                 rep.notes.append(f"{name}:{lineno}: {rec.get('lost')} record(s) were not written ({rec.get('reason')})")
             elif t == "close":
                 close_rec = rec
+        if unchecked:
+            # its records were not read: neither its end (close record, cut tail) nor its chain
+            # can be judged, and the file after it is not compared with it
+            rep.records += len(lines)
+            unchecked_files += 1
+            prev_h, prev_name, prev_seq = None, name, f.seq
+            continue
         if broken > 1:
             rep.problems.append(f"{name}: {broken} records in all do not match")
         if pending_unclosed is not None:
@@ -151,6 +167,8 @@ def verify(root: str | os.PathLike, key: bytes | None = None) -> Report:
         prev_h, prev_name, prev_seq = chain, name, f.seq
     if pending_unclosed is not None:
         rep.problems.append(f"{pending_unclosed}: truncated tail: the file ends without its close record")
+    if unchecked_files:
+        rep.notes.append(f"{unchecked_files} file(s) not checked: chained with a key not given")
     for lo, hi, before, after in gaps:
         missing = [s for s in range(lo, hi + 1) if s not in retained]
         if missing:
