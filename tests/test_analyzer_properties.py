@@ -178,16 +178,23 @@ def _refs(texts, aliases: dict[str, str]) -> set[str]:
     return out
 
 
+# nodes that do not project: their output is their child's, a scan's physical target list
+# included (a Materialize over an index-only scan outputs every column of the index)
+_PASS_THROUGH = {"Materialize", "Memoize", "Hash", "Sort", "Incremental Sort", "Limit", "Unique", "Gather",
+                 "Gather Merge", "LockRows"}
+
+
 def columns_read(plan: dict) -> set[str]:
     """Every base-table column some node of the plan reads: outputs, filters, conditions, keys.
     A scan below another node may output its whole row although that node reads only some of it
-    (a "physical target list"): a scan's outputs count only where they are a query's result (the
-    plan's top, a CTE's or subquery's plan, a UNION member)."""
+    (a "physical target list"), and so may a node that passes its child's rows on unprojected: their
+    outputs count only where they are a query's result (the plan's top, a CTE's or subquery's
+    plan, a UNION member)."""
     aliases = _aliases(plan)
     texts = []
     for n in _nodes(plan):
         for k, v in n.items():
-            if (k == "Output" and "Relation Name" in n and n is not plan
+            if (k == "Output" and ("Relation Name" in n or n.get("Node Type") in _PASS_THROUGH) and n is not plan
                     and n.get("Parent Relationship") not in ("InitPlan", "SubPlan", "Member")):
                 continue
             if isinstance(v, str):
