@@ -643,7 +643,11 @@ class ClientSession(asyncio.Protocol):
                     # what it would answer itself (Close, Parse, DEALLOCATE) included
                     if t == T_SYNC:
                         self.skip_until_sync = False
-                        if srv is None:
+                        if srv is not None:
+                            # the Sync the server skips to is queued now (_forward, below):
+                            # what follows it is answered again, so it is no longer skipped
+                            srv.awaiting_sync = False
+                        else:
                             self.write(m.ready_for_query(m.TX_IDLE))
                             pos = end
                             continue
