@@ -113,3 +113,25 @@ def test_shadow_mode_is_declared_in_the_file_and_reloads_with_it(sgw, tmp_path):
     assert {r["file"]: r["mode"] for r in rows(sgw, "RULES")}["rules/50_candidate.star"] == "enforce"
     reload = wait_docs(lambda: read_lines(sgw.audit), of("rules-reload"))[0]
     assert reload["pooler"]["rules"]["files"] == ["rules/10_enforced.star", "rules/50_candidate.star"]
+
+
+def test_a_rule_set_of_shadow_files_only_enforces_nothing(pg, gw_factory, tmp_path):
+    # the gateway's own refusals come with enforced rules (a statement it cannot read, the
+    # FunctionCall message, ...): with only a candidate in shadow, sessions run as without rules
+    pg.execute("DROP TABLE IF EXISTS shadow_orders; CREATE TABLE shadow_orders (id int); "
+               "INSERT INTO shadow_orders VALUES (1), (2), (3)")
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    (rules / "50_candidate.star").write_text(CANDIDATE)
+    port = free_port()
+    g = gw_factory(settings={"rules_dir": str(rules), "admin_users": "admin", "metrics_listen": f"127.0.0.1:{port}"},
+                   users={"agent": "groups=agents"}, databases={"postgres": upstream_entry(pg)})
+    with psycopg.connect(g.dsn(user="agent"), autocommit=True) as a:
+        assert len(a.execute("SELECT id FROM shadow_orders").fetchall()) == 3
+        # text the analyzer refuses to read with enforced rules (a syntax error): PostgreSQL's own answer
+        with pytest.raises(psycopg.errors.SyntaxError):
+            a.execute("SELEC 1")
+        assert a.execute("SELECT 2").fetchone() == (2,)
+    assert value(scrape(port), "pooler_shadow_decisions_total", rule="rules/50_candidate.star", action="deny") == 1
+    by_file = {r["file"]: r for r in rows(g, "RULES")}
+    assert by_file["rules/50_candidate.star"]["mode"] == "shadow"

@@ -116,7 +116,7 @@ class Governor:
         WAIT_APPROVAL or a refusal, as ``decide``."""
         if name.lower() == "search_path":
             self.search_path_seen(value)
-        if self.session.gw.policy is None:
+        if self.session.gw.policy is None or not self.session.gw.policy.enforcing:
             return None
         msg = m.query(sql)
         return self.decide(T_QUERY, msg, 0, len(msg))
@@ -143,6 +143,11 @@ class Governor:
             # record_failure = block: nothing runs that cannot be recorded
             return self._unread(("58030", blocked), t, data, pos, end)
         policy = self.session.gw.policy
+        shadow_only = None
+        if policy is not None and not policy.enforcing:
+            # only MODE = "shadow" files: their opinions are computed, nothing of the rules'
+            # is enforced (the gateway's own refusals included): the session runs as without rules
+            shadow_only, policy = policy, None
         book = self.book
         if t == T_BIND or t == T_DESCRIBE:
             if t == T_BIND and book.gated:
@@ -167,11 +172,13 @@ class Governor:
             if policy is None:
                 if self.events.decided is not None:
                     self._unjudged("Q", raw)
+                if shadow_only is not None:
+                    self._shadow_only(shadow_only, "Q", raw)
                 return None
             if self.lexing is not None:
                 return self._unread(("0A000", f"refused by the gateway: {self.lexing}"), t, data, pos, end)
         else:  # Parse
-            if policy is None and data[pos + 5] == 0 and self.events.decided is None:
+            if policy is None and data[pos + 5] == 0 and self.events.decided is None and shadow_only is None:
                 book.unnamed_ok = True  # the server checks the rest of the message
                 return None
             body = data[pos + 5 : end]
@@ -188,6 +195,8 @@ class Governor:
                     book.unnamed_ok = True  # the server checks the rest of the message
                 if self.events.decided is not None:
                     self._unjudged("P", raw)
+                if shadow_only is not None:
+                    self._shadow_only(shadow_only, "P", raw)
                 return None
             if self.lexing is not None:
                 return self._unread(("0A000", f"refused by the gateway: {self.lexing}"), t, data, pos, end)
@@ -369,6 +378,20 @@ class Governor:
             return None
         self.need = need
         return WAIT_APPROVAL
+
+    def _shadow_only(self, policy, kind: str, raw: bytes) -> None:
+        """A rule set of shadow files only: their opinions of a statement that runs whatever
+        they say (counted and audited as shadow decisions; the enforced side is an allow)."""
+        sev = self.events.shadow_decided
+        if sev is None:
+            return
+        sql = raw.decode(self.codec, "replace")
+        si = self.session_info()
+        verdict = policy.decide(sql, si, self._skey[si.in_transaction])
+        if verdict.shadow:
+            enforced = Decision("allow", "no enforced rules (only shadow files)", "")
+            for sd in verdict.shadow:
+                sev(self.session, kind, sql, sd, enforced)
 
     def _unjudged(self, kind: str, raw: bytes) -> None:
         """events.decided without rules: the statement as the session's encoding reads it."""

@@ -224,7 +224,7 @@ class Login:
         s.params = {p: view.get(p, "") for p in TRACKED_PARAMS if p in view or p in BUILTIN_PARAMS}
         s.param_key = param_key_of(s.params)
         s.governor.reading_changed(s.params)
-        if s.governor.lexing is not None and s.gw.policy is not None:
+        if s.governor.lexing is not None and s.gw.policy is not None and s.gw.policy.enforcing:
             raise ClientError("0A000", s.governor.lexing)
         await self._judge_extra_params(tracked)
         s.pid, s.key = s.gw.register_cancel_key(s)

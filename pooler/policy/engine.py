@@ -72,6 +72,9 @@ def _literal_dependent(facts: StatementFacts) -> bool:
 class Policy:
     def __init__(self, rules: RuleSet) -> None:
         self.rules = rules
+        # some decision is enforced: an enforced file, or a default_action other than allow
+        # (False for a rule set of MODE = "shadow" files only); read per statement, so kept
+        self.enforcing = rules.enforcing
         self.exact: dict[tuple, Verdict] = {}
         self.shape: dict[tuple, Verdict] = {}
         self.evaluations = 0  # full analyze+evaluate runs (for tests and metrics)
@@ -79,6 +82,7 @@ class Policy:
     @property
     def active(self) -> bool:
         return self.rules.active
+
 
     def decide(self, sql: str, session: SessionInfo, skey: tuple | None = None, catalog=None) -> Verdict:
         """``catalog`` (masking.catalog.Catalog, when the rules may mask): facts then include the

@@ -128,6 +128,10 @@ class RuleSet:
     def active(self) -> bool:
         return bool(self.files) or self.default_action != "allow"
 
+    @property
+    def enforcing(self) -> bool:
+        return any(f.mode != "shadow" for f in self.files) or self.default_action != "allow"
+
 
 def _display_name(path: Path, directory: Path) -> str:
     return f"{directory.name}/{path.relative_to(directory)}"
