@@ -33,6 +33,19 @@ def test_scram_upstream_with_only_a_scram_secret_is_a_wrong_password_type(gw_fac
         psycopg.connect(gw.dsn(dbname="p6"))
 
 
+def test_a_scram_secret_in_the_auth_file_logs_in_upstream_with_the_clients_keys(gw_factory, pg, scram_role):
+    # PgBouncer's SCRAM pass-through: the client logs in as the upstream user with SCRAM against
+    # the auth_file's copy of the server's secret; the keys it proved sign the upstream login
+    stored = pg.psql("SELECT rolpassword FROM pg_authid WHERE rolname = 'et_scram'").strip()
+    gw = gw_factory(settings={"auth_type": "scram-sha-256"}, auth_users={"et_scram": stored},
+                    databases={"p7": f"host=127.0.0.1 port={pg.port} dbname=postgres"})
+    for _ in range(2):  # the second session may get a new server: it logs in with the same keys
+        with psycopg.connect(gw.dsn(user="et_scram", password=scram_role[1], dbname="p7")) as c:
+            assert c.execute("SELECT current_user").fetchone() == ("et_scram",)
+    with pytest.raises(psycopg.OperationalError, match='password authentication failed for user "et_scram"'):
+        psycopg.connect(gw.dsn(user="et_scram", password="wrong", dbname="p7"))
+
+
 def test_scram_upstream_with_the_password_logs_in(gw_factory, pg, scram_role):
     gw = gw_with_secret(gw_factory, pg, scram_role[1])
     with psycopg.connect(gw.dsn(dbname="p6")) as c:

@@ -197,12 +197,13 @@ class Login:
         s.mode = cfg.pool_mode_for(db, user)
         s.rewrite = s.mode != "session" and cfg.max_prepared_statements > 0
         s.pool = s.gw.get_pool(db, user)
-        if self.fetched is not None and s.pool.server_password is None and s.pool.server_user == user:
-            # the upstream login of a user known by auth_query only: its md5 secret, or the keys
-            # its SCRAM login just proved (PgBouncer's SCRAM pass-through)
+        if s.pool.server_password is None and s.pool.server_user == user:
+            # no password for the upstream login of this very user: the keys its SCRAM login
+            # just proved against a SCRAM secret (of the auth_file or of auth_query: PgBouncer's
+            # SCRAM pass-through), or the md5 secret auth_query found
             if self.scram_keys is not None:
                 s.pool.scram_keys = self.scram_keys
-            elif is_md5(self.fetched):
+            elif self.fetched is not None and is_md5(self.fetched):
                 s.pool.server_password = self.fetched
         if replication is not None:
             await self._replication(params, tracked)
@@ -465,7 +466,7 @@ class Login:
             await self._refuse(reason if mock else str(e), failed)
         if mock:
             await self._refuse(reason, failed)
-        if self.fetched is not None and secret == self.fetched and is_scram(secret):
+        if is_scram(secret):  # a SCRAM secret, not a password: its keys are all an upstream login can use
             self.scram_keys = (server.client_key, scram_secret.server_key)
         s.transport.write(m.authentication_sasl_final(verifier))
 

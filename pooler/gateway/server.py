@@ -434,8 +434,9 @@ class ServerConn(asyncio.Protocol):
                 if pw is None and self.pool.has_scram_secret():
                     raise ServerLoginError(
                         f"server login failed: wrong password type: the server asks for SCRAM-SHA-256 and the auth_file "
-                        f"holds only a SCRAM secret for user {self.pool.server_user!r}, from which no SCRAM login can be "
-                        "made (give the password itself in [databases] password=, password_file or password_env)", "28P01")
+                        f"holds only a SCRAM secret for user {self.pool.server_user!r}, from which a SCRAM login can be "
+                        "made only with the keys of a client that logged in as that user with SCRAM (give the password "
+                        "itself in [databases] password=, password_file or password_env)", "28P01")
                 if pw is None:
                     raise ServerLoginError(f"server asked for a password for user {self.pool.server_user!r} but none is configured", "28P01")
                 if is_md5(pw):
