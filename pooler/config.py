@@ -236,12 +236,6 @@ class Config:
             return u.reserve_pool_size
         return db.reserve_pool_size if db.reserve_pool_size is not None else self.reserve_pool_size
 
-    def user_setting(self, user: str, key: str):
-        """A [users] entry's value of ``key`` (a timeout, a limit), else the global one."""
-        u = self.users.get(user)
-        v = getattr(u, key) if u is not None else None
-        return getattr(self, key) if v is None else v
-
     def pool_mode_for(self, db: DatabaseConfig, user: str) -> str:
         u = self.users.get(user)
         if u and u.pool_mode:
@@ -684,7 +678,6 @@ DB_KEYS = {
     "auth_user": _str, "auth_query": _str, "auth_dbname": _str,
 }
 DB_ALIASES = {"reserve_pool": "reserve_pool_size"}  # PgBouncer's old name
-DB_IGNORED: set[str] = set()
 USER_KEYS = {"pool_mode": _choice(*POOL_MODES), "max_user_connections": _nonneg_int,
              "groups": _list, "auth_type": _choice(*AUTH_TYPES), "alias": _list,
              "pool_size": _nonneg_int, "reserve_pool_size": _nonneg_int,
@@ -995,8 +988,6 @@ def load(path: str | os.PathLike) -> Config:
                         setattr(db, k, DB_KEYS[k](v))
                     except ValueError as e:
                         raise ConfigError(f"{where}: database {key}: invalid {k}: {e}") from None
-                elif k in DB_IGNORED:
-                    cfg.warnings.append(f"{where}: database {key}: {k} is not supported; ignored")
                 else:
                     cfg.warnings.append(f"{where}: database {key}: unknown parameter {k} ignored")
             _resolve_db_secret(cfg, db, where)

@@ -286,6 +286,20 @@ def test_reload_of_a_broken_file_is_refused_and_the_running_config_serves(cgw):
         assert c.execute("SHOW default_pool_size").fetchone() == ("4",)
 
 
+def test_reload_keeps_the_running_value_of_every_setting_read_at_start(cgw, tmp_path):
+    text = cgw.ini.read_text()
+    with console(cgw) as c:
+        before = {k: c.execute(f"SHOW {k}").fetchone()[0] for k in ("max_packet_size", "pidfile", "metrics_listen")}
+        cgw.ini.write_text(text + f"max_packet_size = 65536\npidfile = {tmp_path / 'gw.pid'}\n"
+                                  "metrics_listen = 127.0.0.1:1\ndefault_pool_size = 4\n")
+        assert c.execute("RELOAD").statusmessage == "RELOAD"
+        # what SHOW says is what runs: not the file's new values, which need a restart
+        assert {k: c.execute(f"SHOW {k}").fetchone()[0] for k in before} == before
+        assert c.execute("SHOW default_pool_size").fetchone() == ("4",)  # a reloadable one applies
+    assert "max_packet_size, metrics_listen, pidfile: changes need a restart" in cgw.wait_log("need a restart")
+    assert not (tmp_path / "gw.pid").exists()
+
+
 def test_suspend_holds_every_client_until_resume(cgw):
     with psycopg.connect(cgw.dsn(), autocommit=True) as a, console(cgw) as c:
         a.execute("SELECT 1")

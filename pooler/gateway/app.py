@@ -15,7 +15,7 @@ import time
 from .. import config as config_mod
 from ..auth.jwt import JwtAuthenticator
 from ..auth.passwords import ScramSecret, is_scram
-from ..config import Config, DatabaseConfig
+from ..config import RESTART_KEYS, SETTINGS, Config, DatabaseConfig
 from ..policy.bundle import load_rules
 from ..policy.engine import Policy
 from ..policy.rules import RuleLoadError
@@ -35,12 +35,6 @@ from .session import C_READY, ClientSession
 
 log = logging.getLogger("pooler")
 
-# recording settings read once, when the recorder starts (RELOAD keeps them; SET refuses them)
-_RECORD_AT_START = ("record_dir", "record_rotate_size", "record_rotate_age", "record_retention_days",
-                    "record_retention_size", "record_compression", "record_fsync", "record_key")
-# settings a reload reads but cannot apply (sockets and buffers made at start, the tracked
-# parameter set): the running value stays, with a warning
-RESTART_ONLY = ("track_extra_parameters", "max_packet_size", "so_reuseport")
 
 
 # auth_query lookups run at once, at most (they come before the client proved anything: a flood
@@ -394,18 +388,19 @@ class Gateway:
             for k in new.__dataclass_fields__:
                 if k.startswith("audit_"):
                     setattr(new, k, getattr(old, k))
-        if (new.listen_addr, new.listen_port, new.unix_socket_dir) != (old.listen_addr, old.listen_port, old.unix_socket_dir):
-            log.warning("listen_addr/listen_port/unix_socket_dir changes need a restart")
-            new.listen_addr, new.listen_port, new.unix_socket_dir = old.listen_addr, old.listen_port, old.unix_socket_dir
-        kept = [k for k in _RECORD_AT_START if getattr(new, k) != getattr(old, k)]
-        if kept:  # the recorder and its writer were made at start (record_results, _result_bytes, _failure apply)
-            log.warning("%s: changes need a restart; the recorder keeps its settings", ", ".join(kept))
-            for k in _RECORD_AT_START:
-                setattr(new, k, getattr(old, k))
-        for attr in RESTART_ONLY:
-            if getattr(new, attr) != getattr(old, attr):
-                log.warning("%s changes need a restart; the running value stays", attr)
+        # settings read once, at start (config.RESTART_KEYS, which SET refuses and SHOW CONFIG marks
+        # not changeable): a reload keeps their running values, with a warning naming them
+        kept = []
+        for k in sorted(RESTART_KEYS):
+            attr = SETTINGS[k][0]
+            if not k.startswith("audit_") and getattr(new, attr) != getattr(old, attr):
+                kept.append(k)
                 setattr(new, attr, getattr(old, attr))
+        if new.record_key != old.record_key:  # (read from record_hmac_key_file / _env at load)
+            kept.append("record_hmac_key")
+            new.record_key = old.record_key
+        if kept:
+            log.warning("%s: changes need a restart; the running values stay", ", ".join(kept))
         self._scram_cache.clear()
         self.config = new
         self.events.refresh()  # record_results may have changed (events.row)
