@@ -252,28 +252,22 @@ class Pool:
             asyncio.get_running_loop().create_task(self._connect())
 
     async def open_replication(self, startup_extra: dict[str, str]) -> ServerConn:
-        """A replication connection for one client (never pooled, not counted in the pool):
-        logged in with the pool's credentials and ``startup_extra`` (replication, options)."""
-        tries = self.db.host.count(",") + 1
-        for attempt in range(tries):
-            host = self._next_host(failed=attempt > 0)
-            try:
-                return await self._open_on(host, True, startup_extra)
-            except ServerLoginError as e:
-                if attempt + 1 >= tries or not e.unreachable:
-                    raise
-        raise AssertionError("unreachable")  # pragma: no cover
+        """A replication connection for one client (never pooled; counted in pool.relays by
+        its session): logged in with the pool's credentials and ``startup_extra``
+        (replication, options)."""
+        return await self.open_connection(True, startup_extra)
 
-    async def open_connection(self, side: bool = False) -> ServerConn:
-        """Connect and log in one server connection (and run connect_query). ``side``
-        connections are the gateway's own (catalog reads): never pooled, never counted.
-        With a host list, a host that cannot be reached is skipped for the next one (each
-        entry tried once) before the attempt counts as failed."""
+    async def open_connection(self, side: bool = False, startup_extra: dict[str, str] | None = None) -> ServerConn:
+        """Connect and log in one server connection (and run connect_query, unless it is a
+        replication connection: ``startup_extra``). ``side`` connections are the gateway's own
+        (catalog reads, auth_query) or a replication client's: never pooled. With a host
+        list, a host that cannot be reached is skipped for the next one (each entry tried
+        once) before the attempt counts as failed."""
         tries = self.db.host.count(",") + 1
         for attempt in range(tries):
             host = self._next_host(failed=attempt > 0)
             try:
-                return await self._open_on(host, side)
+                return await self._open_on(host, side, startup_extra)
             except ServerLoginError as e:
                 if attempt + 1 >= tries or not e.unreachable:
                     raise
