@@ -135,3 +135,26 @@ def test_a_rule_set_of_shadow_files_only_enforces_nothing(pg, gw_factory, tmp_pa
     assert value(scrape(port), "pooler_shadow_decisions_total", rule="rules/50_candidate.star", action="deny") == 1
     by_file = {r["file"]: r for r in rows(g, "RULES")}
     assert by_file["rules/50_candidate.star"]["mode"] == "shadow"
+
+
+def test_a_shadow_allow_of_an_allowed_statement_is_counted_not_audited(pg, gw_factory, tmp_path):
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    (rules / "50_candidate.star").write_text('MODE = "shadow"\n\ndef on_statement(stmt, session):\n'
+                                             '    if stmt.command == "SELECT":\n        return allow()\n'
+                                             '    return deny("only reads")\n')
+    audit = tmp_path / "audit.jsonl"
+    g = gw_factory(settings={"rules_dir": str(rules), "admin_users": "admin", "audit_file": str(audit)},
+                   databases={"postgres": upstream_entry(pg)})
+    with psycopg.connect(g.dsn(), autocommit=True) as c:
+        for i in range(3):
+            assert c.execute(f"SELECT {i}").fetchone() == (i,)
+        c.execute("SET application_name = 'x'")  # the candidate would deny it: that one is audited
+    denied = wait_docs(lambda: read_lines(audit), of("shadow-decision"), n=1)
+    assert denied[0]["pooler"]["shadow"]["action"] == "deny" and denied[0]["db"]["statement"].startswith("SET")
+    assert by_rule(rows(g, "RULES"))["allow"] == 3
+    assert [d["pooler"]["shadow"]["action"] for d in read_lines(audit) if of("shadow-decision")(d)] == ["deny"]
+
+
+def by_rule(listing: list[dict]) -> dict:
+    return next(r for r in listing if r["file"] == "rules/50_candidate.star")

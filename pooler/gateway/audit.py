@@ -198,6 +198,8 @@ class Audit(Observer):
 
     @_guarded
     def shadow_decided(self, s, kind: str, sql: str, d, enforced) -> None:
+        if not d.error and d.action == "allow" and enforced.action == "allow":
+            return  # agrees that it may run: counted (SHOW RULES, metrics), not a document per statement
         f = self._who(s)
         f["db"]["statement"] = ecs.statement(sql)[0]
         f["rule"] = {"name": d.rule, "ruleset": self._ruleset()}
