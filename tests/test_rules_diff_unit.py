@@ -53,12 +53,15 @@ def rules(tmp_path: Path, src: str, name="rules") -> object:
 
 
 def rec_session(stmts, user="bot", groups=("agents",)):
-    """A recorded session: ``stmts`` are (sql, recorded action, tag or None for refused)."""
+    """A recorded session: ``stmts`` are (sql, recorded action, tag or None for refused); action
+    "gateway": refused by the gateway before the rules decided (as the recorder writes it)."""
     evs = [{"t": "login", "ts": 1.0, "sid": "s.1", "i": 0, "user": user, "groups": list(groups), "database": "shop",
             "app": "a", "client": "10.0.0.9:4000"}]
     for q, (sql, action, tag) in enumerate(stmts, 1):
+        gw = action == "gateway"
         evs.append({"t": "stmt", "ts": 1.0 + q, "sid": "s.1", "i": len(evs), "q": q, "kind": "Q", "route": "simple",
-                    "sql": sql, "action": action, "rule": "", "reason": "", "masks": []})
+                    "sql": sql, "action": "deny" if gw else action, "rule": "gateway" if gw else "", "reason": "",
+                    "masks": [], "gateway": gw})
         if tag is None:
             evs.append({"t": "refused", "ts": 1.0 + q, "sid": "s.1", "i": len(evs), "q": q, "sqlstate": "42501",
                         "message": "no"})
@@ -87,12 +90,15 @@ def test_execute_is_judged_as_the_statement_it_prepared(tmp_path):
                          '        return deny("secrets are off limits")\n'
                          '    return None\n')
     s = rec_session([("PREPARE p AS SELECT * FROM secrets", "allow", "PREPARE"), ("EXECUTE p", "allow", "SELECT 3"),
-                     ("DEALLOCATE p", "allow", "DEALLOCATE"), ("EXECUTE p", "allow", None)])
+                     ("DEALLOCATE p", "allow", "DEALLOCATE"), ("EXECUTE p", "gateway", None)])
     rep = compare([s], rs)
     # the PREPARE reads the table too, so it is denied; EXECUTE of it as well; after DEALLOCATE the
-    # name means nothing (the server refused it), so nothing is judged but EXECUTE's own text
+    # gateway refused the name itself (26000): nothing the rules said then to compare with
     assert [(c.q, c.kinds) for c in rep.changes] == [(1, ["newly denied"]), (2, ["newly denied"])]
     assert rep.changes[1].after.reason == "secrets are off limits"
+    assert rep.skipped == 1
+    # both sides decided offline: the same refusal of the gateway on both, no change
+    assert [c.q for c in compare([s], rs, rs).changes] == []
 
 
 def test_search_path_set_in_the_session_is_followed(tmp_path):

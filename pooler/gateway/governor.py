@@ -20,7 +20,6 @@ Rules this module keeps:
 from __future__ import annotations
 
 import logging
-import re
 import struct
 from typing import Any, Protocol
 
@@ -28,9 +27,10 @@ from ..approvals.present import bind_parts, justification_in, shown_params
 from ..masking.plan import MaskCtx, QueryMask, compile_masks, method_for
 from ..policy.engine import SessionInfo
 from ..policy.rules import Decision
+from ..policy.sessionwork import apply_prepared, grown_search_path, session_work
 from ..protocol import messages as m
 from ..protocol.frontend import T_BIND, T_DESCRIBE, T_FUNCTION, T_PARSE, T_QUERY
-from ..sql.lexing import SETTINGS as LEXING_SETTINGS, codec as reading_codec, unsafe_session, unsafe_value
+from ..sql.lexing import codec as reading_codec, unsafe_session
 from ..sql.lineage import UNKNOWN, StatementLineage
 from .events import Refused
 from .holds import Need
@@ -43,7 +43,6 @@ WAIT_APPROVAL: Refusal = ("", "approval")  # not a refusal: held for approval (G
 
 _unpack_len = struct.Struct("!i").unpack_from
 struct_error = struct.error
-_SEARCH_PATH_ITEM = re.compile(r'\s*(?:"((?:[^"]|"")*)"|([^,\s]+))\s*(?:,|$)')
 _NO_LINEAGE = StatementLineage(None, frozenset((UNKNOWN,)))
 MESSAGE_KIND = {T_QUERY: "Q", T_PARSE: "P", T_BIND: "B", T_DESCRIBE: "D", T_FUNCTION: "F"}
 
@@ -103,8 +102,7 @@ class Governor:
     def search_path_seen(self, value: str) -> None:
         """The session's search_path may now be ``value``: the rules see its schemas from now on
         (the path only grows, so no SET that fails or is rolled back hides a schema)."""
-        path = tuple(a or b for a, b in _SEARCH_PATH_ITEM.findall(value) if (a or b))
-        path = tuple(dict.fromkeys(p for p in path + self.search_path if p != "$user"))
+        path = grown_search_path(self.search_path, value)
         if path != self.search_path:
             self.search_path = path
             self.session_changed()
@@ -398,65 +396,25 @@ class Governor:
         self.events.decided(self.session, kind, raw.decode(self.codec, "replace"), None)
 
     def _session_work(self, policy, verdict, si, catalog=None):
-        """SQL-level PREPARE/EXECUTE/DEALLOCATE and search_path: EXECUTE is judged as the
-        statement it runs. Returns a Decision, or (sqlstate, message) of a refusal.
-
-        Fail closed: a name already prepared is refused as PostgreSQL refuses it (otherwise a
-        failing re-PREPARE would let EXECUTE be judged as text the server does not run), and the
-        search_path the rules see only grows: a SET that is rolled back, a SET LOCAL, or a
-        server given to another transaction can then never hide a schema from the rules."""
-        d = verdict.decision
-        prepared = self.book.sql_prepared
-        self._prep_new = []
-        local: dict[str, str] = {}  # prepared earlier in this same message
-        for f in verdict.facts:
-            cmd = f.command
-            if cmd == "EXECUTE":
-                name = f.prepared_name or ""
-                inner_sql = local.get(name) or prepared.get(name)
-                if inner_sql is None:
-                    return ("26000", f'prepared statement "{f.prepared_name}" does not exist')
-                inner = policy.decide(inner_sql, si, None, catalog).decision
-                if inner.refused:
-                    return inner
-                if inner.action == "mask":
-                    d = _merge_masks(d, inner)
-            elif cmd == "PREPARE" and f.prepared_name and f.inner is not None:
-                name = f.prepared_name
-                if name in prepared or name in local:
-                    return ("42P05", f'prepared statement "{name}" already exists')
-                if name.startswith("pooler_"):
-                    return ("42501", "refused by the gateway: prepared statement names starting with "
-                                     "pooler_ are reserved for the gateway")
-                local[name] = f.inner.sql
-                # recorded when the server confirms it (CommandComplete PREPARE): a PREPARE that
-                # fails there must never make the rules judge EXECUTE as text the server does not run
-                self._prep_new.append((name, f.inner.sql))
-            elif cmd == "DEALLOCATE":
-                prepared.pop(f.prepared_name or "", None)
-            elif cmd in ("DEALLOCATE ALL", "DISCARD ALL"):
-                if cmd == "DISCARD ALL" and (why := unsafe_session(self.session.pool.welcome or {})) is not None:
-                    return ("0A000", f"refused by the gateway: {why}")  # it resets to the server's defaults
-                prepared.clear()
-            elif cmd in ("SET", "RESET") and (f.set_name in LEXING_SETTINGS or f.set_name == "all"):
-                # the server would read the following statements otherwise than the gateway does
-                if f.set_name in LEXING_SETTINGS and f.set_value is not None:
-                    why = unsafe_value(f.set_name, f.set_value)
-                else:  # RESET, SET ... TO DEFAULT, RESET ALL: the server's default
-                    why = unsafe_session(self.session.pool.welcome or {})
-                if why is not None:
-                    return ("0A000", f"refused by the gateway: {why}")
-            elif cmd in ("SET", "RESET") and f.set_name == "pooler.justification":
-                self.justification = (f.set_value or "") if cmd == "SET" else ""
-            elif cmd == "SET" and f.set_name == "search_path" and f.set_value is not None:
-                self.search_path_seen(f.set_value)
-            elif cmd not in ("SET", "RESET") and ("search_path" in f.guc_writes or "?" in f.guc_writes):
-                return ("42501", "refused by the gateway: set_config() of search_path (or of a computed "
-                                 "setting name) cannot be followed by the rules; use SET search_path")
-            elif cmd not in ("SET", "RESET") and not LEXING_SETTINGS.isdisjoint(f.guc_writes):
-                return ("0A000", "refused by the gateway: set_config() of standard_conforming_strings or "
-                                 "client_encoding is not supported through this gateway; use SET")
-        return d
+        """SQL-level PREPARE/EXECUTE/DEALLOCATE and search_path (policy.sessionwork, the one
+        implementation rules tests against recordings use too): EXECUTE is judged as the
+        statement it runs. Returns a Decision, or (sqlstate, message) of a refusal. What the
+        message did before a refusal is applied all the same (it only forgets prepared
+        statements and grows the search_path the rules see: never lets more through)."""
+        pool = self.session.pool
+        got, fx = session_work(policy, verdict, si, self.book.sql_prepared, catalog,
+                               pool.welcome if pool is not None else None)
+        if fx is not None:
+            # recorded when the server confirms it (CommandComplete PREPARE): a PREPARE that
+            # fails there must never make the rules judge EXECUTE as text the server does not run
+            self._prep_new = fx.prepares
+            if fx.forget_all or fx.forget:
+                apply_prepared(self.book.sql_prepared, fx)
+            if fx.justification is not None:
+                self.justification = fx.justification
+            for value in fx.search_paths:
+                self.search_path_seen(value)
+        return got
 
     # ------------------------------------------------------------------ planning masks
 
@@ -579,13 +537,3 @@ def _either(old, new):
     merged = tuple(sorted(masks.items()))
     # a flat key: re-Parsing a name again and again never nests it (hashing stays cheap)
     return MaskCtx(merged, None, old.catalog, old.rule, ("either", merged), old.cache, old.holder)
-
-
-def _merge_masks(d, other):
-    """``d`` with the masks of ``other`` added (EXECUTE runs its prepared statement's masks)."""
-    if d.action != "mask":
-        return other
-    merged = dict(other.masks)
-    merged.update(d.masks)
-    rule = ", ".join(sorted({r for r in (d.rule, other.rule) if r}))
-    return Decision("mask", "; ".join(r for r in (d.reason, other.reason) if r), rule, tuple(sorted(merged.items())))

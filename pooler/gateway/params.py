@@ -7,7 +7,7 @@ client's on every hand-over is then mostly an ``is``.
 
 from __future__ import annotations
 
-import re
+from ..policy.sessionwork import search_path_items
 
 # always tracked, as PgBouncer's varcache (IntervalStyle is PgBouncer's default track_extra_parameters)
 BUILTIN_PARAMS = (
@@ -75,15 +75,12 @@ def sync_sql(wanted: dict[str, str], have: dict[str, str]) -> list[str]:
     return out
 
 
-_LIST_ITEM = re.compile(r'\s*(?:"((?:[^"]|"")*)"|([^,\s]+))\s*(?:,|$)')
-
-
 def set_sql(name: str, value: str) -> str:
     """The statement that gives a server the parameter's value as a startup packet would.
     search_path is a list of names (PgBouncer's GUC_LIST_QUOTE case): a quoted literal would
     make it one schema named after the whole list."""
     if name.lower() == "search_path":
-        items = [(a.replace('""', '"') if a else b) for a, b in _LIST_ITEM.findall(value) if (a or b)]
+        items = search_path_items(value)
         if not items:
             return "SET search_path = ''"
         return "SET search_path = " + ", ".join('"' + i.replace('"', '""') + '"' for i in items)

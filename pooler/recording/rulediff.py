@@ -6,7 +6,9 @@ Rules this module keeps:
   the same Starlark call), for the session the recording names: its identity, groups,
   database, application_name, client address; whether it was inside a transaction (followed
   from the command tags before it); the search_path its SET search_path statements built;
-  SQL-level EXECUTE judged as the statement its PREPARE named, as governor.py does.
+  SQL-level EXECUTE judged as the statement its PREPARE named. What session commands do
+  (EXECUTE's judgement and the merging of its masks, PREPARE/DEALLOCATE, SET search_path) is
+  policy.sessionwork, the very code governor.py runs: no copy that could differ.
 - The baseline is what the recording says was decided (``action``, ``rule``, ``reason``,
   ``masks``), or, with another rule set given as baseline, that rule set decided the same way
   offline; the second compares rules with rules only (nothing the gateway knew at the time, such
@@ -22,17 +24,15 @@ Rules this module keeps:
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
 from ..policy.engine import Policy, SessionInfo
 from ..policy.rules import Decision, RuleSet
+from ..policy.sessionwork import SessionEffects, apply_prepared, grown_search_path, session_work
 from .timeline import statements
 
 KINDS = ("newly denied", "newly allowed", "approval required", "approval no longer required", "masks added",
          "masks dropped", "mask method changed", "decided by another rule", "reason changed")
-
-_SEARCH_PATH_ITEM = re.compile(r'"((?:[^"]|"")*)"|([^\s,]+)')
 
 
 @dataclass(slots=True)
@@ -135,53 +135,69 @@ class _Session:
         return SessionInfo(str(lg.get("user") or ""), str(lg.get("database") or ""), tuple(lg.get("groups") or ()),
                            str(lg.get("app") or ""), addr, self.in_tx, self.search_path)
 
-    def after(self, st: dict, facts) -> None:
+    def after(self, st: dict, work: _Work | None) -> None:
         """Follow what the statement did to the session: transaction state from its command
-        tags, SQL-level PREPARE/DEALLOCATE, SET search_path (it only grows, as governor.py)."""
-        if st["refused"] is not None:
+        tags; what its session commands did as governor.py follows them (policy.sessionwork,
+        the gateway's own implementation): once the rules let the message through, the
+        search_path grows and DEALLOCATE forgets, even if it is refused after (as in the
+        gateway); a PREPARE counts once the server confirmed it (CommandComplete PREPARE, in
+        order). What the recording shows the server did counts whatever the rules deciding now
+        say of it (its later statements ran in that session)."""
+        ran = st["refused"] is None
+        fx = work.effects if work is not None else None
+        if fx is not None and (work.passed or ran):
+            for value in fx.search_paths:
+                self.search_path = grown_search_path(self.search_path, value)
+            apply_prepared(self.prepared, fx)
+        if not ran:
             return  # refused: it did nothing (inside a transaction it failed it: still inside)
+        confirmed = 0
         for r in st["results"]:
             tag = (r["tag"] or "").upper() if r["t"] == "done" else ""
             if tag in ("BEGIN", "START TRANSACTION"):
                 self.in_tx = True
             elif tag in ("COMMIT", "ROLLBACK", "PREPARE TRANSACTION"):
                 self.in_tx = False
-        for f in facts:
-            if f.command == "PREPARE" and f.prepared_name and f.inner is not None and any(
-                    r["t"] == "done" and r["tag"] == "PREPARE" for r in st["results"]):
-                self.prepared[f.prepared_name] = f.inner.sql
-            elif f.command == "DEALLOCATE":
-                self.prepared.pop(f.prepared_name or "", None)
-            elif f.command in ("DEALLOCATE ALL", "DISCARD ALL"):
-                self.prepared.clear()
-            elif f.command == "SET" and f.set_name == "search_path" and f.set_value is not None:
-                path = tuple(a or b for a, b in _SEARCH_PATH_ITEM.findall(f.set_value) if (a or b))
-                self.search_path = tuple(dict.fromkeys(p for p in path + self.search_path if p != "$user"))
+            elif tag == "PREPARE":
+                confirmed += 1
+        if fx is not None:
+            for name, text in fx.prepares[:confirmed]:
+                self.prepared[name] = text
 
 
-def decide(policy: Policy, sql: str, sess: _Session, catalog=None) -> tuple[Decision, tuple]:
-    """The decision the gateway would make for ``sql`` in this session, and the facts. With
-    ``catalog`` (masking.catalog.Catalog) the facts are enriched as the gateway enriches them for
-    a rule set that may mask."""
+class _Work:
+    """What a message's session commands did (policy.sessionwork.SessionEffects, None: nothing)
+    and whether the rules deciding now let it through (else it is followed only as far as the
+    recording shows it ran)."""
+
+    __slots__ = ("effects", "passed")
+
+    def __init__(self, effects: SessionEffects | None, passed: bool) -> None:
+        self.effects = effects
+        self.passed = passed
+
+
+def decide(policy: Policy, sql: str, sess: _Session, catalog=None) -> tuple[Decision, _Work | None]:
+    """The decision the gateway would make for ``sql`` in this session, and what its session
+    commands do (None: it has none). With ``catalog`` (masking.catalog.Catalog) the facts are
+    enriched as the gateway enriches them for a rule set that may mask. SQL-level EXECUTE is
+    judged as governor.py judges it (policy.sessionwork): as the statement it runs, its masks
+    merged with the message's; a message the gateway itself would refuse there (EXECUTE of a
+    name not prepared, PREPARE of a name that is) decides deny by ``gateway``, as recordings
+    name such refusals."""
     if not policy.rules.may_mask:
         catalog = None
-    v = policy.decide(sql, sess.info(), None, catalog)
+    si = sess.info()
+    v = policy.decide(sql, si, None, catalog)
     d = v.decision
-    if not d.refused:
-        for f in v.facts:
-            if f.command == "EXECUTE":
-                inner_sql = sess.prepared.get(f.prepared_name or "")
-                if inner_sql is None:
-                    continue  # the server refused it (prepared statement does not exist)
-                inner = policy.decide(inner_sql, sess.info(), None, catalog).decision
-                if inner.refused:
-                    return inner, v.facts
-                if inner.action == "mask":
-                    masks = dict(d.masks)
-                    for c, m in inner.masks:
-                        masks.setdefault(c, m)
-                    d = Decision("mask", d.reason or inner.reason, d.rule or inner.rule, tuple(masks.items()))
-    return d, v.facts
+    if not v.session_work:
+        return d, None
+    got, fx = session_work(policy, v, si, sess.prepared, catalog)
+    if d.refused:
+        return d, _Work(fx, False)
+    if isinstance(got, tuple):  # (sqlstate, message)
+        return Decision("deny", got[1], "gateway"), _Work(fx, True)
+    return got, _Work(fx, True)
 
 
 def compare(sessions, candidate: RuleSet, baseline: RuleSet | None = None, catalog=None,
@@ -201,8 +217,7 @@ def compare(sessions, candidate: RuleSet, baseline: RuleSet | None = None, catal
             ts = st["ts"] or 0.0
             counted = (since is None or ts >= since) and (until is None or ts < until)
             if not counted and (until is None or ts < until):
-                after, facts = decide(cand, st["sql"], sess_c, catalog)  # what it did to the session
-                sess_c.after(st, facts)
+                sess_c.after(st, decide(cand, st["sql"], sess_c, catalog)[1])  # what it did to the session
                 if base is not None:
                     sess_b.after(st, decide(base, st["sql"], sess_b, catalog)[1])
                 continue
@@ -214,13 +229,13 @@ def compare(sessions, candidate: RuleSet, baseline: RuleSet | None = None, catal
                 # the rules decided (it never ran): the rules' decision then was not recorded
                 rep.skipped += 1
                 continue
-            after, facts = decide(cand, st["sql"], sess_c, catalog)
+            after, work = decide(cand, st["sql"], sess_c, catalog)
             if base is not None:
-                before, bfacts = decide(base, st["sql"], sess_b, catalog)
-                sess_b.after(st, bfacts)
+                before, bwork = decide(base, st["sql"], sess_b, catalog)
+                sess_b.after(st, bwork)
             else:
                 before = _recorded(st)
-            sess_c.after(st, facts)
+            sess_c.after(st, work)
             rep.judged += 1
             kinds, detail = classify(before, after)
             if kinds:
