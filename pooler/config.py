@@ -178,7 +178,7 @@ class Config:
     record_hmac_key_file: str | None = None
     record_hmac_key_env: str | None = None
     record_failure: str = "block"  # block | continue
-    record_writer: str = "process"  # process (a child process writes) | thread (a thread of the gateway)
+    record_writer: str = "thread"  # thread (of the gateway) | process (a child process writes: recording/process.py)
     record_key: bytes = b""  # resolved from record_hmac_key_file/env; never logged
     verbose: int = 0
     application_name_add_host: bool = False

@@ -1,4 +1,4 @@
-"""The writer process (record_writer = process, the default): a child of the gateway writes the
+"""The writer process (record_writer = process): a child of the gateway writes the
 recordings. A child killed or stopped is a recording failure like a disk error (statements are
 refused under record_failure = block, the message says why); a killed one is replaced after a
 second, the new one closes the file the dead one left open and writes a gap record, and the
@@ -47,7 +47,7 @@ def gone(pid: int) -> bool:
 
 def test_a_killed_writer_process_blocks_statements_until_a_new_one_takes_over(gw_factory, tmp_path):
     d = tmp_path / "rec"
-    g, mport = start(gw_factory, tmp_path, d, "block")
+    g, mport = start(gw_factory, tmp_path, d, "block", record_writer="process")
     with psycopg.connect(g.dsn(), autocommit=True) as c:
         assert run(c, "SELECT 'before the kill'") is None
         first = writer_pid(g)
@@ -78,7 +78,7 @@ def test_a_killed_writer_process_blocks_statements_until_a_new_one_takes_over(gw
 
 def test_a_killed_writer_process_under_continue_lets_statements_run(gw_factory, tmp_path):
     d = tmp_path / "rec"
-    g, mport = start(gw_factory, tmp_path, d, "continue")
+    g, mport = start(gw_factory, tmp_path, d, "continue", record_writer="process")
     with psycopg.connect(g.dsn(), autocommit=True) as c:
         assert run(c) is None
         os.kill(writer_pid(g), signal.SIGKILL)
@@ -97,7 +97,7 @@ def test_a_killed_writer_process_under_continue_lets_statements_run(gw_factory, 
 def test_a_stopped_writer_process_blocks_statements_until_it_runs_again(gw_factory, tmp_path):
     """SIGSTOP: the child is there but says nothing; after 5 s that is a failure."""
     d = tmp_path / "rec"
-    g, mport = start(gw_factory, tmp_path, d, "block")
+    g, mport = start(gw_factory, tmp_path, d, "block", record_writer="process")
     pid = writer_pid(g)
     with psycopg.connect(g.dsn(), autocommit=True) as c:
         assert run(c) is None
@@ -119,7 +119,7 @@ def test_a_stopped_writer_process_blocks_statements_until_it_runs_again(gw_facto
 
 def test_a_clean_stop_writes_everything(gw_factory, tmp_path):
     d = tmp_path / "rec"
-    g, _ = start(gw_factory, tmp_path, d, "block", record_fsync="1s")
+    g, _ = start(gw_factory, tmp_path, d, "block", record_fsync="1s", record_writer="process")
     pid = writer_pid(g)
     with psycopg.connect(g.dsn(), autocommit=True) as c:
         for k in range(300):
@@ -142,7 +142,7 @@ def test_a_killed_gateway_leaves_its_records_written(gw_factory, tmp_path):
     """SIGKILL to the gateway: the writer process sees its pipe end, writes what it was handed
     and closes the file; only what the gateway had not handed over (at most 100 ms) is gone."""
     d = tmp_path / "rec"
-    g, _ = start(gw_factory, tmp_path, d, "block")
+    g, _ = start(gw_factory, tmp_path, d, "block", record_writer="process")
     pid = writer_pid(g)
     with psycopg.connect(g.dsn(), autocommit=True) as c:
         assert run(c, "SELECT 'handed over'") is None
@@ -155,3 +155,45 @@ def test_a_killed_gateway_leaves_its_records_written(gw_factory, tmp_path):
     recs = list(iter_events(d, housekeeping=True))
     assert "SELECT 'handed over'" in [e["sql"] for e in recs if e["t"] == "stmt"]
     assert recs[-1]["t"] == "close" and recs[-1]["reason"] == "shutdown"
+
+
+def _chunk(k: int, n: int = 1000) -> bytearray:
+    from pooler.recording.format import encode
+
+    buf = bytearray()
+    for j in range(n):
+        buf += encode({"t": "x", "ts": 1.0, "k": k, "j": j, "pad": "p" * 60}) + b"\n"
+    return buf
+
+
+def test_writer_process_queues_what_the_pipe_does_not_take_and_counts_drops(tmp_path):
+    """The gateway's side alone (no gateway): the child stopped, chunks wait in the gateway up to
+    max_queued records; beyond, they are dropped and counted; once the child runs again every
+    chunk accepted is written, after a gap record counting the drops."""
+    from pooler.recording.process import WriterProcess
+
+    d = tmp_path / "rec"
+    w = WriterProcess(d, gateway="t", compression="none", fsync=1.0, max_queued=5000)
+    w.start()
+    try:
+        os.kill(w.pid, signal.SIGSTOP)
+        for k in range(5):
+            w.submit(_chunk(k), 1000)  # never blocks, pipe full or not
+        assert w.queued == 5000 and w.lost == 0
+        w.submit(_chunk(5), 1000)
+        assert w.lost == 1000 and w.queued == 5000
+        assert "fell behind" in w.behind()
+        os.kill(w.pid, signal.SIGCONT)
+        until(lambda: (w.poll(), w.queued == 0)[1], "written")
+        w.submit(_chunk(6), 1000)
+        until(lambda: (w.poll(), w.queued == 0)[1], "written")
+        assert w.failing is None and w.behind() is None and w.lost == 1000
+    finally:
+        w.stop()
+    assert verify(d).ok
+    recs = list(iter_events(d, housekeeping=True))
+    assert sorted({e["k"] for e in recs if e["t"] == "x"}) == [0, 1, 2, 3, 4, 6]
+    (gap,) = [e for e in recs if e["t"] == "gap"]
+    assert gap["lost"] == 1000 and gap["reason"] == "the writer fell behind"
+    order = [e["t"] if e["t"] == "gap" else e["k"] for e in recs if e["t"] == "gap" or e.get("j") == 0]
+    assert order.index("gap") < order.index(6)  # (with the chunks taken with it: as Writer's own drops)

@@ -1,7 +1,7 @@
 """The recorder: the gateway's events turned into session records (docs/recordings.md), handed
-in chunks to the writer: a child process (recording/process.py, ``record_writer = process``, the
-default) or a thread of the gateway (recording/writer.py, ``record_writer = thread``); both run
-the same ``Writer``.
+in chunks to the writer: a thread of the gateway (recording/writer.py, ``record_writer = thread``,
+the default) or a child process (recording/process.py, ``record_writer = process``); both run the
+same ``Writer``.
 
 Rules this module keeps:
 - On the event loop only: build a small dict, encode it (orjson, well under a microsecond),
