@@ -1,7 +1,8 @@
 """What recording sessions costs: pgbench -S at 50 clients through a gateway recording every
-session (record_dir set, record_results = 5) and one that does not, in the same run, rounds
-alternating, so machine noise hits both alike; the ratio (aim: >= 0.95 x), CPU per transaction
-of each gateway process, and records/bytes written per transaction. Then the writer's own cost
+session (record_dir set, record_results = 5; its writer a child process, and a thread for
+comparison) and one that does not, in the same run, rounds alternating, so machine noise hits
+all alike; the ratio (aim: >= 0.95 x), CPU per transaction of each gateway process and,
+separately, of its writer process, and records/bytes written per transaction. Then the writer's own cost
 per record, measured in this process: the loop's part (building and encoding a record, the
 hand-over in chunks) and the thread's part (sealing into the hash chain and writing). Not a test:
 figures for bench/README.md.
@@ -23,9 +24,22 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.pgbench_compare import Target, clean_env, cpu_seconds, log, pgbench_bin, run_pgbench  # noqa: E402
+from bench.pgbench_compare import CLK_TCK, Target, _proc_stat, clean_env, log, pgbench_bin, run_pgbench  # noqa: E402
 from pooler.pgcluster import PgCluster, find_pg_bindir  # noqa: E402
 from tests.gwproc import GatewayProc  # noqa: E402
+
+
+def split_cpu(pid: int) -> tuple[float, float]:
+    """(CPU seconds of process ``pid`` itself, all its threads; of its live child processes: the
+    writer process), so that the writer's work is neither hidden nor taken for the gateway's."""
+    own = _proc_stat(pid)
+    kids = 0
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            st = _proc_stat(int(name))
+            if st is not None and st[0] == pid:
+                kids += st[1]
+    return (own[1] if own else 0) / CLK_TCK, kids / CLK_TCK
 
 
 def writer_cost(n: int = 200_000) -> tuple[float, float, float]:
@@ -74,26 +88,31 @@ def writer_cost(n: int = 200_000) -> tuple[float, float, float]:
 
 
 def inprocess_cost(n: int = 60_000, repeat: int = 3) -> dict[str, float]:
-    """Process CPU (loop and writer thread) per simple-protocol transaction in this process, with
-    bench/hotpath_micro.py's in-memory transports (no sockets, no PostgreSQL): recording off, on
-    with record_results = 5, on with 0. Best of ``repeat``."""
+    """CPU per simple-protocol transaction in this process, with bench/hotpath_micro.py's
+    in-memory transports (no sockets, no PostgreSQL): recording off, on with record_results = 5
+    (writer process: this process's CPU, and the writer process's apart; writer thread: both in
+    this process), on with 0. Best of ``repeat``."""
     import asyncio
 
     from bench.hotpath_micro import Q, RESP, setup
     from pooler.gateway.recorder import Recorder
 
-    def one(record: bool, rows: int) -> float:
-        async def main() -> float:
+    def one(record: bool, rows: int, writer: str = "process") -> tuple[float, float]:
+        async def main() -> tuple[float, float]:
             gw, pool, srv, (c,) = setup(observers=True)
             r = None
+            child = 0.0
             if record:
                 gw.config.record_dir = tempfile.mkdtemp(prefix="pooler-bench-inproc-")
                 gw.config.record_results = rows
+                gw.config.record_writer = writer
                 r = gw.recorder = Recorder(gw)
                 gw.events.subscribe(r)
                 r.start()
                 c.addr, c.console = "127.0.0.1:1", False
                 r.login(c)
+            pid = getattr(r.writer, "pid", None) if r is not None else None
+            c0 = _proc_stat(pid)[1] / CLK_TCK if pid else 0.0
             t0 = time.process_time()
             for k in range(n):
                 c.data_received(Q)
@@ -104,18 +123,23 @@ def inprocess_cost(n: int = 60_000, repeat: int = 3) -> dict[str, float]:
                 r._flush()
                 while r.writer.queued:
                     await asyncio.sleep(0.001)
+                    if pid:
+                        r.writer.poll()
             cpu = (time.process_time() - t0) / n * 1e6
+            if pid:
+                child = (_proc_stat(pid)[1] / CLK_TCK - c0) / n * 1e6
             if r is not None:
                 r.stop()
                 import shutil
 
                 shutil.rmtree(gw.config.record_dir)
-            return cpu
+            return cpu, child
         return asyncio.run(main())
 
     out = {}
-    for name, record, rows in (("off", False, 0), ("on", True, 5), ("on, no rows", True, 0)):
-        out[name] = min(one(record, rows) for _ in range(repeat))
+    for name, record, rows, writer in (("off", False, 0, ""), ("on", True, 5, "process"),
+                                       ("on, thread", True, 5, "thread"), ("on, no rows", True, 0, "process")):
+        out[name] = min((one(record, rows, writer) for _ in range(repeat)), key=sum)
     return out
 
 
@@ -142,8 +166,10 @@ def main() -> int:
                   "log_connections": 0, "log_disconnections": 0}
         rec_dir = tmp / "recordings"
         targets = []
-        for name, extra in (("recording off", {}), ("recording on", {"record_dir": str(rec_dir)}),
-                            ("on, no rows", {"record_dir": str(tmp / "recordings-norows"), "record_results": 0})):
+        for name, extra in (("recording off", {}), ("recording on", {"record_dir": str(rec_dir), "record_writer": "process"}),
+                            ("on, thread", {"record_dir": str(tmp / "recordings-thread"), "record_writer": "thread"}),
+                            ("on, no rows", {"record_dir": str(tmp / "recordings-norows"), "record_results": 0,
+                                             "record_writer": "process"})):
             wd = tmp / name.replace(" ", "-")
             wd.mkdir()
             g = GatewayProc({"bench": db}, settings={**common, **extra}, workdir=str(wd))
@@ -152,15 +178,18 @@ def main() -> int:
             targets.append(Target(name, g.host, g.port, cpu_pid=g.proc.pid, proc=g))
         tps: dict[str, list[float]] = {t.name: [] for t in targets}
         cpu: dict[str, list[float]] = {t.name: [] for t in targets}
+        wcpu: dict[str, list[float]] = {t.name: [] for t in targets}  # the writer process's
         xacts_on = 0
         for rnd in range(args.rounds):
             order = targets if rnd % 2 == 0 else targets[::-1]  # each target first and last in turn
             for t in order:
-                c0 = cpu_seconds(t.cpu_pid)
+                c0, w0 = split_cpu(t.cpu_pid)
                 got, n, out = run_pgbench(pgbench, t, "simple", args.clients, 2, args.seconds)
                 if got != got:
                     raise RuntimeError(f"pgbench failed against {t.name}:\n{out}")
-                cpu[t.name].append((cpu_seconds(t.cpu_pid) - c0) / n * 1e6)
+                c1, w1 = split_cpu(t.cpu_pid)
+                cpu[t.name].append((c1 - c0) / n * 1e6)
+                wcpu[t.name].append((w1 - w0) / n * 1e6)
                 tps[t.name].append(got)
                 if t.name == "recording on":
                     xacts_on += n
@@ -172,20 +201,24 @@ def main() -> int:
 
         files = list_files(rec_dir)
         rep = verify(rec_dir)
-        off, on, norows = (statistics.median(tps[t.name]) for t in targets)
+        off, on, thread, norows = (statistics.median(tps[t.name]) for t in targets)
         print(f"\npgbench -S -c {args.clients}, transaction pooling, pool {args.pool_size}, "
               f"{args.rounds} x {args.seconds:.0f} s per case, alternating")
         for t in targets:
             print(f"  {t.name:<14} median {statistics.median(tps[t.name]):8.0f} tps   "
                   f"gateway CPU {statistics.median(cpu[t.name]):5.1f} us/xact   "
+                  f"writer process CPU {statistics.median(wcpu[t.name]):5.1f} us/xact   "
                   f"rounds: {', '.join(f'{x:.0f}' for x in tps[t.name])}")
-        print(f"  recording on / off: {on / off:.3f} x   (record_results = 0: {norows / off:.3f} x)")
+        print(f"  recording on / off: {on / off:.3f} x   (writer thread: {thread / off:.3f} x; "
+              f"record_results = 0: {norows / off:.3f} x)")
         print(f"  written: {rep.records} records in {len(files)} file(s), {rep.records / max(xacts_on, 1):.2f} "
               f"records/xact, {sum(f.size for f in files) / max(xacts_on, 1):.1f} compressed bytes/xact; "
               f"verify: {'ok' if rep.ok else rep.problems[:2]}")
         ip = inprocess_cost()
-        print(f"  in-process CPU per transaction (loop + writer thread, no sockets): off {ip['off']:.1f} us, "
-              f"on {ip['on']:.1f} us, on with record_results = 0 {ip['on, no rows']:.1f} us")
+        print(f"  in-process CPU per transaction (no sockets): off {ip['off'][0]:.1f} us; on {ip['on'][0]:.1f} us "
+              f"+ {ip['on'][1]:.1f} us in the writer process; on with the writer thread {ip['on, thread'][0]:.1f} us "
+              f"(loop + thread); on with record_results = 0 {ip['on, no rows'][0]:.1f} us "
+              f"+ {ip['on, no rows'][1]:.1f} us")
         loop_us, thread_us, per = writer_cost()
         print(f"  per record (CPU): {loop_us:.2f} us on the loop (dict + orjson into the chunk buffer), "
               f"{thread_us:.2f} us in the writer thread (split, hash chain, write), {per:.0f} bytes "

@@ -178,6 +178,7 @@ class Config:
     record_hmac_key_file: str | None = None
     record_hmac_key_env: str | None = None
     record_failure: str = "block"  # block | continue
+    record_writer: str = "thread"  # thread (of the gateway) | process (a child process writes: recording/process.py)
     record_key: bytes = b""  # resolved from record_hmac_key_file/env; never logged
     verbose: int = 0
     application_name_add_host: bool = False
@@ -608,6 +609,7 @@ SETTINGS = {
     "record_hmac_key_file": ("record_hmac_key_file", _opt_str),
     "record_hmac_key_env": ("record_hmac_key_env", _opt_str),
     "record_failure": ("record_failure", _choice("block", "continue")),
+    "record_writer": ("record_writer", _choice("process", "thread")),
     "verbose": ("verbose", _nonneg_int),
     "application_name_add_host": ("application_name_add_host", _bool),
     "rules_dir": ("rules_dir", _opt_str),
@@ -1041,7 +1043,7 @@ RESTART_KEYS = frozenset({"listen_addr", "listen_port", "unix_socket_dir", "unix
                           "approval_webhook", "approvals_store", "approval_max_grant", "approvals_gateway_name",
                           "record_dir", "record_rotate_size", "record_rotate_age", "record_retention_days",
                           "record_retention_size", "record_compression", "record_fsync", "record_hmac_key_file",
-                          "record_hmac_key_env"}
+                          "record_hmac_key_env", "record_writer"}
                          | {k for k in SETTINGS if k.startswith("audit_")})  # SET never redirects the audit stream
 # settings whose values are never shown (SHOW CONFIG, SHOW <setting>)
 # (a connection string may hold a password; an HTTP address an API key)

@@ -1,10 +1,12 @@
 """The recorder: the gateway's events turned into session records (docs/recordings.md), handed
-in chunks to the writer thread (recording/writer.py).
+in chunks to the writer: a thread of the gateway (recording/writer.py, ``record_writer = thread``,
+the default) or a child process (recording/process.py, ``record_writer = process``); both run the
+same ``Writer``.
 
 Rules this module keeps:
 - On the event loop only: build a small dict, encode it (orjson, well under a microsecond),
-  append the bytes to a list. Every 100 ms (or at 1,000 records) the list goes to the writer
-  thread whole. Nothing here waits for a disk.
+  append the bytes to one buffer. Every 100 ms (or at 1,000 records) the buffer goes to the
+  writer whole. Nothing here waits for a disk, nor for the writer process.
 - What a record holds is what the client sent and what it was shown: rows come from the bytes
   forwarded to the client, after masking (events.row); statement text has password literals cut
   out (recording.format.redact); login secrets are never among the fields read.
@@ -30,12 +32,13 @@ import orjson
 from ..approvals.present import bind_parts
 from ..config import fsync_interval
 from ..recording.format import hide_in_value, json_default, may_hold_secret, redact
+from ..recording.process import WriterProcess
 from ..recording.writer import Writer
 from .events import Observer
 
 log = logging.getLogger("pooler.recording")
 
-TICK = 0.1  # seconds between hand-overs to the writer thread
+TICK = 0.1  # seconds between hand-overs to the writer
 CHUNK = 1000  # ... or sooner, at this many records
 _I16 = struct.Struct("!h").unpack_from
 _I32 = struct.Struct("!i").unpack_from
@@ -130,7 +133,8 @@ class Recorder(Observer):
         self.gw = gw
         cfg = gw.config
         self.run_id = os.urandom(4).hex()
-        self.writer = Writer(cfg.resolve(cfg.record_dir), gateway=self.run_id, rotate_size=cfg.record_rotate_size,
+        kind = WriterProcess if cfg.record_writer == "process" else Writer
+        self.writer = kind(cfg.resolve(cfg.record_dir), gateway=self.run_id, rotate_size=cfg.record_rotate_size,
                              rotate_age=cfg.record_rotate_age, retention_days=cfg.record_retention_days,
                              retention_size=cfg.record_retention_size, compression=cfg.record_compression,
                              fsync=fsync_interval(cfg.record_fsync), key=cfg.record_key or None)
@@ -142,6 +146,7 @@ class Recorder(Observer):
         self.stopped = False
         self.blocked_since = 0.0
         self.broken: str | None = None  # a record could not be made (a bug): as a write failure
+        self._poll = None
 
     @property
     def rows_wanted(self) -> int:  # events.row: rows of each result we want
@@ -154,6 +159,7 @@ class Recorder(Observer):
         self.writer.start()
         log.info("recording sessions to %s (file %s, chain %s)", self.writer.root, self.writer._seq + 1,
                  "hmac-sha256" if self.writer.key else "sha256")
+        self._poll = getattr(self.writer, "poll", None)  # the process's: its reports, its death
         self._timer = asyncio.get_running_loop().call_later(TICK, self._tick)
 
     def stop(self) -> None:
@@ -173,6 +179,8 @@ class Recorder(Observer):
     def _tick(self) -> None:
         try:
             self._flush()
+            if self._poll is not None:
+                self._poll()
             self._check_failure()
         finally:
             if not self.stopped:

@@ -71,6 +71,9 @@ class Writer:
         self._dropped = 0  # records the loop dropped: the thread far behind (the loop's)
         self._dropped_seen = 0  # (the thread's)
         self._lost = 0  # records the thread could not write (the thread's)
+        self._noted = 0  # records lost before they reached this writer (lose(): the loop's)
+        self._noted_reason = ""  # (the loop's)
+        self._noted_seen = 0  # (the thread's)
         self._stopping = False
         self.failing: str | None = None  # why records cannot be written now (None: they can)
         self._dropped_looked = 0  # behind(): drops already reported
@@ -112,6 +115,13 @@ class Writer:
         self._chunks.append((chunk, count))
         self.submitted += count
 
+    def lose(self, count: int, reason: str) -> None:
+        """Records lost before they reached this writer (the writer process, process.py: a
+        process that died with them, or chunks the gateway dropped): counted in ``lost``, and
+        the next records written follow a ``gap`` record that counts them."""
+        self._noted_reason = reason
+        self._noted += count
+
     @property
     def queued(self) -> int:
         """Records handed over and not yet written (or lost)."""
@@ -120,7 +130,7 @@ class Writer:
     @property
     def lost(self) -> int:
         """Records that could not be written."""
-        return self._lost + self._dropped
+        return self._lost + self._dropped + self._noted
 
     def start(self) -> None:
         """Find where the chain stands (synchronously, before traffic), then start the thread.
@@ -177,6 +187,12 @@ class Writer:
                 self._dropped_seen += dropped
                 self._gap += dropped
                 self._gap_reason = self._gap_reason or "the writer fell behind"
+            noted = self._noted - self._noted_seen
+            if noted:
+                self._noted_seen += noted
+                self._gap += noted
+                self._gap_reason = self._gap_reason or self._noted_reason
+                dropped += noted
             lines = (b"".join(chunks) if len(chunks) != 1 else bytes(chunks[0])).split(b"\n") if chunks else [b""]
             lines.pop()  # after the last newline
             if lines or self.failing is not None or (dropped and self._fd is not None):
