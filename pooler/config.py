@@ -811,49 +811,43 @@ def _resolve_mask_key(cfg: Config, path) -> None:
         cfg.mask_key = _PROCESS_MASK_KEY
 
 
-def _resolve_audit_token(cfg: Config, path) -> None:
-    """audit_http_token_file / audit_http_token_env -> cfg.audit_http_token. Errors name the
-    file or variable, never the token."""
-    if cfg.audit_http_token_file and cfg.audit_http_token_env:
-        raise ConfigError(f"{path}: give only one of audit_http_token_file, audit_http_token_env")
-    token = ""
-    if cfg.audit_http_token_file:
-        f = cfg.resolve(cfg.audit_http_token_file)
+def _file_or_env_secret(cfg: Config, path, file_key: str, env_key: str, raw: bool = False) -> str | bytes | None:
+    """The secret a ``*_file`` / ``*_env`` pair of settings names (None: neither is set): a
+    file's one line (``raw``: its bytes, stripped), or an environment variable's value. Errors
+    name the file or variable, never the secret."""
+    fname, env = getattr(cfg, file_key), getattr(cfg, env_key)
+    if fname and env:
+        raise ConfigError(f"{path}: give only one of {file_key}, {env_key}")
+    if fname:
+        f = cfg.resolve(fname)
         try:
-            token = f.read_text().strip()
+            got = f.read_bytes().strip() if raw else f.read_text().strip()
         except OSError as e:
-            raise ConfigError(f"{path}: audit_http_token_file: cannot read {f}: {e.strerror}") from None
-        if not token or "\n" in token:
-            raise ConfigError(f"{path}: audit_http_token_file {f} must hold one line")
-    elif cfg.audit_http_token_env:
-        token = os.environ.get(cfg.audit_http_token_env, "").strip()
-        if not token:
-            raise ConfigError(f"{path}: environment variable {cfg.audit_http_token_env} (audit_http_token_env) is not set")
+            raise ConfigError(f"{path}: {file_key}: cannot read {f}: {e.strerror}") from None
+        if not got:
+            raise ConfigError(f"{path}: {file_key} {f} is empty")
+        if not raw and "\n" in got:
+            raise ConfigError(f"{path}: {file_key} {f} must hold one line")
+        return got
+    if env:
+        value = os.environ.get(env, "").strip()
+        if not value:
+            raise ConfigError(f"{path}: environment variable {env} ({env_key}) is not set")
+        return value.encode() if raw else value
+    return None
+
+
+def _resolve_audit_token(cfg: Config, path) -> None:
+    """audit_http_token_file / audit_http_token_env -> cfg.audit_http_token."""
+    token = _file_or_env_secret(cfg, path, "audit_http_token_file", "audit_http_token_env") or ""
     if token and not cfg.audit_http_url:
         raise ConfigError(f"{path}: an audit_http token is given but audit_http_url is not set")
     cfg.audit_http_token = token
 
 
 def _resolve_record_key(cfg: Config, path) -> None:
-    """The HMAC key of the recordings' hash chain (record_hmac_key_file / _env); errors name
-    the file or variable, never the key."""
-    cfg.record_key = b""
-    if cfg.record_hmac_key_file and cfg.record_hmac_key_env:
-        raise ConfigError(f"{path}: give only one of record_hmac_key_file, record_hmac_key_env")
-    if cfg.record_hmac_key_file:
-        f = cfg.resolve(cfg.record_hmac_key_file)
-        try:
-            key = f.read_bytes().strip()
-        except OSError as e:
-            raise ConfigError(f"{path}: record_hmac_key_file: cannot read {f}: {e.strerror}") from None
-        if not key:
-            raise ConfigError(f"{path}: record_hmac_key_file {f} is empty")
-        cfg.record_key = key
-    elif cfg.record_hmac_key_env:
-        key = os.environ.get(cfg.record_hmac_key_env, "").strip()
-        if not key:
-            raise ConfigError(f"{path}: environment variable {cfg.record_hmac_key_env} (record_hmac_key_env) is not set")
-        cfg.record_key = key.encode()
+    """The HMAC key of the recordings' hash chain (record_hmac_key_file / _env)."""
+    cfg.record_key = _file_or_env_secret(cfg, path, "record_hmac_key_file", "record_hmac_key_env", raw=True) or b""
     if cfg.record_compression == "zstd":
         try:
             import zstandard  # noqa: F401
