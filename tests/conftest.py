@@ -50,6 +50,14 @@ def send_until_closed(gw, data: bytes, timeout: float = 20) -> bytes:
     return out
 
 
+def login_roles(pg, roles: dict[str, str]) -> dict[str, str]:
+    """(Re)create LOGIN roles with these passwords on the test cluster; -> ``roles``."""
+    for r, pw in roles.items():
+        pg.execute(f"DROP ROLE IF EXISTS {r}")
+        pg.execute(f"CREATE ROLE {r} LOGIN PASSWORD '{pw}'")
+    return roles
+
+
 def upstream_entry(pg, dbname: str = "postgres") -> str:
     """A [databases] connection string to the test cluster as its superuser."""
     return f"host=127.0.0.1 port={pg.port} dbname={dbname} user={pg.superuser} password={pg.password}"

@@ -11,14 +11,14 @@ import time
 import psycopg
 import pytest
 
+from tests.conftest import login_roles
+
 ROLES = {"cap_a": "cap-a-pw", "cap_b": "cap-b-pw"}
 
 
 @pytest.fixture(scope="module")
 def roles(pg):
-    for r, pw in ROLES.items():
-        pg.execute(f"DROP ROLE IF EXISTS {r}")
-        pg.execute(f"CREATE ROLE {r} LOGIN PASSWORD '{pw}'")
+    login_roles(pg, ROLES)
     pg.execute("DROP DATABASE IF EXISTS caps2")
     pg.execute("CREATE DATABASE caps2")
     return ROLES

@@ -16,7 +16,7 @@ import pytest
 
 from pooler.config import Config
 from pooler.gateway.netopts import tune_socket
-from tests.conftest import upstream_entry
+from tests.conftest import login_roles, upstream_entry
 from tests.gwproc import GatewayProc
 
 ROLES = {"ps_a": "ps-a-pw", "ps_b": "ps-b-pw"}
@@ -24,10 +24,7 @@ ROLES = {"ps_a": "ps-a-pw", "ps_b": "ps-b-pw"}
 
 @pytest.fixture(scope="module")
 def roles(pg):
-    for r, pw in ROLES.items():
-        pg.execute(f"DROP ROLE IF EXISTS {r}")
-        pg.execute(f"CREATE ROLE {r} LOGIN PASSWORD '{pw}'")
-    return ROLES
+    return login_roles(pg, ROLES)
 
 
 def per_user_gw(gw_factory, pg, settings=None, users=None, db_extra=""):
@@ -36,6 +33,15 @@ def per_user_gw(gw_factory, pg, settings=None, users=None, db_extra=""):
     s.update(settings or {})
     return gw_factory(settings=s, users=users or {}, auth_users=dict(ROLES),
                       databases={"postgres": f"host=127.0.0.1 port={pg.port} dbname=postgres{db_extra}"})
+
+
+def error_of(conn) -> str | None:
+    """The error a statement on ``conn`` gets now (None: it runs)."""
+    try:
+        conn.execute("SELECT 1")
+    except psycopg.Error as e:
+        return str(e)
+    return None
 
 
 def wait_until(cond, what, timeout=20.0):
@@ -102,14 +108,7 @@ def test_users_transaction_timeout_and_client_limit(gw_factory, pg, roles):
     a.execute("SELECT 1")
     b.execute("SELECT 1")
 
-    def a_closed():
-        try:
-            a.execute("SELECT 1")
-        except psycopg.Error as e:
-            return str(e)
-        return None
-
-    msg = wait_until(a_closed, "ps_a's transaction to time out")
+    msg = wait_until(lambda: error_of(a), "ps_a's transaction to time out")
     assert "transaction_timeout" in msg
     assert b.execute("SELECT 2").fetchone() == (2,)  # ps_b's transaction is still open
     b.commit()
@@ -259,13 +258,7 @@ def test_server_fast_close_ends_an_idle_session_mode_client_after_reconnect(gw_f
         with console(gw) as adm:
             adm.execute("RECONNECT postgres")
         if fast == "1":
-            def closed():
-                try:
-                    c.execute("SELECT 1")
-                except psycopg.Error as e:
-                    return str(e)
-                return None
-            assert "server_fast_close" in wait_until(closed, "the fast close")
+            assert "server_fast_close" in wait_until(lambda: error_of(c), "the fast close")
         else:
             assert c.execute("SELECT 5").fetchone() == (5,)  # the session keeps its server
         c.close()
@@ -280,14 +273,7 @@ def test_server_fast_close_ends_a_session_whose_database_a_reload_changed(gw_fac
     gw.write_ini()
     with console(gw) as adm:
         adm.execute("RELOAD")
-
-    def closed():
-        try:
-            c.execute("SELECT 1")
-        except psycopg.Error as e:
-            return str(e)
-        return None
-    assert "server_fast_close" in wait_until(closed, "the fast close")
+    assert "server_fast_close" in wait_until(lambda: error_of(c), "the fast close")
     with psycopg.connect(gw.dsn(user="ps_a"), autocommit=True) as again:  # a new session: the new pool
         assert again.execute("SELECT 2").fetchone() == (2,)
     c.close()
