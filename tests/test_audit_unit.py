@@ -118,6 +118,16 @@ def _item(n: int) -> Item:
     return Item(b'{"n":%d}' % n, 6, "login", ecs.timestamp(time.time()))
 
 
+def _accept_until(lsock, tail: bytes):
+    """The next connection to a listening collector, and what it sent up to ``tail``."""
+    conn, _ = lsock.accept()
+    conn.settimeout(10)
+    got = b""
+    while not got.endswith(tail):
+        got += conn.recv(4096)
+    return conn, got
+
+
 def _wait(pred, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while not pred():
@@ -170,19 +180,11 @@ def test_syslog_over_tcp_reconnects_when_the_collector_closed_the_connection(tmp
     sink.start()
     try:
         sink.put(_item(1))
-        first, _ = lsock.accept()
-        first.settimeout(10)
-        got = b""
-        while not got.endswith(b'{"n":1}'):
-            got += first.recv(4096)
+        first, got = _accept_until(lsock, b'{"n":1}')
         first.close()  # the collector restarts
         _wait(lambda: sink.sent == 1)
         sink.put(_item(2))  # noticed before writing: a new connection, nothing lost
-        second, _ = lsock.accept()
-        second.settimeout(10)
-        got = b""
-        while not got.endswith(b'{"n":2}'):
-            got += second.recv(4096)
+        second, got = _accept_until(lsock, b'{"n":2}')
         n, _, msg = got.partition(b" ")
         assert int(n) == len(msg) and RFC5424.match(msg)
         _wait(lambda: sink.sent == 2)
@@ -208,11 +210,7 @@ def test_syslog_to_a_stream_unix_socket_uses_octet_counting(tmp_path):
     try:
         sink.put(_item(1))
         sink.put(_item(2))
-        conn, _ = lsock.accept()
-        conn.settimeout(10)
-        got = b""
-        while not got.endswith(b'{"n":2}'):
-            got += conn.recv(4096)
+        conn, got = _accept_until(lsock, b'{"n":2}')
         msgs = []
         while got:
             n, _, rest = got.partition(b" ")
