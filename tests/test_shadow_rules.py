@@ -26,21 +26,27 @@ def on_statement(stmt, session):
 BROKEN = 'MODE = "shadow"\n\ndef on_statement(stmt, session):\n    return {"not": "a decision"}[stmt.command]\n'
 
 
-@pytest.fixture
-def sgw(pg, gw_factory, tmp_path):
+def shadow_gw(pg, gw_factory, tmp_path, files: dict[str, str]):
+    """A gateway with these rule files, an audit file (``g.audit``) and metrics (``g.metrics_port``),
+    over the table shadow_orders (3 rows)."""
     pg.execute("DROP TABLE IF EXISTS shadow_orders; CREATE TABLE shadow_orders (id int); "
                "INSERT INTO shadow_orders VALUES (1), (2), (3)")
     rules = tmp_path / "rules"
     rules.mkdir()
-    (rules / "10_enforced.star").write_text(ENFORCED)
-    (rules / "50_candidate.star").write_text(CANDIDATE)
-    (rules / "60_broken.star").write_text(BROKEN)
+    for name, text in files.items():
+        (rules / name).write_text(text)
     port = free_port()
     g = gw_factory(settings={"rules_dir": str(rules), "admin_users": "admin", "audit_file": str(tmp_path / "audit.jsonl"),
                              "metrics_listen": f"127.0.0.1:{port}"},
                    users={"agent": "groups=agents"}, databases={"postgres": upstream_entry(pg)})
     g.metrics_port, g.audit = port, tmp_path / "audit.jsonl"
     return g
+
+
+@pytest.fixture
+def sgw(pg, gw_factory, tmp_path):
+    return shadow_gw(pg, gw_factory, tmp_path,
+                     {"10_enforced.star": ENFORCED, "50_candidate.star": CANDIDATE, "60_broken.star": BROKEN})
 
 
 def rows(g, what: str) -> list[dict]:
@@ -118,43 +124,28 @@ def test_shadow_mode_is_declared_in_the_file_and_reloads_with_it(sgw, tmp_path):
 def test_a_rule_set_of_shadow_files_only_enforces_nothing(pg, gw_factory, tmp_path):
     # the gateway's own refusals come with enforced rules (a statement it cannot read, the
     # FunctionCall message, ...): with only a candidate in shadow, sessions run as without rules
-    pg.execute("DROP TABLE IF EXISTS shadow_orders; CREATE TABLE shadow_orders (id int); "
-               "INSERT INTO shadow_orders VALUES (1), (2), (3)")
-    rules = tmp_path / "rules"
-    rules.mkdir()
-    (rules / "50_candidate.star").write_text(CANDIDATE)
-    port = free_port()
-    g = gw_factory(settings={"rules_dir": str(rules), "admin_users": "admin", "metrics_listen": f"127.0.0.1:{port}"},
-                   users={"agent": "groups=agents"}, databases={"postgres": upstream_entry(pg)})
+    g = shadow_gw(pg, gw_factory, tmp_path, {"50_candidate.star": CANDIDATE})
     with psycopg.connect(g.dsn(user="agent"), autocommit=True) as a:
         assert len(a.execute("SELECT id FROM shadow_orders").fetchall()) == 3
         # text the analyzer refuses to read with enforced rules (a syntax error): PostgreSQL's own answer
         with pytest.raises(psycopg.errors.SyntaxError):
             a.execute("SELEC 1")
         assert a.execute("SELECT 2").fetchone() == (2,)
-    assert value(scrape(port), "pooler_shadow_decisions_total", rule="rules/50_candidate.star", action="deny") == 1
+    assert value(scrape(g.metrics_port), "pooler_shadow_decisions_total", rule="rules/50_candidate.star", action="deny") == 1
     by_file = {r["file"]: r for r in rows(g, "RULES")}
     assert by_file["rules/50_candidate.star"]["mode"] == "shadow"
 
 
 def test_a_shadow_allow_of_an_allowed_statement_is_counted_not_audited(pg, gw_factory, tmp_path):
-    rules = tmp_path / "rules"
-    rules.mkdir()
-    (rules / "50_candidate.star").write_text('MODE = "shadow"\n\ndef on_statement(stmt, session):\n'
+    g = shadow_gw(pg, gw_factory, tmp_path, {"50_candidate.star": 'MODE = "shadow"\n\ndef on_statement(stmt, session):\n'
                                              '    if stmt.command == "SELECT":\n        return allow()\n'
-                                             '    return deny("only reads")\n')
-    audit = tmp_path / "audit.jsonl"
-    g = gw_factory(settings={"rules_dir": str(rules), "admin_users": "admin", "audit_file": str(audit)},
-                   databases={"postgres": upstream_entry(pg)})
+                                             '    return deny("only reads")\n'})
+    audit = g.audit
     with psycopg.connect(g.dsn(), autocommit=True) as c:
         for i in range(3):
             assert c.execute(f"SELECT {i}").fetchone() == (i,)
         c.execute("SET application_name = 'x'")  # the candidate would deny it: that one is audited
     denied = wait_docs(lambda: read_lines(audit), of("shadow-decision"), n=1)
     assert denied[0]["pooler"]["shadow"]["action"] == "deny" and denied[0]["db"]["statement"].startswith("SET")
-    assert by_rule(rows(g, "RULES"))["allow"] == 3
+    assert {r["file"]: r for r in rows(g, "RULES")}["rules/50_candidate.star"]["allow"] == 3
     assert [d["pooler"]["shadow"]["action"] for d in read_lines(audit) if of("shadow-decision")(d)] == ["deny"]
-
-
-def by_rule(listing: list[dict]) -> dict:
-    return next(r for r in listing if r["file"] == "rules/50_candidate.star")
