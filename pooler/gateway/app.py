@@ -21,7 +21,7 @@ from ..policy.engine import Policy
 from ..policy.rules import RuleLoadError
 from ..protocol import messages as m
 from .admin import Console, ready, timestamp
-from .audit import Audit, AuditDecisions, audit_settings, sinks_of
+from .audit import Audit, AuditDecisions, sinks_of
 from .holds import ApprovalDesk
 from .catalogs import CatalogHolder
 from .events import Events
@@ -377,28 +377,26 @@ class Gateway:
             else:
                 pool.db = db
                 pw = self._server_password(new, db, user)
-                if pw is None and pool.server_password is not None and self.auth_query_user(db):
+                if pw is None and pool.secret_fetched:
                     pass  # a secret a login fetched with auth_query: the config never held it
                 elif pw != pool.server_password:
                     # a rotated upstream secret: new connections use it; open sessions stay
                     pool.server_password = pw
+                    pool.secret_fetched = False
                     log.info("pool %s: upstream credentials changed; new server connections use them", pool.name)
-        if audit_settings(new) != audit_settings(old):
-            log.warning("audit_* changes need a restart; the audit stream keeps its running settings")
-            for k in new.__dataclass_fields__:
-                if k.startswith("audit_"):
-                    setattr(new, k, getattr(old, k))
         # settings read once, at start (config.RESTART_KEYS, which SET refuses and SHOW CONFIG marks
         # not changeable): a reload keeps their running values, with a warning naming them
         kept = []
         for k in sorted(RESTART_KEYS):
             attr = SETTINGS[k][0]
-            if not k.startswith("audit_") and getattr(new, attr) != getattr(old, attr):
+            if getattr(new, attr) != getattr(old, attr):
                 kept.append(k)
                 setattr(new, attr, getattr(old, attr))
-        if new.record_key != old.record_key:  # (read from record_hmac_key_file / _env at load)
-            kept.append("record_hmac_key")
-            new.record_key = old.record_key
+        # (secrets read at load from a *_file / *_env setting)
+        for attr, name in (("record_key", "record_hmac_key"), ("audit_http_token", "audit_http_token")):
+            if getattr(new, attr) != getattr(old, attr):
+                kept.append(name)
+                setattr(new, attr, getattr(old, attr))
         if kept:
             log.warning("%s: changes need a restart; the running values stay", ", ".join(kept))
         self._scram_cache.clear()

@@ -49,10 +49,6 @@ def sinks_of(cfg) -> list[Sink]:
     return out
 
 
-def audit_settings(cfg) -> tuple:
-    return tuple(getattr(cfg, k) for k in cfg.__dataclass_fields__ if k.startswith("audit_"))
-
-
 def _guarded(fn):
     def run(self, *args):
         try:

@@ -205,6 +205,7 @@ class Login:
                 s.pool.scram_keys = self.scram_keys
             elif self.fetched is not None and is_md5(self.fetched):
                 s.pool.server_password = self.fetched
+                s.pool.secret_fetched = True
         if replication is not None:
             await self._replication(params, tracked)
             return
@@ -256,7 +257,7 @@ class Login:
             raise ClientError("53300", f'no more connections allowed to database "{pool.db.name}" or by user '
                                        f'"{pool.server_user}" (max_db_connections / max_user_connections)')
         pool.relays.add(s)  # counted from now: a burst of replication logins cannot pass the limits
-        srv = await pool.open_replication(extra)
+        srv = await pool.open_connection(True, extra)  # (never pooled; counted in pool.relays)
         if s.closed:
             srv.close("client left")
             raise asyncio.CancelledError

@@ -27,7 +27,7 @@ class Pool:
         "gw", "events", "db", "name", "key", "paused", "server_user", "server_password", "server_dbname", "catalog_key", "idle",
         "active", "connecting", "waiters", "welcome", "welcome_waiters", "last_connect_error", "clients",
         "obsolete", "welcome_since", "checking", "reserve_in_use", "rrcounter", "scram_keys", "logging_in",
-        "relays",
+        "relays", "secret_fetched",
     )
 
     def __init__(self, gw: PoolHost, db: DatabaseConfig, server_user: str, password: str | None):
@@ -56,6 +56,7 @@ class Pool:
         # against max_db_connections / max_user_connections and close at RECONNECT or a RELOAD
         # that changes the database, as PgBouncer closes close_needed replication servers at once
         self.relays: set = set()
+        self.secret_fetched = False  # server_password is the md5 secret a login's auth_query found
         self.checking: set[ServerConn] = set()  # running server_check_query before a hand-out
         self.reserve_in_use = False  # reserve_pool_timeout passed: the pool may grow into its reserve
         self.rrcounter = 0  # which host of a host list the next connection goes to
@@ -250,12 +251,6 @@ class Pool:
         while self.total() < self.min_size and not self.paused and self.gw.may_open_server(self):
             self.connecting += 1
             asyncio.get_running_loop().create_task(self._connect())
-
-    async def open_replication(self, startup_extra: dict[str, str]) -> ServerConn:
-        """A replication connection for one client (never pooled; counted in pool.relays by
-        its session): logged in with the pool's credentials and ``startup_extra``
-        (replication, options)."""
-        return await self.open_connection(True, startup_extra)
 
     async def open_connection(self, side: bool = False, startup_extra: dict[str, str] | None = None) -> ServerConn:
         """Connect and log in one server connection (and run connect_query, unless it is a
