@@ -124,6 +124,15 @@ def test_unparsable_sql_is_refused_with_its_position(tmp_path):
     assert d.action == "deny" and "could not be analyzed" in d.reason and "position" in d.reason
 
 
+def test_the_refusal_of_unparsable_sql_never_quotes_a_password(tmp_path):
+    # the reason reaches the audit stream and the recordings, which must not hold the secret
+    p = policy_from(tmp_path, {"a.star": 'def on_statement(stmt, session):\n    return allow()\n'})
+    for sql in ("ALTER ROLE x PASSWORD 'hunter2", "SELECT dblink_connect('host=a password=hunter2)"):
+        d = decide(p, sql)
+        assert d.action == "deny" and "position" in d.reason and "hunter2" not in d.reason, d.reason
+    assert 'at or near "SELEC"' in decide(p, "SELEC 1").reason  # other statements keep the excerpt
+
+
 def test_one_denied_statement_refuses_the_whole_query(tmp_path):
     p = policy_from(tmp_path, {"a.star": 'def on_statement(stmt, session):\n'
                                          '    if stmt.command == "DELETE":\n        return deny("no deletes")\n'})

@@ -17,6 +17,7 @@ from pglast.parser import ParseError, normalize
 
 from ..sql.analyzer import AnalysisError, StatementFacts, analyze
 from ..sql.lexing import SETTINGS as LEXING_SETTINGS
+from ..recording.format import may_hold_secret
 from .rules import Decision, RuleSet, combine, evaluate, evaluate_shadow
 
 CACHE_MAX = 50_000
@@ -131,7 +132,10 @@ class Policy:
                 facts = tuple(catalog.enrich(f) for f in facts)
         except AnalysisError as e:
             pos = f" at position {e.position}" if e.position else ""
-            return Verdict(Decision("deny", f"statement could not be analyzed: {e.message}{pos}", "analysis"), (), False)
+            msg = e.message
+            if may_hold_secret(sql):  # the parser quotes the text near the error: it may be the password
+                msg = msg.split(" at or near ", 1)[0]
+            return Verdict(Decision("deny", f"statement could not be analyzed: {msg}{pos}", "analysis"), (), False)
         except Exception as e:  # noqa: BLE001 - an analyzer bug must refuse, never allow
             return Verdict(Decision("deny", f"statement could not be analyzed ({type(e).__name__})", "analysis"), (), False)
         unknown = any(f.unknown_tables for f in facts)
