@@ -322,3 +322,34 @@ def test_a_writer_thread_that_dies_or_falls_behind_is_reported_so_block_can_bloc
                  for i in range(5)])
     assert slow.lost == 5
     assert "fell behind" in slow.behind()
+
+
+def test_a_hand_over_that_fails_blocks_statements_under_block(tmp_path):
+    import asyncio
+    from types import SimpleNamespace
+
+    from pooler.config import load
+    from pooler.gateway.recorder import Recorder
+
+    ini = tmp_path / "gateway.ini"
+    ini.write_text(f"[databases]\n[gateway]\nlisten_addr = 127.0.0.1\nrecord_dir = {tmp_path / 'rec'}\n"
+                   "record_failure = block\nauth_type = trust\n")
+    cfg = load(ini)
+    gw = SimpleNamespace(config=cfg, record_block=None)
+
+    async def main():
+        r = Recorder(gw)
+        r.start()
+        try:
+            def broken(*args):
+                raise RuntimeError("a bug in the hand-over")
+            r.writer.submit = broken
+            r.buf += b'{"t":"stmt"}\n'
+            r.nbuf = 1
+            r._tick()  # the loop's 100 ms tick: the failure must not pass in silence
+            return gw.record_block
+        finally:
+            r.writer.submit = lambda *a: None
+            r.stop()
+    blocked = asyncio.run(main())
+    assert blocked is not None and "RuntimeError" in blocked

@@ -181,10 +181,13 @@ class Recorder(Observer):
             self._flush()
             if self._poll is not None:
                 self._poll()
-            self._check_failure()
+        except Exception as e:  # noqa: BLE001 - a hand-over that fails is a recording failure, never silent
+            log.exception("recordings: the hand-over to the writer failed")
+            self.broken = f"the recorder failed handing records over ({type(e).__name__}); see the log"
         finally:
             if not self.stopped:
                 self._timer = asyncio.get_running_loop().call_later(TICK, self._tick)
+        self._check_failure()
 
     def _flush(self) -> None:
         if self.nbuf:
