@@ -229,3 +229,26 @@ def test_an_http_destination_is_logged_without_its_credentials():
     assert shown_url("http://h/x") == "http://h/x"
     from pooler.gateway.audit import _where
     assert "abc" not in _where(HttpSink("https://siem.example/c?key=abc", 10))
+
+
+def test_a_datagram_too_large_for_udp_loses_only_itself():
+    import socket
+
+    from pooler.audit.sinks import SyslogSink
+
+    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    rx.bind(("127.0.0.1", 0))
+    rx.settimeout(10)
+    sink = SyslogSink(f"udp://127.0.0.1:{rx.getsockname()[1]}", 16, queue_size=10)
+    big = Item(b'{"n":"' + b"x" * 70000 + b'"}', 6, "login", ecs.timestamp(time.time()))
+    sink.put(_item(1))
+    sink.put(big)  # larger than any UDP datagram
+    sink.put(_item(2))
+    sink.start()
+    try:
+        got = [rx.recv(65535), rx.recv(65535)]
+        assert got[0].endswith(b'{"n":1}') and got[1].endswith(b'{"n":2}')
+        _wait(lambda: sink.sent == 2 and sink.failed == 1)
+    finally:
+        sink.stop()
+        rx.close()

@@ -29,7 +29,7 @@ import urllib.request
 from dataclasses import dataclass
 
 from .. import __version__
-from . import syslog
+from . import ecs, syslog
 
 log = logging.getLogger("pooler.audit")
 
@@ -218,7 +218,7 @@ class SyslogSink(Sink):
         self._sock = s
 
     def _message(self, i: Item) -> bytes:
-        return syslog.message(self.facility, i.severity, i.stamp, _HOSTNAME, _PID, i.action, i.line)
+        return syslog.message(self.facility, i.severity, i.stamp, ecs.HOSTNAME, ecs.PID, i.action, i.line)
 
     def run(self) -> None:
         while True:
@@ -229,6 +229,12 @@ class SyslogSink(Sink):
                 return
 
     def _deliver(self, msgs: list[bytes]) -> None:
+        while msgs:
+            msgs = self._deliver_some(msgs)
+
+    def _deliver_some(self, msgs: list[bytes]) -> list[bytes]:
+        """Send ``msgs`` (retrying); -> what is left to send after a datagram too large for
+        the socket was dropped (the others still go), else []."""
         pause = RETRY_PAUSE
         for attempt in range(self.retries + 1):
             try:
@@ -244,17 +250,21 @@ class SyslogSink(Sink):
                         self._sock.send(msgs[0])
                         msgs = msgs[1:]
                         self.sent += 1
-                return
+                return []
             except OSError as e:
                 self.close()
                 why = e.strerror or str(e)
-                if e.errno == errno.EMSGSIZE:
-                    break  # a datagram too large never fits: not tried again
+                if e.errno == errno.EMSGSIZE and msgs:
+                    # this datagram never fits: it alone is lost, not the events queued behind it
+                    self.failed += 1
+                    self._warn(f"{self.target}: {why}; an event of {len(msgs[0])} bytes not delivered")
+                    return msgs[1:]
                 if attempt < self.retries:
                     time.sleep(pause)
                     pause = min(pause * 2, MAX_PAUSE)
         self.failed += len(msgs)
         self._warn(f"{self.target}: {why}; {len(msgs)} event(s) not delivered after {self.retries + 1} tries")
+        return []
 
     def close(self) -> None:
         s, self._sock = self._sock, None
@@ -336,8 +346,6 @@ def _peer_closed(s: socket.socket) -> bool:
         return True
 
 
-_HOSTNAME = socket.gethostname()
-_PID = os.getpid()
 
 
 def shown_url(url: str) -> str:
