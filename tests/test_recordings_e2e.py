@@ -146,3 +146,47 @@ def test_after_an_error_in_a_pipeline_the_next_result_is_the_next_statements(gw_
     q42 = next(r["q"] for r in recs if r["t"] == "stmt" and r["sql"] == "SELECT 42")
     done = [r for r in recs if r["t"] == "done" and r.get("tag") == "SELECT 1"]
     assert [r["q"] for r in done] == [q42]
+
+
+def _stored(d) -> list[dict]:
+    """The session records as stored in the files (not unfolded)."""
+    import orjson
+
+    from pooler.recording import files as rf
+
+    out = []
+    for f in rf.list_files(d):
+        for line in rf.read_lines(f.path)[0]:
+            rec = orjson.loads(line)
+            if rec.get("sid"):
+                out.append(rec)
+    return out
+
+
+def test_a_statement_and_its_result_are_stored_as_one_line_unless_it_is_still_running(gw_factory, tmp_path):
+    """Folded records: a quick statement's stmt, bind, rows and done are one line of the file
+    (what keeps recording cheap), read back as the records they stand for; a statement still
+    running at the recorder's 100 ms hand-over is written before its result comes."""
+    g, d = recording_gw(gw_factory, tmp_path)
+    with psycopg.connect(g.dsn(), autocommit=True) as c:
+        c.execute("SELECT 7 AS quick")
+        c.execute("SELECT %s::text AS bound", ("eight",), prepare=False)
+        c.execute("SELECT pg_sleep(0.5), 9 AS slow")
+    (s,) = wait_logged_out(d)
+    stored = _stored(d)
+    quick = next(r for r in stored if r["t"] == "stmt" and r["sql"] == "SELECT 7 AS quick")
+    assert quick["shown"]["rows"] == [["7"]] and quick["done"]["tag"] == "SELECT 1"
+    bound = next(r for r in stored if r["t"] == "stmt" and "bound" in r["sql"])
+    assert bound["bind"]["params"] == ["eight"] and bound["shown"]["rows"] == [["eight"]] and bound["done"]["rows"] == 1
+    slow = next(r for r in stored if r["t"] == "stmt" and "pg_sleep" in r["sql"])
+    assert "done" not in slow and "shown" not in slow
+    assert [r["rows"] for r in stored if r["t"] == "rows" and r["q"] == slow["q"]] == [[["", "9"]]]
+    assert len(stored) < len(s["events"])  # lines that stand for more than one record
+    # read back: the records they stand for, numbered without a gap or a repeat
+    assert [e["i"] for e in s["events"]] == list(range(len(s["events"])))
+    q = quick["q"]
+    assert [e["t"] for e in s["events"] if e.get("q") == q] == ["stmt", "rows", "done"]
+    assert [e["t"] for e in s["events"] if e.get("q") == bound["q"]] == ["stmt", "bind", "rows", "done"]
+    assert [e["t"] for e in s["events"] if e.get("q") == slow["q"]] == ["stmt", "rows", "done"]
+    g.stop()
+    assert verify(d).ok

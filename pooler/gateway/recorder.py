@@ -52,7 +52,7 @@ _ROUTE = re.compile(r"\s*(?:(?:--[^\n]*\n|/\*.*?\*/)\s*)*(execute|copy)\b", re.I
 
 class _Sess:
     __slots__ = ("sid", "i", "q", "pending", "names", "secret_names", "rows", "row_bytes", "rows_cut", "last_q",
-                 "statements", "errors", "refused", "rows_total", "received", "started")
+                 "statements", "errors", "refused", "rows_total", "received", "started", "open")
 
     def __init__(self, sid: str) -> None:
         self.sid = sid
@@ -68,6 +68,7 @@ class _Sess:
         self.statements = self.errors = self.refused = self.rows_total = 0
         self.received = 0
         self.started = time.monotonic()
+        self.open: dict | None = None  # the last stmt or bind record, not yet encoded: its result may fold into it
 
 
 def _value(v: bytes | None, binary: bool):
@@ -124,10 +125,25 @@ def _row_values(body: bytes) -> tuple[list, int]:
     return out, size
 
 
+# the compiled twin (pooler/masking/_rows.pyx, built where a C compiler is found): the Python
+# above stays the definition; tests/test_recording_rows_compiled.py demands the same values
+# from both. POOLER_PURE_PYTHON=1 keeps the Python path.
+python_row_values = _row_values
+compiled_row_values = None
+if not os.environ.get("POOLER_PURE_PYTHON"):
+    try:
+        from ..masking._rows import row_values as compiled_row_values, set_row_twin
+    except ImportError:
+        pass
+    else:
+        set_row_twin(python_row_values)
+        _row_values = compiled_row_values
+
+
 class Recorder(Observer):
     """Subscribed while ``record_dir`` is set."""
 
-    trusted = False  # guarded: a bug here is logged (and blocks statements: observer_failed), never breaks a session
+    trusted = True  # guards itself (see the events below): a bug here is logged and blocks statements, never breaks a session
 
     def __init__(self, gw) -> None:
         self.gw = gw
@@ -147,6 +163,7 @@ class Recorder(Observer):
         self.blocked_since = 0.0
         self.broken: str | None = None  # a record could not be made (a bug): as a write failure
         self._poll = None
+        self._opens: list[_Sess] = []  # sessions that may have an open record (_open)
 
     @property
     def rows_wanted(self) -> int:  # events.row: rows of each result we want
@@ -190,6 +207,12 @@ class Recorder(Observer):
         self._check_failure()
 
     def _flush(self) -> None:
+        """Everything made so far to the writer: the open records too."""
+        if self._opens:
+            self._flush_opens()
+        self._handover()
+
+    def _handover(self) -> None:
         if self.nbuf:
             buf, n = self.buf, self.nbuf
             self.buf, self.nbuf = bytearray(), 0
@@ -223,146 +246,218 @@ class Recorder(Observer):
         self.buf += _dumps(rec, default=json_default, option=_NEWLINE)
         self.nbuf += 1
         if self.nbuf >= CHUNK:
-            self._flush()
+            self._handover()
+
+    def _open(self, st: _Sess, rec: dict) -> None:
+        """``rec`` (a stmt or bind record) waits for its result to fold into it: it is encoded
+        when the result comes, when the session's next record is made, or at the next tick,
+        whichever is first (so a statement still running is written within 100 ms)."""
+        if st.open is not None:
+            self._emit(st.open)
+        st.open = rec
+        self._opens.append(st)
+
+    def _close_open(self, st: _Sess) -> None:
+        rec = st.open
+        if rec is not None:
+            st.open = None
+            self._emit(rec)
+
+    def _flush_opens(self) -> None:
+        opens, self._opens = self._opens, []
+        for st in opens:
+            rec = st.open
+            if rec is not None:
+                st.open = None
+                self._emit(rec)
+
+    def _guard_failed(self, event: str, exc: Exception) -> None:
+        log.exception("recordings: the recorder failed on %s", event)
+        self.observer_failed(event, exc)
 
     def _rec(self, st: _Sess, t: str, **fields) -> None:
         """A session record of the rarer kinds (the hot ones build their dict in place)."""
+        if st.open is not None:
+            self._close_open(st)
         rec = {"t": t, "ts": _now(), "sid": st.sid, "i": st.i}
         st.i += 1
         rec.update(fields)
         self._emit(rec)
 
     # ------------------------------------------------------------------ events
+    #
+    # The recorder is a trusted observer (events.py): called without the hub's guard, it guards
+    # itself (try/except costs nothing until it raises), so that a bug here is logged and makes
+    # record_failure = block block, but never breaks the session that reported the event.
 
     def login(self, s) -> None:
-        if s.console:
-            return
-        self._n += 1
-        st = self.live[s] = _Sess(f"{self.run_id}.{self._n}")
-        pool = s.pool
-        self._rec(st, "login", client=s.addr, tls=bool(s.tls), user=s.user, login_name=s.login_name,
-                  groups=list(s.groups), auth=s.auth_method, database=s.database, app=s.app_name,
-                  upstream_user=pool.server_user if pool is not None else None, mode=s.mode)
+        try:
+            if s.console:
+                return
+            self._n += 1
+            st = self.live[s] = _Sess(f"{self.run_id}.{self._n}")
+            pool = s.pool
+            self._rec(st, "login", client=s.addr, tls=bool(s.tls), user=s.user, login_name=s.login_name,
+                      groups=list(s.groups), auth=s.auth_method, database=s.database, app=s.app_name,
+                      upstream_user=pool.server_user if pool is not None else None, mode=s.mode)
+        except Exception as e:  # noqa: BLE001
+            self._guard_failed("login", e)
 
     def login_failed(self, s, reason: str) -> None:
-        self._emit({"t": "login_failed", "ts": _now(), "client": s.addr,
-                    "user": s.login_name or s.user, "database": s.database, "reason": reason})
+        try:
+            self._emit({"t": "login_failed", "ts": _now(), "client": s.addr,
+                        "user": s.login_name or s.user, "database": s.database, "reason": reason})
+        except Exception as e:  # noqa: BLE001
+            self._guard_failed("login_failed", e)
 
     def decided(self, s, kind: str, sql: str, d) -> None:
-        st = self.live.get(s)
-        if st is None:
-            return
-        st.q = q = st.q + 1
-        st.statements += 1
-        route = _route(kind, sql)
-        text, redacted = redact(sql)
-        i = st.i
-        st.i = i + 1
-        if d is None:
-            rec = {"t": "stmt", "ts": _now(), "sid": st.sid, "i": i, "q": q, "kind": kind, "route": route,
-                   "sql": text, "action": None, "rule": "", "reason": "", "masks": []}
-        else:
-            rec = {"t": "stmt", "ts": _now(), "sid": st.sid, "i": i, "q": q, "kind": kind, "route": route,
-                   "sql": text, "action": d.action, "rule": d.rule, "reason": d.reason,
-                   "masks": [list(x) for x in d.masks]}
-        if redacted:
-            rec["redacted"] = True
-        self._emit(rec)
-        if kind == "Q":
-            st.pending.append([q, True, False])
-        else:
-            name = s.governor.parse_name
-            st.names[name] = q
-            if may_hold_secret(sql):
-                st.secret_names.add(name)
-            else:
-                st.secret_names.discard(name)
-
-    def bound(self, s, data: bytes, pos: int, end: int) -> None:
-        st = self.live.get(s)
-        if st is None:
-            return
         try:
-            portal, stmt, values, formats = bind_parts(data[pos + 5 : end])
-        except (ValueError, IndexError, struct.error):
-            return  # a malformed Bind: the server refuses it
-        cap = self.gw.config.record_result_bytes
-        params, size, cut = [], 0, False
-        secret = stmt in st.secret_names  # PASSWORD $1, dblink_connect($1) after a password= ...
-        for v, f in zip(values, formats):
-            if v is not None:
-                size += len(v)
-                if size > cap:
-                    cut = True
-                    break
-            p = _value(v, f == 1)
-            if v is not None:
-                if secret:
-                    p = "********"
-                elif type(p) is str:
-                    p = hide_in_value(p)
-            params.append(p)
-        q = st.names.get(stmt)
-        fields = {"q": q, "stmt": stmt.decode("utf-8", "replace"), "portal": portal.decode("utf-8", "replace"),
-                  "params": params}
-        if cut:
-            fields["truncated"] = True
-        self._rec(st, "bind", **fields)
-        st.pending.append([q, False, False])
-
-    def refused(self, s, sqlstate: str, message: str, what) -> None:
-        st = self.live.get(s)
-        if st is None:
-            return
-        st.refused += 1
-        if what.decided:
-            # a refused Query gets no result from a server: its entry must not take the result of
-            # the statement after it (a refusal comes right after the decision of its message)
-            pending = st.pending
-            if pending and pending[-1][0] == st.q and pending[-1][1] and not pending[-1][2]:
-                pending.pop()
-            q = st.q or None
-        else:
-            # refused before the rules decided (no stmt record): recorded here as its own
-            # statement, so that the refusal is not taken for the previous statement's
+            st = self.live.get(s)
+            if st is None:
+                return
             st.q = q = st.q + 1
             st.statements += 1
-            text, redacted = redact(what.sql)
-            rec = {"t": "stmt", "ts": _now(), "sid": st.sid, "i": st.i, "q": q, "kind": what.kind,
-                   "route": _route(what.kind, what.sql), "sql": text, "action": "deny", "rule": "gateway",
-                   "reason": message, "masks": [], "gateway": True}
-            st.i += 1
+            route = _route(kind, sql)
+            text, redacted = redact(sql)
+            i = st.i
+            st.i = i + 1
+            if d is None:
+                rec = {"t": "stmt", "ts": _now(), "sid": st.sid, "i": i, "q": q, "kind": kind, "route": route,
+                       "sql": text, "action": None, "rule": "", "reason": "", "masks": []}
+            else:
+                rec = {"t": "stmt", "ts": _now(), "sid": st.sid, "i": i, "q": q, "kind": kind, "route": route,
+                       "sql": text, "action": d.action, "rule": d.rule, "reason": d.reason,
+                       "masks": [list(x) for x in d.masks]}
             if redacted:
                 rec["redacted"] = True
-            self._emit(rec)
-        self._rec(st, "refused", q=q, sqlstate=sqlstate, message=message)
+            self._open(st, rec)
+            if kind == "Q":
+                st.pending.append([q, True, False])
+            else:
+                name = s.governor.parse_name
+                st.names[name] = q
+                if may_hold_secret(sql):
+                    st.secret_names.add(name)
+                else:
+                    st.secret_names.discard(name)
+        except Exception as e:  # noqa: BLE001
+            self._guard_failed("decided", e)
+
+    def bound(self, s, data: bytes, pos: int, end: int) -> None:
+        try:
+            st = self.live.get(s)
+            if st is None:
+                return
+            try:
+                portal, stmt, values, formats = bind_parts(data[pos + 5 : end])
+            except (ValueError, IndexError, struct.error):
+                return  # a malformed Bind: the server refuses it
+            cap = self.gw.config.record_result_bytes
+            params, size, cut = [], 0, False
+            secret = stmt in st.secret_names  # PASSWORD $1, dblink_connect($1) after a password= ...
+            for v, f in zip(values, formats):
+                if v is not None:
+                    size += len(v)
+                    if size > cap:
+                        cut = True
+                        break
+                p = _value(v, f == 1)
+                if v is not None:
+                    if secret:
+                        p = "********"
+                    elif type(p) is str:
+                        p = hide_in_value(p)
+                params.append(p)
+            q = st.names.get(stmt)
+            op = st.open
+            if op is not None and op["t"] == "stmt" and op["q"] == q and "bind" not in op:
+                # the Bind of the statement just parsed (Parse, Bind, Execute): folded into its record
+                part = {"ts": _now(), "stmt": stmt.decode("utf-8", "replace"),
+                        "portal": portal.decode("utf-8", "replace"), "params": params}
+                if cut:
+                    part["truncated"] = True
+                op["bind"] = part
+                st.i += 1  # (a folded part keeps the number it would have had as a record)
+            else:
+                rec = {"t": "bind", "ts": _now(), "sid": st.sid, "i": st.i, "q": q,
+                       "stmt": stmt.decode("utf-8", "replace"), "portal": portal.decode("utf-8", "replace"),
+                       "params": params}
+                st.i += 1
+                if cut:
+                    rec["truncated"] = True
+                self._open(st, rec)
+            st.pending.append([q, False, False])
+        except Exception as e:  # noqa: BLE001
+            self._guard_failed("bound", e)
+
+    def refused(self, s, sqlstate: str, message: str, what) -> None:
+        try:
+            st = self.live.get(s)
+            if st is None:
+                return
+            if st.open is not None:
+                self._close_open(st)
+            st.refused += 1
+            if what.decided:
+                # a refused Query gets no result from a server: its entry must not take the result of
+                # the statement after it (a refusal comes right after the decision of its message)
+                pending = st.pending
+                if pending and pending[-1][0] == st.q and pending[-1][1] and not pending[-1][2]:
+                    pending.pop()
+                q = st.q or None
+            else:
+                # refused before the rules decided (no stmt record): recorded here as its own
+                # statement, so that the refusal is not taken for the previous statement's
+                st.q = q = st.q + 1
+                st.statements += 1
+                text, redacted = redact(what.sql)
+                rec = {"t": "stmt", "ts": _now(), "sid": st.sid, "i": st.i, "q": q, "kind": what.kind,
+                       "route": _route(what.kind, what.sql), "sql": text, "action": "deny", "rule": "gateway",
+                       "reason": message, "masks": [], "gateway": True}
+                st.i += 1
+                if redacted:
+                    rec["redacted"] = True
+                self._emit(rec)
+            self._rec(st, "refused", q=q, sqlstate=sqlstate, message=message)
+        except Exception as e:  # noqa: BLE001
+            self._guard_failed("refused", e)
 
     def held(self, s, req) -> None:
-        st = self.live.get(s)
-        if st is not None:
-            self._rec(st, "held", q=st.q or None, request=req.id, rule=req.rule, reason=req.reason)
+        try:
+            st = self.live.get(s)
+            if st is not None:
+                self._rec(st, "held", q=st.q or None, request=req.id, rule=req.rule, reason=req.reason)
+        except Exception as e:  # noqa: BLE001
+            self._guard_failed("held", e)
 
     def hold_ended(self, s, req) -> None:
-        st = self.live.get(s)
-        if st is not None:
-            by = req.decided_by or ",".join(r for r, _ in req.approvals)
-            self._rec(st, "hold_ended", q=st.q or None, request=req.id, state=req.state, by=by, outcome=req.outcome)
+        try:
+            st = self.live.get(s)
+            if st is not None:
+                by = req.decided_by or ",".join(r for r, _ in req.approvals)
+                self._rec(st, "hold_ended", q=st.q or None, request=req.id, state=req.state, by=by,
+                          outcome=req.outcome)
+        except Exception as e:  # noqa: BLE001
+            self._guard_failed("hold_ended", e)
 
     def row(self, s, srv, body) -> None:
-        st = self.live.get(s)
-        if st is None:
-            return
-        if st.rows is None:
-            st.rows, st.row_bytes, st.rows_cut = [], 0, False
-        if body is None or st.rows_cut:
-            st.rows_cut = True
-            return
-        values, size = _row_values(body)
-        if st.row_bytes + size > self.gw.config.record_result_bytes:
-            st.rows_cut = True
-            return
-        st.row_bytes += size
-        st.rows.append(values)
+        try:
+            st = self.live.get(s)
+            if st is None:
+                return
+            if st.rows is None:
+                st.rows, st.row_bytes, st.rows_cut = [], 0, False
+            if body is None or st.rows_cut:
+                st.rows_cut = True
+                return
+            values, size = _row_values(body)
+            if st.row_bytes + size > self.gw.config.record_result_bytes:
+                st.rows_cut = True
+                return
+            st.row_bytes += size
+            st.rows.append(values)
+        except Exception as e:  # noqa: BLE001
+            self._guard_failed("row", e)
 
     def _result_q(self, st: _Sess) -> int | None:
         """The statement a result belongs to: the oldest execution sent that is not answered
@@ -384,6 +479,8 @@ class Recorder(Observer):
         st.rows = None
         if rows is None:
             return
+        if st.open is not None:
+            self._close_open(st)
         i = st.i
         st.i = i + 1
         self._emit({"t": "rows", "ts": _now(), "sid": st.sid, "i": i, "q": q, "rows": rows,
@@ -391,73 +488,119 @@ class Recorder(Observer):
                     "row_bytes": st.row_bytes})
 
     def completed(self, s, srv, tag: str, rows, nbytes: int, seconds: float) -> None:
-        st = self.live.get(s)
-        if st is None:
-            return
-        q = st.last_q = self._result_q(st)
-        if st.rows is not None:
-            self._rows_record(st, q, rows)
-        if rows is not None:
-            st.rows_total += rows
-        st.received += nbytes
-        i = st.i
-        st.i = i + 1
-        self._emit({"t": "done", "ts": _now(), "sid": st.sid, "i": i, "q": q, "tag": tag, "rows": rows,
-                    "bytes": nbytes, "dur": seconds})
+        try:
+            st = self.live.get(s)
+            if st is None:
+                return
+            q = st.last_q = self._result_q(st)
+            if rows is not None:
+                st.rows_total += rows
+            st.received += nbytes
+            op = st.open
+            if op is not None and op["q"] == q:
+                # the result of the statement (or Bind) just recorded: one record for all of it
+                st.open = None
+                shown = st.rows
+                if shown is not None:
+                    st.rows = None
+                    op["shown"] = {"rows": shown, "truncated": st.rows_cut or (rows is not None and rows > len(shown)),
+                                   "row_bytes": st.row_bytes}
+                    st.i += 1
+                op["done"] = {"ts": _now(), "tag": tag, "rows": rows, "bytes": nbytes, "dur": seconds}
+                st.i += 1
+                self._emit(op)
+                return
+            if op is not None:
+                self._close_open(st)
+            if st.rows is not None:
+                self._rows_record(st, q, rows)
+            i = st.i
+            st.i = i + 1
+            self._emit({"t": "done", "ts": _now(), "sid": st.sid, "i": i, "q": q, "tag": tag, "rows": rows,
+                        "bytes": nbytes, "dur": seconds})
+        except Exception as e:  # noqa: BLE001
+            self._guard_failed("completed", e)
 
     def suspended(self, s, srv, nbytes: int, seconds: float) -> None:
-        st = self.live.get(s)
-        if st is None:
-            return
-        pending = st.pending
-        while len(pending) > 1 and pending[0][2]:
-            pending.popleft()
-        q = st.last_q = pending[0][0] if pending else (st.q or None)
-        if pending:
-            pending[0][2] = True  # answered in part: the portal may run on (Execute again, no Bind)
-        self._rows_record(st, q, None)
-        st.rows_cut = False
-        st.received += nbytes
-        self._rec(st, "suspended", q=q, bytes=nbytes, dur=seconds)
+        try:
+            st = self.live.get(s)
+            if st is None:
+                return
+            if st.open is not None:
+                self._close_open(st)
+            pending = st.pending
+            while len(pending) > 1 and pending[0][2]:
+                pending.popleft()
+            q = st.last_q = pending[0][0] if pending else (st.q or None)
+            if pending:
+                pending[0][2] = True  # answered in part: the portal may run on (Execute again, no Bind)
+            self._rows_record(st, q, None)
+            st.rows_cut = False
+            st.received += nbytes
+            self._rec(st, "suspended", q=q, bytes=nbytes, dur=seconds)
+        except Exception as e:  # noqa: BLE001
+            self._guard_failed("suspended", e)
 
     def failed(self, s, srv, sqlstate: str, message: str) -> None:
-        st = self.live.get(s)
-        if st is None:
-            return
-        q = st.last_q = self._result_q(st)
-        self._rows_record(st, q, None)
-        st.errors += 1
-        self._rec(st, "error", q=q, sqlstate=sqlstate, message=message)
+        try:
+            st = self.live.get(s)
+            if st is None:
+                return
+            if st.open is not None:
+                self._close_open(st)
+            q = st.last_q = self._result_q(st)
+            self._rows_record(st, q, None)
+            st.errors += 1
+            self._rec(st, "error", q=q, sqlstate=sqlstate, message=message)
+        except Exception as e:  # noqa: BLE001
+            self._guard_failed("failed", e)
 
     def notice(self, s, srv, severity: str, sqlstate: str, message: str) -> None:
-        st = self.live.get(s)
-        if st is not None:
-            self._rec(st, "notice", q=st.q or None, severity=severity, sqlstate=sqlstate, message=message)
+        try:
+            st = self.live.get(s)
+            if st is not None:
+                self._rec(st, "notice", q=st.q or None, severity=severity, sqlstate=sqlstate, message=message)
+        except Exception as e:  # noqa: BLE001
+            self._guard_failed("notice", e)
 
     def masked(self, s, report) -> None:
-        st = self.live.get(s)
-        if st is not None:
-            self._rec(st, "masked", q=st.last_q or None, columns=[list(c) for c in report])
+        try:
+            st = self.live.get(s)
+            if st is not None:
+                self._rec(st, "masked", q=st.last_q or None, columns=[list(c) for c in report])
+        except Exception as e:  # noqa: BLE001
+            self._guard_failed("masked", e)
 
     def canceled(self, s) -> None:
-        st = self.live.get(s)
-        if st is not None:
-            self._rec(st, "cancel")
+        try:
+            st = self.live.get(s)
+            if st is not None:
+                self._rec(st, "cancel")
+        except Exception as e:  # noqa: BLE001
+            self._guard_failed("canceled", e)
 
     def ready(self, s, srv, status: int, started: float, sent: int, received: int) -> None:
         """A round ended with nothing outstanding: executions still awaiting a result were
         skipped by the server after an error (or bound and never executed); none of them may
         take the next statement's result."""
-        st = self.live.get(s)
-        if st is not None and st.pending:
-            st.pending.clear()
+        try:
+            st = self.live.get(s)
+            if st is not None and st.pending:
+                st.pending.clear()
+        except Exception as e:  # noqa: BLE001
+            self._guard_failed("ready", e)
 
     def logout(self, s, reason: str) -> None:
-        st = self.live.pop(s, None)
-        if st is not None:
-            self._logout(s, st, reason)
+        try:
+            st = self.live.pop(s, None)
+            if st is not None:
+                self._logout(s, st, reason)
+        except Exception as e:  # noqa: BLE001
+            self._guard_failed("logout", e)
 
     def _logout(self, s, st: _Sess, reason: str) -> None:
+        if st.open is not None:
+            self._close_open(st)
         if st.rows:
             self._rows_record(st, st.last_q or None, None)
         self._rec(st, "logout", reason=reason, dur=time.monotonic() - st.started, statements=st.statements,

@@ -21,6 +21,7 @@ from typing import Callable, Iterator
 import orjson
 
 from .files import list_files, read_lines
+from .format import unfold
 from .reader import _window
 
 
@@ -68,7 +69,7 @@ class Tail:
                 except orjson.JSONDecodeError:
                     continue
                 if type(rec) is dict:
-                    out.append(rec)
+                    out.extend(unfold(rec))
         for f in files:  # where the next poll starts listing
             if f.seq >= self.seq:
                 self.day = f.path.parent.name

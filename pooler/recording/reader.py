@@ -32,6 +32,7 @@ from typing import Iterator
 import orjson
 
 from .files import list_files, read_lines
+from .format import unfold
 
 HOUSEKEEPING = frozenset(("file", "close", "gap", "retention"))
 
@@ -90,7 +91,7 @@ def _records(f, housekeeping: bool = True) -> Iterator[dict]:
             continue
         if not housekeeping and rec.get("t") in HOUSEKEEPING:
             continue
-        yield rec
+        yield from unfold(rec)
 
 
 def iter_events(root: str | os.PathLike, since=None, until=None, *, housekeeping: bool = False) -> Iterator[dict]:
