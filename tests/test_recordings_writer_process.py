@@ -197,3 +197,20 @@ def test_writer_process_queues_what_the_pipe_does_not_take_and_counts_drops(tmp_
     assert gap["lost"] == 1000 and gap["reason"] == "the writer fell behind"
     order = [e["t"] if e["t"] == "gap" else e["k"] for e in recs if e["t"] == "gap" or e.get("j") == 0]
     assert order.index("gap") < order.index(6)  # (with the chunks taken with it: as Writer's own drops)
+
+
+def test_a_writer_process_that_cannot_be_started_leaves_no_pipe_open(tmp_path, monkeypatch):
+    """Popen failing (no interpreter at that path) raises OSError from start, as a record_dir
+    that cannot be used does, and closes both pipes: a gateway that retries every second for
+    hours must not run out of file descriptors."""
+    import pytest
+
+    from pooler.recording import process
+
+    monkeypatch.setattr(process.sys, "executable", str(tmp_path / "no-such-python"))
+    w = process.WriterProcess(tmp_path / "rec", gateway="test")
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(5):
+        with pytest.raises(OSError):
+            w._spawn(create=True)
+    assert len(os.listdir("/proc/self/fd")) == before

@@ -181,6 +181,10 @@ class WriterProcess:
         try:
             self.proc = subprocess.Popen([sys.executable, "-m", "pooler.recording.process", str(crfd), str(cwfd)],
                                          pass_fds=(crfd, cwfd), stdin=subprocess.DEVNULL, env=env)
+        except BaseException:
+            os.close(wfd)  # no child to talk to: the gateway's ends go too (tried again later)
+            os.close(rfd)
+            raise
         finally:
             os.close(crfd)
             os.close(cwfd)
