@@ -1,6 +1,7 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
 """Compiled twin of ``RowPlan.rewrite_run`` (plan.py): the DataRows of a masked result rewritten
-in C, a run of consecutive rows per call.
+in C, a run of consecutive rows per call; and of the recorder's ``_row_values`` (the first rows
+of a result read into a recording's values; at the end of this file).
 
 The Python code in plan.py and methods.py is the one source of truth for behaviour; this module
 must give the very same bytes, counts and errors (tests/test_masking_compiled.py runs both over
@@ -19,6 +20,7 @@ other error propagates and the gateway refuses the result.
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
+from cpython.unicode cimport PyUnicode_DecodeUTF8
 from libc.string cimport memcpy, memset
 
 from .methods import KIND_TEXT as _KIND_TEXT
@@ -361,3 +363,69 @@ def rewrite_run(plan, bytes data, Py_ssize_t pos, Py_ssize_t n):
         PyMem_Free(o.buf)
         PyMem_Free(cols)
         PyMem_Free(counts)
+
+
+# --------------------------------------------------------------------------- recorded rows
+
+_row_twin = None
+
+
+def set_row_twin(f):
+    """The Python definition ``row_values`` hands odd input to (set by the recorder)."""
+    global _row_twin
+    _row_twin = f
+
+
+def row_values(body):
+    """Compiled twin of ``_row_values`` in pooler/gateway/recorder.py (the definition): a
+    DataRow body -> (its values: text as str, NULL as None, a value that is not UTF-8 text or
+    holds a control character other than tab, newline and carriage return as
+    ``{"hex": ...}``; the bytes of the values). Whatever is not a well-formed body (short,
+    lengths past its end, a negative column count) goes to ``python_twin``, so that odd input
+    gets the very same answer or exception (tests/test_recording_rows_compiled.py)."""
+    python_twin = _row_twin
+    if python_twin is None:
+        raise RuntimeError("row_values needs its Python twin: set_row_twin first")
+    if type(body) is not bytes:
+        return python_twin(body)
+    cdef const unsigned char *d = <const unsigned char *>PyBytes_AS_STRING(body)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(body)
+    cdef Py_ssize_t pos = 2, size = 0, k
+    cdef int ln
+    cdef short ncols
+    cdef unsigned char ch
+    cdef bint plain
+    cdef int c
+    if n < 2:
+        return python_twin(body)
+    ncols = <short>((d[0] << 8) | d[1])
+    if ncols < 0:
+        return python_twin(body)
+    out = []
+    for c in range(ncols):
+        if pos + 4 > n:
+            return python_twin(body)
+        ln = <int>((<unsigned int>d[pos] << 24) | (<unsigned int>d[pos + 1] << 16) | (<unsigned int>d[pos + 2] << 8)
+                   | <unsigned int>d[pos + 3])
+        pos += 4
+        if ln < 0:
+            out.append(None)
+            continue
+        if pos + ln > n:
+            return python_twin(body)
+        plain = True
+        for k in range(pos, pos + ln):
+            ch = d[k]
+            if ch < 32 and ch != 9 and ch != 10 and ch != 13:
+                plain = False
+                break
+        if plain:
+            try:
+                out.append(PyUnicode_DecodeUTF8(<const char *>(d + pos), ln, NULL))
+            except UnicodeDecodeError:
+                plain = False
+        if not plain:
+            out.append({"hex": PyBytes_FromStringAndSize(<const char *>(d + pos), ln).hex()})
+        pos += ln
+        size += ln
+    return out, size
