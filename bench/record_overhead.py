@@ -8,6 +8,7 @@ hand-over in chunks) and the thread's part (sealing into the hash chain and writ
 figures for bench/README.md.
 
     .venv/bin/python bench/record_overhead.py [--seconds 8] [--rounds 3] [--clients 50] [--pool-size 8]
+        [--before OTHER_CHECKOUT]   # also that checkout's gateway, recording, in the same rounds
 """
 
 from __future__ import annotations
@@ -149,6 +150,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--clients", type=int, default=50)
     ap.add_argument("--pool-size", type=int, default=8)
+    ap.add_argument("--before", metavar="DIR", help="another checkout (git worktree) whose gateway also records, "
+                    "in the same rounds: before/after a change on the same machine minutes")
     args = ap.parse_args()
     bindir = find_pg_bindir()
     pgbench = pgbench_bin(bindir)
@@ -169,10 +172,14 @@ def main() -> int:
         for name, extra in (("recording off", {}), ("recording on", {"record_dir": str(rec_dir), "record_writer": "process"}),
                             ("on, thread", {"record_dir": str(tmp / "recordings-thread"), "record_writer": "thread"}),
                             ("on, no rows", {"record_dir": str(tmp / "recordings-norows"), "record_results": 0,
-                                             "record_writer": "process"})):
-            wd = tmp / name.replace(" ", "-")
+                                             "record_writer": "process"}),
+                            *((("before: on", {"record_dir": str(tmp / "recordings-before"), "record_writer": "process"}),
+                               ("before: thread", {"record_dir": str(tmp / "recordings-before-thread"),
+                                                   "record_writer": "thread"})) if args.before else ())):
+            wd = tmp / name.replace(" ", "-").replace(":", "")
             wd.mkdir()
-            g = GatewayProc({"bench": db}, settings={**common, **extra}, workdir=str(wd))
+            g = GatewayProc({"bench": db}, settings={**common, **extra}, workdir=str(wd),
+                            repo=args.before if name.startswith("before") else None)
             g.start()
             gws.append(g)
             targets.append(Target(name, g.host, g.port, cpu_pid=g.proc.pid, proc=g))
@@ -201,7 +208,7 @@ def main() -> int:
 
         files = list_files(rec_dir)
         rep = verify(rec_dir)
-        off, on, thread, norows = (statistics.median(tps[t.name]) for t in targets)
+        off, on, thread, norows = (statistics.median(tps[t.name]) for t in targets[:4])
         print(f"\npgbench -S -c {args.clients}, transaction pooling, pool {args.pool_size}, "
               f"{args.rounds} x {args.seconds:.0f} s per case, alternating")
         for t in targets:
@@ -211,6 +218,9 @@ def main() -> int:
                   f"rounds: {', '.join(f'{x:.0f}' for x in tps[t.name])}")
         print(f"  recording on / off: {on / off:.3f} x   (writer thread: {thread / off:.3f} x; "
               f"record_results = 0: {norows / off:.3f} x)")
+        if args.before:
+            b_on, b_thread = (statistics.median(tps[t.name]) for t in targets[4:])
+            print(f"  before ({args.before}) / off: {b_on / off:.3f} x   (writer thread: {b_thread / off:.3f} x)")
         print(f"  written: {rep.records} records in {len(files)} file(s), {rep.records / max(xacts_on, 1):.2f} "
               f"records/xact, {sum(f.size for f in files) / max(xacts_on, 1):.1f} compressed bytes/xact; "
               f"verify: {'ok' if rep.ok else rep.problems[:2]}")
