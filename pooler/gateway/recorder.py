@@ -15,6 +15,9 @@ Rules this module keeps:
   the same 100 ms tick, and logged when it starts and ends.
 - Records of a session carry ``sid`` and ``i`` (0, 1, 2, ... without gaps), statement records
   ``q``. Results are matched to statements in the order they were sent (``_Sess.pending``).
+- A session's last stmt or bind record stays open (``_Sess.open``, not yet encoded) until its
+  result folds into it (one line per quick statement: docs/recordings.md, "Folded records"),
+  the session's next record is made, or the 100 ms tick hands everything over.
 """
 
 from __future__ import annotations
