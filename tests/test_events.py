@@ -173,3 +173,32 @@ def test_pool_counters_count_as_pgbouncer_does(live):
     assert c.client_bytes > 0 and c.server_bytes > 0 and c.xact_time > 0 and c.query_time > 0
     line = g.call(g.gw.stats.rotate)
     assert line.startswith("stats: ") and " xacts/s, " in line and " wait " in line
+
+
+def test_self_guarded_events_are_called_directly_and_the_others_through_the_guard():
+    """An observer's ``self_guarded`` events reach it without the hub's wrapper (it catches its
+    own exceptions); any other event of it that raises is caught by the hub, which tells the
+    observer (observer_failed) and goes on."""
+    from pooler.gateway.events import Events, Observer
+
+    failed = []
+
+    class Obs(Observer):
+        self_guarded = frozenset(("login",))
+
+        def login(self, s) -> None:
+            pass
+
+        def logout(self, s, reason: str) -> None:
+            raise RuntimeError("boom")
+
+        def observer_failed(self, event: str, exc: BaseException) -> None:
+            failed.append((event, type(exc).__name__))
+
+    hub = Events()
+    obs = Obs()
+    hub.subscribe(obs)
+    assert hub.login == obs.login  # the bound method itself: no wrapper call
+    assert hub.logout != obs.logout
+    hub.logout(None, "bye")  # raises inside: swallowed
+    assert failed == [("logout", "RuntimeError")]

@@ -276,7 +276,7 @@ class AuditDecisions(Observer):
     one every decision is None (nothing to audit), and a listener of ``decided`` would take the
     proxy loop off its no-rules path for every statement."""
 
-    trusted = True  # one plain call per statement: the audit's own work below it is guarded (_decided)
+    self_guarded = frozenset(("decided",))  # one plain call per statement: the audit's own work below it is guarded (_decided)
 
     def __init__(self, audit: Audit) -> None:
         self.audit = audit

@@ -12,7 +12,8 @@ Rules this module keeps:
   through the gateway, not by raising here; it learns of its own exceptions through
   ``Observer.observer_failed``. The gateway's own observers (``trusted = True``:
   counters and log lines, pinned by tests) are called without that guard, one Python call less
-  on the hot path.
+  on the hot path; so are the events an observer names in ``self_guarded``, whose methods
+  catch their own exceptions (the recorder's per-statement events).
 - Events are reported synchronously on the event loop: an observer that does I/O buffers and
   hands it to a thread.
 
@@ -112,6 +113,9 @@ class Observer:
     """Base class of observers: override the events you want (signatures in the module doc)."""
 
     trusted = False  # True only for the gateway's own observers: called without a guard
+    # events whose methods catch their own exceptions (and tell observer_failed): called
+    # without the hub's guard too
+    self_guarded: frozenset[str] = frozenset()
 
     def login(self, session) -> None: ...
     def login_failed(self, session, reason: str) -> None: ...
@@ -238,7 +242,7 @@ class Events:
             base = getattr(Observer, name)
             wanted = [o for o in self.observers if getattr(type(o), name, base) is not base]
             handlers = [getattr(o, name) for o in wanted]
-            trusted = all(o.trusted for o in wanted)
+            trusted = all(o.trusted or name in o.self_guarded for o in wanted)
             setattr(self, name, _dispatcher(name, handlers, trusted) if handlers else None)
         self.rows_wanted = max((o.rows_wanted for o in self.observers
                                 if getattr(type(o), "row", Observer.row) is not Observer.row), default=0)

@@ -146,7 +146,9 @@ if not os.environ.get("POOLER_PURE_PYTHON"):
 class Recorder(Observer):
     """Subscribed while ``record_dir`` is set."""
 
-    trusted = True  # guards itself (see the events below): a bug here is logged and blocks statements, never breaks a session
+    # a bug here is logged and blocks statements (observer_failed), never breaks a session: the
+    # hub guards the rarer events, the per-statement ones guard themselves (one call less each)
+    self_guarded = frozenset(("decided", "bound", "row", "completed", "ready"))
 
     def __init__(self, gw) -> None:
         self.gw = gw
@@ -280,8 +282,7 @@ class Recorder(Observer):
 
     def _rec(self, st: _Sess, t: str, **fields) -> None:
         """A session record of the rarer kinds (the hot ones build their dict in place)."""
-        if st.open is not None:
-            self._close_open(st)
+        self._close_open(st)
         rec = {"t": t, "ts": _now(), "sid": st.sid, "i": st.i}
         st.i += 1
         rec.update(fields)
@@ -289,29 +290,23 @@ class Recorder(Observer):
 
     # ------------------------------------------------------------------ events
     #
-    # The recorder is a trusted observer (events.py): called without the hub's guard, it guards
-    # itself (try/except costs nothing until it raises), so that a bug here is logged and makes
-    # record_failure = block block, but never breaks the session that reported the event.
+    # The per-statement events (self_guarded) are called without the hub's guard: each catches
+    # its own exceptions (try/except costs nothing until it raises) and tells observer_failed,
+    # as the hub does for the others.
 
     def login(self, s) -> None:
-        try:
-            if s.console:
-                return
-            self._n += 1
-            st = self.live[s] = _Sess(f"{self.run_id}.{self._n}")
-            pool = s.pool
-            self._rec(st, "login", client=s.addr, tls=bool(s.tls), user=s.user, login_name=s.login_name,
-                      groups=list(s.groups), auth=s.auth_method, database=s.database, app=s.app_name,
-                      upstream_user=pool.server_user if pool is not None else None, mode=s.mode)
-        except Exception as e:  # noqa: BLE001
-            self._guard_failed("login", e)
+        if s.console:
+            return
+        self._n += 1
+        st = self.live[s] = _Sess(f"{self.run_id}.{self._n}")
+        pool = s.pool
+        self._rec(st, "login", client=s.addr, tls=bool(s.tls), user=s.user, login_name=s.login_name,
+                  groups=list(s.groups), auth=s.auth_method, database=s.database, app=s.app_name,
+                  upstream_user=pool.server_user if pool is not None else None, mode=s.mode)
 
     def login_failed(self, s, reason: str) -> None:
-        try:
-            self._emit({"t": "login_failed", "ts": _now(), "client": s.addr,
-                        "user": s.login_name or s.user, "database": s.database, "reason": reason})
-        except Exception as e:  # noqa: BLE001
-            self._guard_failed("login_failed", e)
+        self._emit({"t": "login_failed", "ts": _now(), "client": s.addr,
+                    "user": s.login_name or s.user, "database": s.database, "reason": reason})
 
     def decided(self, s, kind: str, sql: str, d) -> None:
         try:
@@ -394,54 +389,44 @@ class Recorder(Observer):
             self._guard_failed("bound", e)
 
     def refused(self, s, sqlstate: str, message: str, what) -> None:
-        try:
-            st = self.live.get(s)
-            if st is None:
-                return
-            if st.open is not None:
-                self._close_open(st)
-            st.refused += 1
-            if what.decided:
-                # a refused Query gets no result from a server: its entry must not take the result of
-                # the statement after it (a refusal comes right after the decision of its message)
-                pending = st.pending
-                if pending and pending[-1][0] == st.q and pending[-1][1] and not pending[-1][2]:
-                    pending.pop()
-                q = st.q or None
-            else:
-                # refused before the rules decided (no stmt record): recorded here as its own
-                # statement, so that the refusal is not taken for the previous statement's
-                st.q = q = st.q + 1
-                st.statements += 1
-                text, redacted = redact(what.sql)
-                rec = {"t": "stmt", "ts": _now(), "sid": st.sid, "i": st.i, "q": q, "kind": what.kind,
-                       "route": _route(what.kind, what.sql), "sql": text, "action": "deny", "rule": "gateway",
-                       "reason": message, "masks": [], "gateway": True}
-                st.i += 1
-                if redacted:
-                    rec["redacted"] = True
-                self._emit(rec)
-            self._rec(st, "refused", q=q, sqlstate=sqlstate, message=message)
-        except Exception as e:  # noqa: BLE001
-            self._guard_failed("refused", e)
+        st = self.live.get(s)
+        if st is None:
+            return
+        self._close_open(st)  # (before the stmt record a refusal before any decision makes)
+        st.refused += 1
+        if what.decided:
+            # a refused Query gets no result from a server: its entry must not take the result of
+            # the statement after it (a refusal comes right after the decision of its message)
+            pending = st.pending
+            if pending and pending[-1][0] == st.q and pending[-1][1] and not pending[-1][2]:
+                pending.pop()
+            q = st.q or None
+        else:
+            # refused before the rules decided (no stmt record): recorded here as its own
+            # statement, so that the refusal is not taken for the previous statement's
+            st.q = q = st.q + 1
+            st.statements += 1
+            text, redacted = redact(what.sql)
+            rec = {"t": "stmt", "ts": _now(), "sid": st.sid, "i": st.i, "q": q, "kind": what.kind,
+                   "route": _route(what.kind, what.sql), "sql": text, "action": "deny", "rule": "gateway",
+                   "reason": message, "masks": [], "gateway": True}
+            st.i += 1
+            if redacted:
+                rec["redacted"] = True
+            self._emit(rec)
+        self._rec(st, "refused", q=q, sqlstate=sqlstate, message=message)
 
     def held(self, s, req) -> None:
-        try:
-            st = self.live.get(s)
-            if st is not None:
-                self._rec(st, "held", q=st.q or None, request=req.id, rule=req.rule, reason=req.reason)
-        except Exception as e:  # noqa: BLE001
-            self._guard_failed("held", e)
+        st = self.live.get(s)
+        if st is not None:
+            self._rec(st, "held", q=st.q or None, request=req.id, rule=req.rule, reason=req.reason)
 
     def hold_ended(self, s, req) -> None:
-        try:
-            st = self.live.get(s)
-            if st is not None:
-                by = req.decided_by or ",".join(r for r, _ in req.approvals)
-                self._rec(st, "hold_ended", q=st.q or None, request=req.id, state=req.state, by=by,
-                          outcome=req.outcome)
-        except Exception as e:  # noqa: BLE001
-            self._guard_failed("hold_ended", e)
+        st = self.live.get(s)
+        if st is not None:
+            by = req.decided_by or ",".join(r for r, _ in req.approvals)
+            self._rec(st, "hold_ended", q=st.q or None, request=req.id, state=req.state, by=by,
+                      outcome=req.outcome)
 
     def row(self, s, srv, body) -> None:
         try:
@@ -477,18 +462,23 @@ class Recorder(Observer):
             pending.popleft()
         return head[0]
 
-    def _rows_record(self, st: _Sess, q, tag_rows: int | None) -> None:
+    def _take_rows(self, st: _Sess, tag_rows: int | None) -> dict:
+        """The rows kept of the result just ended (``st.rows``, not None) as a ``rows`` record's
+        fields; ``tag_rows``: the rows the tag says were sent."""
         rows = st.rows
         st.rows = None
-        if rows is None:
+        return {"rows": rows, "truncated": st.rows_cut or (tag_rows is not None and tag_rows > len(rows)),
+                "row_bytes": st.row_bytes}
+
+    def _rows_record(self, st: _Sess, q, tag_rows: int | None) -> None:
+        if st.rows is None:
             return
-        if st.open is not None:
-            self._close_open(st)
+        self._close_open(st)
         i = st.i
         st.i = i + 1
-        self._emit({"t": "rows", "ts": _now(), "sid": st.sid, "i": i, "q": q, "rows": rows,
-                    "truncated": st.rows_cut or (tag_rows is not None and tag_rows > len(rows)),
-                    "row_bytes": st.row_bytes})
+        rec = {"t": "rows", "ts": _now(), "sid": st.sid, "i": i, "q": q}
+        rec.update(self._take_rows(st, tag_rows))
+        self._emit(rec)
 
     def completed(self, s, srv, tag: str, rows, nbytes: int, seconds: float) -> None:
         try:
@@ -503,20 +493,15 @@ class Recorder(Observer):
             if op is not None and op["q"] == q:
                 # the result of the statement (or Bind) just recorded: one record for all of it
                 st.open = None
-                shown = st.rows
-                if shown is not None:
-                    st.rows = None
-                    op["shown"] = {"rows": shown, "truncated": st.rows_cut or (rows is not None and rows > len(shown)),
-                                   "row_bytes": st.row_bytes}
+                if st.rows is not None:
+                    op["shown"] = self._take_rows(st, rows)
                     st.i += 1
                 op["done"] = {"ts": _now(), "tag": tag, "rows": rows, "bytes": nbytes, "dur": seconds}
                 st.i += 1
                 self._emit(op)
                 return
-            if op is not None:
-                self._close_open(st)
-            if st.rows is not None:
-                self._rows_record(st, q, rows)
+            self._close_open(st)
+            self._rows_record(st, q, rows)
             i = st.i
             st.i = i + 1
             self._emit({"t": "done", "ts": _now(), "sid": st.sid, "i": i, "q": q, "tag": tag, "rows": rows,
@@ -525,62 +510,43 @@ class Recorder(Observer):
             self._guard_failed("completed", e)
 
     def suspended(self, s, srv, nbytes: int, seconds: float) -> None:
-        try:
-            st = self.live.get(s)
-            if st is None:
-                return
-            if st.open is not None:
-                self._close_open(st)
-            pending = st.pending
-            while len(pending) > 1 and pending[0][2]:
-                pending.popleft()
-            q = st.last_q = pending[0][0] if pending else (st.q or None)
-            if pending:
-                pending[0][2] = True  # answered in part: the portal may run on (Execute again, no Bind)
-            self._rows_record(st, q, None)
-            st.rows_cut = False
-            st.received += nbytes
-            self._rec(st, "suspended", q=q, bytes=nbytes, dur=seconds)
-        except Exception as e:  # noqa: BLE001
-            self._guard_failed("suspended", e)
+        st = self.live.get(s)
+        if st is None:
+            return
+        pending = st.pending
+        while len(pending) > 1 and pending[0][2]:
+            pending.popleft()
+        q = st.last_q = pending[0][0] if pending else (st.q or None)
+        if pending:
+            pending[0][2] = True  # answered in part: the portal may run on (Execute again, no Bind)
+        self._rows_record(st, q, None)
+        st.rows_cut = False
+        st.received += nbytes
+        self._rec(st, "suspended", q=q, bytes=nbytes, dur=seconds)
 
     def failed(self, s, srv, sqlstate: str, message: str) -> None:
-        try:
-            st = self.live.get(s)
-            if st is None:
-                return
-            if st.open is not None:
-                self._close_open(st)
-            q = st.last_q = self._result_q(st)
-            self._rows_record(st, q, None)
-            st.errors += 1
-            self._rec(st, "error", q=q, sqlstate=sqlstate, message=message)
-        except Exception as e:  # noqa: BLE001
-            self._guard_failed("failed", e)
+        st = self.live.get(s)
+        if st is None:
+            return
+        q = st.last_q = self._result_q(st)
+        self._rows_record(st, q, None)
+        st.errors += 1
+        self._rec(st, "error", q=q, sqlstate=sqlstate, message=message)
 
     def notice(self, s, srv, severity: str, sqlstate: str, message: str) -> None:
-        try:
-            st = self.live.get(s)
-            if st is not None:
-                self._rec(st, "notice", q=st.q or None, severity=severity, sqlstate=sqlstate, message=message)
-        except Exception as e:  # noqa: BLE001
-            self._guard_failed("notice", e)
+        st = self.live.get(s)
+        if st is not None:
+            self._rec(st, "notice", q=st.q or None, severity=severity, sqlstate=sqlstate, message=message)
 
     def masked(self, s, report) -> None:
-        try:
-            st = self.live.get(s)
-            if st is not None:
-                self._rec(st, "masked", q=st.last_q or None, columns=[list(c) for c in report])
-        except Exception as e:  # noqa: BLE001
-            self._guard_failed("masked", e)
+        st = self.live.get(s)
+        if st is not None:
+            self._rec(st, "masked", q=st.last_q or None, columns=[list(c) for c in report])
 
     def canceled(self, s) -> None:
-        try:
-            st = self.live.get(s)
-            if st is not None:
-                self._rec(st, "cancel")
-        except Exception as e:  # noqa: BLE001
-            self._guard_failed("canceled", e)
+        st = self.live.get(s)
+        if st is not None:
+            self._rec(st, "cancel")
 
     def ready(self, s, srv, status: int, started: float, sent: int, received: int) -> None:
         """A round ended with nothing outstanding: executions still awaiting a result were
@@ -594,16 +560,11 @@ class Recorder(Observer):
             self._guard_failed("ready", e)
 
     def logout(self, s, reason: str) -> None:
-        try:
-            st = self.live.pop(s, None)
-            if st is not None:
-                self._logout(s, st, reason)
-        except Exception as e:  # noqa: BLE001
-            self._guard_failed("logout", e)
+        st = self.live.pop(s, None)
+        if st is not None:
+            self._logout(s, st, reason)
 
     def _logout(self, s, st: _Sess, reason: str) -> None:
-        if st.open is not None:
-            self._close_open(st)
         if st.rows:
             self._rows_record(st, st.last_q or None, None)
         self._rec(st, "logout", reason=reason, dur=time.monotonic() - st.started, statements=st.statements,
