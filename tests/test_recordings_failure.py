@@ -201,14 +201,14 @@ def test_a_recorder_that_fails_blocks_statements_rather_than_lose_them(pg, tmp_p
     try:
         from pooler.gateway import recorder as recorder_module
 
-        real = recorder_module.redact
+        real = recorder_module.may_hold_secret
 
         def choke(sql):  # what the recorder calls while making a statement's record
             if "choke" in sql:
                 raise RuntimeError("boom")
             return real(sql)
 
-        monkeypatch.setattr(recorder_module, "redact", choke)
+        monkeypatch.setattr(recorder_module, "may_hold_secret", choke)
         with psycopg.connect(lg.dsn(), autocommit=True) as c:
             assert run(c) is None
             run(c, "SELECT 'choke'")  # judged before the failure was known: it may run

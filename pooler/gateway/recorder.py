@@ -316,7 +316,8 @@ class Recorder(Observer):
             st.q = q = st.q + 1
             st.statements += 1
             route = _route(kind, sql)
-            text, redacted = redact(sql)
+            suspect = may_hold_secret(sql)  # (one look serves both: redact and the parameters)
+            text, redacted = redact(sql) if suspect else (sql, False)
             i = st.i
             st.i = i + 1
             if d is None:
@@ -334,7 +335,7 @@ class Recorder(Observer):
             else:
                 name = s.governor.parse_name
                 st.names[name] = q
-                if may_hold_secret(sql):
+                if suspect:
                     st.secret_names.add(name)
                 else:
                     st.secret_names.discard(name)
