@@ -252,13 +252,14 @@ class SyslogSink(Sink):
                         self.sent += 1
                 return []
             except OSError as e:
-                self.close()
                 why = e.strerror or str(e)
                 if e.errno == errno.EMSGSIZE and msgs:
                     # this datagram never fits: it alone is lost, not the events queued behind it
+                    # (nor the socket, which is fine)
                     self.failed += 1
                     self._warn(f"{self.target}: {why}; an event of {len(msgs[0])} bytes not delivered")
                     return msgs[1:]
+                self.close()
                 if attempt < self.retries:
                     time.sleep(pause)
                     pause = min(pause * 2, MAX_PAUSE)
