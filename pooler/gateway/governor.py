@@ -27,7 +27,7 @@ from ..approvals.present import bind_parts, justification_in, shown_params
 from ..masking.plan import MaskCtx, QueryMask, compile_masks, method_for
 from ..policy.engine import SessionInfo
 from ..policy.rules import Decision
-from ..policy.sessionwork import apply_prepared, grown_search_path, session_work
+from ..policy.sessionwork import Refusal, apply_prepared, grown_search_path, session_work
 from ..protocol import messages as m
 from ..protocol.frontend import T_BIND, T_DESCRIBE, T_FUNCTION, T_PARSE, T_QUERY
 from ..sql.lexing import codec as reading_codec, unsafe_session
@@ -37,7 +37,6 @@ from .holds import Need
 
 log = logging.getLogger("pooler.client")
 
-Refusal = tuple[str, str]
 WAIT_CATALOG: Refusal = ("", "")  # not a refusal: the catalog must be loaded before this message is judged
 WAIT_APPROVAL: Refusal = ("", "approval")  # not a refusal: held for approval (Governor.need says what)
 

@@ -26,7 +26,7 @@ import re
 from ..sql.lexing import SETTINGS as LEXING_SETTINGS, unsafe_session, unsafe_value
 from .rules import Decision
 
-Refusal = tuple[str, str]
+Refusal = tuple[str, str]  # (sqlstate, message): the governor's refusals are these too
 
 # one item of a list-valued setting (GUC_LIST_QUOTE: search_path): a "quoted" name ("" inside
 # is one ") or a bare one, then a comma or the end
