@@ -407,8 +407,7 @@ class Governor:
             # recorded when the server confirms it (CommandComplete PREPARE): a PREPARE that
             # fails there must never make the rules judge EXECUTE as text the server does not run
             self._prep_new = fx.prepares
-            if fx.forget_all or fx.forget:
-                apply_prepared(self.book.sql_prepared, fx)
+            apply_prepared(self.book.sql_prepared, fx)
             if fx.justification is not None:
                 self.justification = fx.justification
             for value in fx.search_paths:

@@ -78,7 +78,7 @@ def session_work(policy, verdict, si, prepared, catalog=None,
     d = verdict.decision
     fx = None
     local: dict[str, str] = {}  # prepared earlier in this same message
-    gone: set[str] | tuple = ()  # deallocated earlier in this same message
+    gone: set[str] = set()  # deallocated earlier in this same message
     cleared = False
     for f in verdict.facts:
         cmd = f.command
@@ -108,7 +108,7 @@ def session_work(policy, verdict, si, prepared, catalog=None,
         elif cmd == "DEALLOCATE":
             name = f.prepared_name or ""
             local.pop(name, None)
-            gone = {*gone, name}
+            gone.add(name)
             if fx is None:
                 fx = SessionEffects()
             fx.forget += (name,)
@@ -116,7 +116,7 @@ def session_work(policy, verdict, si, prepared, catalog=None,
             if cmd == "DISCARD ALL" and (why := unsafe_session(welcome or {})) is not None:
                 return ("0A000", f"refused by the gateway: {why}"), fx  # it resets to the server's defaults
             local.clear()
-            gone = ()
+            gone.clear()
             cleared = True
             if fx is None:
                 fx = SessionEffects()
