@@ -80,6 +80,17 @@ def test_a_broken_rule_denies_naming_file_and_line(tmp_path, body, needle):
     assert d.rule.startswith("rules/broken.star:"), d.rule
 
 
+def test_an_opinion_that_is_no_value_denies_naming_the_file_that_returned_it(tmp_path):
+    # the files' opinions come back as one JSON text: a function cannot be written, and the
+    # refusal names the file that returned it, not the first file of the set
+    p = policy_from(tmp_path, {"a.star": "def on_statement(stmt, session):\n    return None\n",
+                               "b.star": "# b\ndef on_statement(stmt, session):\n    return {\"pooler_action\": \"mask\", "
+                                         "\"columns\": {\"public.t.a\": on_statement}}\n"})
+    d = decide(p, "SELECT 1")
+    assert d.action == "deny" and "no decision" in d.reason, d
+    assert d.rule == "rules/b.star:2", d.rule
+
+
 def test_recursion_is_refused(tmp_path):
     p = policy_from(tmp_path, {"r.star": "def f(n):\n    return f(n + 1)\n\ndef on_statement(stmt, session):\n    return f(0)\n"})
     d = decide(p, "SELECT 1")

@@ -65,9 +65,12 @@ def __pooler_struct(x):
     return struct(**{{k: (__pooler_struct(v) if type(v) == "dict" else v) for k, v in x.items()}})
 
 def pooler_entry(stmt_json, session_json):
+    # one JSON text back: starlark-pyo3 turns a returned list into Python values one by one
+    # (~10 us for five opinions, ~1 us as text); an opinion json.encode cannot write (a function)
+    # fails here, in <pooler>, and the caller then runs the files one by one to name it
     stmt = __pooler_struct(json.decode(stmt_json))
     session = __pooler_struct(json.decode(session_json))
-    return [{calls}]
+    return json.encode([{calls}])
 '''
 
 _GLOBALS = sl.Globals.extended_by([
@@ -108,6 +111,7 @@ class RuleFile:
     frozen: object | None
     def_line: int
     mode: str = "enforce"  # MODE = "shadow": decisions computed, counted, audited, never enforced
+    solo: object | None = None  # an entry calling this file alone (made when an error must be placed)
 
 
 @dataclass(slots=True)
@@ -295,32 +299,52 @@ def evaluate_shadow(rs: RuleSet, stmt: dict, session: dict) -> list[Decision | N
 
 def _run(entry, files: list[RuleFile], timeout: float, stmt_json: str, session_json: str) -> list[Decision] | Decision:
     """Call one entry module: every file's opinion (None left out), or the error Decision."""
-    opts = _deadline_options(timeout)
-    first = files[0]
     try:
-        results = entry.call_with(opts, "pooler_entry", stmt_json, session_json).value
+        results = orjson.loads(entry.call_with(_deadline_options(timeout), "pooler_entry", stmt_json, session_json).value)
     except sl.StarlarkError as e:
-        msg = str(e)
-        names = {rf.name for rf in files}
-        loc = re.search(r"--> (\S+):(\d+):\d+", msg)
-        if loc and loc.group(1) in names:
-            where = f"{loc.group(1)}:{loc.group(2)}"
-        else:
-            where = _frame_of(msg, files) or f"{first.name}:{first.def_line}"
-        if "cancel" in msg.lower():
-            return Decision("deny", f"rule error: exceeded rule_timeout ({timeout * 1000:.0f} ms)", where, error=True)
-        err = next((ln.strip() for ln in msg.splitlines() if ln.startswith("error:")), msg.splitlines()[-1] if msg else "error")
-        return Decision("deny", f"rule error: {err.removeprefix('error: ')}", where, error=True)
+        if "--> <pooler>:" in str(e) and len(files) > 1:
+            return _unwritable(files, timeout, stmt_json, session_json, e)
+        return _error_decision(e, files, timeout)
     except BaseException as e:  # noqa: BLE001 - a panic in the interpreter is a refusal too
         if isinstance(e, (KeyboardInterrupt, SystemExit)):
             raise
-        return Decision("deny", f"rule error: {type(e).__name__}", f"{first.name}:{first.def_line}", error=True)
+        return Decision("deny", f"rule error: {type(e).__name__}", f"{files[0].name}:{files[0].def_line}", error=True)
     out = []
     for rf, result in zip(files, results):
         d = _parse_result(rf, result)
         if d is not None:
             out.append(d)
     return out
+
+
+def _error_decision(e: sl.StarlarkError, files: list[RuleFile], timeout: float) -> Decision:
+    msg = str(e)
+    names = {rf.name for rf in files}
+    loc = re.search(r"--> (\S+):(\d+):\d+", msg)
+    if loc and loc.group(1) in names:
+        where = f"{loc.group(1)}:{loc.group(2)}"
+    else:
+        where = _frame_of(msg, files) or f"{files[0].name}:{files[0].def_line}"
+    if "cancel" in msg.lower():
+        return Decision("deny", f"rule error: exceeded rule_timeout ({timeout * 1000:.0f} ms)", where, error=True)
+    err = next((ln.strip() for ln in msg.splitlines() if ln.startswith("error:")), msg.splitlines()[-1] if msg else "error")
+    err = err.removeprefix("error: ")
+    if "--> <pooler>:" in msg:  # the entry could not write an opinion as JSON
+        err = f"on_statement returned a value that is no decision ({err})"
+    return Decision("deny", f"rule error: {err}", where, error=True)
+
+
+def _unwritable(files: list[RuleFile], timeout: float, stmt_json: str, session_json: str,
+                e: sl.StarlarkError) -> Decision:
+    """Some file returned what the entry could not write as JSON: run the files one by one (an
+    entry each, made on first need) until one fails, and refuse naming it."""
+    for rf in files:
+        if rf.solo is None:
+            rf.solo = _build_entry([rf])
+        got = _run(rf.solo, [rf], timeout, stmt_json, session_json)
+        if isinstance(got, Decision):
+            return got
+    return _error_decision(e, files, timeout)  # none failed alone: still a refusal
 
 
 def _frame_of(msg: str, files: list[RuleFile]) -> str | None:
