@@ -41,6 +41,8 @@ SESSIONS = [
     ["SET search_path = scratch, public", "SELECT status FROM orders ORDER BY id LIMIT 1"],
     ["SET search_path = scratch, public; COPY (SELECT email FROM customers) TO STDOUT",
      "SELECT status FROM orders ORDER BY id LIMIT 1"],
+    # search_path given at login (options, track_extra_parameters): the rules see it from the start
+    {"options": "-c search_path=scratch,public", "sql": ["SELECT status FROM orders ORDER BY id LIMIT 1"]},
 ]
 
 
@@ -50,11 +52,15 @@ def recorded(pg, demo_shop, tmp_path_factory):
     rules = work / "rules"
     shutil.copytree(REPO / "rules", rules)
     (rules / "60_scratch.star").write_text(SCRATCH_RULE)
-    g, rec = start_recording_gateway(pg, demo_shop, work, rules_dir=str(rules))
+    g, rec = start_recording_gateway(pg, demo_shop, work, rules_dir=str(rules),
+                                     track_extra_parameters="IntervalStyle, search_path")
     outs = []
     try:
-        for n, sqls in enumerate(SESSIONS, 1):
-            args = ["psql", g.dsn(user="agent", dbname="shop"), "-X", "-At", "-v", "ON_ERROR_STOP=0"]
+        for n, session in enumerate(SESSIONS, 1):
+            options = session["options"] if isinstance(session, dict) else None
+            sqls = session["sql"] if isinstance(session, dict) else session
+            args = ["psql", g.dsn(user="agent", dbname="shop", **({"options": f"'{options}'"} if options else {})),
+                    "-X", "-At", "-v", "ON_ERROR_STOP=0"]
             for sql in sqls:
                 args += ["-c", sql]
             outs.append(subprocess.run(args, capture_output=True, text=True, timeout=60))
@@ -66,11 +72,13 @@ def recorded(pg, demo_shop, tmp_path_factory):
 
 def test_the_gateway_masked_what_the_sessions_read(recorded):
     _, _, outs, _ = recorded
-    card, multi, scratch, refused = outs
+    card, multi, scratch, refused, at_login = outs
     assert "@example.com" in card.stdout and "***@example.com" in card.stdout, card.stdout + card.stderr
     assert "COPY would include columns" in refused.stderr
-    # the status is masked in both scratch sessions (also after the refused Query that set it)
-    assert scratch.stdout.splitlines()[-1] == refused.stdout.splitlines()[-1]
+    # the status is masked in the three scratch sessions (also after the refused Query that set
+    # it, and where the login's options set it)
+    assert scratch.stdout.splitlines()[-1] == refused.stdout.splitlines()[-1] == at_login.stdout.strip(), \
+        at_login.stdout + at_login.stderr
     assert scratch.stdout.splitlines()[-1] not in ("pending", "paid", "shipped", "delivered", "cancelled")
 
 
@@ -80,7 +88,7 @@ def test_the_rules_that_recorded_the_sessions_change_nothing(recorded):
     rep = json.loads(r.stdout)
     assert [(c["q"], c["sql"], c["changes"], c["before"], c["after"]) for c in rep["changes"]] == []
     assert r.returncode == 0, r.stdout + r.stderr
-    assert rep["judged"] == 12 and rep["sessions"] == 4
+    assert rep["judged"] == 13 and rep["sessions"] == 5
     # both sides decided offline with the same rules: nothing either
     same = pooler("rules", "test", str(rules), "--against", str(rec), "--catalog", catalog,
                   "--baseline", str(rules), "--json")
@@ -104,8 +112,8 @@ def test_a_changed_mask_is_reported_exactly_where_it_applies(recorded, tmp_path)
     # rules mask all personal data: scratch.orders is a relation the catalog does not know)
     assert got == [(sql, ["mask method changed"], detail) for sql in (
         CARD, "EXECUTE card", SESSIONS[0][3], SESSIONS[0][4], SESSIONS[1][0], SESSIONS[2][1], SESSIONS[3][0],
-        SESSIONS[3][1])]
-    assert rep["counts"]["mask method changed"] == 8 and sum(rep["counts"].values()) == 8
+        SESSIONS[3][1], SESSIONS[4]["sql"][0])]
+    assert rep["counts"]["mask method changed"] == 9 and sum(rep["counts"].values()) == 9
 
 
 def test_a_changed_mask_behind_the_search_path(recorded, tmp_path):
@@ -114,6 +122,9 @@ def test_a_changed_mask_behind_the_search_path(recorded, tmp_path):
     shutil.copytree(rules, cand)
     (cand / "60_scratch.star").write_text(SCRATCH_RULE.replace('"redact"', '"null"'))
     rep = json.loads(pooler("rules", "test", str(cand), "--against", str(rec), "--catalog", catalog, "--json").stdout)
+    # the SELECT after each SET search_path, and the first statement where the login set it
+    sids = sorted({c["sid"] for c in rep["changes"]}, key=lambda sid: int(sid.rsplit(".", 1)[1]))
+    assert len(sids) == 3
     assert [(c["sid"], c["q"], c["changes"]) for c in rep["changes"]] == [
-        (sid, 2, ["mask method changed"]) for sid in sorted({c["sid"] for c in rep["changes"]})]
-    assert len(rep["changes"]) == 2
+        (sids[0], 2, ["mask method changed"]), (sids[1], 2, ["mask method changed"]),
+        (sids[2], 1, ["mask method changed"])]

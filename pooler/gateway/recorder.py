@@ -302,7 +302,8 @@ class Recorder(Observer):
         pool = s.pool
         self._rec(st, "login", client=s.addr, tls=bool(s.tls), user=s.user, login_name=s.login_name,
                   groups=list(s.groups), auth=s.auth_method, database=s.database, app=s.app_name,
-                  upstream_user=pool.server_user if pool is not None else None, mode=s.mode)
+                  upstream_user=pool.server_user if pool is not None else None, mode=s.mode,
+                  search_path=list(s.governor.search_path))  # (what the rules saw: a login's options may set it)
 
     def login_failed(self, s, reason: str) -> None:
         self._emit({"t": "login_failed", "ts": _now(), "client": s.addr,

@@ -125,7 +125,8 @@ class _Session:
     def __init__(self, login: dict) -> None:
         self.login = login
         self.in_tx = False
-        self.search_path: tuple[str, ...] = ("public",)
+        # as the rules saw it at login (options=-c search_path=...; recordings before it had the field: the default)
+        self.search_path: tuple[str, ...] = tuple(login.get("search_path") or ("public",))
         self.prepared: dict[str, str] = {}
 
     def info(self) -> SessionInfo:
