@@ -64,12 +64,15 @@ def __pooler_struct(x):
     # facts hold dicts (stmt, copy, inner) and lists of scalars only
     return struct(**{{k: (__pooler_struct(v) if type(v) == "dict" else v) for k, v in x.items()}})
 
-def pooler_entry(stmt_json, session_json):
+def pooler_entry(both_json):
     # one JSON text back: starlark-pyo3 turns a returned list into Python values one by one
     # (~10 us for five opinions, ~1 us as text); an opinion json.encode cannot write (a function)
     # fails here, in <pooler>, and the caller then runs the files one by one to name it
-    stmt = __pooler_struct(json.decode(stmt_json))
-    session = __pooler_struct(json.decode(session_json))
+    # one text argument: starlark-pyo3 converts each argument through JSON (~1 us a call
+    # plus ~2.8 us a KB), so statement and session come as one [stmt, session] list
+    both = json.decode(both_json)
+    stmt = __pooler_struct(both[0])
+    session = __pooler_struct(both[1])
     return json.encode([{calls}])
 '''
 
@@ -275,7 +278,7 @@ def evaluate(rs: RuleSet, stmt: dict, session: dict) -> Decision:
     """Run every enforced rule file on one statement and combine their opinions."""
     if rs.entry is None:
         return combine([], rs.default_action)
-    got = _run(rs.entry, rs.entry_files, rs.timeout, orjson.dumps(stmt).decode(), orjson.dumps(session).decode())
+    got = _run(rs.entry, rs.entry_files, rs.timeout, _both_json(stmt, session))
     if isinstance(got, Decision):
         return got
     decisions: list[Decision] = []
@@ -289,21 +292,25 @@ def evaluate(rs: RuleSet, stmt: dict, session: dict) -> Decision:
 def evaluate_shadow(rs: RuleSet, stmt: dict, session: dict) -> list[Decision | None]:
     """Each shadow file's opinion of one statement (None: it has none), in file order. A failing
     shadow rule gives a Decision with ``error`` set: the caller counts it, never enforces it."""
-    stmt_json, session_json = orjson.dumps(stmt).decode(), orjson.dumps(session).decode()
+    both = _both_json(stmt, session)
     out: list[Decision | None] = []
     for rf, entry in rs.shadow_entries:
-        got = _run(entry, [rf], rs.timeout, stmt_json, session_json)
+        got = _run(entry, [rf], rs.timeout, both)
         out.append(got if isinstance(got, Decision) else (got[0] if got else None))
     return out
 
 
-def _run(entry, files: list[RuleFile], timeout: float, stmt_json: str, session_json: str) -> list[Decision] | Decision:
+def _both_json(stmt: dict, session: dict) -> str:
+    return orjson.dumps((stmt, session)).decode()
+
+
+def _run(entry, files: list[RuleFile], timeout: float, both: str) -> list[Decision] | Decision:
     """Call one entry module: every file's opinion (None left out), or the error Decision."""
     try:
-        results = orjson.loads(entry.call_with(_deadline_options(timeout), "pooler_entry", stmt_json, session_json).value)
+        results = orjson.loads(entry.call_with(_deadline_options(timeout), "pooler_entry", both).value)
     except sl.StarlarkError as e:
         if "--> <pooler>:" in str(e) and len(files) > 1:
-            return _unwritable(files, timeout, stmt_json, session_json, e)
+            return _unwritable(files, timeout, both, e)
         return _error_decision(e, files, timeout)
     except BaseException as e:  # noqa: BLE001 - a panic in the interpreter is a refusal too
         if isinstance(e, (KeyboardInterrupt, SystemExit)):
@@ -334,14 +341,13 @@ def _error_decision(e: sl.StarlarkError, files: list[RuleFile], timeout: float) 
     return Decision("deny", f"rule error: {err}", where, error=True)
 
 
-def _unwritable(files: list[RuleFile], timeout: float, stmt_json: str, session_json: str,
-                e: sl.StarlarkError) -> Decision:
+def _unwritable(files: list[RuleFile], timeout: float, both: str, e: sl.StarlarkError) -> Decision:
     """Some file returned what the entry could not write as JSON: run the files one by one (an
     entry each, made on first need) until one fails, and refuse naming it."""
     for rf in files:
         if rf.solo is None:
             rf.solo = _build_entry([rf])
-        got = _run(rf.solo, [rf], timeout, stmt_json, session_json)
+        got = _run(rf.solo, [rf], timeout, both)
         if isinstance(got, Decision):
             return got
     return _error_decision(e, files, timeout)  # none failed alone: still a refusal
