@@ -178,6 +178,34 @@ def test_rules_that_read_literals_are_not_shape_cached(tmp_path):
     assert decide(p, "SELECT * FROM t WHERE id = 42").action == "deny"
 
 
+@pytest.mark.parametrize("reads", ["str(stmt)", "repr(stmt)", "json.encode(stmt)", "\"{}\".format(stmt)"])
+def test_rules_that_turn_the_statement_into_text_read_its_literals(tmp_path, reads):
+    # a rule that finds a constant in the statement's text without naming stmt.sql: it is
+    # not judged by shape (that judged "SELECT 'secret'" as "SELECT $1" and let it through)
+    p = policy_from(tmp_path, {"a.star": 'def on_statement(stmt, session):\n'
+                                         f'    if "secret" in {reads}:\n        return deny("no secrets")\n'})
+    assert not p.rules.literal_blind
+    assert decide(p, "SELECT 'public'").action == "allow"
+    assert decide(p, "SELECT 'secret'").action == "deny"
+
+
+def test_rule_tests_judge_statements_as_the_gateway_does(tmp_path):
+    # a literal-blind rule set is judged by shape: a way to reach the constants the scan does
+    # not see finds none, in the gateway and in the bundle's tests alike (the tests ran the
+    # statement as written and passed where the gateway allowed it)
+    d = tmp_path / "rules"
+    d.mkdir()
+    (d / "a.star").write_text('def on_statement(stmt, session):\n'
+                              '    if "secret" in "%s" % stmt:\n        return deny("no secrets")\n')
+    (d / "a.test.toml").write_text('[[test]]\nsql = "SELECT \'secret\'"\nexpect = "deny"\n')
+    rs = load_rules(d, run_tests=False)
+    assert rs.literal_blind
+    assert Policy(rs).decide("SELECT 'secret'", SessionInfo("agent", "shop", ("agents",), "psql", "127.0.0.1",
+                                                           False)).decision.action == "allow"
+    with pytest.raises(RuleLoadError, match="expected deny, got allow"):
+        load_rules(d)
+
+
 def test_set_config_names_are_never_shape_cached(tmp_path):
     p = policy_from(tmp_path, {"a.star": 'def on_statement(stmt, session):\n'
                                          '    if "role" in stmt.guc_writes:\n        return deny("no role changes")\n'})

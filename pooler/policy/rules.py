@@ -82,9 +82,14 @@ _GLOBALS = sl.Globals.extended_by([
 ])
 _PRELUDE_AST = sl.parse("<pooler builtins>", _PRELUDE)
 
-# Fields whose values depend on SQL literals. A rule set that never names them (or getattr/dir)
-# decides the same for every statement of one shape, so decisions may be cached per shape.
-_LITERAL_FIELDS = re.compile(r"\b(sql|params|set_value|getattr|dir)\b")
+# Fields whose values depend on SQL literals. A rule set that never names them (or getattr/dir,
+# or str/repr/json/format, which turn a whole stmt into text that holds them) decides the same
+# for every statement of one shape, so decisions may be cached per shape. What such a rule set
+# judges is the shape: engine.Policy.decide hands it the statement with its constants replaced
+# ($1, $2, ...; as written only where the facts depend on them: SET, COPY, EXECUTE, ...), so a
+# way to read them this scan does not catch ("%s" % stmt) sees the same text in the gateway as
+# in the bundle's tests (bundle.py decides them the same way), never another statement's.
+_LITERAL_FIELDS = re.compile(r"\b(sql|params|set_value|getattr|dir|str|repr|json|format)\b")
 
 
 class RuleLoadError(Exception):
