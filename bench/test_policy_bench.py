@@ -3,9 +3,9 @@
     .venv/bin/python -m pytest bench/test_policy_bench.py --benchmark-only -p no:cacheprovider
 
 - test_cached_decision: ``Policy.decide`` on the report query it has already decided. Aim: < 5 us.
-  Note: with the shipped rules (literal-blind) a statement that carries literals is stored only
-  in the *shape* cache, so every repeat still pays one pglast ``normalize`` (~20 us for this
-  query) before the hit; the exact cache is filled only for statements without literals.
+  With the shipped rules (literal-blind) a statement that carries literals is decided by its
+  *shape* (one pglast ``normalize``, ~20 us for this query, the first time this text is seen);
+  the verdict is then stored under the exact text too, so a repeat is a dict lookup.
 - test_cached_decision_no_literals: the same for a short statement whose normalized form equals
   its text, so it lands in the exact cache: a dict lookup.
 - test_cold_evaluate: ``Policy._evaluate`` (bypasses both caches): pglast parse + fact extraction
