@@ -12,7 +12,8 @@ import orjson
 import pytest
 
 from pooler.recording import files as rf
-from pooler.recording.format import encode, redact
+from pooler.recording.format import encode
+from pooler.sql.secrets import redact
 from pooler.recording.reader import iter_events, iter_sessions
 from pooler.recording.verify import verify
 from pooler.recording.writer import Writer

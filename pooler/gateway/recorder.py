@@ -9,7 +9,7 @@ Rules this module keeps:
   writer whole. Nothing here waits for a disk, nor for the writer process.
 - What a record holds is what the client sent and what it was shown: rows come from the bytes
   forwarded to the client, after masking (events.row); statement text has password literals cut
-  out (recording.format.redact); login secrets are never among the fields read.
+  out (sql.secrets.redact); login secrets are never among the fields read.
 - ``record_failure = block``: while the writer reports that it cannot write, the gateway's
   ``record_block`` holds the refusal every new statement gets (governor.py); it is updated on
   the same 100 ms tick, and logged when it starts and ends.
@@ -34,7 +34,8 @@ import orjson
 
 from ..approvals.present import bind_parts
 from ..config import fsync_interval
-from ..recording.format import hide_in_value, json_default, may_hold_secret, redact
+from ..recording.format import json_default
+from ..sql.secrets import hide_in_value, may_hold_secret, redact
 from ..recording.process import WriterProcess
 from ..recording.writer import Writer
 from .events import Observer

@@ -17,7 +17,7 @@ from pglast.parser import ParseError, normalize
 
 from ..sql.analyzer import AnalysisError, StatementFacts, analyze
 from ..sql.lexing import SETTINGS as LEXING_SETTINGS
-from ..recording.format import may_hold_secret
+from ..sql.secrets import may_hold_secret
 from .rules import Decision, RuleSet, combine, evaluate, evaluate_shadow
 
 CACHE_MAX = 50_000

@@ -11,16 +11,13 @@ Rules this module keeps:
   ``h`` of the file before (``prev``); the very first file starts from 64 zeros.
 - Values that JSON cannot carry are turned into text here (bytes: UTF-8 or ``{"hex": ...}``;
   Decimal and the rest: ``str``). Secrets never reach a record: statement text has its
-  ``PASSWORD '...'`` literals replaced (``redact``) before it is encoded.
+  ``PASSWORD '...'`` literals replaced (``sql.secrets.redact``) before it is encoded.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
-import re
-
-from pglast.parser import scan
 
 import orjson
 
@@ -101,80 +98,3 @@ def key_id(key: bytes | None) -> str:
     if not key:
         return ""
     return hashlib.sha256(b"pooler-recording-key:" + key).hexdigest()[:16]
-
-
-# -- secrets: what a statement's text may carry that a recording must not
-
-# what may put a secret in a statement: a PASSWORD clause, a password option or connection
-# string (CREATE USER MAPPING ... OPTIONS (password '...'), dblink, CREATE SUBSCRIPTION ...
-# CONNECTION), a URI with user:password@
-# (casefold and ``in``: a tenth of the cost of one case-insensitive regex search, which
-# PostgreSQL's ASCII-only keyword folding does not need to be wider than)
-def _suspect(sql: str) -> bool:
-    low = sql.casefold()
-    return "password" in low or "connection" in low or "://" in low
-
-
-# ... and in one value (a string constant, a Bind parameter)
-SECRET_VALUE = re.compile(r"password|://[^/@\s]*:[^/@\s]*@", re.IGNORECASE).search
-_STRINGS = frozenset({"SCONST", "USCONST"})
-
-
-_CONNINFO_PASSWORD = re.compile(r"""(\bpassword\s*=\s*)(?:'(?:[^'\\]|\\.)*'|[^\s']+)""", re.IGNORECASE)
-_URI_PASSWORD = re.compile(r"(://[^/@\s:]*:)[^/@\s]*@")
-
-
-def hide_in_value(text: str) -> str:
-    """A value (a string constant, a parameter) with the password of a connection string
-    (``password=...``) or of a URI (``user:...@``) replaced by ``********``."""
-    if SECRET_VALUE(text) is None:
-        return text
-    return _URI_PASSWORD.sub(r"\1********@", _CONNINFO_PASSWORD.sub(r"\1********", text))
-
-
-def may_hold_secret(sql: str) -> bool:
-    """Whether a statement's parameters may be secrets (ALTER ROLE a PASSWORD $1, a connection)."""
-    return _suspect(sql)
-
-_COMMENTS = frozenset({"C_COMMENT", "SQL_COMMENT"})
-_HIDDEN = b"'********'"
-UNREADABLE = "[not recorded: the statement mentions a password and could not be read]"
-
-
-def redact(sql: str) -> tuple[str, bool]:
-    """``sql`` with its secrets replaced by ``'********'``: the string after PASSWORD, after a
-    ``password`` option name or CONNECTION, and any string that holds ``password`` or a URI's
-    user:password@ (a comment that holds one is replaced too); and whether anything was
-    replaced. Read with pglast's scanner, so quoting (E'', U&'', $tag$) and comments cannot
-    hide a secret; a suspect statement the scanner cannot read is not kept at all."""
-    if not _suspect(sql):
-        return sql, False
-    try:
-        toks = scan(sql)
-    except Exception:  # noqa: BLE001 - fail closed: a secret may be in what cannot be read
-        return UNREADABLE, True
-    b = sql.encode("utf-8")
-    out, at, prev = [], 0, None
-    for t in toks:
-        name = t.name
-        if name in _COMMENTS:
-            if SECRET_VALUE(b[t.start:t.end + 1].decode("utf-8", "replace")):
-                out += [b[at:t.start], b"/* ******** */"]
-                at = t.end + 1
-            continue
-        if name in _STRINGS:
-            word = b[prev.start:prev.end + 1].lower() if prev is not None else b""
-            if word in (b"password", b'"password"', b"connection"):
-                out += [b[at:t.start], _HIDDEN]
-                at = t.end + 1
-            else:
-                text = b[t.start:t.end + 1].decode("utf-8", "replace")
-                hidden = hide_in_value(text)
-                if hidden != text:
-                    out += [b[at:t.start], hidden.encode("utf-8")]
-                    at = t.end + 1
-        prev = t
-    if not out:
-        return sql, False
-    out.append(b[at:])
-    return b"".join(out).decode("utf-8"), True

@@ -6,6 +6,8 @@
   PREPARE/EXECUTE, ...), what the rules judge;
 - ``lineage``: which base columns each output column of a statement comes from, what masking
   follows.
+- ``secrets``: what in a statement's text may be a password or a connection string (what a
+  recording must not keep).
 
 Nothing here knows rules, masks or sockets; ``policy/`` and ``masking/`` build on it.
 """
