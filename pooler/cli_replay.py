@@ -25,7 +25,7 @@ import orjson
 
 from .recording import render
 from .recording.reader import iter_sessions
-from .recording.timeline import DECISIONS, Filter, day_start, parse_when, statements, summary
+from .recording.timeline import DECISIONS, Filter, day_start, parse_when, statement_text, statements, summary
 
 
 def _out_is_tty() -> bool:
@@ -173,7 +173,7 @@ def cmd_statements(args) -> int:
         return 0
     rows = []
     for lg, st in found:
-        sql = " ".join((st["sql"] or "").split())
+        sql = " ".join(statement_text(st).split())
         rows.append([_when(st["ts"]), st["sid"] or "", str(st["q"]), lg.get("user") or "", lg.get("database") or "",
                      st["action"] or "-", st["rule"] or "-", _outcome(st), sql])
     heads = ["TIME (UTC)", "SESSION", "#", "USER", "DATABASE", "DECISION", "RULE", "OUTCOME", "STATEMENT"]

@@ -14,6 +14,7 @@ import pytest
 from tests.audit_helpers import of as audit_of, read_lines, wait_docs
 from tests.recording_helpers import of, recording_gw, wait_logged_out
 from tests.replay_helpers import pooler
+from tests.wire import SYNC, Raw, bind, describe, errors, execute, parse, query
 
 RULES = '''
 def on_statement(stmt, session):
@@ -109,3 +110,28 @@ def test_psycopg_extended_refusal_after_an_allowed_statement(gw_factory, tmp_pat
     (doc,) = wait_docs(lambda: read_lines(audit), audit_of("statement-denied"))
     assert doc["rule"]["name"] == "gateway" and "pooler_x" in doc["db"]["statement"]
     assert doc["pooler"]["statement"]["protocol"] == "extended"
+
+
+def test_a_refused_bind_or_describe_records_the_names_it_gave(gw_factory, tmp_path):
+    """A Bind or Describe has no text: the gateway's refusal of one (here: the unnamed statement
+    a Query destroyed) is recorded with the statement and portal it named, and replayed so."""
+    g, d, _ = _gateway(gw_factory, tmp_path)
+    c = Raw(g, "postgres", "postgres")
+    assert not errors(c.run(parse(b"", "SELECT 1"), SYNC))
+    assert not errors(c.run(query("SELECT 2")))  # a simple Query destroys the unnamed statement
+    assert [e["C"] for e in errors(c.run(bind(b"", b""), execute(b""), SYNC))] == ["26000"]
+    assert [e["C"] for e in errors(c.run(describe(b"S", b""), SYNC))] == ["26000"]
+    c.close()
+    (s,) = wait_logged_out(d)
+    stmts = of(s, "stmt")
+    assert [(x["q"], x["kind"], x["sql"], x["rule"]) for x in stmts] == [
+        (1, "P", "SELECT 1", ""), (2, "Q", "SELECT 2", ""), (3, "B", "", "gateway"), (4, "D", "", "gateway")]
+    assert (stmts[2]["stmt"], stmts[2]["portal"]) == ("", "")
+    assert stmts[3]["stmt"] == "" and "portal" not in stmts[3]
+    assert "stmt" not in stmts[0] and "stmt" not in stmts[1]
+    assert sorted(x["q"] for x in of(s, "refused")) == [3, 4]
+    shown = pooler("replay", "show", str(d), "last", "--no-pager", "--color", "never")
+    assert shown.returncode == 0, shown.stderr
+    assert '(Bind: stmt "", portal "")' in shown.stdout and '(Describe: stmt "")' in shown.stdout
+    listed = pooler("replay", "statements", str(d), "--decision", "refused")
+    assert '(Bind: stmt "", portal "")' in listed.stdout, listed.stdout

@@ -96,13 +96,18 @@ class Refused:
     statement's ``decided`` (``decided`` True, ``decision`` the rules' Decision). One the
     gateway makes before the rules decide (recordings cannot be written, SQL it cannot read as
     the server would, a FunctionCall, PREPARE of a name in use, ...) has had no ``decided``:
-    ``decided`` is False, and ``kind`` and ``sql`` are all an observer learns of the statement
-    (``decision`` None: the gateway refused it, not a rule)."""
+    ``decided`` is False, and ``kind``, ``sql`` and, for a Bind or Describe, the names it gives
+    are all an observer learns of the statement (``decision`` None: the gateway refused it, not
+    a rule)."""
 
     kind: str  # the message refused: 'Q' Query, 'P' Parse, 'B' Bind, 'D' Describe, 'F' FunctionCall
     sql: str  # its statement text as the gateway read it ("" for a message without one)
     decision: Any = None  # the rules' Decision the refusal follows; None when the gateway refused it itself
     decided: bool = False  # ``decided`` reported this statement just before (its record exists)
+    # the names a refused Bind or Describe gives, as sent (None where the message has none): the
+    # prepared statement (a Bind's, a Describe 'S''s) and the portal (a Bind's, a Describe 'P''s)
+    stmt: bytes | None = None
+    portal: bytes | None = None
 
 EVENTS = ("login", "login_failed", "decided", "bound", "refused", "held", "hold_ended", "server_assigned", "forwarded",
           "completed", "suspended", "failed", "notice", "row", "masked", "ready", "server_released", "logout", "canceled",

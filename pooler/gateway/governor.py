@@ -309,6 +309,23 @@ class Governor:
             q_end = body.find(b"\x00", name_end + 1)
             if name_end >= 0 and q_end >= 0:
                 sql = body[name_end + 1 : q_end].decode(self.codec, "replace")
+        elif t == T_BIND or t == T_DESCRIBE:
+            # no text: the names it gives say which statement it would have run or described
+            body = data[pos + 5 : end]
+            stmt = portal = None
+            if t == T_BIND:
+                p_end = body.find(b"\x00")
+                s_end = body.find(b"\x00", p_end + 1)
+                if p_end >= 0 and s_end >= 0:
+                    portal, stmt = body[:p_end], body[p_end + 1 : s_end]
+            elif body[:1] in (b"S", b"P") and body.find(b"\x00", 1) >= 0:
+                name = body[1 : body.find(b"\x00", 1)]
+                if body[:1] == b"S":
+                    stmt = name
+                else:
+                    portal = name
+            self.refusing = (refusal, Refused(MESSAGE_KIND.get(t, chr(t)), "", None, False, stmt, portal))
+            return refusal
         return self._refused(refusal, t, sql)
 
     # ------------------------------------------------------------------ approvals

@@ -413,6 +413,11 @@ class Recorder(Observer):
             rec = {"t": "stmt", "ts": _now(), "sid": st.sid, "i": st.i, "q": q, "kind": what.kind,
                    "route": _route(what.kind, what.sql), "sql": text, "action": "deny", "rule": "gateway",
                    "reason": message, "masks": [], "gateway": True}
+            if what.stmt is not None or what.portal is not None:  # a Bind or a Describe: what it names
+                if what.stmt is not None:
+                    rec["stmt"] = what.stmt.decode("utf-8", "replace")
+                if what.portal is not None:
+                    rec["portal"] = what.portal.decode("utf-8", "replace")
             st.i += 1
             if redacted:
                 rec["redacted"] = True

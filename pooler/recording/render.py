@@ -25,7 +25,7 @@ import time
 import orjson
 from wcwidth import wcswidth
 
-from .timeline import statements, summary
+from .timeline import statement_text, statements, summary
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 CELL_MAX = 40  # a value wider than this is cut (with …) in the terminal table
@@ -214,14 +214,14 @@ class Timeline:
             return session_header(rec, self.sid, s)
         if t == "stmt":
             self.current_q = q
-            self.sql[q] = rec.get("sql") or ""
+            self.sql[q] = statement_text(rec)
             route = f"{rec.get('route') or '?':<8}"
             head = f"{s('dim', self._offset(ts))}  {s('bold', f'#{q}')} {s('dim', route)} "
             head += decision_label(rec.get("action"), s)
             why = ": ".join(x for x in (safe(rec.get("rule")), safe(rec.get("reason"))) if x)
             if why:
                 head += " " + why
-            out = ["", head] + _indent(rec.get("sql") or "", P)
+            out = ["", head] + _indent(self.sql[q], P)
             if rec.get("redacted"):
                 out.append(s("dim", f"{P}(a password literal was cut out of this text by the recorder)"))
             if rec.get("masks"):
@@ -319,7 +319,7 @@ def asciicast(session: dict, cols: int = 120, rows: int = 36, idle_limit: float 
         if ts is not None:
             last = ts
         if rec.get("i") in stmts:
-            label = f"#{rec.get('q')} {safe((rec.get('sql') or '').strip().split(chr(10))[0])[:60]}"
+            label = f"#{rec.get('q')} {safe(statement_text(rec).strip().split(chr(10))[0])[:60]}"
             lines.append(orjson.dumps([round(interval, 6), "m", label]).decode())
             interval = 0.0
         data = "\r\n".join(piece) + "\r\n"
@@ -388,7 +388,7 @@ def html_page(session: dict) -> str:
         why = ": ".join(x for x in (st["rule"], st["reason"]) if x)
         out.append(f'<div><span class="off">{_e(off)}</span> <b>#{_e(st["q"])}</b> {_e(st["route"])} '
                    f'<span class="badge b-{_e(action)}">{_e(label)}</span> {_e(why)}</div>')
-        out.append(f"<pre>{_e(st['sql'])}</pre>")
+        out.append(f"<pre>{_e(statement_text(st))}</pre>")
         if st["redacted"]:
             out.append("<div class=\"off\">a password literal was cut out of this text by the recorder</div>")
         if st["masks"]:

@@ -27,10 +27,21 @@ DECISIONS = ("allow", "deny", "mask", "require_approval", "refused", "error", "n
 _RESULTS = ("done", "error", "suspended")
 
 
+def statement_text(rec: dict) -> str:
+    """What a ``stmt`` record (or a statement of ``statements``) shows as its text: the SQL, or
+    for a Bind or Describe the gateway refused (no text of its own) the names it gave."""
+    sql = rec.get("sql") or ""
+    if sql or rec.get("kind") not in ("B", "D"):
+        return sql
+    names = [f'{k} "{rec[k]}"' for k in ("stmt", "portal") if rec.get(k) is not None]
+    return f"({'Bind' if rec.get('kind') == 'B' else 'Describe'}{': ' if names else ''}{', '.join(names)})"
+
+
 def statements(session: dict) -> list[dict]:
     """The session's statements in the order sent, each a dict: ``sid``, ``q``, ``ts``, ``kind``,
     ``route``, ``sql``, ``redacted``, ``action``, ``rule``, ``reason``, ``masks``, ``gateway`` (refused
-    by the gateway before the rules decided: ``action`` deny, ``rule`` gateway), ``binds`` (lists
+    by the gateway before the rules decided: ``action`` deny, ``rule`` gateway; for a Bind or
+    Describe also ``stmt`` and ``portal``, the names it gave, else None), ``binds`` (lists
     of parameters), ``refused`` (``{sqlstate, message}`` or None), ``holds``, ``results`` (each
     ``{"t", "ts", "tag", "rows", "bytes", "dur", "sqlstate", "message", "shown", "truncated",
     "masked"}``), ``notices`` (``{severity, sqlstate, message}`` the server sent while answering),
@@ -48,7 +59,7 @@ def statements(session: dict) -> list[dict]:
                   "sql": ev.get("sql", ""), "redacted": bool(ev.get("redacted")), "action": ev.get("action"),
                   "rule": ev.get("rule") or "", "reason": ev.get("reason") or "",
                   "masks": [list(m) for m in ev.get("masks") or ()], "gateway": bool(ev.get("gateway")),
-                  "binds": [], "refused": None, "holds": [],
+                  "stmt": ev.get("stmt"), "portal": ev.get("portal"), "binds": [], "refused": None, "holds": [],
                   "results": [], "notices": [], "canceled": False}
             out.append(st)
             if q is not None:
