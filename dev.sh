@@ -138,6 +138,9 @@ find_python() {
   die "Python >= 3.11 is required (found: $have). Install python3.11 or newer, or set PYTHON=/path/to/python3.11"
 }
 
+# what a set-up .venv imports: the test tools and the compiled parts, built from these sources
+COMPILED_CHECK='import sys, pytest, psycopg, pooler.masking._rows, pooler.sql; sys.exit(pooler.sql.compiled != ["analyzer", "lineage"])'
+
 ensure_venv() {
   local py ver stamp
   if ! { [ -x "$VENV/bin/python" ] && python_ok "$VENV/bin/python"; }; then
@@ -156,22 +159,23 @@ ensure_venv() {
   fi
   # Reinstall only when pyproject.toml, setup.py, the compiled sources (or the venv's Python)
   # changed: fast when up to date.
-  stamp="$(cat pyproject.toml setup.py pooler/masking/_rows.pyx | sha256sum | cut -d' ' -f1) $("$VENV/bin/python" --version 2>&1)"
+  stamp="$(cat pyproject.toml setup.py pooler/masking/_rows.pyx pooler/sql/analyzer.py pooler/sql/lineage.py |
+           sha256sum | cut -d' ' -f1) $("$VENV/bin/python" --version 2>&1)"
   if [ -f "$VENV/.dev-stamp" ] && [ "$(cat "$VENV/.dev-stamp")" = "$stamp" ] &&
-     [ -x "$VENV/bin/pooler" ] && "$VENV/bin/python" -c 'import pooler, pytest, psycopg, pooler.masking._rows' >/dev/null 2>&1; then
+     [ -x "$VENV/bin/pooler" ] && "$VENV/bin/python" -c "$COMPILED_CHECK" >/dev/null 2>&1; then
     return 0
   fi
   ensure_compiler
-  log "pip install -e '.[test]' into .venv (builds pooler/masking/_rows.pyx)"
+  log "pip install -e '.[test]' into .venv (builds pooler/masking/_rows.pyx, compiles pooler/sql/analyzer.py and lineage.py)"
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e ".[test]" >&2 ||
     die "pip install -e '.[test]' failed"
-  "$VENV/bin/python" -c 'import pooler.masking._rows' ||
-    die "the compiled masked-row rewrite (pooler/masking/_rows.pyx) did not build: see the pip output above"
+  "$VENV/bin/python" -c "$COMPILED_CHECK" ||
+    die "the compiled parts (pooler/masking/_rows.pyx, pooler/sql/analyzer.py and lineage.py) did not build: see the pip output above"
   echo "$stamp" >"$VENV/.dev-stamp"
 }
 
-# A C compiler and the Python headers build pooler/masking/_rows.pyx (Cython comes from PyPI
-# as a build requirement).
+# A C compiler and the Python headers build the compiled parts (Cython comes from PyPI as a
+# build requirement).
 ensure_compiler() {
   local pkgs=()
   command -v cc >/dev/null 2>&1 || command -v gcc >/dev/null 2>&1 || pkgs+=(gcc libc6-dev)

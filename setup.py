@@ -17,23 +17,43 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 SOURCE_COMPILED = ["pooler/sql/analyzer.py", "pooler/sql/lineage.py"]
+SOURCE_MODULES = {p[:-3].replace("/", ".") for p in SOURCE_COMPILED}
 
 
 class BuildExt(build_ext):
+    """Writes a digest only beside a binary this build made: the digest goes first, and is
+    written again once the compiler has made the binary (an optional extension that fails to
+    build raises before that; Cython regenerates these modules' C every build, so none is
+    skipped as up to date by timestamps). An in-place build copies the digest with the binary,
+    and removes the one beside an in-place binary this build did not make."""
+
     def build_extension(self, ext):
+        binary = Path(self.get_ext_fullpath(ext.name))
+        if ext.name in SOURCE_MODULES:
+            _sidecar(binary).unlink(missing_ok=True)
+            digest = _digest(ext)
         super().build_extension(ext)
-        _record_source(ext, Path(self.get_ext_fullpath(ext.name)))
+        if ext.name in SOURCE_MODULES and binary.exists():
+            _sidecar(binary).write_text(digest + "\n")
 
     def copy_extensions_to_source(self):  # (an in-place build: ./dev.sh setup, pip install -e)
         super().copy_extensions_to_source()
         for ext in self.extensions:
-            _record_source(ext, Path(self.get_ext_filename(ext.name)))
+            if ext.name in SOURCE_MODULES:
+                built = _sidecar(Path(self.build_lib) / self.get_ext_filename(ext.name))
+                here = _sidecar(Path(self.get_ext_filename(ext.name)))  # (the package dirs are the paths)
+                if built.exists():
+                    here.write_bytes(built.read_bytes())
+                else:
+                    here.unlink(missing_ok=True)
 
 
-def _record_source(ext, binary: Path) -> None:
-    if ext.name.startswith("pooler.sql.") and binary.exists():  # (an optional one that failed has none)
-        digest = hashlib.sha256(Path(ext.sources[0]).with_suffix(".py").read_bytes()).hexdigest()
-        binary.with_name(binary.name + ".source-sha256").write_text(digest + "\n")
+def _sidecar(binary: Path) -> Path:
+    return binary.with_name(binary.name + ".source-sha256")
+
+
+def _digest(ext) -> str:
+    return hashlib.sha256(Path(ext.sources[0]).with_suffix(".py").read_bytes()).hexdigest()
 
 
 try:
@@ -50,6 +70,6 @@ else:
     ext_modules += cythonize(
         [Extension(p[:-3].replace("/", "."), [p], optional=True, extra_compile_args=["-O2"])
          for p in SOURCE_COMPILED],
-        language_level=3, quiet=True, compiler_directives={"annotation_typing": False})
+        language_level=3, quiet=True, compiler_directives={"annotation_typing": False}, force=True)
 
 setup(ext_modules=ext_modules, cmdclass={"build_ext": BuildExt})
