@@ -141,9 +141,9 @@ def test_a_binary_older_than_its_source_is_not_run(tmp_path):
     changed.write_text(changed.read_text() + "\nEDITED_AFTER_THE_BUILD = True\n")
     probe = ("import pooler.sql as s, pooler.sql.analyzer as a, pooler.sql.lineage as l; "
              "print(s.compiled, a.__file__.endswith('.py'), hasattr(a, 'EDITED_AFTER_THE_BUILD'), "
-             "l.AnalysisError is a.AnalysisError)")
+             "l.AnalysisError is a.AnalysisError, s.analyzer is a)")
     env = {k: v for k, v in os.environ.items() if k != "POOLER_PURE_PYTHON"}
     got = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
     assert got.returncode == 0, got.stderr
-    assert got.stdout.split() == ["['lineage']", "True", "True", "True"]
+    assert got.stdout.split() == ["['lineage']", "True", "True", "True", "True"]
     assert "pooler/sql/analyzer.py was changed after it was compiled" in got.stderr

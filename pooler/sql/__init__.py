@@ -57,6 +57,7 @@ def _import_fresh(name: str) -> None:
     except BaseException:
         del _sys.modules[spec.name]
         raise
+    setattr(_sys.modules[__name__], name, module)  # (as an import of the submodule would)
 
 
 for _name in ("analyzer", "lineage"):  # (lineage imports analyzer: in this order)
