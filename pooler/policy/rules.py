@@ -67,8 +67,8 @@ def __pooler_struct(x):
 def pooler_entry(both_json):
     # one JSON text back: starlark-pyo3 turns a returned list into Python values one by one
     # (~10 us for five opinions, ~1 us as text); an opinion json.encode cannot write (a function)
-    # fails here, in <pooler>, and the caller then runs the files one by one to name it
-    # one text argument: starlark-pyo3 converts each argument through JSON (~1 us a call
+    # fails here, in <pooler>, and the caller then runs the files one by one to name it.
+    # One text argument: starlark-pyo3 converts each argument through JSON (~1 us a call
     # plus ~2.8 us a KB), so statement and session come as one [stmt, session] list
     both = json.decode(both_json)
     stmt = __pooler_struct(both[0])
@@ -314,7 +314,10 @@ def _run(entry, files: list[RuleFile], timeout: float, both: str) -> list[Decisi
     try:
         results = orjson.loads(entry.call_with(_deadline_options(timeout), "pooler_entry", both).value)
     except sl.StarlarkError as e:
-        if "--> <pooler>:" in str(e) and len(files) > 1:
+        msg = str(e)
+        if "--> <pooler>:" in msg and len(files) > 1 and "cancel" not in msg.lower():
+            # (a timeout that struck in <pooler> code is one: running the files again would
+            # spend a rule_timeout on each)
             return _unwritable(files, timeout, both, e)
         return _error_decision(e, files, timeout)
     except BaseException as e:  # noqa: BLE001 - a panic in the interpreter is a refusal too
