@@ -4,7 +4,8 @@
 Two caches:
 - exact: (SQL text, session key) -> Verdict, for every rule set;
 - shape: (normalized SQL, session key) -> Verdict, only when the rule set never reads
-  literal-carrying fields (``sql``, ``params``, ``set_value``) and the statement's facts do not
+  literal-carrying fields (``sql``, ``params``, ``set_value``), nor reaches them another way
+  (``getattr``, ``dir``, ``str``, ``repr``, ``json``, ``format``), and the statement's facts do not
   depend on its literals. pgbench-style traffic (same statement, different constants) then costs
   one pglast normalize per message instead of an analysis and a Starlark call.
 """
