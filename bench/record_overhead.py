@@ -9,6 +9,7 @@ figures for bench/README.md.
 
     .venv/bin/python bench/record_overhead.py [--seconds 8] [--rounds 3] [--clients 50] [--pool-size 8]
         [--before OTHER_CHECKOUT]   # also that checkout's gateway, recording, in the same rounds
+        [--tap-floor]               # also bench/tap_floor.py: the loop's cost of copying the streams out
 """
 
 from __future__ import annotations
@@ -152,6 +153,8 @@ def main() -> int:
     ap.add_argument("--pool-size", type=int, default=8)
     ap.add_argument("--before", metavar="DIR", help="another checkout (git worktree) whose gateway also records, "
                     "in the same rounds: before/after a change on the same machine minutes")
+    ap.add_argument("--tap-floor", action="store_true", help="also bench/tap_floor.py's gateway: the loop only "
+                    "copies each session's streams to a child process (the floor of building records there)")
     args = ap.parse_args()
     bindir = find_pg_bindir()
     pgbench = pgbench_bin(bindir)
@@ -175,11 +178,14 @@ def main() -> int:
                                              "record_writer": "process"}),
                             *((("before: on", {"record_dir": str(tmp / "recordings-before"), "record_writer": "process"}),
                                ("before: thread", {"record_dir": str(tmp / "recordings-before-thread"),
-                                                   "record_writer": "thread"})) if args.before else ())):
+                                                   "record_writer": "thread"})) if args.before else ()),
+                            *((("tap floor", {"record_dir": str(tmp / "recordings-tap"), "record_writer": "process"}),)
+                              if args.tap_floor else ())):
             wd = tmp / name.replace(" ", "-").replace(":", "")
             wd.mkdir()
             g = GatewayProc({"bench": db}, settings={**common, **extra}, workdir=str(wd),
-                            repo=args.before if name.startswith("before") else None)
+                            repo=args.before if name.startswith("before") else None,
+                            module="bench.tap_floor" if name == "tap floor" else "pooler")
             g.start()
             gws.append(g)
             targets.append(Target(name, g.host, g.port, cpu_pid=g.proc.pid, proc=g))
@@ -219,8 +225,11 @@ def main() -> int:
         print(f"  recording on / off: {on / off:.3f} x   (writer thread: {thread / off:.3f} x; "
               f"record_results = 0: {norows / off:.3f} x)")
         if args.before:
-            b_on, b_thread = (statistics.median(tps[t.name]) for t in targets[4:])
+            b_on, b_thread = (statistics.median(tps[t.name]) for t in targets[4:6])
             print(f"  before ({args.before}) / off: {b_on / off:.3f} x   (writer thread: {b_thread / off:.3f} x)")
+        if args.tap_floor:
+            print(f"  tap floor / off: {statistics.median(tps['tap floor']) / off:.3f} x   (the loop copying its "
+                  "streams to a child process, per-statement records not built: bench/tap_floor.py)")
         print(f"  written: {rep.records} records in {len(files)} file(s), {rep.records / max(xacts_on, 1):.2f} "
               f"records/xact, {sum(f.size for f in files) / max(xacts_on, 1):.1f} compressed bytes/xact; "
               f"verify: {'ok' if rep.ok else rep.problems[:2]}")

@@ -39,8 +39,9 @@ class GatewayProc:
 
     def __init__(self, databases: dict[str, str], settings: dict | None = None,
                  auth_users: dict[str, str] | None = None, users: dict[str, str] | None = None,
-                 workdir: str | None = None, repo: Path | None = None) -> None:
+                 workdir: str | None = None, repo: Path | None = None, module: str = "pooler") -> None:
         self.repo = Path(repo) if repo is not None else REPO  # the checkout whose pooler runs
+        self.module = module  # what `python -m` runs: the gateway, or a bench's variant of it
         self.dir = Path(workdir or tempfile.mkdtemp(prefix="pooler-gw-"))
         self.port = free_port()
         self.host = "127.0.0.1"
@@ -80,7 +81,7 @@ class GatewayProc:
         env = dict(os.environ)
         env["PYTHONPATH"] = str(self.repo) + os.pathsep + env.get("PYTHONPATH", "")
         self._log = open(self.logpath, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "pooler", "run", str(self.ini)],
+        self.proc = subprocess.Popen([sys.executable, "-m", self.module, "run", str(self.ini)],
                                      stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=self.repo)
         try:
             wait_port(self.host, self.port, self.proc)
