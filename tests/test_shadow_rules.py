@@ -149,3 +149,36 @@ def test_a_shadow_allow_of_an_allowed_statement_is_counted_not_audited(pg, gw_fa
     assert denied[0]["pooler"]["shadow"]["action"] == "deny" and denied[0]["db"]["statement"].startswith("SET")
     assert {r["file"]: r for r in rows(g, "RULES")}["rules/50_candidate.star"]["allow"] == 3
     assert [d["pooler"]["shadow"]["action"] for d in read_lines(audit) if of("shadow-decision")(d)] == ["deny"]
+
+
+def shadow_denials(g) -> int:
+    return scrape(g.metrics_port).get(("pooler_shadow_decisions_total",
+                                       (("action", "deny"), ("rule", "rules/50_candidate.star"))), 0)
+
+
+@pytest.mark.parametrize("files", [{"10_enforced.star": ENFORCED, "50_candidate.star": CANDIDATE},
+                                   {"50_candidate.star": CANDIDATE}], ids=["beside-enforced-files", "shadow-only"])
+def test_a_shadow_file_judges_sql_level_execute_as_the_statement_it_runs(pg, gw_factory, tmp_path, files):
+    g = shadow_gw(pg, gw_factory, tmp_path, files)
+    with psycopg.connect(g.dsn(user="agent"), autocommit=True) as a:
+        with a.transaction():  # (transaction pooling: a SQL-level prepared statement lives on its server)
+            a.execute("PREPARE orders AS SELECT id FROM shadow_orders")
+            a.execute("PREPARE one AS SELECT 1")
+            assert shadow_denials(g) == 0  # PREPARE runs nothing
+            assert len(a.execute("EXECUTE orders").fetchall()) == 3  # a shadow deny: it runs
+            assert shadow_denials(g) == 1
+            assert a.execute("EXECUTE one").fetchone() == (1,)
+            a.execute("DEALLOCATE orders")
+            with pytest.raises(psycopg.errors.InvalidSqlStatementName):
+                a.execute("EXECUTE orders")  # gone: no opinion of a statement that does not run
+        # PREPARE and EXECUTE in one simple Query
+        r = subprocess.run(["psql", g.dsn(user="agent"), "-XAtc",
+                            "PREPARE o2 AS SELECT count(*) FROM shadow_orders; EXECUTE o2"],
+                           capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0 and r.stdout.split() == ["PREPARE", "3"], r.stderr
+    assert shadow_denials(g) == 2
+    would = wait_docs(lambda: read_lines(g.audit), lambda d: of("shadow-decision")(d)
+                      and d["pooler"]["shadow"]["action"] == "deny", n=2)
+    assert [d["db"]["statement"] for d in would] == ["EXECUTE orders",
+                                                     "PREPARE o2 AS SELECT count(*) FROM shadow_orders; EXECUTE o2"]
+    assert {d["event"]["reason"] for d in would} == {"agents will not read orders"}

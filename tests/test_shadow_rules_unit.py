@@ -99,3 +99,47 @@ def test_pooler_rules_check_names_the_shadow_files(tmp_path):
     assert r.returncode == 0, r.stderr
     assert 'rules/50_candidate.star: note: MODE = "shadow": decided, counted and audited, never enforced' in r.stdout
     assert "10_enforced.star: note" not in r.stdout
+
+
+SHADOW_DENY_DELETES_MASK_EMAILS = SHADOW_DENY_DELETES + (
+    '    if "public.customers" in stmt.tables:\n'
+    '        return mask({"public.customers.email": "email"}, "pii")\n')
+
+
+def test_a_shadow_file_judges_execute_as_the_statement_it_runs(tmp_path):
+    from pooler.policy.sessionwork import merge_shadow, session_work
+
+    p = policy_from(tmp_path, {"10_enforced.star": ENFORCED, "50_candidate.star": SHADOW_DENY_DELETES_MASK_EMAILS})
+    prepared = {"del": "DELETE FROM t WHERE id = $1", "pii": "SELECT email FROM customers", "one": "SELECT 1"}
+    for text, want in (("EXECUTE del(1)", [("deny", "deletes will be refused")]),
+                       ("EXECUTE pii", [("mask", "pii")]),
+                       ("EXECUTE one; EXECUTE pii; EXECUTE del(2)", [("deny", "deletes will be refused")]),
+                       ("EXECUTE one", [])):
+        v = p.decide(text, AGENT)
+        assert v.shadow == ()  # the EXECUTE text itself: no opinion
+        inner: list = []
+        d, _ = session_work(p, v, AGENT, prepared, shadows=inner)
+        assert d.action == "allow"  # what is enforced does not change
+        got = merge_shadow(v.shadow, inner)
+        assert [(sd.action, sd.reason) for sd in got] == want, text
+        assert all(sd.rule == "rules/50_candidate.star" for sd in got)
+    # PREPARE and EXECUTE in one message: the statement prepared just before
+    v = p.decide("PREPARE gone AS DELETE FROM t; EXECUTE gone", AGENT)
+    inner = []
+    session_work(p, v, AGENT, {}, shadows=inner)
+    assert [sd.action for sd in merge_shadow(v.shadow, inner)] == ["deny"]
+
+
+def test_a_message_and_the_statements_it_executes_are_one_opinion_per_shadow_file(tmp_path):
+    from pooler.policy.rules import Decision
+    from pooler.policy.sessionwork import merge_shadow
+
+    a_mask = Decision("mask", "pii", "rules/50_a.star", (("public.c.email", "email"),))
+    a_mask2 = Decision("mask", "phones", "rules/50_a.star", (("public.c.phone", "phone"),))
+    a_error = Decision("deny", "rule error: ZeroDivisionError", "rules/50_a.star:4", error=True)
+    b_deny = Decision("deny", "no", "rules/60_b.star")
+    got = merge_shadow((a_mask,), [(a_mask2, b_deny)])
+    assert [(d.rule, d.action) for d in got] == [("rules/50_a.star", "mask"), ("rules/60_b.star", "deny")]
+    assert got[0].masks == (("public.c.email", "email"), ("public.c.phone", "phone"))
+    got = merge_shadow((a_mask,), [(a_error,)])  # a failed rule names its line: still the same file
+    assert got == (a_error,)

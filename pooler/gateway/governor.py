@@ -27,7 +27,7 @@ from ..approvals.present import bind_parts, justification_in, shown_params
 from ..masking.plan import MaskCtx, QueryMask, compile_masks, method_for
 from ..policy.engine import SessionInfo
 from ..policy.rules import Decision
-from ..policy.sessionwork import Refusal, apply_prepared, grown_search_path, session_work
+from ..policy.sessionwork import Refusal, apply_prepared, grown_search_path, merge_shadow, session_work
 from ..protocol import messages as m
 from ..protocol.frontend import T_BIND, T_DESCRIBE, T_FUNCTION, T_PARSE, T_QUERY
 from ..sql.lexing import codec as reading_codec, unsafe_session
@@ -214,17 +214,29 @@ class Governor:
         self._prep_new = ()  # _session_work fills it; committed only if this message is accepted
         verdict = policy.decide(sql, si, self._skey[si.in_transaction], catalog)
         d = verdict.decision
-        if verdict.shadow:
-            sev = self.events.shadow_decided
-            if sev is not None and self.ticket != data[pos:end]:  # (not again when an approved Query runs)
-                for sd in verdict.shadow:
-                    sev(self.session, "Q" if t == T_QUERY else "P", sql, sd, d)
         if verdict.unknown_tables and catalog is not None:
             holder.saw_unknown()
-        if not d.refused and verdict.session_work:  # Query and Parse alike: EXECUTE can come either way
-            d = self._session_work(policy, verdict, si, catalog)
-            if isinstance(d, tuple):
-                return self._refused(d, t, sql)
+        shadow = verdict.shadow
+        work = None
+        if verdict.session_work:  # Query and Parse alike: EXECUTE can come either way
+            # shadow files judge an EXECUTE as the statement it runs, as the enforced ones do
+            inner = [] if policy.rules.shadow_entries else None
+            if not d.refused:
+                work = self._session_work(policy, verdict, si, catalog, inner)
+            elif inner is not None:  # refused: the opinions only (its effects are never applied)
+                session_work(policy, verdict, si, self.book.sql_prepared, catalog, None, inner)
+            if inner:
+                shadow = merge_shadow(shadow, inner)
+        if shadow:
+            sev = self.events.shadow_decided
+            if sev is not None and self.ticket != data[pos:end]:  # (not again when an approved Query runs)
+                enforced = d if work is None or isinstance(work, tuple) else work
+                for sd in shadow:
+                    sev(self.session, "Q" if t == T_QUERY else "P", sql, sd, enforced)
+        if work is not None:
+            if isinstance(work, tuple):
+                return self._refused(work, t, sql)
+            d = work
         ev = self.events.decided
         if t == T_PARSE and book.gated:
             book.gated.pop(data[pos + 5 : pos + 5 + name_end], None)  # the name gets a new text
@@ -402,16 +414,35 @@ class Governor:
         sql = raw.decode(self.codec, "replace")
         si = self.session_info()
         verdict = policy.decide(sql, si, self._skey[si.in_transaction])
-        if verdict.shadow:
+        shadow = verdict.shadow
+        if verdict.session_work:
+            # EXECUTE is judged as the statement it runs, as with enforced files: the session's
+            # PREPAREs (simple Query), DEALLOCATEs and search_path are followed all the same
+            # (what session_work would refuse runs here: only its effects up to there are kept)
+            inner: list = []
+            pool = self.session.pool
+            _, fx = session_work(policy, verdict, si, self.book.sql_prepared, None,
+                                 pool.welcome if pool is not None else None, inner)
+            if inner:
+                shadow = merge_shadow(shadow, inner)
+            if fx is not None:
+                apply_prepared(self.book.sql_prepared, fx)
+                if fx.prepares and kind == "Q":
+                    self.query_mask = QueryMask(None, prepares=list(fx.prepares))  # kept as the server confirms
+                if fx.justification is not None:
+                    self.justification = fx.justification
+                for value in fx.search_paths:
+                    self.search_path_seen(value)
+        if shadow:
             enforced = Decision("allow", "no enforced rules (only shadow files)", "")
-            for sd in verdict.shadow:
+            for sd in shadow:
                 sev(self.session, kind, sql, sd, enforced)
 
     def _unjudged(self, kind: str, raw: bytes) -> None:
         """events.decided without rules: the statement as the session's encoding reads it."""
         self.events.decided(self.session, kind, raw.decode(self.codec, "replace"), None)
 
-    def _session_work(self, policy, verdict, si, catalog=None):
+    def _session_work(self, policy, verdict, si, catalog=None, shadows=None):
         """SQL-level PREPARE/EXECUTE/DEALLOCATE and search_path (policy.sessionwork, the one
         implementation rules tests against recordings use too): EXECUTE is judged as the
         statement it runs. Returns a Decision, or (sqlstate, message) of a refusal. What the
@@ -419,7 +450,7 @@ class Governor:
         statements and grows the search_path the rules see: never lets more through)."""
         pool = self.session.pool
         got, fx = session_work(policy, verdict, si, self.book.sql_prepared, catalog,
-                               pool.welcome if pool is not None else None)
+                               pool.welcome if pool is not None else None, shadows)
         if fx is not None:
             # recorded when the server confirms it (CommandComplete PREPARE): a PREPARE that
             # fails there must never make the rules judge EXECUTE as text the server does not run

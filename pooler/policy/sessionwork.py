@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import re
 from ..sql.lexing import SETTINGS as LEXING_SETTINGS, unsafe_session, unsafe_value
-from .rules import Decision
+from .rules import Decision, combine
 
 Refusal = tuple[str, str]  # (sqlstate, message): the governor's refusals are these too
 
@@ -67,14 +67,15 @@ class SessionEffects:
     justification: str | None = None  # SET pooler.justification (RESET: "")
 
 
-def session_work(policy, verdict, si, prepared, catalog=None,
-                 welcome=None) -> tuple[Decision | Refusal, SessionEffects | None]:
+def session_work(policy, verdict, si, prepared, catalog=None, welcome=None,
+                 shadows: list | None = None) -> tuple[Decision | Refusal, SessionEffects | None]:
     """Follow the session commands of a message the rules did not refuse (``verdict`` of
     ``policy.decide``; ``si`` the SessionInfo it was decided for; ``prepared``: SQL-level PREPARE
     name -> text the server confirmed; ``welcome``: the server's startup parameters, for what
     ``DISCARD ALL`` and ``RESET`` return to). Returns the message's Decision (each EXECUTE
     judged as the statement it runs) or the gateway's refusal (sqlstate, message), and its
-    effects (None: it has none)."""
+    effects (None: it has none). ``shadows``, when given, gets the shadow files' opinions of
+    each statement an EXECUTE runs (``merge_shadow`` adds them to the message's own)."""
     d = verdict.decision
     fx = None
     local: dict[str, str] = {}  # prepared earlier in this same message
@@ -89,7 +90,10 @@ def session_work(policy, verdict, si, prepared, catalog=None,
                 inner_sql = prepared.get(name)
             if inner_sql is None:
                 return ("26000", f'prepared statement "{f.prepared_name}" does not exist'), fx
-            inner = policy.decide(inner_sql, si, None, catalog).decision
+            iv = policy.decide(inner_sql, si, None, catalog)
+            if shadows is not None and iv.shadow:
+                shadows.append(iv.shadow)
+            inner = iv.decision
             if inner.refused:
                 return inner, fx
             if inner.action == "mask":
@@ -145,6 +149,33 @@ def session_work(policy, verdict, si, prepared, catalog=None,
             return ("0A000", "refused by the gateway: set_config() of standard_conforming_strings or "
                              "client_encoding is not supported through this gateway; use SET"), fx
     return d, fx
+
+
+def merge_shadow(own: tuple[Decision, ...], inner: list[tuple[Decision, ...]]) -> tuple[Decision, ...]:
+    """Each shadow file's opinion of a message that EXECUTEs prepared statements: its opinion of
+    the message's own text together with those of the statements it runs (``inner``, from
+    session_work), per file, combined as its opinions of a message's statements are (a deny or
+    an error wins, else masks merge): a shadow file judges EXECUTE as the enforced ones do."""
+    by_file: dict[str, list[Decision]] = {}
+    for d in own:
+        by_file.setdefault(_file_of(d.rule), []).append(d)
+    for opinions in inner:
+        for d in opinions:
+            by_file.setdefault(_file_of(d.rule), []).append(d)
+    out = []
+    for opinions in by_file.values():
+        if len(opinions) == 1:
+            out.append(opinions[0])
+        else:
+            deny = next((d for d in opinions if d.action == "deny"), None)
+            out.append(deny or combine(opinions, "allow"))
+    return tuple(out)
+
+
+def _file_of(rule: str) -> str:
+    """The file a shadow decision comes from (a failed rule names its line: ``file:12``)."""
+    head, sep, tail = rule.rpartition(":")
+    return head if sep and tail.isdigit() else rule
 
 
 def apply_prepared(prepared: dict, fx: SessionEffects) -> None:
