@@ -618,6 +618,8 @@ class ClientSession(asyncio.Protocol):
         srv = self.server
         ready = self.ready_query  # the first message was decided before it waited for a server
         first_refusal = self.first_refusal
+        # the Binds before ``told`` were reported (events.bound) before the wait: not again
+        told = ready if self.ready_unit is None else self.ready_unit[0]
         if ready or first_refusal or self.ready_unit:
             self.ready_query = 0
             self.first_refusal = self.ready_unit = None
@@ -673,7 +675,7 @@ class ClientSession(asyncio.Protocol):
                         self._refuse(srv, t, refusal, out)
                         pos = end
                         continue
-                    if t == T_BIND:
+                    if t == T_BIND and pos >= told:
                         ev = self.events.bound
                         if ev is not None:
                             ev(self, data, pos, end)
