@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from pooler.policy.rules import RuleLoadError
+from pooler.policy.rules import Decision, RuleLoadError
+from pooler.policy.sessionwork import merge_shadow, session_work
 from tests.test_rules_unit import AGENT, policy_from
 
 ENFORCED = 'def on_statement(stmt, session):\n    if stmt.command == "DROP TABLE":\n        return deny("no drops")\n'
@@ -107,8 +108,6 @@ SHADOW_DENY_DELETES_MASK_EMAILS = SHADOW_DENY_DELETES + (
 
 
 def test_a_shadow_file_judges_execute_as_the_statement_it_runs(tmp_path):
-    from pooler.policy.sessionwork import merge_shadow, session_work
-
     p = policy_from(tmp_path, {"10_enforced.star": ENFORCED, "50_candidate.star": SHADOW_DENY_DELETES_MASK_EMAILS})
     prepared = {"del": "DELETE FROM t WHERE id = $1", "pii": "SELECT email FROM customers", "one": "SELECT 1"}
     for text, want in (("EXECUTE del(1)", [("deny", "deletes will be refused")]),
@@ -131,9 +130,6 @@ def test_a_shadow_file_judges_execute_as_the_statement_it_runs(tmp_path):
 
 
 def test_a_message_and_the_statements_it_executes_are_one_opinion_per_shadow_file(tmp_path):
-    from pooler.policy.rules import Decision
-    from pooler.policy.sessionwork import merge_shadow
-
     a_mask = Decision("mask", "pii", "rules/50_a.star", (("public.c.email", "email"),))
     a_mask2 = Decision("mask", "phones", "rules/50_a.star", (("public.c.phone", "phone"),))
     a_error = Decision("deny", "rule error: ZeroDivisionError", "rules/50_a.star:4", error=True)

@@ -162,14 +162,7 @@ def merge_shadow(own: tuple[Decision, ...], inner: list[tuple[Decision, ...]]) -
     for opinions in inner:
         for d in opinions:
             by_file.setdefault(_file_of(d.rule), []).append(d)
-    out = []
-    for opinions in by_file.values():
-        if len(opinions) == 1:
-            out.append(opinions[0])
-        else:
-            deny = next((d for d in opinions if d.action == "deny"), None)
-            out.append(deny or combine(opinions, "allow"))
-    return tuple(out)
+    return tuple(combine(opinions, "allow") for opinions in by_file.values())
 
 
 def _file_of(rule: str) -> str:
