@@ -139,7 +139,7 @@ find_python() {
 }
 
 # what a set-up .venv imports: the test tools and the compiled parts, built from these sources
-COMPILED_CHECK='import sys, pytest, psycopg, pooler.masking._rows, pooler.sql; sys.exit(pooler.sql.compiled != ["analyzer", "lineage"])'
+COMPILED_CHECK='import sys, pytest, psycopg, pooler.masking._rows, pooler.recording._seal, pooler.sql; sys.exit(pooler.sql.compiled != ["analyzer", "lineage"])'
 
 ensure_venv() {
   local py ver stamp
@@ -159,26 +159,27 @@ ensure_venv() {
   fi
   # Reinstall only when pyproject.toml, setup.py, the compiled sources (or the venv's Python)
   # changed: fast when up to date.
-  stamp="$(cat pyproject.toml setup.py pooler/masking/_rows.pyx pooler/sql/analyzer.py pooler/sql/lineage.py |
+  stamp="$(cat pyproject.toml setup.py pooler/masking/_rows.pyx pooler/recording/_seal.pyx pooler/sql/analyzer.py pooler/sql/lineage.py |
            sha256sum | cut -d' ' -f1) $("$VENV/bin/python" --version 2>&1)"
   if [ -f "$VENV/.dev-stamp" ] && [ "$(cat "$VENV/.dev-stamp")" = "$stamp" ] &&
      [ -x "$VENV/bin/pooler" ] && "$VENV/bin/python" -c "$COMPILED_CHECK" >/dev/null 2>&1; then
     return 0
   fi
   ensure_compiler
-  log "pip install -e '.[test]' into .venv (builds pooler/masking/_rows.pyx, compiles pooler/sql/analyzer.py and lineage.py)"
+  log "pip install -e '.[test]' into .venv (builds pooler/masking/_rows.pyx and pooler/recording/_seal.pyx, compiles pooler/sql/analyzer.py and lineage.py)"
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e ".[test]" >&2 ||
     die "pip install -e '.[test]' failed"
   "$VENV/bin/python" -c "$COMPILED_CHECK" ||
-    die "the compiled parts (pooler/masking/_rows.pyx, pooler/sql/analyzer.py and lineage.py) did not build: see the pip output above"
+    die "the compiled parts (pooler/masking/_rows.pyx, pooler/recording/_seal.pyx, pooler/sql/analyzer.py and lineage.py) did not build: see the pip output above"
   echo "$stamp" >"$VENV/.dev-stamp"
 }
 
-# A C compiler and the Python headers build the compiled parts (Cython comes from PyPI as a
-# build requirement).
+# A C compiler, the Python headers and OpenSSL's (the recordings' hash chain, _seal.pyx) build
+# the compiled parts (Cython comes from PyPI as a build requirement).
 ensure_compiler() {
   local pkgs=()
   command -v cc >/dev/null 2>&1 || command -v gcc >/dev/null 2>&1 || pkgs+=(gcc libc6-dev)
+  [ -f /usr/include/openssl/sha.h ] || pkgs+=(libssl-dev)
   if ! "$VENV/bin/python" -c 'import os, sysconfig, sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))'; then
     pkgs+=(python3-dev)
   fi

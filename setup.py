@@ -4,6 +4,8 @@ gateway runs the Python they are compiled from.
 
 - pooler/masking/_rows.pyx: the masked-row rewrite and the recorder's row reading, a Cython
   twin of Python code that stays the definition (differential tests hold them equal);
+- pooler/recording/_seal.pyx: the recording writer's hash chain (``seal_run`` in
+  recording/writer.py is the definition), linked to OpenSSL's libcrypto;
 - pooler/sql/analyzer.py and lineage.py: the same Python modules compiled by Cython as they
   are (no second source). Each binary gets a ``<binary>.source-sha256`` beside it, the digest
   of the .py it was made from: pooler/sql/__init__.py imports the .py instead of a binary whose
@@ -63,7 +65,11 @@ except ImportError:  # a build without Cython: the Python path only
 else:
     ext_modules = cythonize(
         [Extension("pooler.masking._rows", ["pooler/masking/_rows.pyx"], optional=True,
-                   extra_compile_args=["-O2"])],
+                   extra_compile_args=["-O2"]),
+         # the writer's sealing (hash chain) in C: OpenSSL's libcrypto (Debian's libssl-dev)
+         Extension("pooler.recording._seal", ["pooler/recording/_seal.pyx"], optional=True,
+                   extra_compile_args=["-O2"], libraries=["crypto"],
+                   define_macros=[("OPENSSL_SUPPRESS_DEPRECATED", None)])],
         language_level=3, quiet=True)
     # Python's meaning exactly: annotations stay annotations (annotation_typing would make a
     # ``tuple[str, ...]`` parameter refuse a list, which the .py accepts)

@@ -47,6 +47,53 @@ def _yield_gil() -> None:
     time.sleep(0)
 
 
+def seal_run(data: bytes | bytearray, pos: int, prev: bytes, size: int, limit: int,
+             key: bytes | None) -> tuple[bytes, int, bytes, int, int]:
+    """Seal the records of ``data`` from offset ``pos`` (each one line, newline-terminated,
+    without ``h``) into the chain after ``prev``, the file holding ``size`` bytes so far: (the
+    bytes to write, the offset after the last record sealed, its ``h``, the file's size after
+    them, how many were sealed). Stops after the record that brings the file to ``limit``
+    (record_rotate_size): the rest goes to the next file. ``format.link`` and ``format.seal``,
+    inlined: the writer's whole work per record. The compiled twin (``_seal.seal_run``, used
+    where built) gives the same (tests/test_recording_seal_compiled.py)."""
+    out = []
+    put = out.append
+    count = 0
+    find = data.find
+    while True:
+        end = find(b"\n", pos)
+        if end < 0:
+            break
+        body = bytes(data[pos:end])
+        if key:
+            prev = _hmac_digest(key, prev + body, "sha256").hex().encode()
+        else:
+            prev = _sha256(prev + body).hexdigest().encode()
+        put(body[:-1])
+        put(b',"h":"')
+        put(prev)
+        put(b'"}\n')
+        size += len(body) + SUFFIX_LEN  # the line: body less "}", the suffix, a newline
+        pos = end + 1
+        count += 1
+        if not count & YIELD_EVERY:
+            _yield_gil()
+        if size >= limit:
+            break
+    return b"".join(out), pos, prev, size, count
+
+
+python_seal_run = seal_run
+compiled_seal_run = None
+if not os.environ.get("POOLER_PURE_PYTHON"):
+    try:
+        from ._seal import seal_run as compiled_seal_run
+    except ImportError:
+        pass
+    else:
+        seal_run = compiled_seal_run
+
+
 class Writer:
     def __init__(self, root: str | os.PathLike, *, gateway: str, rotate_size: int = 64 << 20,
                  rotate_age: float = 3600.0, retention_days: float = 0.0, retention_size: int = 0,
@@ -193,10 +240,11 @@ class Writer:
                 self._gap += noted
                 self._gap_reason = self._gap_reason or self._noted_reason
                 dropped += noted
-            lines = (b"".join(chunks) if len(chunks) != 1 else bytes(chunks[0])).split(b"\n") if chunks else [b""]
-            lines.pop()  # after the last newline
-            if lines or self.failing is not None or (dropped and self._fd is not None):
-                self._write(lines)
+            data = (b"".join(chunks) if len(chunks) != 1 else chunks[0]) if chunks else b""
+            if data and data[-1] != 10:  # (chunks end with a newline: nothing after the last is a record)
+                data = data[:data.rfind(b"\n") + 1]
+            if data or self.failing is not None or (dropped and self._fd is not None):
+                self._write(data)
             self.taken += count
             self._timers()
             if stopping:
@@ -230,54 +278,36 @@ class Writer:
         except OSError as e:
             self._failed(e, 0)
 
-    def _write(self, lines: list[bytes]) -> None:
-        """Seal and write ``lines``; a file that reaches record_rotate_size is closed in the
-        middle of the chunk and the rest goes to the next one."""
-        done = 0  # records of ``lines`` written
+    def _write(self, data: bytes | bytearray) -> None:
+        """Seal and write ``data`` (records, one per line); a file that reaches
+        record_rotate_size is closed in the middle of the chunk and the rest goes to the next one."""
+        pos = 0  # where the records not yet written begin
         gap = 1 if self._gap else 0  # a gap record goes first
+        ours = 0  # ... and is in data, not yet written (never counted as lost)
         try:
             if self._fd is None:
                 self._open()
             else:
                 self._check_path()
             if gap:
-                lines = [encode({"t": "gap", "ts": round(time.time(), 6), "lost": self._gap,
-                                 "reason": self._gap_reason})] + lines
-            key, limit, n = self.key, self.rotate_size or (1 << 62), len(lines)
+                data = encode({"t": "gap", "ts": round(time.time(), 6), "lost": self._gap,
+                               "reason": self._gap_reason}) + b"\n" + data
+                ours = 1
+            key, limit, n = self.key, self.rotate_size or (1 << 62), len(data)
             while True:
-                prev, size, out = self._prev, self._size, []
-                put = out.append
-                j = done
-                while j < n:  # format.link and format.seal, inlined (the thread's whole work per record)
-                    body = lines[j]
-                    if key:
-                        prev = _hmac_digest(key, prev + body, "sha256").hex().encode()
-                    else:
-                        prev = _sha256(prev + body).hexdigest().encode()
-                    put(body[:-1])
-                    put(b',"h":"')
-                    put(prev)
-                    put(b'"}\n')
-                    size += len(body) + SUFFIX_LEN  # the line: body less "}", the suffix, a newline
-                    j += 1
-                    if not j & YIELD_EVERY:
-                        _yield_gil()
-                    if size >= limit:
-                        break
-                data = b"".join(out)
-                self._write_all(data)
+                out, pos, prev, size, count = seal_run(data, pos, self._prev, self._size, limit, key)
+                self._write_all(out)
                 self._prev, self._size = prev, size
-                self._in_file += j - done
-                self.records += j - done
-                self.bytes += len(data)
-                done = j
+                self._in_file += count
+                self.records += count
+                self.bytes += len(out)
                 if gap:
                     log.warning("recordings: writing again to %s after losing %d record(s)", self._path, self._gap)
-                    self._gap, self._gap_reason, gap = 0, "", 0
+                    self._gap, self._gap_reason, gap, ours = 0, "", 0, 0
                 if self.failing is not None:
                     self.failing = None
                     self._logged_failure = False
-                if done >= len(lines):
+                if pos >= n:
                     break
                 self._close("rotate")
                 self._open()
@@ -287,7 +317,7 @@ class Writer:
                 self._unsynced = time.monotonic()
             self._maybe_rotate()
         except OSError as e:
-            self._failed(e, len(lines) - done - gap)
+            self._failed(e, data.count(b"\n", pos) - ours)
 
     def _write_all(self, data: bytes) -> None:
         view = memoryview(data)
