@@ -173,7 +173,7 @@ class Config:
     record_rotate_age: float = 3600.0  # 0: no age limit (a file still closes when the UTC day changes)
     record_retention_days: float = 0.0  # 0: closed files are kept however old
     record_retention_size: int = 0  # 0: no cap on all files together
-    record_compression: str = "gzip"
+    record_compression: str = "zstd"
     record_fsync: str = "1s"  # always | rotate | an interval
     record_hmac_key_file: str | None = None
     record_hmac_key_env: str | None = None

@@ -181,7 +181,7 @@ def compress(path: Path, how: str) -> Path:
         else:
             import zstandard
 
-            dst.write(zstandard.ZstdCompressor(level=3).compress(data))
+            dst.write(zstandard.ZstdCompressor(level=1).compress(data))
         dst.flush()
         os.fsync(dst.fileno())
     os.replace(tmp, target)
