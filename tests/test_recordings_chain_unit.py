@@ -354,3 +354,28 @@ def test_a_hand_over_that_fails_blocks_statements_under_block(tmp_path):
             r.stop()
     blocked = asyncio.run(main())
     assert blocked is not None and "RuntimeError" in blocked
+
+
+def test_records_lost_while_record_dir_is_gone_are_counted_each_and_told_in_one_gap_record(tmp_path):
+    root = tmp_path / "rec"
+    root.mkdir()
+    w = Writer(root, gateway="test", rotate_size=1 << 20, rotate_age=0, compression="none", fsync=0.0)  # no thread
+
+    def chunk(first, n):
+        return b"".join(encode({"t": "stmt", "ts": time.time(), "sid": "t.1", "i": i, "q": i, "sql": "SELECT 1"})
+                        + b"\n" for i in range(first, first + n))
+    w._write(chunk(0, 1))
+    w._close("test")
+    root.rename(tmp_path / "elsewhere")
+    w._write(chunk(1, 2))  # record_dir is gone: these two are lost ...
+    w._write(chunk(3, 3))  # ... and these three, while a gap record waits to be written
+    assert w.lost == 5 and w.failing
+    (tmp_path / "elsewhere").rename(root)
+    w._write(chunk(6, 1))
+    assert w.failing is None
+    w._close("test")
+    recs = [orjson.loads(line) for f in rf.list_files(root) for line in rf.read_lines(f.path)[0]]
+    gaps = [r for r in recs if r["t"] == "gap"]
+    assert [g["lost"] for g in gaps] == [5]
+    assert [r["i"] for r in recs if r["t"] == "stmt"] == [0, 6]
+    assert verify(root).ok
